@@ -1,0 +1,3 @@
+from imbssl.cli import main
+
+main()

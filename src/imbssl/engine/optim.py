@@ -1,0 +1,83 @@
+"""Optimizers and learning-rate schedules for pre-training."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from imbssl.config import OptimConfig
+from imbssl.methods.base import OptimDefaults
+
+
+class LARS(Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017).
+
+    For every weight tensor w with gradient g (after weight decay g <- g + wd * w):
+        trust = eta * ||w|| / ||g||
+        v <- momentum * v + trust * g
+        w <- w - lr * v
+    Biases and normalisation parameters (1-d tensors) skip both weight decay and the trust ratio,
+    as in SimCLR.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 1e-3) -> None:
+        if lr <= 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g = w.grad
+                if w.ndim > 1:
+                    g = g.add(w, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
+                    g = g.mul(trust)
+                state = self.state[w]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                w.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def resolve_optim(cfg: OptimConfig, defaults: OptimDefaults) -> tuple[str, float, float]:
+    """(optimizer name, base lr, weight decay): the config where set, otherwise the method's Table 1 values."""
+    name = cfg.name or defaults.name
+    base_lr = cfg.base_lr if cfg.base_lr is not None else defaults.base_lr
+    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else defaults.weight_decay
+    return name, base_lr, weight_decay
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, defaults: OptimDefaults, batch_size: int) -> Optimizer:
+    """lr = base_lr * batch_size / 256, the linear scaling rule used by SimSiam and SimCLR."""
+    name, base_lr, weight_decay = resolve_optim(cfg, defaults)
+    lr = base_lr * batch_size / 256
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)
+
+
+def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Linear warm-up to 1, then half a cosine down to 0 (Loshchilov & Hutter, 2017)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cosine_schedule(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps, warmup_steps))

@@ -1,0 +1,43 @@
+"""Run logs: a text log, metrics.jsonl and TensorBoard events in the run folder."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+def attach_file_log(run_dir: Path) -> logging.Handler:
+    """Send the package's log records to ``run_dir/train.log`` as well as the console."""
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("imbssl").addHandler(handler)
+    return handler
+
+
+class MetricLogger:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, purge_step: int = 0) -> None:
+        """``purge_step``: on resume, records at or after it (from the interrupted epoch) are dropped."""
+        self.path = run_dir / "metrics.jsonl"
+        if purge_step and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < purge_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step or None)
+
+    def log(self, step: int, **values: float) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -1,0 +1,16 @@
+"""Evaluation of frozen representations: features, labelled split, linear probe, kNN, metrics."""
+from imbssl.eval.features import extract_features
+from imbssl.eval.knn import knn_predict, knn_scores
+from imbssl.eval.labelled import balanced_labelled_split
+from imbssl.eval.linear import LinearProbeResult, linear_probe
+from imbssl.eval.metrics import accuracy_report
+
+__all__ = [
+    "LinearProbeResult",
+    "accuracy_report",
+    "balanced_labelled_split",
+    "extract_features",
+    "knn_predict",
+    "knn_scores",
+    "linear_probe",
+]

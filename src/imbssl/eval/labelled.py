@@ -1,0 +1,51 @@
+"""The paper's fine-tuning protocol: a balanced labelled set drawn from the training pool.
+
+Every pre-trained model (imbalanced or not) is fine-tuned on a *balanced* labelled set of the
+same size, so that differences in Table 2 come from pre-training alone. A per-class held-out
+validation part is used for hyper-parameter / epoch selection, keeping the test set untouched.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _per_class_quota(num_classes: int, size: int) -> np.ndarray:
+    """``size // C`` per class; the ``size % C`` leftover images go one each to the first classes."""
+    quota = np.full(num_classes, size // num_classes, dtype=np.int64)
+    quota[: size % num_classes] += 1
+    return quota
+
+
+def _val_count(n: int, val_fraction: float) -> int:
+    """At least one validation image per class, and at least one left for training."""
+    return min(max(1, round(val_fraction * n)), n - 1)
+
+
+def balanced_labelled_split(
+    labels: np.ndarray, size: int, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw a balanced labelled set of ``size`` images and split it per class into train / val.
+
+    ``labels`` are the labels of the whole training pool; the returned indices point into it.
+    Classes are the distinct label values, in ascending order. A class with fewer images than its
+    quota contributes all it has (the set stays balanced rather than topping up other classes, so
+    it may hold fewer than ``size`` images). Returns sorted, disjoint ``(train_idx, val_idx)``.
+    """
+    labels = np.asarray(labels)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    classes, available = np.unique(labels, return_counts=True)
+    quota = np.minimum(_per_class_quota(len(classes), size), available)
+    if quota.min() < 2:
+        raise ValueError(
+            f"a labelled set of {size} images leaves fewer than 2 images for some class "
+            "(need one for training and one for validation)"
+        )
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls, n in zip(classes, quota):
+        chosen = rng.permutation(np.flatnonzero(labels == cls))[:n]
+        n_val = _val_count(int(n), val_fraction)
+        val.append(chosen[:n_val])
+        train.append(chosen[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

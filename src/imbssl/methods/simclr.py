@@ -1,0 +1,42 @@
+"""SimCLR (Chen et al., 2020): contrast each view with its partner against all other views in the batch.
+
+    z = g(f(x)),  s_ij = cos(z_i, z_j) / tau
+    l(i, j) = -log( exp(s_ij) / sum_{k != i} exp(s_ik) )          (NT-Xent, SimCLR Eq. 1)
+    L = 1/(2N) sum_k [ l(2k-1, 2k) + l(2k, 2k-1) ]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imbssl.config import MethodConfig
+from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
+from imbssl.models.heads import mlp
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over the 2N views of a batch; row i's positive is its other view (SimCLR Eq. 1)."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    logits = z @ z.T / temperature
+    # A view is never its own negative: mask the diagonal out of the softmax denominator.
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, positives)
+
+
+class SimCLR(SSLMethod):
+    name = "simclr"
+    defaults = OptimDefaults(name="lars", base_lr=0.3, weight_decay=1e-6)  # Table 1
+
+    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+        super().__init__(backbone, cfg.proj_dim)
+        self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
+        self.temperature = cfg.temperature
+
+    def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
+        x1, x2 = views
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        loss = nt_xent(z1.float(), z2.float(), self.temperature)
+        return StepOutput(loss, {"output_std": output_std(z1)})

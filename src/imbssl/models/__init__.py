@@ -1,0 +1,18 @@
+"""Backbones (feature extractors) and the MLP heads the methods build on them."""
+from __future__ import annotations
+
+from torch import nn
+
+from imbssl.config import ModelConfig
+from imbssl.models.heads import mlp
+from imbssl.models.resnet import CifarResNet18
+from imbssl.models.small import SmallCNN
+
+__all__ = ["CifarResNet18", "SmallCNN", "build_backbone", "mlp"]
+
+
+def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
+    """A backbone mapping [B, C, H, W] -> [B, feature_dim]; ``feature_dim`` is an attribute."""
+    if cfg.backbone == "resnet18":
+        return CifarResNet18(in_channels, cfg.width)
+    return SmallCNN(in_channels, cfg.width)

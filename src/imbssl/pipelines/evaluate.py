@@ -1,0 +1,69 @@
+"""Evaluate a pre-trained backbone: linear probe and k-NN on a balanced labelled set (``imbssl evaluate``).
+
+Protocol (offline-clustering paper, Sec. 2.3): the labelled set is balanced and, by default, as large as
+the pre-training set N. A held-out part of it selects the probe's hyper-parameters; the balanced test
+split is predicted once, with the selected probe.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imbssl.config import EvalConfig, RunConfig, build_config, load_yaml
+from imbssl.data import load_indices, load_splits
+from imbssl.eval import accuracy_report, balanced_labelled_split, extract_features, knn_predict, linear_probe
+from imbssl.pipelines.common import load_backbone, resolve_device
+from imbssl.pipelines.pretrain import BACKBONE_FILE
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    return build_config(load_yaml(path), origin=str(path))
+
+
+def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    eval_cfg = eval_cfg or cfg.eval
+    if not (run_dir / BACKBONE_FILE).exists():
+        raise FileNotFoundError(f"{run_dir / BACKBONE_FILE} not found: pre-training has not finished")
+    device = resolve_device(cfg.train.device)
+    splits = load_splits(cfg.data)
+    train, test = splits["train"], splits["test"]
+    subset = load_indices(run_dir / "subset.npz")
+    pretrain_counts = np.bincount(train.labels[subset], minlength=len(train.classes))
+
+    size = eval_cfg.labelled_size or len(subset)
+    train_idx, val_idx = balanced_labelled_split(train.labels, size, eval_cfg.linear.val_fraction, eval_cfg.seed)
+    backbone, normalize = load_backbone(cfg.model, train.images.shape[-1], run_dir / BACKBONE_FILE)
+    backbone.to(device)
+
+    def features(images: np.ndarray) -> torch.Tensor:
+        return extract_features(backbone, images, lambda x: normalize(x.to(device)), device=device)
+
+    train_x, val_x, test_x = features(train.images[train_idx]), features(train.images[val_idx]), features(test.images)
+    train_y, val_y = train.labels[train_idx], train.labels[val_idx]
+    num_classes = len(train.classes)
+
+    probe = linear_probe(train_x, train_y, val_x, val_y, test_x, num_classes, eval_cfg.linear, eval_cfg.seed, device)
+    result = {
+        "labelled_train": len(train_idx), "labelled_val": len(val_idx), "test": len(test.labels),
+        "pretrain_class_counts": pretrain_counts.tolist(), "classes": list(train.classes),
+        "linear": {**accuracy_report(probe.test_pred, test.labels, pretrain_counts, train.classes),
+                   "val_top1": probe.val_acc, "selected": probe.best},
+    }
+    for k in eval_cfg.knn_k:
+        pred = knn_predict(train_x, train_y, test_x, num_classes, k, eval_cfg.knn_temperature)
+        result[f"knn{k}"] = accuracy_report(pred, test.labels, pretrain_counts, train.classes)
+    (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
+    log.info("%s: linear top-1 %.2f, %s", run_dir.name, result["linear"]["top1"],
+             ", ".join(f"knn{k} {result[f'knn{k}']['top1']:.2f}" for k in eval_cfg.knn_k))
+    return result

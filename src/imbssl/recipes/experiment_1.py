@@ -1,0 +1,156 @@
+"""Experiment I of the offline-clustering paper (Table 2): how class imbalance hurts SimCLR and SimSiam.
+
+Five pre-training subsets x two methods x several seeds. Every run is evaluated with the same
+protocol (pipelines/evaluate.py); the subset itself is fixed across seeds ("rs." is "a randomly
+rescaled, fixed dataset"), the seed changes initialisation, batches and augmentations.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from imbssl.config import RunConfig, SubsetConfig, build_config, deep_merge
+from imbssl.data import load_splits, select_subset
+from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
+from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
+from imbssl.report import format_mean_std, markdown_table, plot_class_distributions, plot_per_class_accuracy
+
+log = logging.getLogger(__name__)
+
+# Table 2 of the paper: linear top-1 (%) after 300 epochs, ResNet-18, batch 1024.
+PAPER_TABLE_2 = {
+    "imbalanced-p10": {"simclr": 66.52, "simsiam": 81.16},
+    "imbalanced-p100": {"simclr": 62.18, "simsiam": 68.54},
+    "balanced-rs-p10": {"simclr": 71.25, "simsiam": 87.14},
+    "balanced-rs-p100": {"simclr": 69.82, "simsiam": 79.23},
+    "balanced-full": {"simclr": 73.57, "simsiam": 90.40},
+}
+
+
+class NamedSubset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    title: str
+    subset: SubsetConfig
+
+
+def paper_subsets(seed: int = 0) -> list[NamedSubset]:
+    """The five subsets of Table 2, in its row order; rs.* match the exponential profile's N."""
+    def make(key: str, title: str, **kw) -> NamedSubset:
+        return NamedSubset(key=key, title=title, subset=SubsetConfig(seed=seed, **kw))
+
+    return [
+        make("imbalanced-p10", "Imbalanced (p=10)", profile="exp", imbalance=10),
+        make("imbalanced-p100", "Imbalanced (p=100)", profile="exp", imbalance=100),
+        make("balanced-rs-p10", "Balanced (rs.{n})", profile="balanced", imbalance=10),
+        make("balanced-rs-p100", "Balanced (rs.{n})", profile="balanced", imbalance=100),
+        make("balanced-full", "Balanced (full)", profile="full"),
+    ]
+
+
+class Experiment1Config(BaseModel):
+    """A preset file: the runs' shared config plus the grid."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: dict = Field(default_factory=dict, description="a RunConfig tree shared by every run")
+    methods: list[str] = ["simclr", "simsiam"]
+    seeds: list[int] = [0, 1, 2]
+    subsets: list[NamedSubset] = Field(default_factory=paper_subsets)
+
+    def run_config(self, subset: NamedSubset, method: str, seed: int) -> RunConfig:
+        tree = deep_merge(self.base, {"name": f"{subset.key}/{method}/seed{seed}", "seed": seed,
+                                      "method": {"name": method},
+                                      "data": {"subset": subset.subset.model_dump()}})
+        return build_config(tree, origin=f"experiment-1 run {subset.key}/{method}/seed{seed}")
+
+
+def run_grid(exp: Experiment1Config, out_dir: Path) -> list[dict]:
+    """Pre-train and evaluate every (subset, method, seed); finished runs are reused, interrupted ones resumed."""
+    records = []
+    for subset in exp.subsets:
+        for method in exp.methods:
+            for seed in exp.seeds:
+                cfg = exp.run_config(subset, method, seed)
+                run_dir = out_dir / "runs" / cfg.name
+                start = time.perf_counter()
+                if not (run_dir / EVAL_FILE).exists():
+                    if not (run_dir / BACKBONE_FILE).exists():
+                        pretrain(cfg, run_dir, resume=True)
+                    evaluate_run(run_dir)
+                result = json.loads((run_dir / EVAL_FILE).read_text())
+                records.append({"subset": subset.key, "title": subset.title, "method": method, "seed": seed,
+                                "run_dir": str(run_dir), "wall_s": time.perf_counter() - start, **result})
+    return records
+
+
+def _cell(records: list[dict], subset: str, method: str, metric: str) -> str:
+    values = [_metric(r, metric) for r in records if r["subset"] == subset and r["method"] == method]
+    values = [v for v in values if v is not None]
+    return format_mean_std(values) if values else "n/a"
+
+
+def _metric(record: dict, metric: str) -> float | None:
+    node = record
+    for part in metric.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _short(n: int) -> str:
+    """12406 -> '12K', as the paper names its rescaled subsets."""
+    return f"{n // 1000}K" if n >= 1000 else str(n)
+
+
+def write_report(exp: Experiment1Config, records: list[dict], out_dir: Path, command: str) -> Path:
+    """table.md shaped like Table 2, more tables per protocol, and the two figures."""
+    seeds = len(exp.seeds)
+    sizes = {r["subset"]: sum(r["pretrain_class_counts"]) for r in records}
+    titles = {s.key: s.title.format(n=_short(sizes[s.key])) for s in exp.subsets}
+    method_names = {"simclr": "SimCLR", "simsiam": "SimSiam"}
+    lines = [f"# Experiment I: linear top-1 (%), mean ± std over {seeds} seed(s)", "", f"Command: `{command}`", ""]
+
+    header = ["CIFAR-10 subset", "N"] + [method_names.get(m, m) for m in exp.methods]
+    header += [f"paper {method_names.get(m, m)}" for m in exp.methods]
+    rows = [[titles[k], f"{sizes[k]:,}"] + [_cell(records, k, m, "linear.top1") for m in exp.methods]
+            + [f"{PAPER_TABLE_2.get(k, {}).get(m, 'n/a')}" for m in exp.methods] for k in titles]
+    lines += [markdown_table(header, rows), ""]
+    for metric, title in [("knn20.top1", "k-NN (k=20) top-1"), ("knn200.top1", "k-NN (k=200) top-1"),
+                          ("linear.many", "linear, many-shot classes (>100 images)"),
+                          ("linear.medium", "linear, medium-shot classes (20-100)"),
+                          ("linear.few", "linear, few-shot classes (<20)"),
+                          ("linear.thirds.major", "linear, major third"), ("linear.thirds.minor", "linear, minor third"),
+                          ("linear.thirds.rare", "linear, rare third"), ("linear.thirds_std", "linear, std of thirds")]:
+        rows = [[titles[k], f"{sizes[k]:,}"] + [_cell(records, k, m, metric) for m in exp.methods] for k in titles]
+        lines += [f"## {title}", "", markdown_table(header[:2 + len(exp.methods)], rows), ""]
+    wall = sum(r["wall_s"] for r in records)
+    lines += [f"Wall time of this call: {wall / 60:.1f} min over {len(records)} runs (reused runs count ~0)."]
+
+    classes = records[0]["classes"]
+    plot_class_distributions({titles[k]: next(r["pretrain_class_counts"] for r in records if r["subset"] == k)
+                              for k in titles}, classes, out_dir / "distributions.png")
+    per_class = {}
+    for k in titles:
+        for m in exp.methods:
+            runs = [r for r in records if r["subset"] == k and r["method"] == m]
+            per_class[f"{method_names.get(m, m)} {titles[k]}"] = np.mean(
+                [[r["linear"]["per_class"][c] for c in classes] for r in runs], axis=0).tolist()
+    plot_per_class_accuracy(per_class, classes, out_dir / "per_class_accuracy.png")
+    (out_dir / "results.json").write_text(json.dumps(records, indent=2))
+    table = out_dir / "table.md"
+    table.write_text("\n".join(lines) + "\n")
+    return table
+
+
+def describe_subsets(base: RunConfig, subsets: list[NamedSubset]) -> tuple[list[str], dict[str, list[int]]]:
+    """Class names and the per-class counts of each subset of the configured training pool (no training)."""
+    train = load_splits(base.data)["train"]
+    counts = {}
+    for s in subsets:
+        c = np.bincount(train.labels[select_subset(train.labels, s.subset)], minlength=len(train.classes)).tolist()
+        counts[s.title.format(n=_short(sum(c)))] = c
+    return list(train.classes), counts

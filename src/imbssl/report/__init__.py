@@ -1,0 +1,5 @@
+"""Result tables and figures."""
+from imbssl.report.plots import plot_class_distributions, plot_per_class_accuracy
+from imbssl.report.tables import format_mean_std, markdown_table, mean_std
+
+__all__ = ["format_mean_std", "markdown_table", "mean_std", "plot_class_distributions", "plot_per_class_accuracy"]

@@ -1,0 +1,81 @@
+"""Figures: class distributions of the subsets (paper Figure 1) and per-class accuracy of runs.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects, which render with Agg, rather than
+through ``pyplot``: no global backend switch, no figure registry to leak, safe on headless machines.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+
+def _grouped_bars(ax: Axes, series: dict[str, Sequence[float | None]], class_names: Sequence[str]) -> None:
+    """One bar per (class, series), series side by side within each class slot; None draws no bar."""
+    positions = np.arange(len(class_names))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        heights = np.array([np.nan if v is None else v for v in values], dtype=float)
+        ax.bar(positions + (i - (len(series) - 1) / 2) * width, heights, width, label=label)
+    if len(class_names) > 20:  # e.g. CIFAR-100: vertical, small names so they do not overlap
+        ax.set_xticks(positions, class_names, rotation=90, fontsize=6)
+    else:
+        ax.set_xticks(positions, class_names, rotation=30, ha="right", rotation_mode="anchor")
+
+
+def _legend(fig: Figure, handles: list, labels: list[str]) -> None:
+    """Legend above the axes, where it cannot hide bars."""
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 3), frameon=False)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Write the figure as PNG, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=150)
+    return path
+
+
+def _figure(num_classes: int) -> Figure:
+    """A figure wide enough for ``num_classes`` bar groups, capped so 100 classes stay printable."""
+    return Figure(figsize=(min(max(6.0, 0.6 * num_classes), 20.0), 4.5), layout="constrained")
+
+
+def plot_class_distributions(
+    counts: dict[str, Sequence[int]], class_names: Sequence[str], path: str | Path
+) -> Path:
+    """Images per class for each subset (e.g. imbalanced p=10, balanced rs.20K, balanced full)."""
+    fig = _figure(len(class_names))
+    ax = fig.subplots()
+    _grouped_bars(ax, counts, class_names)
+    ax.set_xlabel("class")
+    ax.set_ylabel("images")
+    _legend(fig, *ax.get_legend_handles_labels())
+    return _save(fig, path)
+
+
+def plot_per_class_accuracy(
+    acc: dict[str, Sequence[float | None]],
+    class_names: Sequence[str],
+    path: str | Path,
+    train_counts: Sequence[int] | None = None,
+) -> Path:
+    """Per-class accuracy (%) of several runs; ``train_counts`` adds a line on a twin axis to show the tail."""
+    fig = _figure(len(class_names))
+    ax = fig.subplots()
+    _grouped_bars(ax, acc, class_names)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("class")
+    ax.set_ylabel("accuracy (%)")
+    handles, labels = ax.get_legend_handles_labels()
+    if train_counts is not None:
+        twin = ax.twinx()
+        (line,) = twin.plot(np.arange(len(class_names)), train_counts, "k.--", label="train images")
+        twin.set_ylabel("train images per class")
+        twin.set_ylim(bottom=0)
+        handles, labels = handles + [line], labels + [line.get_label()]
+    _legend(fig, handles, labels)
+    return _save(fig, path)

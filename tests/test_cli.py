@@ -1,0 +1,85 @@
+"""The ``imbssl`` command end to end on digits (real data shipped with scikit-learn)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def imbssl(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "imbssl", *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "report"
+    res = imbssl("demo", "--out", out, "--set", "seeds=[0]", "--set", "base.optim.epochs=2",
+                 "--set", "base.eval.linear.epochs=5", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "Imbalanced (p=100)" in res.stdout and f"report: {out}" in res.stdout
+    records = json.loads((out / "results.json").read_text())
+    assert len(records) == 10  # 5 subsets x 2 methods x 1 seed
+    assert {r["subset"] for r in records} == {"imbalanced-p10", "imbalanced-p100", "balanced-rs-p10",
+                                              "balanced-rs-p100", "balanced-full"}
+    sizes = {r["subset"]: sum(r["pretrain_class_counts"]) for r in records}
+    assert sizes["imbalanced-p10"] == sizes["balanced-rs-p10"] and sizes["imbalanced-p100"] == sizes["balanced-rs-p100"]
+    for r in records:
+        labelled, n = r["labelled_train"] + r["labelled_val"], sum(r["pretrain_class_counts"])
+        assert 10 < r["linear"]["top1"] <= 100
+        # Balanced labelled set of size N, capped per class by the pool (only the full set hits the cap).
+        assert labelled == n if r["subset"] != "balanced-full" else n - 10 <= labelled <= n
+    for name in ("table.md", "distributions.png", "per_class_accuracy.png"):
+        assert (out / name).stat().st_size > 0
+    # A second call reuses every finished run.
+    again = imbssl("demo", "--out", out, "--set", "seeds=[0]", "--set", "base.optim.epochs=2",
+                   "--set", "base.eval.linear.epochs=5", cwd=tmp_path)
+    assert again.returncode == 0 and json.loads((out / "results.json").read_text())[0]["linear"] == records[0]["linear"]
+
+
+def test_data_describe_json(tmp_path):
+    res = imbssl("data", "describe", "--json", "--plot", tmp_path / "dist.png", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    subsets = info["subsets"]
+    full = next(v for k, v in subsets.items() if "full" in k)
+    lt100 = next(v for k, v in subsets.items() if "p=100" in k)
+    assert full["total"] == 1297 and lt100["counts"][0] == min(full["counts"])
+    assert lt100["counts"][-1] == int(lt100["counts"][0] / 100)
+    assert (tmp_path / "dist.png").stat().st_size > 0
+
+
+def test_pretrain_then_evaluate(tmp_path):
+    run = tmp_path / "run"
+    res = imbssl("pretrain", REPO / "configs" / "simsiam-digits.yaml", "--run-dir", run, "--no-eval",
+                 "--set", "optim.epochs=1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = imbssl("evaluate", run, "--set", "eval.linear.epochs=3", "--set", "eval.knn_k=[5]", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    result = json.loads((run / "eval.json").read_text())
+    assert "knn5" in result and set(result["linear"]["thirds"]) == {"major", "minor", "rare"}
+    assert "linear top-1" in res.stdout
+
+
+def test_bad_config_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {epochs: 1, lr: 0.1}\n")
+    res = imbssl("pretrain", bad, cwd=tmp_path)
+    assert res.returncode == 2 and "unknown config key 'optim.lr'" in res.stderr
+
+
+def test_missing_class_folder_is_named(tmp_path):
+    for split, classes in (("train", ["cat", "dog"]), ("test", ["cat"])):
+        for name in classes:
+            folder = tmp_path / "tree" / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    res = imbssl("data", "describe", "--set", "data.source=imagefolder", "--set", f"data.path={tmp_path / 'tree'}",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert res.returncode == 2 and "dog" in res.stderr and "test" in res.stderr

@@ -1,0 +1,303 @@
+"""Data sources, the decode-once cache and long-tailed subsets (all on tiny data built in tmp_path)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imbssl.config import DataConfig, SubsetConfig
+from imbssl.data import (
+    DataError,
+    balanced_counts,
+    exp_counts,
+    load_index_meta,
+    load_indices,
+    load_splits,
+    save_indices,
+    select_subset,
+    step_counts,
+    subset_counts,
+)
+from imbssl.data import sources
+
+CLASSES = ("ant", "bee", "cat")
+
+
+# ------------------------------------------------------------------------------------- long tail
+
+
+def test_exp_counts_match_cifar10_lt_totals():
+    assert exp_counts(5000, 10, 10).sum() == 20431
+    assert exp_counts(5000, 10, 100).sum() == 12406  # the paper's 12,409 is a slip
+    counts = exp_counts(5000, 10, 100)
+    assert counts[0] == 5000 and counts[-1] == 50 and np.all(np.diff(counts) < 0)
+    assert counts.dtype == np.int64
+
+
+def test_step_and_balanced_counts():
+    assert step_counts(5000, 10, 10, 0.5).tolist() == [5000] * 5 + [500] * 5
+    assert step_counts(1000, 10, 100, 0.3).tolist() == [1000] * 7 + [10] * 3
+    assert balanced_counts(20431, 10).tolist() == [2044] + [2043] * 9
+    assert balanced_counts(7, 3).tolist() == [3, 2, 2]
+
+
+def test_subset_counts_profiles():
+    available = np.array([5000] * 9 + [4000])
+    assert subset_counts(SubsetConfig(), available).tolist() == available.tolist()
+    assert subset_counts(SubsetConfig(profile="exp", imbalance=10), available)[0] == 4000  # n_max = min available
+    full = np.full(10, 5000)
+    assert subset_counts(SubsetConfig(profile="balanced", imbalance=10), full).sum() == 20431  # rs.20K
+    assert subset_counts(SubsetConfig(profile="balanced", imbalance=100), full).sum() == 12406  # rs.12K
+    assert subset_counts(SubsetConfig(profile="balanced", total=30), full).tolist() == [3] * 10
+    with pytest.raises(DataError, match="class 0"):
+        subset_counts(SubsetConfig(profile="balanced", total=50_001), full)
+
+
+def _pool(per_class: int = 100, num_classes: int = 10) -> np.ndarray:
+    return np.random.default_rng(123).permutation(np.repeat(np.arange(num_classes), per_class))
+
+
+def test_select_subset_is_seeded():
+    labels = _pool()
+    cfg = SubsetConfig(profile="exp", imbalance=10, seed=1)
+    idx = select_subset(labels, cfg)
+    assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0)
+    assert np.bincount(labels[idx], minlength=10).tolist() == exp_counts(100, 10, 10).tolist()
+    np.testing.assert_array_equal(idx, select_subset(labels, cfg))
+    other = select_subset(labels, cfg.model_copy(update={"seed": 2}))
+    assert not np.array_equal(idx, other)
+    assert np.bincount(labels[other], minlength=10).tolist() == exp_counts(100, 10, 10).tolist()
+    np.testing.assert_array_equal(select_subset(labels, SubsetConfig()), np.arange(len(labels)))
+
+
+def test_permute_classes_moves_the_head():
+    labels = _pool()
+    heads = set()
+    for seed in range(5):
+        cfg = SubsetConfig(profile="exp", imbalance=10, permute_classes=True, seed=seed)
+        counts = np.bincount(labels[select_subset(labels, cfg)], minlength=10)
+        assert sorted(counts.tolist(), reverse=True) == exp_counts(100, 10, 10).tolist()
+        np.testing.assert_array_equal(counts, subset_counts(cfg, np.full(10, 100)))
+        heads.add(int(counts.argmax()))
+    assert len(heads) > 1
+    fixed = subset_counts(SubsetConfig(profile="exp", imbalance=10), np.full(10, 100))
+    assert fixed.argmax() == 0
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".json"])
+def test_save_and_load_indices(tmp_path, suffix):
+    idx = np.array([3, 1, 4, 15], dtype=np.int64)
+    path = tmp_path / "sub" / f"split{suffix}"
+    save_indices(path, idx, {"profile": "exp", "counts": np.array([2, 2]), "seed": np.int64(3)})
+    np.testing.assert_array_equal(load_indices(path), idx)
+    assert load_indices(path).dtype == np.int64
+    assert load_index_meta(path) == {"profile": "exp", "counts": [2, 2], "seed": 3}
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+    with pytest.raises(DataError, match="npz or .json"):
+        save_indices(tmp_path / "split.txt", idx, {})
+
+
+# ---------------------------------------------------------------------------------------- digits
+
+
+def test_digits_shapes_and_balanced_test():
+    splits = load_splits(DataConfig())
+    train, test = splits["train"], splits["test"]
+    assert train.images.shape[1:] == (8, 8, 1) and train.images.dtype == np.uint8
+    assert train.labels.dtype == np.int64 and train.classes == tuple("0123456789")
+    assert test.class_counts().tolist() == [50] * 10
+    assert len(train.labels) + len(test.labels) == 1797
+    assert train.images.max() == 255
+    np.testing.assert_array_equal(load_splits(DataConfig())["test"].images, test.images)
+
+
+# ----------------------------------------------------------------------------------- ImageFolder
+
+
+def _pixel(split: str, cls: int, i: int) -> tuple[int, int, int]:
+    return (10 * cls + i, 100 + (split != "train"), 7 * i)
+
+
+def _write_tree(root: Path, n: int = 4, size: int = 8, mode: str = "RGB", test: str = "test") -> Path:
+    for split in ("train", test):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                colour = _pixel(split, c, i)
+                Image.new(mode, (size, size), colour[0] if mode == "L" else colour).save(folder / f"{i}.png")
+    return root
+
+
+def _cfg(tmp_path: Path, path: Path, **kw) -> DataConfig:
+    return DataConfig(source="imagefolder", path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def _check_tree_splits(splits: dict) -> None:
+    for split in ("train", "test"):
+        s = splits[split]
+        assert s.classes == CLASSES and s.images.shape == (12, 8, 8, 3)
+        assert s.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+        assert tuple(s.images[5, 3, 3]) == _pixel(split, 1, 1)
+
+
+def test_imagefolder_from_folder(tmp_path):
+    _check_tree_splits(load_splits(_cfg(tmp_path, _write_tree(tmp_path / "tree"))))
+
+
+def test_imagefolder_from_targz_with_top_folder_and_val(tmp_path):
+    tree = _write_tree(tmp_path / "tree", test="val")
+    archive = tmp_path / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tree, arcname="mydata")
+    _check_tree_splits(load_splits(_cfg(tmp_path, archive)))
+
+
+def test_imagefolder_grey_and_resize(tmp_path):
+    tree = _write_tree(tmp_path / "tree", mode="L")
+    splits = load_splits(_cfg(tmp_path, tree))
+    assert splits["train"].images.shape == (12, 8, 8, 1)
+    assert splits["test"].images[5, 0, 0, 0] == _pixel("test", 1, 1)[0]
+    assert load_splits(_cfg(tmp_path, tree, image_size=4))["train"].images.shape == (12, 4, 4, 1)
+
+
+def test_imagefolder_second_load_hits_cache(tmp_path, monkeypatch):
+    tree = _write_tree(tmp_path / "tree")
+    first = load_splits(_cfg(tmp_path, tree))
+
+    def refuse(*args):
+        raise AssertionError("decoded twice")
+
+    monkeypatch.setattr(sources, "_decode_imagefolder", refuse)
+    second = load_splits(_cfg(tmp_path, tree))
+    assert isinstance(second["train"].images, np.memmap) and not second["train"].images.flags.writeable
+    np.testing.assert_array_equal(first["train"].images, second["train"].images)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp")]
+    with pytest.raises(AssertionError, match="decoded twice"):  # a different decode option is a new key
+        load_splits(_cfg(tmp_path, tree, image_size=4))
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    tree = _write_tree(tmp_path / "tree")
+    (tree / "train" / "bee" / "2.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"bee[/\\]2\.png"):
+        load_splits(_cfg(tmp_path, tree))
+
+
+def test_size_mismatch_names_file_and_sizes(tmp_path):
+    tree = _write_tree(tmp_path / "tree")
+    Image.new("RGB", (9, 8)).save(tree / "test" / "cat" / "1.png")
+    with pytest.raises(DataError, match=r"cat[/\\]1\.png is 9x8 .* 8x8"):
+        load_splits(_cfg(tmp_path, tree))
+
+
+def test_missing_class_folder_is_named(tmp_path):
+    tree = _write_tree(tmp_path / "tree")
+    for f in (tree / "test" / "bee").iterdir():
+        f.unlink()
+    (tree / "test" / "bee").rmdir()
+    with pytest.raises(DataError, match="test/bee"):
+        load_splits(_cfg(tmp_path, tree))
+
+
+def test_tar_path_traversal_is_rejected(tmp_path):
+    archive = tmp_path / "evil.tar"
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    with tarfile.open(archive, "w") as tf:
+        for name in ("train/ant/0.png", "test/ant/0.png", "../escape.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(png.getvalue())
+            tf.addfile(info, io.BytesIO(png.getvalue()))
+    with pytest.raises(DataError, match=r"\.\./escape\.png"):
+        load_splits(_cfg(tmp_path, archive))
+    assert not (tmp_path / "escape.png").exists()
+
+
+# ----------------------------------------------------------------------------------------- CIFAR
+
+
+def _add(tf: tarfile.TarFile, name: str, blob: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(blob)
+    tf.addfile(info, io.BytesIO(blob))
+
+
+def _cifar_tar(path: Path, spec: sources.CifarArchive, poison: bytes | None = None) -> dict[str, np.ndarray]:
+    """A tiny archive in the official layout; batches pickled like the originals (numpy arrays, bytes keys)."""
+    rng = np.random.default_rng(0)
+    batches = {}
+    with tarfile.open(path, "w:gz") as tf:
+        _add(tf, spec.meta_member, pickle.dumps({spec.names_key.encode(): [c.encode() for c in CLASSES]}, protocol=3))
+        for member in (*spec.train_members, spec.test_member):
+            data = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+            blob = pickle.dumps({b"data": data, spec.label_key.encode(): [0, 2, 1]}, protocol=3)
+            # the real archives (Python 2, numpy 1) name the legacy module path
+            legacy = blob.replace(b"numpy._core.multiarray\n_reconstruct", b"numpy.core.multiarray\n_reconstruct")
+            assert legacy != blob
+            _add(tf, member, poison if poison and member == spec.test_member else legacy)
+            batches[member] = data
+    return batches
+
+
+def _serve(monkeypatch, tmp_path: Path, source: str, poison: bytes | None = None) -> dict[str, np.ndarray]:
+    """Point the download URL (and md5) of ``source`` at a tiny archive built here."""
+    spec = sources.CIFAR_ARCHIVES[source]
+    served = tmp_path / "served.tar.gz"
+    batches = _cifar_tar(served, spec, poison)
+    md5 = hashlib.md5(served.read_bytes()).hexdigest()
+    monkeypatch.setitem(sources.CIFAR_ARCHIVES, source, dataclasses.replace(spec, url=served.as_uri(), md5=md5))
+    return batches
+
+
+@pytest.mark.parametrize("source", ["cifar10", "cifar100"])
+def test_cifar_download_and_decode(tmp_path, monkeypatch, source):
+    batches = _serve(monkeypatch, tmp_path, source)
+    spec = sources.CIFAR_ARCHIVES[source]
+    cfg = DataConfig(source=source, cache_dir=str(tmp_path / "cache"))
+    splits = load_splits(cfg)
+    assert (tmp_path / "cache" / "downloads" / spec.filename).is_file()
+    train, test = splits["train"], splits["test"]
+    assert train.classes == CLASSES and train.images.shape == (3 * len(spec.train_members), 32, 32, 3)
+    assert test.labels.tolist() == [0, 2, 1] and test.labels.dtype == np.int64
+    chw = batches[spec.test_member][1].reshape(3, 32, 32)
+    np.testing.assert_array_equal(test.images[1], chw.transpose(1, 2, 0))
+    monkeypatch.setattr(sources, "_decode_cifar", None)  # cached now: neither decoded nor downloaded again
+    assert isinstance(load_splits(cfg)["train"].images, np.memmap)
+
+
+def test_cifar_md5_mismatch_deletes_download(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"truncated")
+    spec = sources.CIFAR_ARCHIVES["cifar10"]
+    monkeypatch.setitem(sources.CIFAR_ARCHIVES, "cifar10", dataclasses.replace(spec, url=bad.as_uri()))
+    downloads = tmp_path / "dl"
+    with pytest.raises(DataError, match="md5 mismatch"):
+        load_splits(DataConfig(source="cifar10", path=str(downloads), cache_dir=str(tmp_path / "cache")))
+    assert list(downloads.iterdir()) == []
+
+
+def test_cifar_missing_archive_without_download(tmp_path):
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz"):
+        load_splits(DataConfig(source="cifar10", download=False, cache_dir=str(tmp_path)))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_cifar_malicious_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _serve(monkeypatch, tmp_path, "cifar10", poison=pickle.dumps({b"data": _Exploit()}))
+    with pytest.raises(DataError, match=r"test_batch: refusing to unpickle global \w+\.system"):
+        load_splits(DataConfig(source="cifar10", cache_dir=str(tmp_path / "cache")))
+    assert not (tmp_path / "pwned").exists()

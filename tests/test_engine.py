@@ -1,0 +1,115 @@
+import json
+import logging
+import pickle
+
+import pytest
+import torch
+
+from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.engine.runlog import read_metrics
+from imbssl.engine.trainer import NonFiniteLossError, check_collapse
+from imbssl.methods.base import output_std
+from imbssl.methods.simsiam import SimSiam
+from imbssl.pipelines.pretrain import pretrain
+
+
+class Interrupt(Exception):
+    pass
+
+
+def weights(run_dir):
+    return load_safe(run_dir / "backbone.pt")["backbone"]
+
+
+def test_resume_gives_the_same_weights(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    straight = pretrain(cfg, tmp_path / "straight")
+
+    def crash_after_second_epoch(epoch, summary):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        pretrain(cfg, tmp_path / "resumed", callbacks=[crash_after_second_epoch])
+    assert not (tmp_path / "resumed" / "backbone.pt").exists()
+    resumed = pretrain(cfg, tmp_path / "resumed", resume=True)
+
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_metrics(straight)] == [r["step"] for r in read_metrics(resumed)]
+
+
+def test_existing_run_needs_resume(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(optim={"epochs": 1})
+    pretrain(cfg, tmp_path / "run")
+    with pytest.raises(Exception, match="--resume"):
+        pretrain(cfg, tmp_path / "run")
+
+
+def test_loss_decreases_on_real_images(tiny_cfg, tmp_path):
+    for method in ("simsiam", "simclr"):
+        run = pretrain(tiny_cfg(method={"name": method}, optim={"epochs": 8}), tmp_path / method)
+        epochs = [r for r in read_metrics(run) if "epoch/loss" in r]
+        assert len(epochs) == 8
+        assert epochs[-1]["epoch/loss"] < epochs[0]["epoch/loss"] - 0.05, method
+        summary = json.loads((run / "pretrain.json").read_text())
+        assert summary["images_seen"] > 0 and summary["images_per_s"] > 0
+
+
+def test_run_folder_contents(tiny_cfg, tmp_path):
+    run = pretrain(tiny_cfg(optim={"epochs": 1}), tmp_path / "run")
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "subset.npz", "backbone.pt", "checkpoints/last.pt"):
+        assert (run / name).exists(), name
+    assert any((run / "tensorboard").iterdir())
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    poisoned = {"on": False}
+    step = SimSiam.training_step
+
+    def maybe_nan(self, views, indices):
+        out = step(self, views, indices)
+        if poisoned["on"]:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(SimSiam, "training_step", maybe_nan)
+
+    def poison(epoch, summary):
+        poisoned["on"] = True
+
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 2.*last.pt"):
+        pretrain(tiny_cfg(), tmp_path / "run", callbacks=[poison])
+    state = load_safe(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    path = save_atomic({"w": torch.ones(2), "epoch": 3}, tmp_path / "ok.pt")
+    assert load_safe(path)["epoch"] == 3
+    assert not list(tmp_path.glob(".*.tmp"))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_safe(tmp_path / "evil.pt")
+
+
+def test_collapse_monitor(caplog):
+    torch.manual_seed(0)
+    spread = torch.randn(512, 64)
+    assert output_std(spread).item() == pytest.approx(1 / 64 ** 0.5, rel=0.1)
+    assert output_std(torch.ones(512, 64)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_collapse_warning_is_logged(caplog):
+    with caplog.at_level(logging.WARNING, logger="imbssl"):
+        assert check_collapse(1 / 64 ** 0.5, 64, warn_below=0.1) == pytest.approx(1.0)
+        assert not caplog.records
+        check_collapse(1e-4, 64, warn_below=0.1)
+    assert "possible collapse" in caplog.text
