@@ -221,3 +221,13 @@ def test_pil_crop_boxes_match_vectorised_distribution():
     _, _, vh, vw = _crop_boxes(u[:, :10], u[:, 10:20], u[:, 20], u[:, 21], 32, 24, (0.2, 1.0))
     assert (vh * vw).mean().item() / 768 == pytest.approx((h * w).mean() / 768, abs=0.02)
     assert (vw / vh).mean().item() == pytest.approx((w / h).mean(), abs=0.02)
+
+
+def test_multicrop_global_and_local_views():
+    from imbssl.augment import MultiCrop
+
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    cfg = AugmentConfig(local_crops=3, local_size=12)
+    views = MultiCrop(cfg, torch.zeros(3), torch.ones(3), image_size=32, num_global=2)(
+        images, torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 12, 12)] * 3

@@ -50,6 +50,9 @@ class AugmentConfig(Section):
     gray_prob: float = Field(0.2, ge=0, le=1)
     blur_prob: float = Field(0.0, ge=0, le=1)
     normalize: bool = True
+    local_crops: int = Field(0, ge=0, description="multi-crop: small views per image besides the global ones")
+    local_size: int | None = Field(None, ge=2, description="local view side (None = half the image side)")
+    local_scale: tuple[float, float] = (0.05, 0.2)
 
 
 class ModelConfig(Section):

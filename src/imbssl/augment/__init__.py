@@ -1,4 +1,4 @@
 """Batched, device-side SimSiam/SimCLR augmentations (see :mod:`imbssl.augment.views`)."""
-from imbssl.augment.views import Normalize, ViewAugment, channel_stats
+from imbssl.augment.views import MultiCrop, Normalize, ViewAugment, channel_stats
 
-__all__ = ["Normalize", "ViewAugment", "channel_stats"]
+__all__ = ["MultiCrop", "Normalize", "ViewAugment", "channel_stats"]

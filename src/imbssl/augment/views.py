@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from imbssl.config import AugmentConfig
 
-__all__ = ["channel_stats", "Normalize", "ViewAugment"]
+__all__ = ["channel_stats", "MultiCrop", "Normalize", "ViewAugment"]
 
 #: ITU-R BT.601 luma weights, as in PIL ``convert("L")`` and torchvision ``rgb_to_grayscale``.
 LUMA_601 = (0.299, 0.587, 0.114)
@@ -331,3 +331,26 @@ class ViewAugment:
         """Per-sample factor ~ U[max(0, 1 - s), 1 + s] where ``apply``, else 1; shape [B, 1, 1, 1]."""
         lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
         return torch.where(apply, lo + (hi - lo) * u, 1.0).view(-1, 1, 1, 1)
+
+
+class MultiCrop:
+    """The views a method trains on: ``num_global`` full-size views plus ``cfg.local_crops`` small ones.
+
+    With ``local_crops=0`` this is the plain two-view SimSiam/SimCLR input; with local crops it is
+    SwAV's multi-crop (Caron et al., 2020), local views drawn at ``cfg.local_scale`` and ``cfg.local_size``.
+    """
+
+    def __init__(self, cfg: AugmentConfig, mean: torch.Tensor, std: torch.Tensor, image_size: int, num_global: int):
+        self.num_global = num_global
+        self.global_view = ViewAugment(cfg, mean, std)
+        self.local_view = None
+        if cfg.local_crops:
+            local_cfg = cfg.model_copy(update={"crop_scale": cfg.local_scale})
+            self.local_view = ViewAugment(local_cfg, mean, std, out_size=cfg.local_size or max(2, image_size // 2))
+        self.num_local = cfg.local_crops
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        views = [self.global_view(images, generator) for _ in range(self.num_global)]
+        if self.local_view is not None:
+            views += [self.local_view(images, generator) for _ in range(self.num_local)]
+        return views

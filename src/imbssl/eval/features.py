@@ -17,7 +17,7 @@ def _batch_nchw(images: np.ndarray | Tensor, start: int, stop: int, device: torc
     if isinstance(images, Tensor):
         batch = images[start:stop]
     else:
-        batch = torch.from_numpy(np.ascontiguousarray(images[start:stop])).permute(0, 3, 1, 2)
+        batch = torch.from_numpy(np.array(images[start:stop])).permute(0, 3, 1, 2)
     return batch.to(device, non_blocking=True).contiguous()
 
 

@@ -29,7 +29,8 @@ class SSLMethod(nn.Module):
 
     name: ClassVar[str]
     defaults: ClassVar[OptimDefaults]
-    num_views: ClassVar[int] = 2
+    num_views: ClassVar[int] = 2  # global views per image
+    uses_local_crops: ClassVar[bool] = False  # whether training_step accepts multi-crop local views
 
     def __init__(self, backbone: nn.Module, output_dim: int) -> None:
         super().__init__()

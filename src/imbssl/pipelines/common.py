@@ -73,9 +73,12 @@ class PretrainData:
         return self.train.images[self.indices]
 
 
-def load_pretrain_data(cfg: DataConfig) -> PretrainData:
+def load_pretrain_data(cfg: DataConfig, indices: np.ndarray | None = None) -> PretrainData:
+    """The configured subset of the train split, or the given ``indices`` into it."""
     splits = load_splits(cfg)
-    return PretrainData(splits, select_subset(splits["train"].labels, cfg.subset))
+    if indices is None:
+        indices = select_subset(splits["train"].labels, cfg.subset)
+    return PretrainData(splits, np.asarray(indices, dtype=np.int64))
 
 
 def save_backbone(backbone: nn.Module, normalize: Normalize, path: Path) -> None:

@@ -6,11 +6,13 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from imbssl.augment import ViewAugment
+from imbssl.augment import MultiCrop
 from imbssl.config import ConfigError, RunConfig, load_yaml, save_config
 from imbssl.data import save_indices
+from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.optim import build_optimizer, cosine_schedule, resolve_optim
 from imbssl.engine.runlog import attach_file_log
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings
@@ -37,24 +39,30 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
 
 
 def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
-             callbacks: list[EpochCallback] = ()) -> Path:
-    """Train ``cfg.method`` on the configured subset; returns the run folder holding backbone.pt."""
+             callbacks: list[EpochCallback] = (), indices: np.ndarray | None = None,
+             init_from: Path | None = None) -> Path:
+    """Train ``cfg.method``; returns the run folder holding backbone.pt.
+
+    ``indices`` (into the train split) replaces the configured subset, e.g. one cluster of a
+    pipeline; ``init_from`` is a backbone.pt to start from instead of a random initialisation.
+    """
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     prepare_run_dir(cfg, run_dir, resume)
     handler = attach_file_log(run_dir)
     try:
-        return _pretrain(cfg, run_dir, resume, callbacks)
+        return _pretrain(cfg, run_dir, resume, callbacks, indices, init_from)
     finally:
         logging.getLogger("imbssl").removeHandler(handler)
         handler.close()
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, callbacks: list[EpochCallback]) -> Path:
+def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, callbacks: list[EpochCallback],
+              indices: np.ndarray | None, init_from: Path | None) -> Path:
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
-    data = load_pretrain_data(cfg.data)
+    data = load_pretrain_data(cfg.data, indices)
     save_indices(run_dir / "subset.npz", data.indices,
-                 {"profile": cfg.data.subset.profile, "class_counts": data.class_counts.tolist(),
+                 {"profile": cfg.data.subset.profile if indices is None else "given", "class_counts": data.class_counts.tolist(),
                   "classes": list(data.train.classes)})
     host_images = data.images
     normalize = normalizer_for(host_images)
@@ -62,10 +70,16 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, callbacks: list[Epoch
     log.info("pre-training %s on %d images %s, class counts %s, device %s", cfg.method.name, len(images),
              tuple(images.shape[1:]), data.class_counts.tolist(), device)
 
-    method = build_method(cfg.method, build_backbone(cfg.model, images.shape[1])).to(device)
+    backbone = build_backbone(cfg.model, images.shape[1])
+    if init_from is not None:
+        backbone.load_state_dict(load_safe(init_from)["backbone"])
+    method = build_method(cfg.method, backbone).to(device)
+    if cfg.augment.local_crops and not method.uses_local_crops:
+        raise ConfigError(f"method {cfg.method.name!r} takes no local crops; set augment.local_crops=0")
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    augment = ViewAugment(cfg.augment, normalize.mean.to(device), normalize.std.to(device))
+    make_views = MultiCrop(cfg.augment, normalize.mean.to(device), normalize.std.to(device),
+                           image_size=images.shape[-1], num_global=method.num_views)
     settings = TrainSettings(epochs=cfg.optim.epochs, batch_size=cfg.optim.batch_size, seed=cfg.seed,
                              precision=cfg.train.precision, channels_last=cfg.train.channels_last,
                              checkpoint_every=cfg.train.checkpoint_every,
@@ -76,9 +90,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, callbacks: list[Epoch
     steps_per_epoch = len(images) // batch_size
     scheduler = cosine_schedule(optimizer, cfg.optim.epochs * steps_per_epoch,
                                 round(cfg.optim.warmup_epochs * steps_per_epoch))
-    trainer = Trainer(method, optimizer, scheduler, images,
-                      lambda batch, gen: [augment(batch, gen) for _ in range(method.num_views)],
-                      run_dir, settings, callbacks)
+    trainer = Trainer(method, optimizer, scheduler, images, make_views, run_dir, settings, callbacks)
     start = time.perf_counter()
     summary = trainer.fit(resume=resume)
     save_backbone(method.backbone, normalize, run_dir / BACKBONE_FILE)
