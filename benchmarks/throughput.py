@@ -18,7 +18,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from imbssl.data import DataError, load_splits
 from imbssl.engine.optim import build_optimizer
 from imbssl.methods import build_method
 from imbssl.models import build_backbone
-from imbssl.pipelines.common import resolve_device, to_tensor_nchw
+from imbssl.pipelines.common import describe_hardware, resolve_device, to_tensor_nchw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pil_baseline import make_pil_loader  # noqa: E402
@@ -152,21 +151,10 @@ def images_per_model(spec: str, models: list[str]) -> dict[str, int]:
     return counts
 
 
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict:
-    cpu = cpu_model()
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", ""), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "hardware": describe_hardware(device),
+            "torch": torch.__version__, "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", ""),
+            "device": str(device)}
 
 
 def markdown(rows: list[dict], workers: list[int]) -> str:
@@ -209,9 +197,8 @@ def main() -> None:
     if min(counts.values()) < args.batch_size:
         parser.error(f"--images {counts} must be at least --batch-size {args.batch_size}")
     env = environment(device)
-    print(f"# SimSiam throughput, {env['date']} | CPU: {env['cpu']} ({env['cpu_count']} cores) | torch {env['torch']}"
-          f" | threads {env['threads']} | tcmalloc {'preloaded' if env['tcmalloc'] else 'not preloaded'}"
-          f" | device {device}{' (' + env['gpu'] + ')' if env['gpu'] else ''} | batch {args.batch_size}")
+    print(f"# SimSiam throughput, {env['date']} | {env['hardware']} | torch {env['torch']}"
+          f" | tcmalloc {'preloaded' if env['tcmalloc'] else 'not preloaded'} | batch {args.batch_size}")
 
     host_all, source = load_images(args, max(counts.values()))
     rows = []

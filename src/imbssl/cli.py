@@ -104,7 +104,9 @@ def _echo_eval(result: dict) -> None:
     lin = result["linear"]
     knn = ", ".join(f"{k} {v['top1']:.2f}" for k, v in result.items() if k.startswith("knn"))
     click.echo(f"linear top-1 {lin['top1']:.2f} (val {lin['val_top1']:.2f}); {knn}")
-    click.echo(f"many/medium/few: {lin['many']} / {lin['medium']} / {lin['few']}; thirds std {lin['thirds_std']:.2f}")
+    groups = " / ".join("n/a" if lin[g] is None else f"{lin[g]:.2f}" for g in ("many", "medium", "few"))
+    thirds = " / ".join(f"{lin['thirds'][g]:.2f}" for g in ("major", "minor", "rare"))
+    click.echo(f"many/medium/few: {groups}; major/minor/rare: {thirds} (std {lin['thirds_std']:.2f})")
 
 
 # -- reproduce / demo ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
+    start = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     eval_cfg = eval_cfg or cfg.eval
@@ -63,6 +65,7 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
     for k in eval_cfg.knn_k:
         pred = knn_predict(train_x, train_y, test_x, num_classes, k, eval_cfg.knn_temperature)
         result[f"knn{k}"] = accuracy_report(pred, test.labels, pretrain_counts, train.classes)
+    result["wall_s"] = time.perf_counter() - start
     (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
     log.info("%s: linear top-1 %.2f, %s", run_dir.name, result["linear"]["top1"],
              ", ".join(f"knn{k} {result[f'knn{k}']['top1']:.2f}" for k in eval_cfg.knn_k))

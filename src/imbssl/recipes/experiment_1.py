@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,14 +76,14 @@ def run_grid(exp: Experiment1Config, out_dir: Path) -> list[dict]:
             for seed in exp.seeds:
                 cfg = exp.run_config(subset, method, seed)
                 run_dir = out_dir / "runs" / cfg.name
-                start = time.perf_counter()
                 if not (run_dir / EVAL_FILE).exists():
                     if not (run_dir / BACKBONE_FILE).exists():
                         pretrain(cfg, run_dir, resume=True)
                     evaluate_run(run_dir)
-                result = json.loads((run_dir / EVAL_FILE).read_text())
+                trained = json.loads((run_dir / "pretrain.json").read_text())
                 records.append({"subset": subset.key, "title": subset.title, "method": method, "seed": seed,
-                                "run_dir": str(run_dir), "wall_s": time.perf_counter() - start, **result})
+                                "run_dir": str(run_dir), "pretrain_wall_s": trained["wall_s_this_call"],
+                                "hardware": trained["hardware"], **json.loads((run_dir / EVAL_FILE).read_text())})
     return records
 
 
@@ -101,6 +100,11 @@ def _metric(record: dict, metric: str) -> float | None:
     return node
 
 
+def _paper(subset: str, method: str) -> str:
+    value = PAPER_TABLE_2.get(subset, {}).get(method)
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _short(n: int) -> str:
     """12406 -> '12K', as the paper names its rescaled subsets."""
     return f"{n // 1000}K" if n >= 1000 else str(n)
@@ -112,12 +116,15 @@ def write_report(exp: Experiment1Config, records: list[dict], out_dir: Path, com
     sizes = {r["subset"]: sum(r["pretrain_class_counts"]) for r in records}
     titles = {s.key: s.title.format(n=_short(sizes[s.key])) for s in exp.subsets}
     method_names = {"simclr": "SimCLR", "simsiam": "SimSiam"}
-    lines = [f"# Experiment I: linear top-1 (%), mean ± std over {seeds} seed(s)", "", f"Command: `{command}`", ""]
+    data = exp.base.get("data", {})
+    source = data.get("source", "digits") + (f" ({Path(data['path']).name})" if data.get("path") else "")
+    lines = [f"# Experiment I on {source}: linear top-1 (%), mean ± std over {seeds} seed(s)", "",
+             f"Command: `{command}`", ""]
 
-    header = ["CIFAR-10 subset", "N"] + [method_names.get(m, m) for m in exp.methods]
+    header = ["Subset", "N"] + [method_names.get(m, m) for m in exp.methods]
     header += [f"paper {method_names.get(m, m)}" for m in exp.methods]
     rows = [[titles[k], f"{sizes[k]:,}"] + [_cell(records, k, m, "linear.top1") for m in exp.methods]
-            + [f"{PAPER_TABLE_2.get(k, {}).get(m, 'n/a')}" for m in exp.methods] for k in titles]
+            + [_paper(k, m) for m in exp.methods] for k in titles]
     lines += [markdown_table(header, rows), ""]
     for metric, title in [("knn20.top1", "k-NN (k=20) top-1"), ("knn200.top1", "k-NN (k=200) top-1"),
                           ("linear.many", "linear, many-shot classes (>100 images)"),
@@ -127,8 +134,11 @@ def write_report(exp: Experiment1Config, records: list[dict], out_dir: Path, com
                           ("linear.thirds.rare", "linear, rare third"), ("linear.thirds_std", "linear, std of thirds")]:
         rows = [[titles[k], f"{sizes[k]:,}"] + [_cell(records, k, m, metric) for m in exp.methods] for k in titles]
         lines += [f"## {title}", "", markdown_table(header[:2 + len(exp.methods)], rows), ""]
-    wall = sum(r["wall_s"] for r in records)
-    lines += [f"Wall time of this call: {wall / 60:.1f} min over {len(records)} runs (reused runs count ~0)."]
+    train_s = sum(r["pretrain_wall_s"] for r in records)
+    eval_s = sum(r.get("wall_s", 0.0) for r in records)
+    hardware = sorted({r["hardware"] for r in records})
+    lines += [f"{len(records)} runs: pre-training {train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min "
+              f"(sum over runs) on {'; '.join(hardware)}."]
 
     classes = records[0]["classes"]
     plot_class_distributions({titles[k]: next(r["pretrain_class_counts"] for r in records if r["subset"] == k)
