@@ -34,7 +34,7 @@ def test_demo_end_to_end(tmp_path):
         assert 10 < r["linear"]["top1"] <= 100
         # Balanced labelled set of size N, capped per class by the pool (only the full set hits the cap).
         assert labelled == n if r["subset"] != "balanced-full" else n - 10 <= labelled <= n
-    for name in ("table.md", "distributions.png", "per_class_accuracy.png"):
+    for name in ("table.md", "distributions.png", "per_class_accuracy-simsiam.png", "per_class_accuracy-simclr.png"):
         assert (out / name).stat().st_size > 0
     # A second call reuses every finished run.
     again = imbssl("demo", "--out", out, "--set", "seeds=[0]", "--set", "base.optim.epochs=2",

@@ -152,7 +152,7 @@ def demo(overrides: tuple[str, ...], out: str) -> None:
     """Experiment I on scikit-learn's digits: a few minutes on a laptop CPU."""
     table = _experiment_1("demo", overrides, out, None)
     click.echo(table.read_text())
-    click.echo(f"report: {table.parent} (table.md, distributions.png, per_class_accuracy.png, runs/)")
+    click.echo(f"report: {table.parent} (table.md, distributions.png, per_class_accuracy-*.png, runs/)")
 
 
 def main() -> None:

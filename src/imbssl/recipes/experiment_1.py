@@ -83,7 +83,7 @@ def run_grid(exp: Experiment1Config, out_dir: Path) -> list[dict]:
                 trained = json.loads((run_dir / "pretrain.json").read_text())
                 records.append({"subset": subset.key, "title": subset.title, "method": method, "seed": seed,
                                 "run_dir": str(run_dir), "pretrain_wall_s": trained["wall_s_this_call"],
-                                "hardware": trained["hardware"], **json.loads((run_dir / EVAL_FILE).read_text())})
+                                "hardware": trained.get("hardware", "not recorded"), **json.loads((run_dir / EVAL_FILE).read_text())})
     return records
 
 
@@ -143,13 +143,11 @@ def write_report(exp: Experiment1Config, records: list[dict], out_dir: Path, com
     classes = records[0]["classes"]
     plot_class_distributions({titles[k]: next(r["pretrain_class_counts"] for r in records if r["subset"] == k)
                               for k in titles}, classes, out_dir / "distributions.png")
-    per_class = {}
-    for k in titles:
-        for m in exp.methods:
-            runs = [r for r in records if r["subset"] == k and r["method"] == m]
-            per_class[f"{method_names.get(m, m)} {titles[k]}"] = np.mean(
-                [[r["linear"]["per_class"][c] for c in classes] for r in runs], axis=0).tolist()
-    plot_per_class_accuracy(per_class, classes, out_dir / "per_class_accuracy.png")
+    for m in exp.methods:
+        per_class = {titles[k]: np.mean([[r["linear"]["per_class"][c] for c in classes] for r in records
+                                         if r["subset"] == k and r["method"] == m], axis=0).tolist()
+                     for k in titles}
+        plot_per_class_accuracy(per_class, classes, out_dir / f"per_class_accuracy-{m}.png")
     (out_dir / "results.json").write_text(json.dumps(records, indent=2))
     table = out_dir / "table.md"
     table.write_text("\n".join(lines) + "\n")

@@ -35,7 +35,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     """Write the figure as PNG, creating the parent folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=150)
+    fig.savefig(path, format="png", dpi=150, bbox_inches="tight")
     return path
 
 
