@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from imbssl.config import build_config
+from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
 
 torch.set_num_threads(2)
 
@@ -27,3 +28,25 @@ def tiny_cfg(tmp_path):
                 tree[section] = values
         return build_config(tree)
     return make
+
+
+class Interrupt(Exception):
+    """Raised by an epoch callback to stop a run as a crash would."""
+
+
+@pytest.fixture
+def interrupted_then_resumed(tmp_path):
+    """``run(cfg)`` -> (straight, resumed) run folders: ``cfg`` trained straight through, and trained again
+    with a crash after epoch 2, then resumed from its checkpoint."""
+    def run(cfg):
+        straight = pretrain(cfg, tmp_path / "straight")
+
+        def crash_after_second_epoch(epoch, summary):
+            if epoch == 2:
+                raise Interrupt
+
+        with pytest.raises(Interrupt):
+            pretrain(cfg, tmp_path / "resumed", callbacks=[crash_after_second_epoch])
+        assert not (tmp_path / "resumed" / BACKBONE_FILE).exists()  # a crashed run leaves no backbone
+        return straight, pretrain(cfg, tmp_path / "resumed", resume=True)
+    return run

@@ -13,27 +13,12 @@ from imbssl.methods.simsiam import SimSiam
 from imbssl.pipelines.pretrain import pretrain
 
 
-class Interrupt(Exception):
-    pass
-
-
 def weights(run_dir):
     return load_safe(run_dir / "backbone.pt")["backbone"]
 
 
-def test_resume_gives_the_same_weights(tiny_cfg, tmp_path):
-    cfg = tiny_cfg()
-    straight = pretrain(cfg, tmp_path / "straight")
-
-    def crash_after_second_epoch(epoch, summary):
-        if epoch == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        pretrain(cfg, tmp_path / "resumed", callbacks=[crash_after_second_epoch])
-    assert not (tmp_path / "resumed" / "backbone.pt").exists()
-    resumed = pretrain(cfg, tmp_path / "resumed", resume=True)
-
+def test_resume_gives_the_same_weights(tiny_cfg, interrupted_then_resumed):
+    straight, resumed = interrupted_then_resumed(tiny_cfg())
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,4 +1,4 @@
-"""The ``imbssl`` command: data | pretrain | evaluate | reproduce | demo."""
+"""The ``imbssl`` command: data | pretrain | evaluate | pipeline | reproduce | demo."""
 from __future__ import annotations
 
 import json
@@ -6,13 +6,15 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable
 
 import click
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from imbssl.config import ConfigError, build_config, deep_merge, load_config, parse_overrides
+from imbssl.config import ConfigError, OfflineClusteringConfig, build_config, deep_merge, load_config, parse_overrides
 from imbssl.data import DataError
 from imbssl.engine.trainer import NonFiniteLossError
+from imbssl.pipelines.offline_clustering import STAGES
 
 log = logging.getLogger("imbssl")
 
@@ -23,6 +25,7 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports each CPU-feature probe at INFO
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,6 +110,43 @@ def _echo_eval(result: dict) -> None:
     groups = " / ".join("n/a" if lin[g] is None else f"{lin[g]:.2f}" for g in ("many", "medium", "few"))
     thirds = " / ".join(f"{lin['thirds'][g]:.2f}" for g in ("major", "minor", "rare"))
     click.echo(f"many/medium/few: {groups}; major/minor/rare: {thirds} (std {lin['thirds_std']:.2f})")
+    if "clusters" in result:
+        clusters = result["clusters"]
+        click.echo(f"clusters: {clusters['empty_clusters']} of {len(clusters['sorted_relative_sizes'])} empty, "
+                   f"largest {clusters['cluster_size_max']:.2f}x the target size; purity {clusters['purity']:.3f}, "
+                   f"NMI {clusters['nmi']:.3f}")
+
+
+# -- pipeline ---------------------------------------------------------------------------------
+@cli.group()
+def pipeline() -> None:
+    """Multi-stage pre-training pipelines."""
+
+
+@pipeline.command("offline-clustering")
+@click.argument("config_path", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--run-dir", type=click.Path(file_okay=False), help="default: <base.out_dir>/<base.name>")
+@click.option("--resume", is_flag=True, help="continue at the first unfinished stage or expert")
+@click.option("--expert", type=int, help="train only expert K of a divided pipeline (one job per expert)")
+@click.option("--until", type=click.Choice(STAGES), default="distill", show_default=True, help="stop after this stage")
+@click.option("--eval/--no-eval", "then_eval", default=True, show_default=True, help="evaluate the student when done")
+def offline_clustering(config_path: str, overrides: tuple[str, ...], run_dir: str | None, resume: bool,
+                       expert: int | None, until: str, then_eval: bool) -> None:
+    """Base -> divide -> experts -> distill (paper Sec. 3); the folder ends up an evaluable run.
+
+    Under torchrun (RANK, WORLD_SIZE) the processes share the experts; see docs/offline-clustering.md.
+    """
+    from imbssl.pipelines.evaluate import evaluate_run
+    from imbssl.pipelines.offline_clustering import Shard, run_pipeline
+    from imbssl.pipelines.pretrain import BACKBONE_FILE
+
+    cfg = load_config(config_path, overrides, schema=OfflineClusteringConfig)
+    root = run_pipeline(cfg, Path(run_dir) if run_dir else Path(cfg.base.out_dir) / cfg.base.name, resume, expert,
+                        until)
+    click.echo(f"pipeline folder: {root}")
+    if then_eval and Shard.from_env().rank == 0 and (root / BACKBONE_FILE).exists():
+        _echo_eval(evaluate_run(root))
 
 
 # -- reproduce / demo ---------------------------------------------------------------------------
@@ -115,34 +155,89 @@ def reproduce() -> None:
     """Reproduce a paper's table with one command."""
 
 
-def _experiment_1(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> Path:
+def _load_grid(experiment: str, schema: type[BaseModel], preset: str, overrides: tuple[str, ...],
+               data_path: str | None) -> BaseModel:
+    """``experiment``'s preset with --data and --set applied, validated as ``schema``."""
     from imbssl.recipes import load_preset
-    from imbssl.recipes.experiment_1 import Experiment1Config, run_grid, write_report
 
-    tree = load_preset("experiment-1", preset)
+    tree = load_preset(experiment, preset)
     if data_path:
         tree = deep_merge(tree, {"base": {"data": {"path": data_path}}})
     tree = deep_merge(tree, parse_overrides(overrides))
     try:
-        exp = Experiment1Config.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"invalid experiment-1 preset {preset!r}: {err}") from None
+        raise ConfigError(f"invalid {experiment} preset {preset!r}: {err}") from None
+
+
+def _command_line() -> str:
+    return "imbssl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _grid_options(experiment: str) -> Callable[[Callable], Callable]:
+    """--preset, --set, --out and --data of a ``reproduce`` command; reports go to reports/EXPERIMENT-PRESET."""
+    options = [
+        click.option("--preset", type=click.Choice(["demo", "cpu", "paper"]), default="demo", show_default=True),
+        set_option,
+        click.option("--out", type=click.Path(file_okay=False),
+                     help=f"report folder (default reports/{experiment}-PRESET)"),
+        click.option("--data", "data_path", type=click.Path(), help="data archive or folder (sets base.data.path)"),
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+def _experiment_1(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> Path:
+    from imbssl.recipes.experiment_1 import Experiment1Config, run_grid, write_report
+
+    exp = _load_grid("experiment-1", Experiment1Config, preset, overrides, data_path)
     out_dir = Path(out or f"reports/experiment-1-{preset}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = run_grid(exp, out_dir)
-    return write_report(exp, records, out_dir, "imbssl " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    return write_report(exp, run_grid(exp, out_dir), out_dir, _command_line())
 
 
 @reproduce.command("experiment-1")
-@click.option("--preset", type=click.Choice(["demo", "cpu", "paper"]), default="demo", show_default=True)
-@set_option
-@click.option("--out", type=click.Path(file_okay=False), help="report folder (default reports/experiment-1-PRESET)")
-@click.option("--data", "data_path", type=click.Path(), help="data archive or folder (sets base.data.path)")
+@_grid_options("experiment-1")
 def reproduce_experiment_1(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
     """Table 2: SimCLR and SimSiam on imbalanced vs balanced CIFAR-10 subsets."""
     table = _experiment_1(preset, overrides, out, data_path)
     click.echo(table.read_text())
     click.echo(f"report: {table.parent}")
+
+
+@reproduce.command("excb")
+@_grid_options("excb")
+def reproduce_excb(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
+    """ExCB, ExCB without balancing and DINO centring on CIFAR-10-LT p=100, p=10 and rs.12K; a K ablation."""
+    from imbssl.recipes.excb import ExcbExperimentConfig, run_experiment
+
+    exp = _load_grid("experiment-excb", ExcbExperimentConfig, preset, overrides, data_path)
+    table = run_experiment(exp, Path(out or f"reports/excb-{preset}"), _command_line())
+    click.echo(table.read_text())
+    click.echo(f"report: {table.parent}")
+
+
+@reproduce.command("experiment-2")
+@_grid_options("experiment-2")
+@click.option("--baselines-from", type=click.Path(file_okay=False),
+              help="an experiment-1 report folder of the same preset: its runs are the baselines (missing ones are "
+                   "trained there)")
+def reproduce_experiment_2(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None,
+                           baselines_from: str | None) -> None:
+    """Table 3: SimSiam+C+D and SimSiam+D (offline clustering) against the SimCLR and SimSiam baselines."""
+    from imbssl.recipes.experiment_2 import Experiment2Config, run_experiment, write_report
+
+    exp = _load_grid("experiment-2", Experiment2Config, preset, overrides, data_path)
+    out_dir = Path(out or f"reports/experiment-2-{preset}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = run_experiment(exp, out_dir, Path(baselines_from) if baselines_from else None)
+    table = write_report(exp, records, out_dir, _command_line())
+    click.echo(table.read_text())
+    click.echo(f"report: {out_dir}")
 
 
 @cli.command()

@@ -6,10 +6,13 @@ fails loudly with the offending key in the message instead of silently using a d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -61,11 +64,29 @@ class ModelConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["simsiam", "simclr"] = "simsiam"
+    name: Literal["simsiam", "simclr", "excb"] = "simsiam"
     proj_hidden: int = 512
     proj_dim: int = Field(512, description="output dimension d (Table 1)")
     pred_hidden: int = 128
     temperature: float = Field(0.5, gt=0, description="SimCLR NT-Xent temperature")
+    # ExCB (methods/excb.py, docs/excb.md): the paper's values, except K (65,536 there, for 1.28M images).
+    num_clusters: int = Field(512, ge=2, description="ExCB: K, the number of learned centroids (Eq. 1); "
+                                                     "512 suits 10k-50k images (docs/excb.md)")
+    teacher_temperature: float = Field(0.04, gt=0, description="ExCB: tau_t of the teacher softmax (Eq. 6)")
+    student_temperature: float = Field(0.1, gt=0, description="ExCB: tau_s of the student softmax (Eq. 5)")
+    teacher_momentum: float = Field(0.996, ge=0, le=1,
+                                    description="ExCB: EMA momentum m of the teacher, raised to 1 on a cosine schedule")
+    size_momentum: float = Field(0.999, ge=0, lt=1,
+                                 description="ExCB: m_s of the relative cluster sizes s (Eq. 9); 1/(1-m_s) batches")
+    balancing: Literal["excb", "centering", "none"] = Field(
+        "excb", description="ExCB: how the teacher avoids collapse: excb = operator B (Eq. 10), "
+                            "centering = DINO's EMA centre (baseline), none = nothing (baseline)")
+    center_momentum: float = Field(0.9, ge=0, lt=1, description="ExCB, balancing=centering: DINO's centre EMA momentum")
+    centroid_init: Literal["kmeans", "random"] = Field(
+        "kmeans", description="ExCB: centroids from k-means on the initial teacher projections, or random directions")
+    centroid_weight_decay: tuple[float, float] | None = Field(
+        (1e-3, 1e-4), description="ExCB: the centroids' weight decay, cosine from the first to the second value; "
+                                  "None = the optimizer's weight decay")
 
 
 class OptimConfig(Section):
@@ -124,6 +145,49 @@ class RunConfig(Section):
         return self
 
 
+class StageEpochs(Section):
+    """M_base, M_expert, M_distill (paper Sec. 3.2). An expert epoch is one pass over its own cluster D^k,
+    so the K experts together see D once per expert epoch and the three stages add up, in images seen,
+    to base + expert + distill epochs over D (docs/offline-clustering.md)."""
+
+    base: int = Field(40, ge=1)
+    expert: int = Field(180, ge=1)
+    distill: int = Field(80, ge=1)
+
+
+class KMeansConfig(Section):
+    engine: Literal["auto", "faiss", "torch"] = Field("auto", description="auto = torch on a GPU, else faiss")
+    spherical: bool = Field(False, description="cluster by cosine similarity (l2-normalised features)")
+    n_init: int = Field(10, ge=1, description="restarts; the one with the lowest inertia is kept")
+    niter: int = Field(50, ge=1, description="Lloyd iterations per restart")
+
+
+class OfflineClusteringSettings(Section):
+    """The offline-clustering pipeline's own keys (paper Sec. 3)."""
+
+    k: int = Field(5, ge=1, description="clusters K; 1 = the '+D' ablation (one expert on all of D)")
+    epochs: StageEpochs = StageEpochs()
+    expert_init: Literal["base", "scratch"] = Field("base",
+                                                    description="experts start from the base weights or at random")
+    kmeans: KMeansConfig = KMeansConfig()
+    head_hidden: int = Field(512, ge=1, description="hidden width of the distillation regression heads r")
+
+
+class OfflineClusteringConfig(OfflineClusteringSettings):
+    """A pipeline config file: its own keys plus ``base``, the run settings every stage shares.
+
+    Each stage trains with ``base`` except for the epochs, which come from ``epochs``
+    (``base.optim.epochs`` is not used).
+    """
+
+    base: RunConfig = RunConfig()
+
+    def stage(self, name: str, epochs: int) -> RunConfig:
+        """One stage's run config: ``base`` under the stage's name, trained for ``epochs``."""
+        optim = self.base.optim.model_copy(update={"epochs": epochs})
+        return self.base.model_copy(update={"name": name, "optim": optim})
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
@@ -167,11 +231,15 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     return f"invalid config ({origin}):\n  " + "\n  ".join(lines)
 
 
-def build_config(tree: dict[str, Any], origin: str = "<dict>") -> RunConfig:
+def validate_tree(schema: type[ConfigT], tree: dict[str, Any], origin: str = "<dict>") -> ConfigT:
     try:
-        return RunConfig.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin)) from None
+
+
+def build_config(tree: dict[str, Any], origin: str = "<dict>") -> RunConfig:
+    return validate_tree(RunConfig, tree, origin)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -184,11 +252,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                schema: type[ConfigT] = RunConfig) -> ConfigT:
     tree = load_yaml(path) if path else {}
     tree = deep_merge(tree, parse_overrides(overrides))
-    return build_config(tree, origin=str(path) if path else "<overrides>")
+    return validate_tree(schema, tree, origin=str(path) if path else "<overrides>")
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
+def save_config(cfg: BaseModel, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from imbssl.config import OptimConfig
-from imbssl.methods.base import OptimDefaults
+
+if TYPE_CHECKING:  # methods use the schedules below, so importing them here at run time would be circular
+    from imbssl.methods.base import OptimDefaults, SSLMethod
 
 
 class LARS(Optimizer):
@@ -61,11 +63,11 @@ def resolve_optim(cfg: OptimConfig, defaults: OptimDefaults) -> tuple[str, float
     return name, base_lr, weight_decay
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, defaults: OptimDefaults, batch_size: int) -> Optimizer:
+def build_optimizer(model: SSLMethod, cfg: OptimConfig, defaults: OptimDefaults, batch_size: int) -> Optimizer:
     """lr = base_lr * batch_size / 256, the linear scaling rule used by SimSiam and SimCLR."""
     name, base_lr, weight_decay = resolve_optim(cfg, defaults)
     lr = base_lr * batch_size / 256
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = model.param_groups()
     if name == "lars":
         return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)

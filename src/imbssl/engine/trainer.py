@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 ViewMaker = Callable[[torch.Tensor, torch.Generator], list[torch.Tensor]]
 EpochCallback = Callable[[int, dict], None]
+
+#: the run's checkpoint, relative to its folder: the state after the last epoch saved.
+CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,11 +65,12 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 class Trainer:
     def __init__(self, method: SSLMethod, optimizer: Optimizer, scheduler: LRScheduler, images: torch.Tensor,
                  make_views: ViewMaker, run_dir: Path, settings: TrainSettings,
-                 callbacks: Iterable[EpochCallback] = ()) -> None:
+                 callbacks: Iterable[EpochCallback] = (), labels: np.ndarray | None = None) -> None:
+        """``labels`` of ``images``, when known, only reach ``method.epoch_stats`` (monitoring, never the loss)."""
         self.method, self.optimizer, self.scheduler = method, optimizer, scheduler
-        self.images, self.make_views, self.settings = images, make_views, settings
+        self.images, self.make_views, self.settings, self.labels = images, make_views, settings, labels
         self.run_dir = Path(run_dir)
-        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
+        self.checkpoint_path = self.run_dir / CHECKPOINT_FILE
         self.callbacks = list(callbacks)
         self.device = images.device
         self.batch_size = min(settings.batch_size, len(images))
@@ -73,6 +78,7 @@ class Trainer:
             log.warning("batch size %d exceeds the %d training images; using %d", settings.batch_size, len(images),
                         self.batch_size)
         self.steps_per_epoch = len(images) // self.batch_size
+        self.total_steps = settings.epochs * self.steps_per_epoch
         self.epoch = 0
         self.summary: dict = {}  # the last finished epoch's figures
 
@@ -96,6 +102,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         if resume and self.checkpoint_path.exists():
             self.load_checkpoint()
+        if self.epoch == 0:  # a fresh run; epoch index `epochs` is one that no training epoch draws views from
+            self.method.on_train_start(self.images, self.make_views,
+                                       epoch_generator(self.settings.seed, self.settings.epochs, self.device))
         logger = MetricLogger(self.run_dir, purge_step=self.epoch * self.steps_per_epoch)
         try:
             while self.epoch < self.settings.epochs:
@@ -121,7 +130,7 @@ class Trainer:
                    leave=False, dynamic_ncols=True)
         for step in bar:
             indices = order[step * self.batch_size:(step + 1) * self.batch_size]
-            window.append(self._step(self.images[indices], indices, gen))
+            window.append(self._step(self.images[indices], indices, gen, epoch * self.steps_per_epoch + step))
             seen += len(indices)
             if len(window) == s.log_every or step == self.steps_per_epoch - 1:
                 # One host-device sync per window, not per step: the NaN check and the logs read it together.
@@ -131,7 +140,8 @@ class Trainer:
                 window = []
                 bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
         summary = {"epoch": epoch + 1, **{k: v / self.steps_per_epoch for k, v in totals.items()},
-                   "images_per_s": seen / (time.perf_counter() - start), "images_seen": seen}
+                   "images_per_s": seen / (time.perf_counter() - start), "images_seen": seen,
+                   **self.method.epoch_stats(self.labels)}
         summary["collapse_ratio"] = check_collapse(summary["output_std"], self.method.output_dim, s.collapse_warn_below)
         logger.log((epoch + 1) * self.steps_per_epoch - 1, **{f"epoch/{k}": v for k, v in summary.items()})
         log.info("epoch %d/%d loss %.4f output_std %.4f %.0f img/s", epoch + 1, s.epochs, summary["loss"],
@@ -149,7 +159,8 @@ class Trainer:
         logger.log(global_step, **{f"train/{k}": v for k, v in means.items()}, **{"train/lr": self._lr()})
         return means
 
-    def _step(self, batch: torch.Tensor, indices: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def _step(self, batch: torch.Tensor, indices: torch.Tensor, gen: torch.Generator,
+              global_step: int) -> dict[str, torch.Tensor]:
         views = self.make_views(batch, gen)
         if self.settings.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
@@ -160,6 +171,7 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
+        self.method.on_step_end(global_step, self.total_steps, self.optimizer)
         return {"loss": loss.detach(), **out.stats}
 
     def _lr(self) -> float:

@@ -1,4 +1,5 @@
-"""Evaluation of frozen representations: features, labelled split, linear probe, kNN, metrics."""
+"""Evaluation of frozen representations: features, labelled split, linear probe, kNN, metrics, clusters."""
+from imbssl.eval.clusters import cluster_report, nmi, purity
 from imbssl.eval.features import extract_features
 from imbssl.eval.knn import knn_predict, knn_scores
 from imbssl.eval.labelled import balanced_labelled_split
@@ -9,8 +10,11 @@ __all__ = [
     "LinearProbeResult",
     "accuracy_report",
     "balanced_labelled_split",
+    "cluster_report",
     "extract_features",
     "knn_predict",
     "knn_scores",
     "linear_probe",
+    "nmi",
+    "purity",
 ]

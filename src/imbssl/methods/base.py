@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import Optimizer
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,11 @@ class StepOutput:
 
 
 class SSLMethod(nn.Module):
-    """A backbone plus heads; ``training_step(views, indices)`` is all the engine calls."""
+    """A backbone plus heads; ``training_step(views, indices)`` is what the engine calls each step.
+
+    The hooks below default to nothing, so a method such as SimSiam is just its ``training_step``;
+    ExCB uses them for its EMA teacher, centroid initialisation and weight-decay schedule.
+    """
 
     name: ClassVar[str]
     defaults: ClassVar[OptimDefaults]
@@ -39,6 +45,29 @@ class SSLMethod(nn.Module):
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: one of every trainable parameter unless a part needs its own settings."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    @property
+    def eval_backbone(self) -> nn.Module:
+        """The backbone that is saved and evaluated (an EMA teacher's, for methods that keep one)."""
+        return self.backbone
+
+    def on_train_start(self, images: torch.Tensor,
+                       make_views: Callable[[torch.Tensor, torch.Generator], list[torch.Tensor]],
+                       generator: torch.Generator) -> None:
+        """Called once before the first step of a fresh run, not on resume: to initialise from the data."""
+
+    def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
+        """Called after each optimizer step, ``step`` counting from 0 over the whole run: EMA updates and
+        per-step schedules the learning-rate scheduler does not cover."""
+
+    def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
+        """Figures about the epoch just trained, added to its summary. ``labels`` (of the training images, None
+        when unknown) are for monitoring only: no method trains on them."""
+        return {}
 
 
 @torch.no_grad()

@@ -14,15 +14,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imbssl.augment import Normalize
 from imbssl.config import EvalConfig, RunConfig, build_config, load_yaml
 from imbssl.data import load_indices, load_splits
+from imbssl.engine.checkpoint import load_safe
+from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.eval import accuracy_report, balanced_labelled_split, extract_features, knn_predict, linear_probe
+from imbssl.methods import build_method
+from imbssl.methods.excb import cluster_statistics, relative_sizes
+from imbssl.models import build_backbone
 from imbssl.pipelines.common import load_backbone, resolve_device
 from imbssl.pipelines.pretrain import BACKBONE_FILE
+from imbssl.report import plot_cluster_sizes
 
 log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
+CLUSTER_FIGURE = "cluster_sizes.png"
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -65,8 +73,24 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
     for k in eval_cfg.knn_k:
         pred = knn_predict(train_x, train_y, test_x, num_classes, k, eval_cfg.knn_temperature)
         result[f"knn{k}"] = accuracy_report(pred, test.labels, pretrain_counts, train.classes)
+    if cfg.method.name == "excb":
+        result["clusters"] = final_clusters(run_dir, cfg, train.images[subset], train.labels[subset], normalize, device)
     result["wall_s"] = time.perf_counter() - start
     (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
     log.info("%s: linear top-1 %.2f, %s", run_dir.name, result["linear"]["top1"],
              ", ".join(f"knn{k} {result[f'knn{k}']['top1']:.2f}" for k in eval_cfg.knn_k))
     return result
+
+
+def final_clusters(run_dir: Path, cfg: RunConfig, images: np.ndarray, labels: np.ndarray, normalize: Normalize,
+                   device: torch.device) -> dict:
+    """ExCB's final clustering of its pre-training images (paper, Fig. 5): the teacher's most similar centroid,
+    without balancing. Draws the sorted relative sizes to RUN_DIR/cluster_sizes.png."""
+    method = build_method(cfg.method, build_backbone(cfg.model, images.shape[-1]))
+    method.load_state_dict(load_safe(run_dir / CHECKPOINT_FILE)["method"])
+    similarities = extract_features(method.teacher.to(device), images, lambda x: normalize(x.to(device)), device=device)
+    assignments = similarities.argmax(1).numpy()
+    target = method.target_sizes.numpy()
+    sizes = relative_sizes(assignments, target)
+    plot_cluster_sizes({cfg.name: sizes}, run_dir / CLUSTER_FIGURE)
+    return {**cluster_statistics(assignments, target, labels), "sorted_relative_sizes": np.sort(sizes)[::-1].tolist()}

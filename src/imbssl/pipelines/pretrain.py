@@ -4,38 +4,55 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
-from imbssl.augment import MultiCrop
+from imbssl.augment import MultiCrop, Normalize
 from imbssl.config import ConfigError, RunConfig, load_yaml, save_config
 from imbssl.data import save_indices
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.optim import build_optimizer, cosine_schedule, resolve_optim
 from imbssl.engine.runlog import attach_file_log
-from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings
-from imbssl.methods import build_method
+from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, ViewMaker
+from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
-from imbssl.pipelines.common import (describe_hardware, load_pretrain_data, normalizer_for, resolve_device, save_backbone,
-                                     seed_everything, to_tensor_nchw)
+from imbssl.pipelines.common import (PretrainData, describe_hardware, load_pretrain_data, normalizer_for,
+                                     resolve_device, save_backbone, seed_everything, to_tensor_nchw)
 
 log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.pt"
+SUMMARY_FILE = "pretrain.json"
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+def prepare_run_dir(cfg: BaseModel, run_dir: Path, resume: bool, config_file: str = "config.yaml") -> None:
     """Create the run folder; refuse to overwrite a finished or different run."""
-    saved = run_dir / "config.yaml"
+    saved = run_dir / config_file
     if saved.exists():
         if not resume:
             raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it or pick another name")
         if load_yaml(saved) != cfg.model_dump(mode="json"):
             raise ConfigError(f"--resume with a config that differs from the one saved in {saved}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, saved)
+    else:  # written once: processes that share a pipeline folder only read it
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+
+
+@contextmanager
+def run_folder(cfg: BaseModel, run_dir: Path, resume: bool, config_file: str = "config.yaml") -> Iterator[Path]:
+    """Create (or check) the run folder and copy the package's log records to its train.log meanwhile."""
+    prepare_run_dir(cfg, run_dir, resume, config_file)
+    handler = attach_file_log(run_dir)
+    try:
+        yield run_dir
+    finally:
+        logging.getLogger("imbssl").removeHandler(handler)
+        handler.close()
 
 
 def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
@@ -47,39 +64,45 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
     pipeline; ``init_from`` is a backbone.pt to start from instead of a random initialisation.
     """
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
-    prepare_run_dir(cfg, run_dir, resume)
-    handler = attach_file_log(run_dir)
-    try:
-        return _pretrain(cfg, run_dir, resume, callbacks, indices, init_from)
-    finally:
-        logging.getLogger("imbssl").removeHandler(handler)
-        handler.close()
+    with run_folder(cfg, run_dir, resume):
+        data, images = load_run_images(cfg, run_dir, indices)
+        normalize = normalizer_for(data.images)
+        backbone = build_backbone(cfg.model, images.shape[1])
+        if init_from is not None:
+            backbone.load_state_dict(load_safe(init_from)["backbone"])
+        method = build_method(cfg.method, backbone).to(images.device)
+        if cfg.augment.local_crops and not method.uses_local_crops:
+            raise ConfigError(f"method {cfg.method.name!r} takes no local crops; set augment.local_crops=0")
+        make_views = MultiCrop(cfg.augment, normalize.mean.to(images.device), normalize.std.to(images.device),
+                               image_size=images.shape[-1], num_global=method.num_views)
+        train_method(cfg, method, images, make_views, normalize, run_dir, resume, callbacks,
+                     labels=data.train.labels[data.indices])
+    return run_dir
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, callbacks: list[EpochCallback],
-              indices: np.ndarray | None, init_from: Path | None) -> Path:
+def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None) -> tuple[PretrainData, torch.Tensor]:
+    """Seed everything, record the training subset in run_dir/subset.npz and put its images on the device."""
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     data = load_pretrain_data(cfg.data, indices)
     save_indices(run_dir / "subset.npz", data.indices,
                  {"profile": cfg.data.subset.profile if indices is None else "given", "class_counts": data.class_counts.tolist(),
                   "classes": list(data.train.classes)})
-    host_images = data.images
-    normalize = normalizer_for(host_images)
-    images = to_tensor_nchw(host_images, device)
-    log.info("pre-training %s on %d images %s, class counts %s, device %s", cfg.method.name, len(images),
+    images = to_tensor_nchw(data.images, device)
+    log.info("training %s on %d images %s, class counts %s, device %s", run_dir.name, len(images),
              tuple(images.shape[1:]), data.class_counts.tolist(), device)
+    return data, images
 
-    backbone = build_backbone(cfg.model, images.shape[1])
-    if init_from is not None:
-        backbone.load_state_dict(load_safe(init_from)["backbone"])
-    method = build_method(cfg.method, backbone).to(device)
-    if cfg.augment.local_crops and not method.uses_local_crops:
-        raise ConfigError(f"method {cfg.method.name!r} takes no local crops; set augment.local_crops=0")
+
+def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_views: ViewMaker,
+                 normalize: Normalize, run_dir: Path, resume: bool, callbacks: list[EpochCallback],
+                 labels: np.ndarray | None = None) -> None:
+    """``cfg.optim``'s optimizer and cosine schedule, the Trainer loop, then backbone.pt and pretrain.json.
+
+    ``labels`` of ``images``, when known, only feed the method's epoch statistics (e.g. cluster purity).
+    """
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    make_views = MultiCrop(cfg.augment, normalize.mean.to(device), normalize.std.to(device),
-                           image_size=images.shape[-1], num_global=method.num_views)
     settings = TrainSettings(epochs=cfg.optim.epochs, batch_size=cfg.optim.batch_size, seed=cfg.seed,
                              precision=cfg.train.precision, channels_last=cfg.train.channels_last,
                              checkpoint_every=cfg.train.checkpoint_every,
@@ -90,14 +113,13 @@ def _pretrain(cfg: RunConfig, run_dir: Path, resume: bool, callbacks: list[Epoch
     steps_per_epoch = len(images) // batch_size
     scheduler = cosine_schedule(optimizer, cfg.optim.epochs * steps_per_epoch,
                                 round(cfg.optim.warmup_epochs * steps_per_epoch))
-    trainer = Trainer(method, optimizer, scheduler, images, make_views, run_dir, settings, callbacks)
+    trainer = Trainer(method, optimizer, scheduler, images, make_views, run_dir, settings, callbacks, labels)
     start = time.perf_counter()
     summary = trainer.fit(resume=resume)
-    save_backbone(method.backbone, normalize, run_dir / BACKBONE_FILE)
     name, base_lr, weight_decay = resolve_optim(cfg.optim, method.defaults)
-    (run_dir / "pretrain.json").write_text(json.dumps({
+    (run_dir / SUMMARY_FILE).write_text(json.dumps({
         **summary, "optimizer": name, "base_lr": base_lr, "weight_decay": weight_decay, "batch_size": batch_size,
         "num_images": len(images), "images_seen_total": cfg.optim.epochs * steps_per_epoch * batch_size,
-        "wall_s_this_call": time.perf_counter() - start, "device": str(device),
-        "hardware": describe_hardware(device), "torch": torch.__version__}, indent=2))
-    return run_dir
+        "wall_s_this_call": time.perf_counter() - start, "device": str(images.device),
+        "hardware": describe_hardware(images.device), "torch": torch.__version__}, indent=2))
+    save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE)  # last: its presence marks the run done

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from imbssl.config import deep_merge
+
 
 def preset_path(experiment: str, preset: str) -> Path:
     path = Path(str(resources.files("imbssl") / "configs" / experiment / f"{preset}.yaml"))
@@ -16,4 +18,10 @@ def preset_path(experiment: str, preset: str) -> Path:
 
 
 def load_preset(experiment: str, preset: str) -> dict:
-    return yaml.safe_load(preset_path(experiment, preset).read_text()) or {}
+    """The preset's tree. ``base_from: OTHER`` in it stands for the ``base`` and ``seeds`` of OTHER's preset of
+    the same name (the file's own keys win), so two experiments share runs and one can reuse the other's."""
+    tree = yaml.safe_load(preset_path(experiment, preset).read_text()) or {}
+    if source := tree.pop("base_from", None):
+        shared = load_preset(source, preset)
+        tree = deep_merge({key: shared[key] for key in ("base", "seeds") if key in shared}, tree)
+    return tree

@@ -61,9 +61,13 @@ class Experiment1Config(BaseModel):
     seeds: list[int] = [0, 1, 2]
     subsets: list[NamedSubset] = Field(default_factory=paper_subsets)
 
+    def method_section(self, method: str) -> dict:
+        """What a run of ``method`` sets over ``base.method``: the name; grids of variants of one method add more."""
+        return {"name": method}
+
     def run_config(self, subset: NamedSubset, method: str, seed: int) -> RunConfig:
         tree = deep_merge(self.base, {"name": f"{subset.key}/{method}/seed{seed}", "seed": seed,
-                                      "method": {"name": method},
+                                      "method": self.method_section(method),
                                       "data": {"subset": subset.subset.model_dump()}})
         return build_config(tree, origin=f"experiment-1 run {subset.key}/{method}/seed{seed}")
 
@@ -87,7 +91,8 @@ def run_grid(exp: Experiment1Config, out_dir: Path) -> list[dict]:
     return records
 
 
-def _cell(records: list[dict], subset: str, method: str, metric: str) -> str:
+def metric_cell(records: list[dict], subset: str, method: str, metric: str) -> str:
+    """Mean ± std over the seeds of ``metric`` (a dotted path into the records, e.g. "linear.top1"), or "n/a"."""
     values = [_metric(r, metric) for r in records if r["subset"] == subset and r["method"] == method]
     values = [v for v in values if v is not None]
     return format_mean_std(values) if values else "n/a"
@@ -110,20 +115,38 @@ def _short(n: int) -> str:
     return f"{n // 1000}K" if n >= 1000 else str(n)
 
 
+def subset_titles(subsets: list[NamedSubset], records: list[dict]) -> tuple[dict[str, int], dict[str, str]]:
+    """Each subset's N and its title with N filled in ('Balanced (rs.12K)'), by subset key."""
+    sizes = {r["subset"]: sum(r["pretrain_class_counts"]) for r in records}
+    return sizes, {s.key: s.title.format(n=_short(sizes[s.key])) for s in subsets}
+
+
+def describe_source(base: dict) -> str:
+    """'imagefolder (cifar10-jpg.tar.gz)': the data a grid's base config trains on, for report titles."""
+    data = base.get("data", {})
+    return data.get("source", "digits") + (f" ({Path(data['path']).name})" if data.get("path") else "")
+
+
+def describe_compute(records: list[dict]) -> str:
+    """One line with the runs' summed pre-training and evaluation time and the hardware they ran on."""
+    train_s = sum(r["pretrain_wall_s"] for r in records)
+    eval_s = sum(r.get("wall_s", 0.0) for r in records)
+    hardware = sorted({r["hardware"] for r in records})
+    return (f"{len(records)} runs: pre-training {train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min "
+            f"(sum over runs) on {'; '.join(hardware)}.")
+
+
 def write_report(exp: Experiment1Config, records: list[dict], out_dir: Path, command: str) -> Path:
     """table.md shaped like Table 2, more tables per protocol, and the two figures."""
     seeds = len(exp.seeds)
-    sizes = {r["subset"]: sum(r["pretrain_class_counts"]) for r in records}
-    titles = {s.key: s.title.format(n=_short(sizes[s.key])) for s in exp.subsets}
+    sizes, titles = subset_titles(exp.subsets, records)
     method_names = {"simclr": "SimCLR", "simsiam": "SimSiam"}
-    data = exp.base.get("data", {})
-    source = data.get("source", "digits") + (f" ({Path(data['path']).name})" if data.get("path") else "")
-    lines = [f"# Experiment I on {source}: linear top-1 (%), mean ± std over {seeds} seed(s)", "",
+    lines = [f"# Experiment I on {describe_source(exp.base)}: linear top-1 (%), mean ± std over {seeds} seed(s)", "",
              f"Command: `{command}`", ""]
 
     header = ["Subset", "N"] + [method_names.get(m, m) for m in exp.methods]
     header += [f"paper {method_names.get(m, m)}" for m in exp.methods]
-    rows = [[titles[k], f"{sizes[k]:,}"] + [_cell(records, k, m, "linear.top1") for m in exp.methods]
+    rows = [[titles[k], f"{sizes[k]:,}"] + [metric_cell(records, k, m, "linear.top1") for m in exp.methods]
             + [_paper(k, m) for m in exp.methods] for k in titles]
     lines += [markdown_table(header, rows), ""]
     for metric, title in [("knn20.top1", "k-NN (k=20) top-1"), ("knn200.top1", "k-NN (k=200) top-1"),
@@ -132,13 +155,10 @@ def write_report(exp: Experiment1Config, records: list[dict], out_dir: Path, com
                           ("linear.few", "linear, few-shot classes (<20)"),
                           ("linear.thirds.major", "linear, major third"), ("linear.thirds.minor", "linear, minor third"),
                           ("linear.thirds.rare", "linear, rare third"), ("linear.thirds_std", "linear, std of thirds")]:
-        rows = [[titles[k], f"{sizes[k]:,}"] + [_cell(records, k, m, metric) for m in exp.methods] for k in titles]
+        rows = [[titles[k], f"{sizes[k]:,}"] + [metric_cell(records, k, m, metric) for m in exp.methods]
+                for k in titles]
         lines += [f"## {title}", "", markdown_table(header[:2 + len(exp.methods)], rows), ""]
-    train_s = sum(r["pretrain_wall_s"] for r in records)
-    eval_s = sum(r.get("wall_s", 0.0) for r in records)
-    hardware = sorted({r["hardware"] for r in records})
-    lines += [f"{len(records)} runs: pre-training {train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min "
-              f"(sum over runs) on {'; '.join(hardware)}."]
+    lines += [describe_compute(records)]
 
     classes = records[0]["classes"]
     plot_class_distributions({titles[k]: next(r["pretrain_class_counts"] for r in records if r["subset"] == k)

@@ -1,4 +1,4 @@
-"""Figures: class distributions of the subsets (paper Figure 1) and per-class accuracy of runs.
+"""Figures: class distributions of the subsets (paper Figure 1), per-class accuracy of runs, clusters (Figure 3).
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects, which render with Agg, rather than
 through ``pyplot``: no global backend switch, no figure registry to leak, safe on headless machines.
@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
 
 
 def _grouped_bars(ax: Axes, series: dict[str, Sequence[float | None]], class_names: Sequence[str]) -> None:
@@ -78,4 +79,44 @@ def plot_per_class_accuracy(
         twin.set_ylim(bottom=0)
         handles, labels = handles + [line], labels + [line.get_label()]
     _legend(fig, handles, labels)
+    return _save(fig, path)
+
+
+def plot_clusters_pca(features: np.ndarray, assignments: np.ndarray, path: str | Path,
+                      labels: np.ndarray | None = None, class_names: Sequence[str] | None = None) -> Path:
+    """Features projected to 2-d by PCA, coloured by cluster (paper Figure 3) and, given labels, by class beside it."""
+    points = PCA(n_components=2).fit_transform(features)
+    panels = [("cluster", assignments, None)]
+    if labels is not None:
+        panels.append(("class", labels, class_names))
+    fig = Figure(figsize=(5.0 * len(panels), 4.5), layout="constrained")
+    for ax, (title, colour, names) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
+        for value in np.unique(colour):
+            member = colour == value
+            ax.scatter(points[member, 0], points[member, 1], s=2, alpha=0.5,
+                       label=names[value] if names is not None else f"{title} {value}")
+        ax.set_title(f"by {title}")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.legend(markerscale=5, fontsize="small", frameon=False)
+    return _save(fig, path)
+
+
+def plot_cluster_sizes(sizes: dict[str, Sequence[float]], path: str | Path) -> Path:
+    """Relative cluster sizes (share / target share), largest first, one curve per run (ExCB paper, Figure 5).
+
+    The y axis is linear up to 1, the target, and logarithmic above, so a collapsed run's giant clusters and a
+    balanced run's near-1 sizes fit one plot; empty clusters are the zeros at the right, counted in the legend.
+    """
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for label, relative in sizes.items():
+        relative = np.sort(np.asarray(relative, dtype=float))[::-1]
+        ax.plot(np.arange(1, len(relative) + 1), relative, label=f"{label} ({int((relative == 0).sum())} empty)")
+    ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8, label="target size")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("cluster, largest first")
+    ax.set_ylabel("relative size")
+    _legend(fig, *ax.get_legend_handles_labels())
     return _save(fig, path)

@@ -1,0 +1,43 @@
+"""How well unsupervised clusters follow the classes: sizes, purity and NMI.
+
+Labels are only read here, to judge a clustering after the fact; no training step ever sees them.
+
+    purity = 1/N sum_k max_c n_kc          (n_kc: images of class c in cluster k)
+    NMI    = I(clusters; classes) / mean(H(clusters), H(classes))   (arithmetic mean, scikit-learn's default)
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
+
+
+def contingency(assignments: np.ndarray, labels: np.ndarray, k: int, num_classes: int) -> np.ndarray:
+    """[k, C] counts n_kc of class c in cluster k."""
+    table = np.zeros((k, num_classes), dtype=np.int64)
+    np.add.at(table, (assignments, labels), 1)
+    return table
+
+
+def purity(assignments: np.ndarray, labels: np.ndarray) -> float:
+    """Share of images whose class is the majority class of their cluster (1 = every cluster is one class)."""
+    table = contingency(assignments, labels, assignments.max() + 1, labels.max() + 1)
+    return float(table.max(axis=1).sum() / len(labels))
+
+
+def nmi(assignments: np.ndarray, labels: np.ndarray) -> float:
+    """Normalised mutual information between clusters and classes (0 = independent, 1 = the same partition)."""
+    return float(normalized_mutual_info_score(labels, assignments))
+
+
+def cluster_report(assignments: np.ndarray, k: int, labels: np.ndarray | None = None,
+                   class_names: Sequence[str] | None = None) -> dict:
+    """JSON-serialisable summary: sizes always; purity, NMI and per-cluster class counts when labels exist."""
+    report: dict = {"k": k, "sizes": np.bincount(assignments, minlength=k).tolist()}
+    if labels is not None:
+        names = list(class_names) if class_names is not None else [str(c) for c in range(labels.max() + 1)]
+        table = contingency(assignments, labels, k, len(names))
+        report.update(purity=purity(assignments, labels), nmi=nmi(assignments, labels),
+                      class_counts=[dict(zip(names, row.tolist())) for row in table])
+    return report

@@ -1,0 +1,272 @@
+"""ExCB (Maniadis Metaxas et al., ECCV 2024): online clustering with explicit cluster balancing.
+
+A student learns the cluster assignments an EMA teacher gives other views of the same image:
+
+    z_s^h = q_s(h_s(f_s(x))),   z_s^g = q̄_s(g_s(h_s(f_s(x))))       cosine to K centroids (Eq. 1-2)
+    z_t = q_t(h_t(f_t(x))),     z_t^B = B(z_t; s)                    teacher, balanced (Eq. 3-4)
+    p = softmax(z / tau),       tau_s for the student, tau_t for the teacher             (Eq. 5-6)
+    L = 1/2 H(p_t, p_s^h) over the other views + 1/2 H(p_t, p_s^g) over all views         (Eq. 7)
+
+s, the relative size of each cluster, is an EMA of the teacher's hard-assignment histogram (Eq. 8-9).
+B raises the similarities to undersized clusters and lowers those to oversized ones (Eq. 10), so the
+teacher spreads its assignments without needing a large batch. ``MethodConfig.balancing`` swaps B
+for DINO's centring or for nothing: the two baselines are this module with one setting changed.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+
+from imbssl.cluster import kmeans
+from imbssl.config import MethodConfig
+from imbssl.engine.optim import cosine_factor
+from imbssl.eval.clusters import nmi, purity
+from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
+from imbssl.models.heads import mlp
+
+#: name of the optimizer's parameter group of the centroids, whose weight decay follows its own schedule.
+CENTROID_GROUP = "centroids"
+#: images per teacher forward pass when the centroids are initialised by k-means.
+INIT_BATCH_SIZE = 512
+
+
+# -- balancing operator B (Eq. 10) --------------------------------------------------------------
+def balance_by_cases(z: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """B(z; s) written as Eq. 10, with the uniform 1/K generalised to a per-cluster target size t.
+
+        z^B = 1 - (1 - z) s/t      if s < t     (undersized: the cosine distance shrinks, z^B -> 1 at s = 0)
+              (1 + z) t/s - 1      if s > t     (oversized: 1 + z shrinks, z^B -> -1 as s -> 1 for large K)
+              z                    otherwise
+
+    The readable definition; ``balance`` computes the same without branches.
+    """
+    ratio = sizes / target
+    undersized = 1 - (1 - z) * ratio
+    oversized = (1 + z) / ratio - 1
+    return torch.where(ratio < 1, undersized, torch.where(ratio > 1, oversized, z))
+
+
+def balance(z: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """B(z; s) as Algorithm 1 computes it: two factors, each 1 except on its side of the target.
+
+    1 - relu(1 - s/t) is s/t below the target and 1 above it; 1 - relu(1 - t/s) is t/s above and 1
+    below (t/s = inf at s = 0 gives relu(-inf) = 0, no NaN). Algorithm 1 as printed starts with
+    ``1 + (1 - z_t) * ...``; the minus sign here is that of Eq. 10 and of the official code.
+    """
+    ratio = sizes / target
+    z = 1 - (1 - z) * (1 - F.relu(1 - ratio))  # s < t
+    return (1 + z) * (1 - F.relu(1 - 1 / ratio)) - 1  # s > t
+
+
+# -- centroid layer q (Eq. 1, Algorithm 2) ------------------------------------------------------
+class CosineCentroids(nn.Module):
+    """q(v) = cos(v, c_k) for K learned centroids c_k (Eq. 1).
+
+    ``detach=True`` is q̄ of Eq. 2 and Algorithm 2: the centroids act as constants, so the predictor and
+    the local crops move the features towards the centroids but never the centroids themselves.
+    """
+
+    def __init__(self, dim: int, num_clusters: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_clusters, dim))  # random directions; k-means may replace them
+
+    def forward(self, v: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        centroids = self.weight.detach() if detach else self.weight
+        # In float32 even under bf16 autocast: tau_t = 0.04 multiplies rounding errors of the cosines by 25.
+        with torch.autocast(v.device.type, enabled=False):
+            return F.normalize(v.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T
+
+
+# -- loss (Eq. 7) and training statistics (Eq. 11-12) -------------------------------------------
+def cross_entropies(p_teacher: torch.Tensor, logits_student: torch.Tensor) -> torch.Tensor:
+    """[G, V]: H(p_t(x'), softmax(logits(x''))) averaged over the batch, for teacher view x' and student view x''."""
+    log_p = F.log_softmax(logits_student, dim=-1)
+    return -torch.einsum("ibk,jbk->ij", p_teacher, log_p) / p_teacher.shape[1]
+
+
+def excb_loss(p_teacher: torch.Tensor, z_proj: torch.Tensor, z_pred: torch.Tensor,
+              student_temperature: float) -> torch.Tensor:
+    """Eq. 7 with each double sum averaged over its view pairs, so the loss does not scale with G and L.
+
+    ``p_teacher`` [G, B, K] are the teacher's assignments of the global views; ``z_proj``, ``z_pred`` [V, B, K]
+    the student's similarities for all V views, global ones first. The projector term skips x'' = x'.
+    """
+    num_global, num_views = p_teacher.shape[0], z_proj.shape[0]
+    other_view = ~torch.eye(num_global, num_views, dtype=torch.bool, device=z_proj.device)
+    proj_terms = cross_entropies(p_teacher, z_proj / student_temperature)[other_view]
+    pred_terms = cross_entropies(p_teacher, z_pred / student_temperature)
+    return proj_terms.mean() / 2 + pred_terms.mean() / 2
+
+
+def view_agreement(assignments: torch.Tensor) -> torch.Tensor:
+    """a_avg (Eq. 12): share of (view, other view) pairs of an image that the teacher puts in one cluster.
+
+    ``assignments`` [G, B]. Eq. 12 divides the pair count by G, which is this share for G = 2 views.
+    """
+    num_views = assignments.shape[0]
+    same = (assignments.unsqueeze(0) == assignments.unsqueeze(1)).float().mean(-1)  # [G, G], 1 on the diagonal
+    return (same.sum() - num_views) / (num_views * (num_views - 1))
+
+
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over all processes when training is distributed; ``x`` itself otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def relative_sizes(assignments: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Each cluster's share of the assignments over its target share: 1 is on target, 0 empty (Fig. 4c, 5)."""
+    return np.bincount(assignments, minlength=len(target)) / len(assignments) / target
+
+
+def cluster_statistics(assignments: np.ndarray, target: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    """The extreme relative sizes, the number of empty clusters, and purity and NMI when labels are known."""
+    relative = relative_sizes(assignments, target)
+    stats = {"cluster_size_min": float(relative.min()), "cluster_size_max": float(relative.max()),
+             "empty_clusters": int((relative == 0).sum())}
+    if labels is not None:
+        stats.update(purity=purity(assignments, labels), nmi=nmi(assignments, labels))
+    return stats
+
+
+# -- the method -----------------------------------------------------------------------------------
+class ExCB(SSLMethod):
+    name = "excb"
+    defaults = OptimDefaults(name="sgd", base_lr=0.15, weight_decay=1e-4)  # Sec. 4.1, ResNet-50
+    uses_local_crops = True
+
+    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+        super().__init__(backbone, cfg.proj_dim)
+        self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
+        self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
+        self.centroids = CosineCentroids(cfg.proj_dim, cfg.num_clusters)
+        # The teacher starts as a copy of the student without the predictor and only moves by EMA.
+        self.teacher = nn.Sequential(OrderedDict(
+            (part, copy.deepcopy(getattr(self, part))) for part in ("backbone", "projector", "centroids")))
+        self.teacher.requires_grad_(False)
+        self.cfg = cfg
+        num_clusters = cfg.num_clusters
+        # Buffers are saved in checkpoints: a resumed run balances exactly as an uninterrupted one.
+        self.register_buffer("target_sizes", torch.full((num_clusters,), 1 / num_clusters))  # t of Eq. 10
+        self.register_buffer("cluster_sizes", torch.full((num_clusters,), 1 / num_clusters))  # s of Eq. 8-9
+        self.register_buffer("center", torch.zeros(num_clusters))  # DINO's centre, balancing="centering"
+        self._epoch_assignments: list[torch.Tensor] = []  # teacher clusters of this epoch's global views
+        self._epoch_indices: list[torch.Tensor] = []  # and the images they come from
+
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
+        global_views, local_views = views[:self.num_views], views[self.num_views:]
+        p_teacher = self.teacher_assignments(global_views)
+        projections, z_proj, z_pred = self.student_similarities(global_views, detach_centroids=False)
+        if local_views:  # the centroids learn from global views only (Sec. 4.1, Algorithm 2)
+            _, z_proj_local, z_pred_local = self.student_similarities(local_views, detach_centroids=True)
+            z_proj, z_pred = torch.cat([z_proj, z_proj_local]), torch.cat([z_pred, z_pred_local])
+        loss = excb_loss(p_teacher, z_proj, z_pred, self.cfg.student_temperature)
+
+        assignments = p_teacher.argmax(-1)  # [G, B]
+        self._epoch_assignments.append(assignments.flatten())
+        self._epoch_indices.append(indices.repeat(len(global_views)))
+        return StepOutput(loss, {"output_std": output_std(projections),
+                                 "teacher_confidence": p_teacher.amax(-1).mean(),  # c_avg, Eq. 11
+                                 "view_agreement": view_agreement(assignments)})
+
+    def student_similarities(self, views: list[torch.Tensor],
+                             detach_centroids: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections [V*B, D] and their z_s^h, z_s^g [V, B, K] for same-sized views, one batch per size (Eq. 2)."""
+        projections = self.projector(self.backbone(torch.cat(views)))
+        z_proj = self.centroids(projections, detach=detach_centroids)
+        z_pred = self.centroids(self.predictor(projections), detach=True)
+        return projections, z_proj.unflatten(0, (len(views), -1)), z_pred.unflatten(0, (len(views), -1))
+
+    @torch.no_grad()
+    def teacher_assignments(self, global_views: list[torch.Tensor]) -> torch.Tensor:
+        """p_t (Eq. 6) of each global view, [G, B, K]; updates the cluster sizes s with them (Eq. 8-9)."""
+        z = self.teacher(torch.cat(global_views))  # Eq. 3
+        p = F.softmax(self.prevent_collapse(z) / self.cfg.teacher_temperature, dim=-1)
+        self.update_cluster_sizes(p.argmax(-1))
+        return p.unflatten(0, (len(global_views), -1))
+
+    def prevent_collapse(self, z: torch.Tensor) -> torch.Tensor:
+        """ExCB's B (Eq. 4); DINO's centring z - c with c an EMA of the batch mean of z; or z unchanged."""
+        if self.cfg.balancing == "excb":
+            return balance(z, self.cluster_sizes, self.target_sizes)
+        if self.cfg.balancing == "centering":
+            centred = z - self.center
+            self.center.lerp_(mean_over_processes(z.mean(0)), 1 - self.cfg.center_momentum)
+            return centred
+        return z
+
+    def update_cluster_sizes(self, assignments: torch.Tensor) -> None:
+        """s <- m_s s + (1 - m_s) s_B, with s_B the share of the batch's views in each cluster (Eq. 8-9)."""
+        batch_sizes = torch.bincount(assignments, minlength=len(self.cluster_sizes)) / assignments.numel()
+        self.cluster_sizes.lerp_(mean_over_processes(batch_sizes), 1 - self.cfg.size_momentum)
+
+    # -- engine hooks -----------------------------------------------------------------------
+    @property
+    def eval_backbone(self) -> nn.Module:
+        """The teacher's backbone, as DINO and ExCB evaluate it."""
+        return self.teacher.backbone
+
+    def param_groups(self) -> list[dict]:
+        """The centroids in a group of their own, for their weight-decay schedule (Sec. 4.1); no teacher parameter."""
+        centroids = self.centroids.weight
+        others = [p for p in self.parameters() if p.requires_grad and p is not centroids]
+        if self.cfg.centroid_weight_decay is None:
+            return [{"params": others + [centroids]}]
+        start = self.cfg.centroid_weight_decay[0]  # on_step_end moves it along the schedule
+        return [{"params": others}, {"params": [centroids], "name": CENTROID_GROUP, "weight_decay": start}]
+
+    @torch.no_grad()
+    def on_train_start(self, images: torch.Tensor,
+                       make_views: Callable[[torch.Tensor, torch.Generator], list[torch.Tensor]],
+                       generator: torch.Generator) -> None:
+        """k-means on the teacher's projections of one global view of every image, as the official code does."""
+        if self.cfg.centroid_init != "kmeans":
+            return
+        projections = torch.cat([self.teacher[:2](make_views(batch, generator)[0])  # h_t(f_t(x))
+                                 for batch in images.split(INIT_BATCH_SIZE)])
+        result = kmeans(projections, len(self.cluster_sizes), spherical=True, n_init=1,
+                        seed=generator.initial_seed())
+        centroids = torch.from_numpy(result.centroids).to(self.centroids.weight)
+        self.centroids.weight.copy_(centroids)
+        self.teacher.centroids.weight.copy_(centroids)
+
+    def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
+        """EMA teacher update, momentum m -> 1 on a cosine; the centroids' weight decay for the next step."""
+        self.update_teacher(1 - (1 - self.cfg.teacher_momentum) * cosine_factor(step, total_steps))
+        if self.cfg.centroid_weight_decay is not None:
+            group = next(g for g in optimizer.param_groups if g.get("name") == CENTROID_GROUP)
+            group["weight_decay"] = self.centroid_weight_decay(step + 1, total_steps)
+
+    def centroid_weight_decay(self, step: int, total_steps: int) -> float:
+        """Cosine from the first configured value at step 0 to the second at the end (Sec. 4.1: 1e-3 -> 1e-4)."""
+        start, end = self.cfg.centroid_weight_decay
+        return end + (start - end) * cosine_factor(step, total_steps)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """theta_t <- m theta_t + (1 - m) theta_s for the backbone, projector and centroids (Sec. 3.1)."""
+        for part, teacher_part in self.teacher.named_children():
+            for student_param, teacher_param in zip(getattr(self, part).parameters(), teacher_part.parameters()):
+                teacher_param.lerp_(student_param, 1 - momentum)
+
+    def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
+        """The teacher's assignments during the epoch (Fig. 4c, e) and the extremes of s, relative to the target."""
+        assignments = torch.cat(self._epoch_assignments).cpu().numpy()
+        indices = torch.cat(self._epoch_indices).cpu().numpy()
+        self._epoch_assignments, self._epoch_indices = [], []
+        tracked = self.cluster_sizes / self.target_sizes
+        return {**cluster_statistics(assignments, self.target_sizes.cpu().numpy(),
+                                     None if labels is None else labels[indices]),
+                "tracked_size_min": tracked.min().item(), "tracked_size_max": tracked.max().item()}

@@ -1,0 +1,57 @@
+"""Divide (step 2 of the offline-clustering pipeline, paper Sec. 3.1): k-means on the base model's features.
+
+The features are the base backbone's outputs for the un-augmented images of D, the space that
+Figure 3 plots. Labels are read only for the report (sizes, purity, NMI, the class panel of the plot).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from imbssl.cluster import kmeans
+from imbssl.config import OfflineClusteringConfig, RunConfig
+from imbssl.data import load_indices
+from imbssl.engine.checkpoint import save_atomic
+from imbssl.eval import cluster_report, extract_features
+from imbssl.pipelines.common import PretrainData, load_backbone, load_pretrain_data, resolve_device
+from imbssl.pipelines.pretrain import BACKBONE_FILE
+from imbssl.report import plot_clusters_pca
+
+log = logging.getLogger(__name__)
+
+CLUSTERS_FILE = "clusters.pt"
+
+
+def divide(cfg: OfflineClusteringConfig, base_run: Path, out_dir: Path) -> Path:
+    """Cluster the base run's images; writes report.json, clusters.png and, last, the clusters file.
+
+    The clusters file holds ``indices`` (of D in the train split), ``assignments`` (cluster of each)
+    and ``centroids``; it exists only once the stage is complete.
+    """
+    start = time.perf_counter()
+    features, data = run_features(cfg.base, base_run)
+    km = cfg.kmeans
+    result = kmeans(features, cfg.k, spherical=km.spherical, n_init=km.n_init, niter=km.niter, seed=cfg.base.seed,
+                    engine=km.engine)
+    labels = data.train.labels[data.indices]
+    report = {**cluster_report(result.assignments, cfg.k, labels, data.train.classes), "inertia": result.inertia,
+              "kmeans": km.model_dump(), "wall_s": time.perf_counter() - start}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    plot_clusters_pca(features.numpy(), result.assignments, out_dir / "clusters.png", labels, data.train.classes)
+    log.info("divided %d images into %d clusters of sizes %s: purity %.3f, NMI %.3f", len(labels), cfg.k,
+             report["sizes"], report["purity"], report["nmi"])
+    return save_atomic({"indices": torch.from_numpy(data.indices), "assignments": torch.from_numpy(result.assignments),
+                        "centroids": torch.from_numpy(result.centroids)}, out_dir / CLUSTERS_FILE)
+
+
+def run_features(cfg: RunConfig, run_dir: Path) -> tuple[torch.Tensor, PretrainData]:
+    """The run's backbone applied to its own training images, un-augmented and standardised as in training."""
+    data = load_pretrain_data(cfg.data, load_indices(run_dir / "subset.npz"))
+    device = resolve_device(cfg.train.device)
+    backbone, normalize = load_backbone(cfg.model, data.train.images.shape[-1], run_dir / BACKBONE_FILE)
+    return extract_features(backbone.to(device), data.images, lambda x: normalize(x.to(device)), device=device), data

@@ -1,0 +1,247 @@
+"""The offline-clustering pipeline: k-means, cluster metrics, the distillation method, stages, resume, recipe."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import Interrupt
+from sklearn.metrics import normalized_mutual_info_score
+from torch import nn
+
+from imbssl.augment import Normalize
+from imbssl.cluster import kmeans
+from imbssl.config import ConfigError, OfflineClusteringConfig, load_config
+from imbssl.engine.optim import build_optimizer
+from imbssl.eval import cluster_report, nmi, purity
+from imbssl.methods.distill import FrozenTeacher, MultiTeacherDistill, distill_loss
+from imbssl.models import SmallCNN
+from imbssl.pipelines import offline_clustering
+from imbssl.pipelines.evaluate import evaluate_run
+from imbssl.pipelines.offline_clustering import run_pipeline
+from imbssl.recipes import load_preset
+from imbssl.recipes.experiment_2 import Experiment2Config, run_experiment, write_report
+
+
+@pytest.fixture
+def pipeline_cfg(tiny_cfg):
+    """A pipeline of a few seconds on digits p=10 (503 images): K=2, one epoch per stage but two for the experts."""
+    def make(**keys):
+        base = tiny_cfg(data={"subset": {"profile": "exp", "imbalance": 10}})
+        tree = {"k": 2, "epochs": {"base": 1, "expert": 2, "distill": 1}, "head_hidden": 16,
+                "kmeans": {"n_init": 2, "niter": 10}, "base": base.model_dump(), **keys}
+        return OfflineClusteringConfig.model_validate(tree)
+    return make
+
+
+# -- divide: k-means and cluster metrics --------------------------------------------------------
+@pytest.mark.parametrize("engine", ["faiss", "torch"])
+@pytest.mark.parametrize("spherical", [False, True])
+def test_kmeans_recovers_planted_clusters(engine, spherical):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 10
+    planted = np.repeat(np.arange(4), [50, 100, 150, 200])
+    features = (centres[planted] + rng.normal(size=(len(planted), 16))).astype(np.float32)
+    result = kmeans(features, 4, spherical=spherical, n_init=3, niter=20, seed=0, engine=engine)
+    report = cluster_report(result.assignments, 4, planted)
+    assert report["purity"] == 1.0 and report["nmi"] == pytest.approx(1.0)
+    assert sorted(report["sizes"]) == [50, 100, 150, 200]
+    assert result.centroids.shape == (4, 16)
+    points = features / np.linalg.norm(features, axis=1, keepdims=True) if spherical else features
+    by_hand = ((points - result.centroids[result.assignments]) ** 2).sum()
+    assert result.inertia == pytest.approx(by_hand, rel=1e-4)
+
+
+def test_cluster_metrics_by_hand():
+    assignments, labels = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 1])
+    assert purity(assignments, labels) == pytest.approx((1 + 3) / 5)  # majority of each cluster / N
+    assert nmi(assignments, labels) == pytest.approx(normalized_mutual_info_score(labels, assignments))
+    report = cluster_report(assignments, 3, labels, ["a", "b"])
+    assert report["sizes"] == [2, 3, 0] and report["class_counts"][0] == {"a": 1, "b": 1}
+    assert "purity" not in cluster_report(assignments, 2)
+
+
+# -- distill: Eq. 2, heads, teachers --------------------------------------------------------------
+def test_distill_loss_by_hand():
+    base_pred, base_target = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])
+    expert_pred, expert_target = torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 3.0]])
+    # 1/2 * mean(1, 4) + 1/2 * mean(0, 4) = 1.25 + 1.0
+    assert distill_loss(base_pred, base_target, expert_pred, expert_target).item() == pytest.approx(2.25)
+
+
+def _teacher(seed: int) -> FrozenTeacher:
+    torch.manual_seed(seed)
+    return FrozenTeacher(SmallCNN(1, 0.25), torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
+
+
+def _distill_method(clusters: list[int], num_experts: int = 3) -> MultiTeacherDistill:
+    torch.manual_seed(0)
+    return MultiTeacherDistill(SmallCNN(1, 0.25), _teacher(1), [_teacher(2 + k) for k in range(num_experts)],
+                               torch.tensor(clusters), head_hidden=16)
+
+
+def test_each_sample_regresses_its_own_cluster_expert():
+    method = _distill_method([2, 0, 2, 1, 0, 2, 1, 1]).train()
+    indices = torch.tensor([0, 1, 2, 4, 5, 1])  # clusters 2, 0, 2, 0, 2, 0: expert 1 is absent
+    views = torch.randn(6, 1, 8, 8)
+    loss = method.training_step([views], indices).loss
+
+    q_s = method.backbone(views)
+    clusters = method.clusters[indices].tolist()
+    head_outputs = [head(q_s) for head in method.expert_heads]  # every head sees the whole batch (its BatchNorm)
+    expert_pred = torch.stack([head_outputs[k][i] for i, k in enumerate(clusters)])
+    expert_target = torch.cat([method.expert_teachers[k](views[i:i + 1]) for i, k in enumerate(clusters)])
+    by_hand = 0.5 * ((method.base_head(q_s) - method.base_teacher(views)) ** 2).mean() \
+        + 0.5 * ((expert_pred - expert_target) ** 2).mean()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+    loss.backward()
+    grads = [torch.cat([p.grad.flatten() for p in head.parameters()]) for head in method.expert_heads]
+    assert grads[0].abs().sum() > 0 and grads[2].abs().sum() > 0
+    assert grads[1].abs().sum() == 0  # no sample of cluster 1, so its head learns nothing from this batch
+
+
+def test_teachers_get_no_gradient_and_stay_unchanged(tiny_cfg):
+    method = _distill_method([0, 1] * 8, num_experts=2)
+    teachers = [method.base_teacher, *method.expert_teachers]
+    before = [{k: v.clone() for k, v in t.state_dict().items()} for t in teachers]
+    optimizer = build_optimizer(method, tiny_cfg().optim, method.defaults, batch_size=16)
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in trained for t in teachers for p in t.parameters())
+
+    method.train()
+    assert not any(m.training for t in teachers for m in t.modules())  # inference mode: BatchNorm stats frozen
+    for _ in range(3):
+        loss = method.training_step([torch.randn(16, 1, 8, 8)], torch.arange(16)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(p.grad is None and not p.requires_grad for t in teachers for p in t.parameters())
+    for teacher, state in zip(teachers, before):
+        assert all(torch.equal(value, state[key]) for key, value in teacher.state_dict().items())
+
+
+def test_teacher_sees_views_standardised_its_own_way():
+    student_norm = Normalize(torch.tensor([0.5]), torch.tensor([0.25]))
+    teacher_norm = Normalize(torch.tensor([0.2]), torch.tensor([0.1]))
+    teacher = FrozenTeacher.for_views(nn.Identity(), teacher_norm, student_norm)
+    images = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    assert torch.allclose(teacher(student_norm(images)), teacher_norm(images), atol=1e-5)
+
+
+# -- the pipeline -------------------------------------------------------------------------------
+def test_expert_init_picks_the_starting_weights(pipeline_cfg, tmp_path, monkeypatch):
+    calls, real_pretrain = [], offline_clustering.pretrain
+
+    def spy(cfg, run_dir, **kwargs):
+        calls.append(kwargs.get("init_from"))
+        return real_pretrain(cfg, run_dir, **kwargs)
+
+    monkeypatch.setattr(offline_clustering, "pretrain", spy)
+    for init in ("base", "scratch"):
+        calls.clear()
+        cfg = pipeline_cfg(expert_init=init, epochs={"base": 1, "expert": 1, "distill": 1})
+        root = run_pipeline(cfg, tmp_path / init, until="experts")
+        expected = root / "base" / "backbone.pt" if init == "base" else None
+        assert calls == [None, expected, expected]  # the base itself, then the two experts
+
+
+def test_resume_after_an_interrupted_expert(pipeline_cfg, tmp_path):
+    cfg, root = pipeline_cfg(), tmp_path / "pipeline"
+    epochs = []
+
+    def crash_in_second_expert(epoch, summary):
+        epochs.append(epoch)
+        if len(epochs) == 4:  # base 1 epoch, expert-0 2 epochs, then expert-1's first epoch
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_pipeline(cfg, root, callbacks=[crash_in_second_expert])
+    finished = [root / "base" / "backbone.pt", root / "divide" / "clusters.pt", root / "experts/expert-0/backbone.pt"]
+    stamps = [f.stat().st_mtime_ns for f in finished]
+    assert not (root / "experts/expert-1/backbone.pt").exists()
+    with pytest.raises(ConfigError, match="--resume"):
+        run_pipeline(cfg, root)
+
+    epochs.clear()
+    run_pipeline(cfg, root, resume=True, callbacks=[lambda epoch, summary: epochs.append(epoch)])
+    assert len(epochs) == 2  # expert-1's last epoch and the distillation's one: nothing finished is redone
+    assert [f.stat().st_mtime_ns for f in finished] == stamps
+
+    budget = json.loads((root / "pipeline.json").read_text())
+    assert budget["num_images"] == 503
+    assert budget["images_seen"]["base"] == budget["images_seen"]["distill"] == 384  # 3 full batches of 128
+    assert 3 < budget["epochs_of_D_total"] <= 4  # 1 + 2 + 1 epochs of D, less the last partial batches
+    report = json.loads((root / "divide" / "report.json").read_text())
+    assert sum(report["sizes"]) == 503 and 0 < report["purity"] <= 1
+    assert (root / "divide" / "clusters.png").stat().st_size > 0
+    result = evaluate_run(root)  # the pipeline folder is an evaluable run: the student's backbone
+    assert 10 < result["linear"]["top1"] <= 100
+
+
+def test_experts_shared_between_processes(pipeline_cfg, tmp_path, monkeypatch):
+    cfg, root = pipeline_cfg(), tmp_path / "pipeline"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    run_pipeline(cfg, root, until="experts")
+    assert (root / "experts/expert-0/backbone.pt").exists() and not (root / "experts/expert-1").exists()
+    monkeypatch.setenv("RANK", "1")
+    run_pipeline(cfg, root)  # rank 1 finds the divide stage done, trains its expert and leaves the rest to rank 0
+    assert (root / "experts/expert-1/backbone.pt").exists() and not (root / "backbone.pt").exists()
+    monkeypatch.setenv("RANK", "0")
+    run_pipeline(cfg, root, resume=True)
+    assert (root / "backbone.pt").exists()
+
+
+def test_one_expert_needs_the_divide_stage(pipeline_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="--until divide"):
+        run_pipeline(pipeline_cfg(), tmp_path / "pipeline", expert=1)
+
+
+def test_pipeline_config_names_unknown_keys(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("k: 3\nkmeans: {nredo: 5}\n")
+    with pytest.raises(ConfigError, match="kmeans.nredo"):
+        load_config(path, schema=OfflineClusteringConfig)
+
+
+def test_pipeline_command_end_to_end(tmp_path):
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        "k: 2\nexpert_init: scratch\nepochs: {base: 1, expert: 1, distill: 1}\nhead_hidden: 16\n"
+        "base: {name: p, out_dir: runs,"
+        " data: {source: digits, cache_dir: cache, subset: {profile: exp, imbalance: 10}},"
+        " model: {width: 0.25}, method: {proj_hidden: 32, proj_dim: 32, pred_hidden: 16},"
+        " optim: {batch_size: 128}, train: {progress: false},"
+        " eval: {knn_k: [5], linear: {epochs: 5, lrs: [0.1], weight_decays: [0.0]}}}\n")
+    res = subprocess.run([sys.executable, "-m", "imbssl", "pipeline", "offline-clustering", config], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "linear top-1" in res.stdout and (tmp_path / "runs/p/eval.json").exists()
+    assert "faiss.loader" not in res.stderr
+
+
+# -- experiment II --------------------------------------------------------------------------------
+def test_experiment_2_presets_share_experiment_1_runs_and_budget():
+    for preset in ("demo", "cpu", "paper"):
+        exp = Experiment2Config.model_validate(load_preset("experiment-2", preset))
+        exp1 = load_preset("experiment-1", preset)
+        assert exp.base == exp1["base"] and exp.seeds == exp1["seeds"]
+        stages = exp.pipeline.epochs
+        assert stages.base + stages.expert + stages.distill == exp1["base"]["optim"]["epochs"], preset
+
+
+def test_experiment_2_table(tiny_cfg, tmp_path):
+    subset = {"key": "imbalanced-p10", "title": "Imbalanced (p=10)", "subset": {"profile": "exp", "imbalance": 10}}
+    exp = Experiment2Config.model_validate({
+        "base": tiny_cfg(optim={"batch_size": 128, "epochs": 1}).model_dump(), "methods": ["simsiam"], "seeds": [0],
+        "subsets": [subset], "pipeline_subsets": ["imbalanced-p10"],
+        "pipeline": {"k": 2, "epochs": {"base": 1, "expert": 1, "distill": 1}, "head_hidden": 16}})
+    records = run_experiment(exp, tmp_path / "report", baselines_dir=tmp_path / "experiment-1")
+    assert [r["method"] for r in records] == ["simsiam", "simsiam+c+d", "simsiam+d"]
+    assert records[0]["run_dir"].startswith(str(tmp_path / "experiment-1"))
+    assert records[2]["clusters"]["sizes"] == [sum(records[2]["pretrain_class_counts"])]  # +D: K = 1
+    table = write_report(exp, records, tmp_path / "report", "imbssl reproduce experiment-2").read_text()
+    assert "SimSiam+C+D" in table and "Gain over SimSiam" in table and "83.35" in table
+    assert (tmp_path / "report" / "per_class_accuracy-imbalanced-p10.png").stat().st_size > 0
