@@ -1,0 +1,28 @@
+"""Data sources, the decode-once cache and long-tailed subset builders."""
+from imbssl.data.longtail import (
+    balanced_counts,
+    class_ranks,
+    exp_counts,
+    load_index_meta,
+    load_indices,
+    save_indices,
+    select_subset,
+    step_counts,
+    subset_counts,
+)
+from imbssl.data.sources import DataError, ImageSet, load_splits
+
+__all__ = [
+    "DataError",
+    "ImageSet",
+    "balanced_counts",
+    "class_ranks",
+    "exp_counts",
+    "load_index_meta",
+    "load_indices",
+    "load_splits",
+    "save_indices",
+    "select_subset",
+    "step_counts",
+    "subset_counts",
+]

@@ -1,0 +1,171 @@
+"""Long-tailed and balanced subsets of a training pool, reproducible from a seed.
+
+Counts are computed per class *rank* (rank 0 = head) and then assigned to class indices,
+either in index order or through a seeded permutation, so the same profile can be laid over
+different head classes. Images are drawn per class from a seeded generator; the result is a
+sorted index array that can be saved and shared (``save_indices``) to reuse a split exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imbssl.config import SubsetConfig
+from imbssl.data.sources import DataError
+
+# Independent random streams per purpose, so toggling ``permute_classes`` does not change
+# which images are drawn for a class with an unchanged count.
+_PERMUTE_STREAM = 0
+_SELECT_STREAM = 1
+
+
+def exp_counts(n_max: int, num_classes: int, imbalance: float) -> np.ndarray:
+    """Exponential profile (Eq. 1 of the paper): ``int(n_max * p ** (-c / (C - 1)))`` for rank c.
+
+    Truncation with ``int()`` follows the community CIFAR-10-LT code, so CIFAR-10 with
+    n_max=5000 gives 20,431 images at p=10 and 12,406 at p=100. The paper prints 12,409 for
+    p=100; that is a slip: truncation, rounding and ceiling give 12,406, 12,408 and 12,414.
+    """
+    if num_classes == 1:
+        return np.array([n_max], dtype=np.int64)
+    return np.array([int(n_max * imbalance ** (-c / (num_classes - 1))) for c in range(num_classes)],
+                    dtype=np.int64)
+
+
+def step_counts(n_max: int, num_classes: int, imbalance: float, minority_fraction: float) -> np.ndarray:
+    """Step profile: the first ``round(C * (1 - minority_fraction))`` ranks keep ``n_max``,
+    the rest get ``int(n_max / imbalance)``."""
+    n_major = round(num_classes * (1.0 - minority_fraction))
+    counts = np.full(num_classes, int(n_max / imbalance), dtype=np.int64)
+    counts[:n_major] = n_max
+    return counts
+
+
+def balanced_counts(total: int, num_classes: int) -> np.ndarray:
+    """``total`` spread as evenly as possible; the remainder goes one each to the first ranks."""
+    counts = np.full(num_classes, total // num_classes, dtype=np.int64)
+    counts[: total % num_classes] += 1
+    return counts
+
+
+def _rank_counts(cfg: SubsetConfig, n_max: int, num_classes: int) -> np.ndarray:
+    if cfg.profile == "exp":
+        return exp_counts(n_max, num_classes, cfg.imbalance)
+    if cfg.profile == "step":
+        return step_counts(n_max, num_classes, cfg.imbalance, cfg.minority_fraction)
+    # balanced: by default as many images as the exp profile at the same p ("rs.20K", "rs.12K")
+    total = cfg.total if cfg.total is not None else int(exp_counts(n_max, num_classes, cfg.imbalance).sum())
+    return balanced_counts(total, num_classes)
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([stream, seed])
+
+
+def class_ranks(cfg: SubsetConfig, num_classes: int) -> np.ndarray:
+    """``ranks[r]`` is the class index given rank r (0 = head): seeded permutation or index order."""
+    if cfg.permute_classes:
+        return _rng(cfg.seed, _PERMUTE_STREAM).permutation(num_classes).astype(np.int64)
+    return np.arange(num_classes, dtype=np.int64)
+
+
+def subset_counts(cfg: SubsetConfig, available: np.ndarray) -> np.ndarray:
+    """Images to keep per class index, given the per-class ``available`` counts of the pool.
+
+    ``n_max`` is the smallest available count, so a profile never asks for more than every
+    class holds; an explicit balanced ``total`` that does not fit is an error, not a silent cap.
+    """
+    available = np.asarray(available, dtype=np.int64)
+    if cfg.profile == "full":
+        return available.copy()
+    ranked = _rank_counts(cfg, int(available.min()), len(available))
+    counts = np.empty_like(available)
+    counts[class_ranks(cfg, len(available))] = ranked
+    short = np.flatnonzero(counts > available)
+    if short.size:
+        c = int(short[0])
+        raise DataError(f"subset profile {cfg.profile!r} asks for {counts[c]} images of class {c}, "
+                        f"but the pool has only {available[c]}")
+    return counts
+
+
+def select_subset(labels: np.ndarray, cfg: SubsetConfig) -> np.ndarray:
+    """Sorted int64 indices into ``labels`` realising ``subset_counts``, drawn with ``cfg.seed``.
+
+    One seeded permutation of the pool, grouped stably by class, gives each class a random
+    order; the first ``count`` of each group are kept. Same seed, same indices.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if cfg.profile == "full":
+        return np.arange(len(labels), dtype=np.int64)
+    available = np.bincount(labels, minlength=int(labels.max()) + 1 if labels.size else 0)
+    counts = subset_counts(cfg, available)
+    perm = _rng(cfg.seed, _SELECT_STREAM).permutation(len(labels))
+    grouped = perm[np.argsort(labels[perm], kind="stable")]
+    starts = np.concatenate([[0], np.cumsum(available)[:-1]])
+    chosen = [grouped[s : s + k] for s, k in zip(starts, counts)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in index meta")
+
+
+def save_indices(path: str | os.PathLike[str], indices: np.ndarray, meta: dict[str, Any]) -> None:
+    """Write indices plus meta (profile, counts, seed...) as ``.npz`` or ``.json``, atomically.
+
+    Meta is stored as JSON text in both formats so the ``.npz`` loads without pickle.
+    """
+    path = Path(path)
+    indices = np.asarray(indices, dtype=np.int64)
+    meta_text = json.dumps(meta, default=_jsonable, sort_keys=True)
+    if path.suffix not in (".npz", ".json"):
+        raise DataError(f"index file {path} must end in .npz or .json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".npz":
+                np.savez(f, indices=indices, meta=np.array(meta_text))
+            else:
+                f.write(json.dumps({"indices": indices.tolist(), "meta": json.loads(meta_text)}).encode())
+        os.chmod(tmp, 0o644)  # meant to be shared; mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_index_file(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"index file not found: {path}")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return z["indices"], json.loads(str(z["meta"]))
+        blob = json.loads(path.read_text())
+        return np.asarray(blob["indices"]), blob["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"cannot read index file {path}: {err}") from err
+
+
+def load_indices(path: str | os.PathLike[str]) -> np.ndarray:
+    """Indices written by ``save_indices``, checked to be a 1-D non-negative int64 array."""
+    indices, _ = _read_index_file(Path(path))
+    if indices.ndim != 1 or (indices.size and (indices.dtype.kind not in "iu" or indices.min() < 0)):
+        raise DataError(f"index file {path} does not hold a 1-D array of non-negative integers")
+    return indices.astype(np.int64)
+
+
+def load_index_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The meta dict stored next to the indices (profile, counts, seed...)."""
+    return _read_index_file(Path(path))[1]

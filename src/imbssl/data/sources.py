@@ -1,0 +1,416 @@
+"""Image sources: scikit-learn digits, CIFAR-10/100 python archives and ImageFolder trees or tars.
+
+Every source yields the full "train" and "test" pools as uint8 ``[N, H, W, C]`` images with
+int64 labels. CIFAR and ImageFolder sources are decoded once and then served as read-only
+memory maps from the cache (``cache.py``); the tiny digits set is computed directly. Choosing a
+long-tailed subset of the train pool is the caller's job (``longtail.select_subset``).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tarfile
+import tempfile
+import time
+import urllib.request
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from imbssl.config import DataConfig
+from imbssl.data.cache import cache_key, file_digest, folder_digest, load_or_build
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+DIGITS_TEST_PER_CLASS = 50
+DIGITS_SPLIT_SEED = 0
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".pbm",
+                              ".tif", ".tiff", ".webp"})
+
+
+class DataError(RuntimeError):
+    """Input data that cannot be used as given; the message names the file, folder or class."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """One split: uint8 images ``[N, H, W, C]`` (C in {1, 3}, possibly a read-only memmap),
+    int64 labels ``[N]`` indexing ``classes``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        images, labels = self.images, self.labels
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise DataError(f"images must be uint8 [N, H, W, C] with C in (1, 3), got {images.dtype} {images.shape}")
+        if labels.dtype != np.int64 or labels.shape != (len(images),):
+            raise DataError(f"labels must be int64 [{len(images)}], got {labels.dtype} {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
+            raise DataError(f"labels outside 0..{len(self.classes) - 1}")
+
+    def class_counts(self) -> np.ndarray:
+        """Images per class index, zeros included."""
+        return np.bincount(self.labels, minlength=len(self.classes)).astype(np.int64)
+
+
+Splits = dict[str, ImageSet]
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """The full "train" and "test" pools of ``cfg.source`` (``cfg.subset`` is not applied here)."""
+    if cfg.source == "digits":
+        return _load_digits()
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    if cfg.source == "imagefolder":
+        key, build = _imagefolder_source(cfg, cache_dir)
+    else:
+        key, build = _cifar_source(cfg, cache_dir)
+    return _cached(cache_dir, key, build)
+
+
+def _cached(cache_dir: Path, key: str, build: Callable[[], Splits]) -> Splits:
+    """Splits <-> flat arrays for ``load_or_build``; labels are copied into memory (they are small)."""
+
+    def build_arrays() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        start = time.perf_counter()
+        splits = build()
+        log.info("decoded %s in %.1f s", key, time.perf_counter() - start)
+        arrays = {f"{s}_{field}": getattr(splits[s], field) for s in SPLITS for field in ("images", "labels")}
+        return arrays, {"classes": list(splits["train"].classes)}
+
+    arrays, meta = load_or_build(cache_dir, key, build_arrays)
+    classes = tuple(meta["classes"])
+    return {s: ImageSet(arrays[f"{s}_images"], np.array(arrays[f"{s}_labels"]), classes) for s in SPLITS}
+
+
+# ---------------------------------------------------------------------------------------- digits
+
+
+def _load_digits() -> Splits:
+    """scikit-learn's 8x8 digits (0..16) as uint8 0..255; a seeded, balanced 50-per-class test set."""
+    from sklearn.datasets import load_digits  # slow import, only needed here
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int64)
+    rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for c in range(10):
+        is_test[rng.choice(np.flatnonzero(labels == c), DIGITS_TEST_PER_CLASS, replace=False)] = True
+    classes = tuple(str(c) for c in range(10))
+    return {"train": ImageSet(images[~is_test], labels[~is_test], classes),
+            "test": ImageSet(images[is_test], labels[is_test], classes)}
+
+
+# ----------------------------------------------------------------------------------------- CIFAR
+
+
+@dataclass(frozen=True)
+class CifarArchive:
+    """Where an official CIFAR python archive lives and which members/keys hold what."""
+
+    url: str
+    md5: str
+    filename: str
+    train_members: tuple[str, ...]
+    test_member: str
+    meta_member: str
+    label_key: str
+    names_key: str
+
+
+_TORONTO = "https://www.cs.toronto.edu/~kriz/"
+CIFAR_ARCHIVES: dict[str, CifarArchive] = {
+    "cifar10": CifarArchive(
+        url=_TORONTO + "cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
+        filename="cifar-10-python.tar.gz",
+        train_members=tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
+        test_member="cifar-10-batches-py/test_batch", meta_member="cifar-10-batches-py/batches.meta",
+        label_key="labels", names_key="label_names"),
+    "cifar100": CifarArchive(
+        url=_TORONTO + "cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
+        filename="cifar-100-python.tar.gz", train_members=("cifar-100-python/train",),
+        test_member="cifar-100-python/test", meta_member="cifar-100-python/meta",
+        label_key="fine_labels", names_key="fine_label_names"),
+}
+
+# The only globals a CIFAR batch references: numpy's array reconstruction (old and new module path).
+_PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only ``_PICKLE_GLOBALS``: a pickle can otherwise run any callable."""
+
+    def __init__(self, data: bytes, source: str) -> None:
+        super().__init__(io.BytesIO(data), encoding="latin1")  # latin1: Python 2 pickles, as numpy advises
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise DataError(f"{self.source}: refusing to unpickle global {module}.{name}") from None
+
+
+def _text(value: Any) -> Any:
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+def _unpickle(data: bytes, source: str) -> dict[str, Any]:
+    """Restricted unpickling; keys normalised to str (Python 2 pickles give str, Python 3 bytes)."""
+    try:
+        obj = _CifarUnpickler(data, source).load()
+    except DataError:
+        raise
+    except Exception as err:  # a corrupt pickle can raise almost anything
+        raise DataError(f"{source}: not a readable CIFAR batch ({err})") from err
+    if not isinstance(obj, dict):
+        raise DataError(f"{source}: expected a dict, got {type(obj).__name__}")
+    return {_text(k): v for k, v in obj.items()}
+
+
+def download(url: str, dest: Path, md5: str) -> None:
+    """Fetch ``url`` to ``dest`` through a temp file; a download whose md5 differs is deleted."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.part-")
+    digest = hashlib.md5(usedforsecurity=False)
+    log.info("downloading %s to %s", url, dest)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except (OSError, ValueError) as err:  # URLError is an OSError; ValueError: malformed URL
+        Path(tmp).unlink(missing_ok=True)
+        raise DataError(f"cannot download {url} to {dest}: {err}") from err
+    if digest.hexdigest() != md5:
+        Path(tmp).unlink()
+        raise DataError(f"md5 mismatch for {url}: expected {md5}, got {digest.hexdigest()}; "
+                        f"the download was deleted, {dest} was not written")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
+    os.replace(tmp, dest)
+
+
+def _cifar_archive_path(cfg: DataConfig, spec: CifarArchive, cache_dir: Path) -> Path:
+    """``cfg.path`` is the archive or its folder (default ``<cache_dir>/downloads``); download if absent."""
+    path = Path(cfg.path).expanduser() if cfg.path else cache_dir / "downloads"
+    if path.is_dir() or (not path.is_file() and not path.name.endswith((".tar.gz", ".tgz"))):
+        path = path / spec.filename
+    if path.is_file():
+        return path
+    if not cfg.download:
+        raise DataError(f"{cfg.source} archive not found: {path} (set data.download=true or data.path)")
+    download(spec.url, path, spec.md5)
+    return path
+
+
+def _cifar_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[], Splits]]:
+    spec = CIFAR_ARCHIVES[cfg.source]
+    archive = _cifar_archive_path(cfg, spec, cache_dir)
+    key = cache_key(cfg.source, file_digest(archive, cache_dir))
+    return key, lambda: _decode_cifar(archive, spec)
+
+
+def _read_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
+    """The ``wanted`` tar members' bytes, read in memory (nothing is extracted to disk)."""
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(archive, "r|*") as tf:
+            for member in tf:
+                name = PurePosixPath(member.name).as_posix()
+                if name in wanted and member.isfile():
+                    found[name] = tf.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read tar archive {archive}: {err}") from err
+    missing = sorted(wanted - found.keys())
+    if missing:
+        raise DataError(f"{archive}: missing member(s) {', '.join(missing)}")
+    return found
+
+
+def _cifar_batch(batch: dict[str, Any], source: str, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's ``data`` [N, 3072] in CHW order -> uint8 [N, 32, 32, 3]; labels -> int64."""
+    if "data" not in batch or label_key not in batch:
+        raise DataError(f"{source}: batch lacks 'data' or {label_key!r}")
+    data, labels = batch["data"], np.asarray(batch[label_key], dtype=np.int64)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{source}: expected uint8 data [N, 3072], got {getattr(data, 'shape', type(data))}")
+    if labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise DataError(f"{source}: labels do not match the data or the {num_classes} class names")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _decode_cifar(archive: Path, spec: CifarArchive) -> Splits:
+    members = _read_members(archive, {*spec.train_members, spec.test_member, spec.meta_member})
+    meta_src = f"{archive}:{spec.meta_member}"
+    meta = _unpickle(members[spec.meta_member], meta_src)
+    if spec.names_key not in meta:
+        raise DataError(f"{meta_src}: no {spec.names_key!r}")
+    classes = tuple(str(_text(n)) for n in meta[spec.names_key])
+
+    def split(names: tuple[str, ...]) -> ImageSet:
+        parts = [_cifar_batch(_unpickle(members[n], f"{archive}:{n}"), f"{archive}:{n}", spec.label_key, len(classes))
+                 for n in names]
+        return ImageSet(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes)
+
+    return {"train": split(spec.train_members), "test": split((spec.test_member,))}
+
+
+# ----------------------------------------------------------------------------------- ImageFolder
+
+
+class _File(NamedTuple):
+    parts: tuple[str, ...]  # path relative to the folder / archive root
+    data: bytes | Path  # tar members are read in memory, folder files on decode
+    name: str  # for error messages
+
+
+def _imagefolder_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[], Splits]]:
+    if not cfg.path:
+        raise DataError("data.path is required when data.source is 'imagefolder'")
+    root = Path(cfg.path).expanduser()
+    if root.is_dir():
+        content = folder_digest(root)
+    elif root.is_file():
+        content = file_digest(root, cache_dir)
+    else:
+        raise DataError(f"imagefolder path not found: {root}")
+    key = cache_key("imagefolder", content, image_size=cfg.image_size)
+    return key, lambda: _decode_imagefolder(root, cfg.image_size)
+
+
+def _is_image(parts: tuple[str, ...]) -> bool:
+    """Image extension and no hidden component (skips .DS_Store, macOS ``._x.jpg`` tar residue)."""
+    return not any(p.startswith(".") for p in parts) and PurePosixPath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _safe_parts(name: str, archive: Path) -> tuple[str, ...]:
+    """Member path components; absolute paths and ``..`` are refused as path traversal."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise DataError(f"{archive}: refusing tar member {name!r} (absolute path or '..': path traversal)")
+    return path.parts
+
+
+def _tar_files(archive: Path) -> list[_File]:
+    files = []
+    try:
+        with tarfile.open(archive, "r|*") as tf:
+            for member in tf:
+                parts = _safe_parts(member.name, archive)
+                if member.isfile() and _is_image(parts):
+                    files.append(_File(parts, tf.extractfile(member).read(), f"{archive}:{member.name}"))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read tar archive {archive}: {err}") from err
+    return files
+
+
+def _folder_files(root: Path) -> list[_File]:
+    files = []
+    for dirpath, _, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root).parts
+        for name in filenames:
+            parts = (*rel, name)
+            if _is_image(parts):
+                full = Path(dirpath, name)
+                files.append(_File(parts, full, str(full)))
+    return files
+
+
+def _find_root(files: list[_File], source: Path) -> tuple[str, ...]:
+    """``()`` for ``train/<class>/...`` at the top, ``(top,)`` for one extra top folder."""
+    if any(len(f.parts) >= 3 and f.parts[0] == "train" for f in files):
+        return ()
+    tops = sorted({f.parts[0] for f in files if len(f.parts) >= 4 and f.parts[1] == "train"})
+    if len(tops) == 1:
+        return (tops[0],)
+    found = f"several candidates {tops}" if tops else "no train/<class>/<image> files"
+    raise DataError(f"{source}: expected [<top>/]train/<class>/<image> and test/ (or val/); {found}")
+
+
+def _by_split(files: list[_File], source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, _File]]]]:
+    """Classes (sorted train folder names) and, per split, sorted (class, file) pairs."""
+    root = _find_root(files, source)
+    depth = len(root)
+    under: dict[str, list[tuple[str, _File]]] = {}
+    for f in sorted(files, key=lambda f: f.parts):
+        if len(f.parts) >= depth + 3 and f.parts[:depth] == root:
+            under.setdefault(f.parts[depth], []).append((f.parts[depth + 1], f))
+    test_name = "test" if "test" in under else "val"
+    if test_name not in under:
+        raise DataError(f"{source}: no {'/'.join((*root, 'test'))} (or val) split")
+    classes = tuple(sorted({c for c, _ in under["train"]}))
+    test_classes = {c for c, _ in under.get(test_name, [])}
+    for cls in classes:
+        if cls not in test_classes:
+            missing = "/".join((*root, test_name, cls))
+            raise DataError(f"{source}: class folder {missing} is missing (or holds no images)")
+    extra = sorted(test_classes - set(classes))
+    if extra:
+        raise DataError(f"{source}: {test_name}/ has class folder(s) {extra} that train/ lacks")
+    return classes, {"train": under["train"], "test": under[test_name]}
+
+
+def _open_image(f: _File) -> Image.Image:
+    try:
+        data = f.data if isinstance(f.data, bytes) else f.data.read_bytes()
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        raise DataError(f"cannot decode image {f.name}: {err}") from err
+    return img
+
+
+def _decode_images(files: list[_File], image_size: int | None) -> np.ndarray:
+    """Decode into one preallocated array; RGB unless every image is mode L, then one channel."""
+    out = np.empty(0, dtype=np.uint8)
+    first = ""
+    grey = True
+    for i, f in enumerate(files):
+        img = _open_image(f)
+        grey = grey and img.mode == "L"
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGB")
+        if image_size is not None and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        if i == 0:
+            out, first = np.empty((len(files), img.height, img.width, 3), dtype=np.uint8), f.name
+        elif img.size != (out.shape[2], out.shape[1]):
+            raise DataError(f"image {f.name} is {img.width}x{img.height} but {first} is "
+                            f"{out.shape[2]}x{out.shape[1]}; set data.image_size to resize")
+        pixels = np.asarray(img)
+        out[i] = pixels[..., None] if pixels.ndim == 2 else pixels
+    return np.ascontiguousarray(out[..., :1]) if grey else out
+
+
+def _decode_imagefolder(root: Path, image_size: int | None) -> Splits:
+    """Both splits decoded together, so they share one image size and channel count."""
+    files = _tar_files(root) if root.is_file() else _folder_files(root)
+    classes, splits = _by_split(files, root)
+    pairs = splits["train"] + splits["test"]
+    images = _decode_images([f for _, f in pairs], image_size)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[c] for c, _ in pairs], dtype=np.int64)
+    n = len(splits["train"])
+    return {"train": ImageSet(images[:n], labels[:n], classes), "test": ImageSet(images[n:], labels[n:], classes)}
