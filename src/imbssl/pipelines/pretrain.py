@@ -85,9 +85,9 @@ def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None) -
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     data = load_pretrain_data(cfg.data, indices)
-    save_indices(run_dir / "subset.npz", data.indices,
-                 {"profile": cfg.data.subset.profile if indices is None else "given", "class_counts": data.class_counts.tolist(),
-                  "classes": list(data.train.classes)})
+    profile = cfg.data.subset.profile if indices is None else "given"
+    save_indices(run_dir / "subset.npz", data.indices, {"profile": profile, "class_counts": data.class_counts.tolist(),
+                                                         "classes": list(data.train.classes)})
     images = to_tensor_nchw(data.images, device)
     log.info("training %s on %d images %s, class counts %s, device %s", run_dir.name, len(images),
              tuple(images.shape[1:]), data.class_counts.tolist(), device)
