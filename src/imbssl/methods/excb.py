@@ -257,9 +257,10 @@ class ExCB(SSLMethod):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """theta_t <- m theta_t + (1 - m) theta_s for the backbone, projector and centroids (Sec. 3.1)."""
-        for part, teacher_part in self.teacher.named_children():
-            for student_param, teacher_param in zip(getattr(self, part).parameters(), teacher_part.parameters()):
-                teacher_param.lerp_(student_param, 1 - momentum)
+        names = [name for name, _ in self.teacher.named_children()]
+        teacher = [p for name in names for p in getattr(self.teacher, name).parameters()]
+        student = [p for name in names for p in getattr(self, name).parameters()]
+        torch._foreach_lerp_(teacher, student, 1 - momentum)  # one fused kernel instead of one per tensor
 
     def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
         """The teacher's assignments during the epoch (Fig. 4c, e) and the extremes of s, relative to the target."""
