@@ -29,6 +29,7 @@ from imbssl.augment import ViewAugment, channel_stats
 from imbssl.config import AugmentConfig, DataConfig, MethodConfig, ModelConfig, OptimConfig
 from imbssl.data import DataError, load_splits
 from imbssl.engine.optim import build_optimizer
+from imbssl.engine.trainer import optimizer_step
 from imbssl.methods import build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import describe_hardware, resolve_device, to_tensor_nchw
@@ -55,16 +56,8 @@ class Bench:
         self.precision, self.device = precision, device
 
     def step(self, views: list[torch.Tensor], indices: torch.Tensor) -> float:
-        """``Trainer._step`` without the NaN check, checkpointing and LR schedule."""
-        if self.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.method.training_step(views, indices)
-        loss = out.loss.float()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
+        """The Trainer's optimizer step, without its LR schedule, NaN check and checkpoints."""
+        return optimizer_step(self.method, self.optimizer, views, indices, self.precision, self.channels_last).loss.item()
 
 
 def sync(device: torch.device) -> None:

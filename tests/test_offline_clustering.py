@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,14 +233,20 @@ def test_experiment_2_presets_share_experiment_1_runs_and_budget():
         assert stages.base + stages.expert + stages.distill == exp1["base"]["optim"]["epochs"], preset
 
 
-def test_experiment_2_table(tiny_cfg, tmp_path):
+def test_experiment_2_table(tiny_cfg, tmp_path, monkeypatch):
     subset = {"key": "imbalanced-p10", "title": "Imbalanced (p=10)", "subset": {"profile": "exp", "imbalance": 10}}
     exp = Experiment2Config.model_validate({
         "base": tiny_cfg(optim={"batch_size": 128, "epochs": 1}).model_dump(), "methods": ["simsiam"], "seeds": [0],
         "subsets": [subset], "pipeline_subsets": ["imbalanced-p10"],
         "pipeline": {"k": 2, "epochs": {"base": 1, "expert": 1, "distill": 1}, "head_hidden": 16}})
+    trained = []
+    pretrain = offline_clustering.pretrain
+    monkeypatch.setattr(offline_clustering, "pretrain", lambda cfg, run_dir, **kw: (trained.append(run_dir),
+                                                                                   pretrain(cfg, run_dir, **kw))[1])
     records = run_experiment(exp, tmp_path / "report", baselines_dir=tmp_path / "experiment-1")
     assert [r["method"] for r in records] == ["simsiam", "simsiam+c+d", "simsiam+d"]
+    assert [d.name for d in trained].count("base") == 1  # +D copies +C+D's base stage
+    assert (Path(records[2]["run_dir"]) / "base" / "backbone.pt").exists()
     assert records[0]["run_dir"].startswith(str(tmp_path / "experiment-1"))
     assert records[2]["clusters"]["sizes"] == [sum(records[2]["pretrain_class_counts"])]  # +D: K = 1
     table = write_report(exp, records, tmp_path / "report", "imbssl reproduce experiment-2").read_text()

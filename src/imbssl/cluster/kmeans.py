@@ -83,7 +83,10 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> to
 
 def _faiss_lloyd(x: torch.Tensor, init: torch.Tensor, niter: int, spherical: bool) -> torch.Tensor:
     k = len(init)
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=spherical, max_points_per_centroid=-(-len(x) // k))
+    # min_points_per_centroid only gates faiss's warning about small N / k; ExCB's centroid initialisation
+    # (K = 512 on 12K images) means it.
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=spherical, max_points_per_centroid=-(-len(x) // k),
+                      min_points_per_centroid=1)
     km.train(x.numpy(), init_centroids=init.numpy())
     return torch.from_numpy(km.centroids)
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.runlog import MetricLogger
-from imbssl.methods.base import SSLMethod
+from imbssl.methods.base import SSLMethod, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,20 @@ def check_collapse(std: float, dim: int, warn_below: float) -> float:
         log.warning("possible collapse: output std %.4f is %.3f x 1/sqrt(d) (d=%d); the representation is "
                     "concentrating on a point", std, ratio, dim)
     return ratio
+
+
+def optimizer_step(method: SSLMethod, optimizer: Optimizer, views: list[torch.Tensor], indices: torch.Tensor,
+                   precision: str = "fp32", channels_last: bool = False) -> StepOutput:
+    """Forward (bf16 autocast when asked), backward and one optimizer step; returns the detached float32 loss."""
+    if channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = method.training_step(views, indices)
+    loss = out.loss.float()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return StepOutput(loss.detach(), out.stats)
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -161,18 +175,11 @@ class Trainer:
 
     def _step(self, batch: torch.Tensor, indices: torch.Tensor, gen: torch.Generator,
               global_step: int) -> dict[str, torch.Tensor]:
-        views = self.make_views(batch, gen)
-        if self.settings.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.precision == "bf16"):
-            out = self.method.training_step(views, indices)
-        loss = out.loss.float()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        out = optimizer_step(self.method, self.optimizer, self.make_views(batch, gen), indices,
+                             self.settings.precision, self.settings.channels_last)
         self.scheduler.step()
         self.method.on_step_end(global_step, self.total_steps, self.optimizer)
-        return {"loss": loss.detach(), **out.stats}
+        return {"loss": out.loss, **out.stats}
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -1,5 +1,5 @@
 """Evaluation of frozen representations: features, labelled split, linear probe, kNN, metrics, clusters."""
-from imbssl.eval.clusters import cluster_report, nmi, purity
+from imbssl.eval.clusters import cluster_report, cluster_statistics, nmi, purity, relative_sizes
 from imbssl.eval.features import extract_features
 from imbssl.eval.knn import knn_predict, knn_scores
 from imbssl.eval.labelled import balanced_labelled_split
@@ -11,10 +11,12 @@ __all__ = [
     "accuracy_report",
     "balanced_labelled_split",
     "cluster_report",
+    "cluster_statistics",
     "extract_features",
     "knn_predict",
     "knn_scores",
     "linear_probe",
     "nmi",
     "purity",
+    "relative_sizes",
 ]

@@ -4,6 +4,7 @@ Labels are only read here, to judge a clustering after the fact; no training ste
 
     purity = 1/N sum_k max_c n_kc          (n_kc: images of class c in cluster k)
     NMI    = I(clusters; classes) / mean(H(clusters), H(classes))   (arithmetic mean, scikit-learn's default)
+    relative size of cluster k = (n_k / N) / t_k   (t_k: its target share, 1/K when balanced; ExCB Fig. 4c, 5)
 """
 from __future__ import annotations
 
@@ -41,3 +42,18 @@ def cluster_report(assignments: np.ndarray, k: int, labels: np.ndarray | None = 
         report.update(purity=purity(assignments, labels), nmi=nmi(assignments, labels),
                       class_counts=[dict(zip(names, row.tolist())) for row in table])
     return report
+
+
+def relative_sizes(assignments: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Each cluster's share of the assignments over its target share: 1 is on target, 0 empty (Fig. 4c, 5)."""
+    return np.bincount(assignments, minlength=len(target)) / len(assignments) / target
+
+
+def cluster_statistics(assignments: np.ndarray, target: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    """The extreme relative sizes, the number of empty clusters, and purity and NMI when labels are known."""
+    relative = relative_sizes(assignments, target)
+    stats = {"cluster_size_min": float(relative.min()), "cluster_size_max": float(relative.max()),
+             "empty_clusters": int((relative == 0).sum())}
+    if labels is not None:
+        stats.update(purity=purity(assignments, labels), nmi=nmi(assignments, labels))
+    return stats

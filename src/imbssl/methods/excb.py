@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from imbssl.cluster import kmeans
 from imbssl.config import MethodConfig
 from imbssl.engine.optim import cosine_factor
-from imbssl.eval.clusters import nmi, purity
+from imbssl.eval import cluster_statistics
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
 from imbssl.models.heads import mlp
 
@@ -123,21 +123,6 @@ def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
-
-
-def relative_sizes(assignments: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Each cluster's share of the assignments over its target share: 1 is on target, 0 empty (Fig. 4c, 5)."""
-    return np.bincount(assignments, minlength=len(target)) / len(assignments) / target
-
-
-def cluster_statistics(assignments: np.ndarray, target: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
-    """The extreme relative sizes, the number of empty clusters, and purity and NMI when labels are known."""
-    relative = relative_sizes(assignments, target)
-    stats = {"cluster_size_min": float(relative.min()), "cluster_size_max": float(relative.max()),
-             "empty_clusters": int((relative == 0).sum())}
-    if labels is not None:
-        stats.update(purity=purity(assignments, labels), nmi=nmi(assignments, labels))
-    return stats
 
 
 # -- the method -----------------------------------------------------------------------------------

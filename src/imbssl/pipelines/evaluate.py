@@ -19,9 +19,9 @@ from imbssl.config import EvalConfig, RunConfig, build_config, load_yaml
 from imbssl.data import load_indices, load_splits
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.trainer import CHECKPOINT_FILE
-from imbssl.eval import accuracy_report, balanced_labelled_split, extract_features, knn_predict, linear_probe
+from imbssl.eval import (accuracy_report, balanced_labelled_split, cluster_statistics, extract_features, knn_predict,
+                         linear_probe, relative_sizes)
 from imbssl.methods import build_method
-from imbssl.methods.excb import cluster_statistics, relative_sizes
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import load_backbone, resolve_device
 from imbssl.pipelines.pretrain import BACKBONE_FILE

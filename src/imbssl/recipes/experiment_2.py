@@ -2,7 +2,8 @@
 
     SimSiam+C+D   the offline-clustering pipeline (pipelines/offline_clustering.py) with K clusters
     SimSiam+D     the same pipeline with K = 1: distillation from the base and one expert trained on
-                  all of D, so whatever it gains over SimSiam comes without clustering
+                  all of D, so whatever it gains over SimSiam comes without clustering; its base stage
+                  is +C+D's, copied
     baselines     experiment I's SimCLR and SimSiam runs (its grid runner), on the same subsets, seeds
                   and run settings; reused from an experiment I report folder when one is given
 
@@ -12,6 +13,7 @@ reference, as in the paper. Every model is evaluated with experiment I's protoco
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from pydantic import Field, model_validator
 from imbssl.config import OfflineClusteringConfig, OfflineClusteringSettings
 from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
 from imbssl.pipelines.offline_clustering import BUDGET_FILE, run_pipeline
-from imbssl.pipelines.pretrain import SUMMARY_FILE
+from imbssl.pipelines.pretrain import BACKBONE_FILE, SUMMARY_FILE
 from imbssl.recipes.experiment_1 import (Experiment1Config, NamedSubset, describe_compute, describe_source, metric_cell,
                                          paper_subsets, run_grid, subset_titles)
 from imbssl.report import format_mean_std, markdown_table, plot_per_class_accuracy
@@ -75,6 +77,8 @@ def _pipeline_record(exp: Experiment2Config, subset: NamedSubset, variant: str, 
     """One pipeline's record for the tables, running (or resuming) it and evaluating its student first if needed."""
     cfg = exp.pipeline_config(subset, variant, seed)
     root = out_dir / "runs" / cfg.base.name
+    if variant != VARIANTS[0]:
+        _share_base(out_dir / "runs" / exp.pipeline_config(subset, VARIANTS[0], seed).base.name, root)
     if not (root / BUDGET_FILE).exists():
         run_pipeline(cfg, root, resume=True)
     if not (root / EVAL_FILE).exists():
@@ -85,6 +89,13 @@ def _pipeline_record(exp: Experiment2Config, subset: NamedSubset, variant: str, 
             "hardware": json.loads((root / "distill" / SUMMARY_FILE).read_text())["hardware"],
             "clusters": json.loads((root / "divide" / "report.json").read_text()),
             **json.loads((root / EVAL_FILE).read_text())}
+
+
+def _share_base(source: Path, root: Path) -> None:
+    """Both variants start with the same base stage (SimSiam on D, same settings and seed): copy a finished one
+    rather than train it twice. Its pretrain.json still counts its cost in the pipeline's budget."""
+    if (source / "base" / BACKBONE_FILE).exists() and not (root / "base").exists():
+        shutil.copytree(source / "base", root / "base")
 
 
 def _paper(subset: str, method: str) -> str:
