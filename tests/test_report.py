@@ -19,6 +19,8 @@ def test_format_mean_std():
     assert format_mean_std([80.74, 81.58]) == "81.16 ± 0.59"
     assert format_mean_std([81.16]) == "81.16"
     assert format_mean_std([1.0, 2.0, 3.0], digits=1) == "2.0 ± 1.0"
+    assert format_mean_std([505]) == "505"  # counts: no decimals for one run
+    assert format_mean_std([3, 4, 5]) == "4.0 ± 1.0"
 
 
 def test_markdown_table():

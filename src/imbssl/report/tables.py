@@ -16,8 +16,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def format_mean_std(values: Sequence[float], digits: int = 2) -> str:
-    """``"81.16 ± 0.42"``; a single run prints without a spread, so it is not mistaken for a zero std."""
+    """``"81.16 ± 0.42"``; a single run prints without a spread, so it is not mistaken for a zero std.
+    Counts (ints, e.g. empty clusters) print as "3" for one run and "3.7 ± 2.9" for several."""
     mean, std = mean_std(values)
+    if all(isinstance(v, int) for v in values):
+        digits = 0 if len(values) == 1 else 1
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
