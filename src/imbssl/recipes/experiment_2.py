@@ -13,6 +13,7 @@ reference, as in the paper. Every model is evaluated with experiment I's protoco
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -95,7 +96,10 @@ def _share_base(source: Path, root: Path) -> None:
     """Both variants start with the same base stage (SimSiam on D, same settings and seed): copy a finished one
     rather than train it twice. Its pretrain.json still counts its cost in the pipeline's budget."""
     if (source / "base" / BACKBONE_FILE).exists() and not (root / "base").exists():
-        shutil.copytree(source / "base", root / "base")
+        partial = root / ".base.tmp"  # renamed when complete: a killed copy never looks like a finished stage
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source / "base", partial)
+        os.replace(partial, root / "base")
 
 
 def _paper(subset: str, method: str) -> str:
