@@ -105,6 +105,53 @@ def test_brightness_scales_each_sample_by_one_factor():
     assert factor.min() >= 0.6 - 1e-5 and factor.max() <= 1.4 + 1e-5 and factor.std() > 0
 
 
+def _tv_gray(x: torch.Tensor) -> torch.Tensor:
+    """torchvision ``rgb_to_grayscale``: 0.299 R + 0.587 G + 0.114 B, kept as one channel."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _tv_blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """torchvision ``_blend``: (f x + (1 - f) other) clamped to [0, 1]."""
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def _tv_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision ``adjust_hue`` pixel by pixel with colorsys: H <- (H + shift) mod 1 in HSV."""
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        for i in range(x.shape[2]):
+            for j in range(x.shape[3]):
+                h, s, v = colorsys.rgb_to_hsv(*x[b, :, i, j].tolist())
+                out[b, :, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + shift[b].item()) % 1.0, s, v))
+    return out
+
+
+# torchvision ColorJitter's per-op formulas, given the op's factor f ~ U[max(0, 1 - s), 1 + s] (hue: shift).
+TORCHVISION_JITTER = {
+    "brightness": lambda x, f: (f * x).clamp(0, 1),
+    "contrast": lambda x, f: _tv_blend(x, _tv_gray(x).mean(dim=(1, 2, 3), keepdim=True), f),
+    "saturation": lambda x, f: _tv_blend(x, _tv_gray(x), f),
+    "hue": lambda x, shift: _tv_hue(x, shift.flatten()),
+}
+
+
+@pytest.mark.parametrize("op", list(TORCHVISION_JITTER))
+def test_each_jitter_op_matches_torchvision_formula(op):
+    """One op at a time on random images, its random factor read back from the generator's draw.
+
+    The draw layout is ViewAugment's: per sample [area x10 | ratio x10 | top, left, flip, jitter?, b, c, s, h, ...].
+    """
+    strengths = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}
+    jitter = tuple(strengths[name] if name == op else 0.0 for name in TORCHVISION_JITTER)
+    x = _images(b=6, h=5, seed=3)
+    y = _aug(normalize=False, **{**IDENTITY, "jitter_prob": 1.0, "jitter": jitter})(x, _gen(7))
+    column = 20 + 4 + list(TORCHVISION_JITTER).index(op)
+    u = torch.rand(6, 31, generator=_gen(7))[:, column].view(-1, 1, 1, 1)
+    s = strengths[op]
+    factor = (2 * u - 1) * s if op == "hue" else max(0.0, 1 - s) + 2 * s * u
+    torch.testing.assert_close(y, TORCHVISION_JITTER[op](x.float() / 255, factor), atol=2e-5, rtol=0)
+
+
 def test_blur_keeps_constant_images_and_smooths_noise():
     flat = torch.full((2, 3, 16, 16), 77, dtype=torch.uint8)
     aug = _aug(normalize=False, **{**IDENTITY, "blur_prob": 1.0})

@@ -54,3 +54,29 @@ def test_cosine_schedule():
     assert cosine_factor(100, 100) == pytest.approx(0.0)
     assert cosine_factor(0, 100, warmup_steps=10) == pytest.approx(0.1)
     assert cosine_factor(10, 100, warmup_steps=10) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_simsiam_predictor_lr_constant_while_the_rest_decays(fixed):
+    """fix_predictor_lr (PatrickHua/SimSiam constant_predictor_lr, facebookresearch/simsiam --fix-pred-lr)."""
+    from imbssl.config import MethodConfig, ModelConfig, OptimConfig
+    from imbssl.engine.optim import build_optimizer, cosine_schedule
+    from imbssl.methods import build_method
+    from imbssl.models import build_backbone
+
+    method = build_method(MethodConfig(name="simsiam", proj_dim=16, proj_hidden=16, pred_hidden=8,
+                                       fix_predictor_lr=fixed), build_backbone(ModelConfig(width=0.25), 3))
+    optimizer = build_optimizer(method, OptimConfig(), method.defaults, batch_size=512)
+    scheduler = cosine_schedule(optimizer, total_steps=10, warmup_steps=2)
+    base_lr = 0.03 * 512 / 256
+    predictor = {id(p) for p in method.predictor.parameters()}
+    for step in range(6):
+        for group in optimizer.param_groups:
+            is_predictor = {id(p) for p in group["params"]} <= predictor
+            expected = base_lr if fixed and is_predictor else base_lr * cosine_factor(step, 10, 2)
+            assert group["lr"] == pytest.approx(expected)
+        optimizer.step()
+        scheduler.step()
+    covered = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(covered) == sorted(id(p) for p in method.parameters())  # every parameter, once
+    assert any({id(p) for p in g["params"]} == predictor for g in optimizer.param_groups) == fixed

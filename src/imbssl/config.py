@@ -68,6 +68,10 @@ class MethodConfig(Section):
     proj_hidden: int = 512
     proj_dim: int = Field(512, description="output dimension d (Table 1)")
     pred_hidden: int = 128
+    fix_predictor_lr: bool = Field(True, description="SimSiam: hold the predictor at the base learning rate while the "
+                                                     "rest follows the cosine schedule, as both reference codes do "
+                                                     "(PatrickHua/SimSiam constant_predictor_lr, "
+                                                     "facebookresearch/simsiam --fix-pred-lr)")
     temperature: float = Field(0.5, gt=0, description="SimCLR NT-Xent temperature")
     # ExCB (methods/excb.py, docs/excb.md): the paper's values, except K (65,536 there, for 1.28M images).
     num_clusters: int = Field(512, ge=2, description="ExCB: K, the number of learned centroids (Eq. 1); "

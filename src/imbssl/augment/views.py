@@ -316,7 +316,8 @@ class ViewAugment:
                 x = x.mul_(f).add_(ref * (1.0 - f)).clamp_(0.0, 1.0)
             if sat > 0 and rgb:
                 f = self._factor(u[:, 3], sat, jit)
-                x = x.mul_(f).add_(_luma(x).mul_(1.0 - f)).clamp_(0.0, 1.0)
+                gray = _luma(x)  # read before x is scaled in place: f x + (1 - f) luma(x), not luma(f x)
+                x = x.mul_(f).add_(gray.mul_(1.0 - f)).clamp_(0.0, 1.0)
             if hue > 0 and rgb:
                 shift = torch.where(jit, hue * (2.0 * u[:, 4] - 1.0), 0.0)
                 x = _adjust_hue(x, shift)

@@ -82,4 +82,11 @@ def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
 
 
 def cosine_schedule(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
-    return LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps, warmup_steps))
+    """Every parameter group on ``cosine_factor``, except groups marked ``fixed_lr``, which keep their base lr."""
+    def cosine(step: int) -> float:
+        return cosine_factor(step, total_steps, warmup_steps)
+
+    def constant(step: int) -> float:
+        return 1.0
+
+    return LambdaLR(optimizer, [constant if group.get("fixed_lr") else cosine for group in optimizer.param_groups])

@@ -33,6 +33,16 @@ class SimSiam(SSLMethod):
         self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, last_bn=True)
         # The predictor is a bottleneck MLP without a BN on its output (SimSiam Sec. 4.4).
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
+        self.fix_predictor_lr = cfg.fix_predictor_lr
+
+    def param_groups(self) -> list[dict]:
+        """With ``fix_predictor_lr`` the predictor is a group of its own that the schedule leaves at the base lr:
+        SimSiam Sec. 4.4 finds a predictor that keeps adapting to the latest representation works best."""
+        if not self.fix_predictor_lr:
+            return super().param_groups()
+        predictor = list(self.predictor.parameters())
+        rest = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in predictor)]
+        return [{"params": rest}, {"params": predictor, "fixed_lr": True}]
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
         x1, x2 = views
