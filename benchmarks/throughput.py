@@ -80,7 +80,7 @@ def time_step(bench: Bench, views: list[torch.Tensor], steps: int, warmup: int) 
 def time_epoch_ours(bench: Bench, images: torch.Tensor, augment: ViewAugment, batch_size: int, warmup: int,
                     seed: int) -> float:
     gen = torch.Generator(device=images.device).manual_seed(seed)
-    steps = len(images) // batch_size  # full batches only, as the Trainer
+    steps = len(images) // batch_size  # full batches only: each timed step has the same size
 
     def run(order: torch.Tensor, count: int) -> None:
         for i in range(count):

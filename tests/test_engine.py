@@ -98,3 +98,16 @@ def test_collapse_warning_is_logged(caplog):
         assert not caplog.records
         check_collapse(1e-4, 64, warn_below=0.1)
     assert "possible collapse" in caplog.text
+
+
+def test_every_image_is_seen_once_each_epoch(tiny_cfg, tmp_path, monkeypatch):
+    """503 images at batch 128: four near-equal batches an epoch, none dropped (a partial batch used to be)."""
+    seen, real_step = [], SimSiam.training_step
+    monkeypatch.setattr(SimSiam, "training_step", lambda self, views, indices: (seen.append(indices.clone()),
+                                                                                 real_step(self, views, indices))[1])
+    run = pretrain(tiny_cfg(data={"subset": {"profile": "exp", "imbalance": 10}}, optim={"batch_size": 128,
+                                                                                         "epochs": 2}), tmp_path / "r")
+    assert [len(b) for b in seen] == [126, 126, 126, 125] * 2
+    for epoch in (seen[:4], seen[4:]):
+        assert sorted(torch.cat(epoch).tolist()) == list(range(503))
+    assert json.loads((run / "pretrain.json").read_text())["images_seen_total"] == 2 * 503

@@ -146,12 +146,33 @@ def test_centroid_weight_decay_schedule():
 
 
 def test_kmeans_init_puts_the_same_centroids_in_student_and_teacher():
-    method = tiny_excb()
+    method = tiny_excb().train()
     random_init = method.centroids.weight.clone()
+    bn_before = {k: v.clone() for k, v in method.teacher.state_dict().items() if "running" in k or "batches" in k}
     images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
-    method.on_train_start(images, lambda batch, gen: [batch.float() / 255], torch.Generator().manual_seed(0))
+    views_made = []
+    method.on_train_start(images, lambda batch, gen: views_made.append(len(batch)) or batch.float() / 255,
+                          torch.Generator().manual_seed(0))
     assert torch.equal(method.centroids.weight, method.teacher.centroids.weight)
     assert not torch.equal(method.centroids.weight, random_init)
+    assert views_made == [40]  # one global view of each image, nothing more
+    after = method.teacher.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in bn_before.items())  # inference mode: BatchNorm stats untouched
+    assert method.teacher.training  # and the mode it had is given back
+
+
+def test_no_weight_decay_on_biases_and_normalisation():
+    for centroid_decay in ((1e-3, 1e-4), None):
+        method = tiny_excb(centroid_weight_decay=centroid_decay)
+        optimizer = torch.optim.SGD(method.param_groups(), lr=0.1, weight_decay=5e-4)
+        decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        for name, p in method.named_parameters():
+            if name.startswith("teacher."):
+                assert id(p) not in decay
+            elif p.ndim == 1:
+                assert decay[id(p)] == 0.0, name  # BatchNorm weights and biases, Linear biases
+            elif name != "centroids.weight" or centroid_decay is None:
+                assert decay[id(p)] == 5e-4, name
 
 
 # -- short real runs on digits ---------------------------------------------------------------------

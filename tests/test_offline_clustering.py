@@ -13,12 +13,16 @@ from torch import nn
 
 from imbssl.augment import Normalize
 from imbssl.cluster import kmeans
-from imbssl.config import ConfigError, OfflineClusteringConfig, load_config
+from imbssl.config import SPACES, ConfigError, OfflineClusteringConfig, load_config
+from imbssl.engine.checkpoint import load_safe
+from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.engine.optim import build_optimizer
 from imbssl.eval import cluster_report, nmi, purity
+from imbssl.methods import build_method
 from imbssl.methods.distill import FrozenTeacher, MultiTeacherDistill, distill_loss
 from imbssl.models import SmallCNN
 from imbssl.pipelines import offline_clustering
+from imbssl.pipelines.common import encoder, load_encoder
 from imbssl.pipelines.evaluate import evaluate_run
 from imbssl.pipelines.offline_clustering import run_pipeline
 from imbssl.recipes import load_preset
@@ -148,6 +152,40 @@ def test_expert_init_picks_the_starting_weights(pipeline_cfg, tmp_path, monkeypa
         assert calls == [None, expected, expected]  # the base itself, then the two experts
 
 
+@pytest.mark.parametrize("init", ["base", "scratch"])
+def test_experts_from_the_base_keep_its_input_standardisation(pipeline_cfg, tmp_path, init):
+    root = run_pipeline(pipeline_cfg(expert_init=init, epochs={"base": 1, "expert": 1, "distill": 1}), tmp_path,
+                        until="experts")
+    base = load_safe(root / "base" / "backbone.pt")
+    for k in range(2):
+        expert = load_safe(root / "experts" / f"expert-{k}" / "backbone.pt")
+        same = torch.equal(expert["mean"], base["mean"]) and torch.equal(expert["std"], base["std"])
+        assert same == (init == "base")  # from scratch: its own cluster's channel statistics
+
+
+@pytest.mark.parametrize("target", SPACES)
+def test_distillation_regresses_the_chosen_output_of_simsiam(pipeline_cfg, tmp_path, target):
+    cfg = pipeline_cfg(distill_target=target, kmeans={"n_init": 1, "niter": 5, "space": "projector"},
+                       epochs={"base": 1, "expert": 1, "distill": 1})
+    root = run_pipeline(cfg, tmp_path)
+    # The base's saved heads are its SimSiam heads: its projector output equals z = g(f(x)) of the trained method.
+    base = build_method(cfg.base.method, SmallCNN(1, 0.25))
+    base.load_state_dict(load_safe(root / "base" / CHECKPOINT_FILE)["method"])
+    backbone, heads, _ = load_encoder(cfg.base, 1, root / "base" / "backbone.pt", "projector")
+    x = torch.randn(8, 1, 8, 8)
+    base.eval(), backbone.eval(), heads.eval()
+    torch.testing.assert_close(encoder(backbone, heads)(x), base.projector(base.backbone(x)))
+
+    carried = {"backbone": [], "projector": ["projector"], "predictor": ["projector", "predictor"]}[target]
+    student = load_safe(root / "backbone.pt")
+    assert sorted(student["heads"]) == sorted(carried)  # the student carries the base's heads up to q
+    dim = 32 if target != "backbone" else SmallCNN(1, 0.25).feature_dim
+    distill_method = load_safe(root / "distill" / CHECKPOINT_FILE)["method"]
+    assert distill_method["base_head.3.weight"].shape[0] == dim  # r_base regresses a vector of q's size
+    report = json.loads((root / "divide" / "report.json").read_text())
+    assert report["kmeans"]["space"] == "projector" and report["kmeans"]["engine_used"] == "faiss"
+
+
 def test_resume_after_an_interrupted_expert(pipeline_cfg, tmp_path):
     cfg, root = pipeline_cfg(), tmp_path / "pipeline"
     epochs = []
@@ -172,8 +210,9 @@ def test_resume_after_an_interrupted_expert(pipeline_cfg, tmp_path):
 
     budget = json.loads((root / "pipeline.json").read_text())
     assert budget["num_images"] == 503
-    assert budget["images_seen"]["base"] == budget["images_seen"]["distill"] == 384  # 3 full batches of 128
-    assert 3 < budget["epochs_of_D_total"] <= 4  # 1 + 2 + 1 epochs of D, less the last partial batches
+    assert budget["images_seen"]["base"] == budget["images_seen"]["distill"] == 503  # every image, once an epoch
+    assert budget["images_seen"]["experts"] == 2 * 503  # each expert sees all of its cluster in each of 2 epochs
+    assert budget["epochs_of_D_total"] == 4  # 1 + 2 + 1 epochs of D: the pipeline's budget, exactly
     report = json.loads((root / "divide" / "report.json").read_text())
     assert sum(report["sizes"]) == 503 and 0 < report["purity"] <= 1
     assert (root / "divide" / "clusters.png").stat().st_size > 0

@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
+#: where a trained SSL model's representation is read: the backbone's features f(x), the projector's output
+#: z = g(f(x)), or the predictor's p = h(z) (SimSiam). The papers' "output of SimSiam" reads as z (d = 512, Table 1).
+Space = Literal["backbone", "projector", "predictor"]
+SPACES: tuple[Space, ...] = ("backbone", "projector", "predictor")
+
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used as given."""
@@ -160,7 +165,11 @@ class StageEpochs(Section):
 
 
 class KMeansConfig(Section):
-    engine: Literal["auto", "faiss", "torch"] = Field("auto", description="auto = torch on a GPU, else faiss")
+    engine: Literal["auto", "faiss", "torch"] = Field(
+        "faiss", description="faiss (the same clustering on every machine), torch (on a GPU when there is one) or "
+                             "auto = torch on a GPU, else faiss; the engine used is recorded in divide/report.json")
+    space: Space = Field("projector", description="the base model's output that is clustered: the paper's 'output "
+                                                  "representation of SimSiam_base' (512-d, Fig. 3) is z")
     spherical: bool = Field(False, description="cluster by cosine similarity (l2-normalised features)")
     n_init: int = Field(10, ge=1, description="restarts; the one with the lowest inertia is kept")
     niter: int = Field(50, ge=1, description="Lloyd iterations per restart")
@@ -175,6 +184,9 @@ class OfflineClusteringSettings(Section):
                                                     description="experts start from the base weights or at random")
     kmeans: KMeansConfig = KMeansConfig()
     head_hidden: int = Field(512, ge=1, description="hidden width of the distillation regression heads r")
+    distill_target: Space = Field("projector", description="q of Eq. 2, 'the output of SimSiam': projector z (the "
+                                                           "student carries the base's projector), predictor p, or "
+                                                           "backbone features")
 
 
 class OfflineClusteringConfig(OfflineClusteringSettings):

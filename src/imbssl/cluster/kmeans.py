@@ -28,11 +28,16 @@ class KMeansResult:
     assignments: np.ndarray  # int64 [N]: cluster of each point
     centroids: np.ndarray  # float32 [k, D]
     inertia: float  # sum of squared distances to the assigned centroids (of the normalised points if spherical)
+    engine: str  # who ran the iterations: "faiss" or "torch" (on the device named after it, "torch:cuda")
 
 
 def kmeans(features: np.ndarray | torch.Tensor, k: int, *, spherical: bool = False, n_init: int = 10,
-           niter: int = 50, seed: int = 0, engine: Engine = "auto") -> KMeansResult:
-    """Cluster ``features`` [N, D] into ``k`` groups; "auto" is torch on a CUDA device, else faiss."""
+           niter: int = 50, seed: int = 0, engine: Engine = "faiss") -> KMeansResult:
+    """Cluster ``features`` [N, D] into ``k`` groups.
+
+    faiss, the default, clusters a seed the same way on every machine; "auto" is torch on a CUDA device, else
+    faiss, so its result depends on the hardware. The result names the engine that ran.
+    """
     if engine == "auto":
         engine = "torch" if torch.cuda.is_available() else "faiss"
     device = "cuda" if engine == "torch" and torch.cuda.is_available() else "cpu"
@@ -49,7 +54,8 @@ def kmeans(features: np.ndarray | torch.Tensor, k: int, *, spherical: bool = Fal
         assignments, sq_dist = nearest_centroid(x, centroids)
         inertia = sq_dist.double().sum().item()
         if best is None or inertia < best.inertia:
-            best = KMeansResult(assignments.cpu().numpy(), centroids.cpu().numpy(), inertia)
+            best = KMeansResult(assignments.cpu().numpy(), centroids.cpu().numpy(), inertia,
+                                engine if engine == "faiss" else f"torch:{device}")
     return best
 
 

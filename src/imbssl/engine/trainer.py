@@ -19,13 +19,13 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
+from imbssl.augment import MultiCrop
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.runlog import MetricLogger
 from imbssl.methods.base import SSLMethod, StepOutput
 
 log = logging.getLogger(__name__)
 
-ViewMaker = Callable[[torch.Tensor, torch.Generator], list[torch.Tensor]]
 EpochCallback = Callable[[int, dict], None]
 
 #: the run's checkpoint, relative to its folder: the state after the last epoch saved.
@@ -72,13 +72,18 @@ def optimizer_step(method: SSLMethod, optimizer: Optimizer, views: list[torch.Te
     return StepOutput(loss.detach(), out.stats)
 
 
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Batches per epoch: every image once, so a small cluster's last partial batch is not lost (Sec. 3.2's budget)."""
+    return math.ceil(num_images / min(batch_size, num_images))
+
+
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
 class Trainer:
     def __init__(self, method: SSLMethod, optimizer: Optimizer, scheduler: LRScheduler, images: torch.Tensor,
-                 make_views: ViewMaker, run_dir: Path, settings: TrainSettings,
+                 make_views: MultiCrop, run_dir: Path, settings: TrainSettings,
                  callbacks: Iterable[EpochCallback] = (), labels: np.ndarray | None = None) -> None:
         """``labels`` of ``images``, when known, only reach ``method.epoch_stats`` (monitoring, never the loss)."""
         self.method, self.optimizer, self.scheduler = method, optimizer, scheduler
@@ -91,7 +96,7 @@ class Trainer:
         if self.batch_size < settings.batch_size:
             log.warning("batch size %d exceeds the %d training images; using %d", settings.batch_size, len(images),
                         self.batch_size)
-        self.steps_per_epoch = len(images) // self.batch_size
+        self.steps_per_epoch = steps_per_epoch(len(images), self.batch_size)
         self.total_steps = settings.epochs * self.steps_per_epoch
         self.epoch = 0
         self.summary: dict = {}  # the last finished epoch's figures
@@ -117,7 +122,7 @@ class Trainer:
         if resume and self.checkpoint_path.exists():
             self.load_checkpoint()
         if self.epoch == 0:  # a fresh run; epoch index `epochs` is one that no training epoch draws views from
-            self.method.on_train_start(self.images, self.make_views,
+            self.method.on_train_start(self.images, self.make_views.global_view,
                                        epoch_generator(self.settings.seed, self.settings.epochs, self.device))
         logger = MetricLogger(self.run_dir, purge_step=self.epoch * self.steps_per_epoch)
         try:
@@ -136,14 +141,16 @@ class Trainer:
         s, epoch = self.settings, self.epoch
         self.method.train()
         gen = epoch_generator(s.seed, epoch, self.device)
-        order = torch.randperm(len(self.images), generator=gen, device=self.device)
+        # Near-equal batches of at most batch_size that cover every image: no image is dropped and no tail batch
+        # is so small that BatchNorm statistics (or SimCLR's negatives) degenerate.
+        batches = torch.randperm(len(self.images), generator=gen, device=self.device).tensor_split(self.steps_per_epoch)
         window: list[dict[str, torch.Tensor]] = []  # step figures kept on the device until the next sync
         totals: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
         bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{s.epochs}", disable=not s.progress,
                    leave=False, dynamic_ncols=True)
         for step in bar:
-            indices = order[step * self.batch_size:(step + 1) * self.batch_size]
+            indices = batches[step]
             window.append(self._step(self.images[indices], indices, gen, epoch * self.steps_per_epoch + step))
             seen += len(indices)
             if len(window) == s.log_every or step == self.steps_per_epoch - 1:

@@ -55,10 +55,16 @@ class SSLMethod(nn.Module):
         """The backbone that is saved and evaluated (an EMA teacher's, for methods that keep one)."""
         return self.backbone
 
-    def on_train_start(self, images: torch.Tensor,
-                       make_views: Callable[[torch.Tensor, torch.Generator], list[torch.Tensor]],
+    @property
+    def eval_heads(self) -> dict[str, nn.Module]:
+        """The heads saved beside ``eval_backbone``, named by the space they output (config.SPACES), in the order
+        they follow it: what lets a pipeline read the method's outputs, not only its features."""
+        return {}
+
+    def on_train_start(self, images: torch.Tensor, make_view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
                        generator: torch.Generator) -> None:
-        """Called once before the first step of a fresh run, not on resume: to initialise from the data."""
+        """Called once before the first step of a fresh run, not on resume: to initialise from the data.
+        ``make_view`` makes one global view of a batch."""
 
     def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
         """Called after each optimizer step, ``step`` counting from 0 over the whole run: EMA updates and

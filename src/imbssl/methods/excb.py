@@ -203,24 +203,38 @@ class ExCB(SSLMethod):
         """The teacher's backbone, as DINO and ExCB evaluate it."""
         return self.teacher.backbone
 
+    @property
+    def eval_heads(self) -> dict[str, nn.Module]:
+        return {"projector": self.teacher.projector}
+
     def param_groups(self) -> list[dict]:
-        """The centroids in a group of their own, for their weight-decay schedule (Sec. 4.1); no teacher parameter."""
+        """No teacher parameter; biases and normalisation weights (1-d) without weight decay, as the official code
+        (and DINO's) has it; the centroids in a group of their own, for their weight-decay schedule (Sec. 4.1)."""
         centroids = self.centroids.weight
         others = [p for p in self.parameters() if p.requires_grad and p is not centroids]
+        decayed = [p for p in others if p.ndim > 1]
+        groups = [{"params": decayed}, {"params": [p for p in others if p.ndim <= 1], "weight_decay": 0.0}]
         if self.cfg.centroid_weight_decay is None:
-            return [{"params": others + [centroids]}]
+            decayed.append(centroids)
+            return groups
         start = self.cfg.centroid_weight_decay[0]  # on_step_end moves it along the schedule
-        return [{"params": others}, {"params": [centroids], "name": CENTROID_GROUP, "weight_decay": start}]
+        return groups + [{"params": [centroids], "name": CENTROID_GROUP, "weight_decay": start}]
 
     @torch.no_grad()
-    def on_train_start(self, images: torch.Tensor,
-                       make_views: Callable[[torch.Tensor, torch.Generator], list[torch.Tensor]],
+    def on_train_start(self, images: torch.Tensor, make_view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
                        generator: torch.Generator) -> None:
-        """k-means on the teacher's projections of one global view of every image, as the official code does."""
+        """k-means on the teacher's projections of one global view of every image, as the official code does.
+
+        The teacher runs in inference mode: its BatchNorm running statistics are the EMA of the student's, and a
+        pass over the data here must not move them.
+        """
         if self.cfg.centroid_init != "kmeans":
             return
-        projections = torch.cat([self.teacher[:2](make_views(batch, generator)[0])  # h_t(f_t(x))
+        teacher_mode = self.teacher.training
+        self.teacher.eval()
+        projections = torch.cat([self.teacher[:2](make_view(batch, generator))  # h_t(f_t(x))
                                  for batch in images.split(INIT_BATCH_SIZE)])
+        self.teacher.train(teacher_mode)
         result = kmeans(projections, len(self.cluster_sizes), spherical=True, n_init=1,
                         seed=generator.initial_seed())
         centroids = torch.from_numpy(result.centroids).to(self.centroids.weight)

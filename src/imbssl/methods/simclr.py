@@ -35,6 +35,10 @@ class SimCLR(SSLMethod):
         self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
         self.temperature = cfg.temperature
 
+    @property
+    def eval_heads(self) -> dict[str, nn.Module]:
+        return {"projector": self.projector}
+
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
         x1, x2 = views
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))

@@ -35,6 +35,10 @@ class SimSiam(SSLMethod):
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
         self.fix_predictor_lr = cfg.fix_predictor_lr
 
+    @property
+    def eval_heads(self) -> dict[str, nn.Module]:
+        return {"projector": self.projector, "predictor": self.predictor}
+
     def param_groups(self) -> list[dict]:
         """With ``fix_predictor_lr`` the predictor is a group of its own that the schedule leaves at the base lr:
         SimSiam Sec. 4.4 finds a predictor that keeps adapting to the latest representation works best."""

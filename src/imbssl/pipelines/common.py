@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from imbssl.augment import Normalize, channel_stats
-from imbssl.config import DataConfig, ModelConfig
+from imbssl.config import SPACES, ConfigError, DataConfig, ModelConfig, RunConfig, Space
 from imbssl.data import ImageSet, load_splits, select_subset
 from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.methods import build_method
 from imbssl.models import build_backbone
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,11 @@ def load_pretrain_data(cfg: DataConfig, indices: np.ndarray | None = None) -> Pr
     return PretrainData(splits, np.asarray(indices, dtype=np.int64))
 
 
-def save_backbone(backbone: nn.Module, normalize: Normalize, path: Path) -> None:
-    """The pre-trained representation: backbone weights plus the input normalisation they expect."""
-    save_atomic({"backbone": backbone.state_dict(), "mean": normalize.mean.cpu(), "std": normalize.std.cpu()}, path)
+def save_backbone(backbone: nn.Module, normalize: Normalize, path: Path, heads: dict[str, nn.Module] | None = None) -> None:
+    """The pre-trained representation: backbone weights, the input normalisation they expect and the method's
+    heads (``SSLMethod.eval_heads``), which the pipelines read and evaluation ignores."""
+    save_atomic({"backbone": backbone.state_dict(), "mean": normalize.mean.cpu(), "std": normalize.std.cpu(),
+                 "heads": {name: head.state_dict() for name, head in (heads or {}).items()}}, path)
 
 
 def load_backbone(cfg: ModelConfig, in_channels: int, path: Path) -> tuple[nn.Module, Normalize]:
@@ -91,6 +94,35 @@ def load_backbone(cfg: ModelConfig, in_channels: int, path: Path) -> tuple[nn.Mo
     backbone = build_backbone(cfg, in_channels)
     backbone.load_state_dict(state["backbone"])
     return backbone, Normalize(state["mean"], state["std"])
+
+
+def load_encoder(cfg: RunConfig, in_channels: int, path: Path, space: Space) -> tuple[nn.Module, nn.ModuleDict, Normalize]:
+    """A saved model up to ``space``: its backbone, the heads that follow it there ({} for "backbone",
+    projector for "projector", projector then predictor for "predictor") and its input normalisation.
+
+    The heads are rebuilt by ``cfg.method``'s own constructor, so they have the architecture they were saved from.
+    """
+    backbone, normalize = load_backbone(cfg.model, in_channels, path)
+    saved = load_safe(path).get("heads", {})
+    names = SPACES[1:SPACES.index(space) + 1]
+    if missing := [name for name in names if name not in saved]:
+        raise ConfigError(f"{path} holds no {missing[0]} (saved heads: {sorted(saved) or 'none'}); "
+                          f"read it in a space it has, e.g. 'backbone'")
+    method = build_method(cfg.method, backbone)
+    heads = nn.ModuleDict({name: getattr(method, name) for name in names})
+    for name, head in heads.items():
+        head.load_state_dict(saved[name])
+    return backbone, heads, normalize
+
+
+def encoder(backbone: nn.Module, heads: nn.ModuleDict) -> nn.Module:
+    """x -> the output of the last head (the backbone's features when there is none)."""
+    return nn.Sequential(backbone, *heads.values())
+
+
+def space_dim(cfg: RunConfig, backbone: nn.Module, space: Space) -> int:
+    """The size of a vector in ``space``: the backbone's feature size or the method's output dimension d."""
+    return backbone.feature_dim if space == "backbone" else cfg.method.proj_dim
 
 
 def normalizer_for(images: np.ndarray) -> Normalize:

@@ -123,7 +123,7 @@ class OfflineClustering:
         clusters = load_safe(self.clusters_file)
         distill(self.cfg.stage("distill", self.cfg.epochs.distill), self.distill_dir, clusters["indices"].numpy(),
                 clusters["assignments"].numpy(), self.base_dir / BACKBONE_FILE, self.expert_files(),
-                self.cfg.head_hidden, resume=True, callbacks=self.callbacks)
+                self.cfg.head_hidden, self.cfg.distill_target, resume=True, callbacks=self.callbacks)
         self.publish_student()
 
     def publish_student(self) -> None:

@@ -15,14 +15,13 @@ from pydantic import BaseModel
 from imbssl.augment import MultiCrop, Normalize
 from imbssl.config import ConfigError, RunConfig, load_yaml, save_config
 from imbssl.data import save_indices
-from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.optim import build_optimizer, cosine_schedule, resolve_optim
 from imbssl.engine.runlog import attach_file_log
-from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, ViewMaker
+from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
 from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
-from imbssl.pipelines.common import (PretrainData, describe_hardware, load_pretrain_data, normalizer_for,
-                                     resolve_device, save_backbone, seed_everything, to_tensor_nchw)
+from imbssl.pipelines.common import (PretrainData, describe_hardware, load_backbone, load_pretrain_data,
+                                     normalizer_for, resolve_device, save_backbone, seed_everything, to_tensor_nchw)
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +65,10 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     with run_folder(cfg, run_dir, resume):
         data, images = load_run_images(cfg, run_dir, indices)
-        normalize = normalizer_for(data.images)
-        backbone = build_backbone(cfg.model, images.shape[1])
-        if init_from is not None:
-            backbone.load_state_dict(load_safe(init_from)["backbone"])
+        if init_from is None:
+            backbone, normalize = build_backbone(cfg.model, images.shape[1]), normalizer_for(data.images)
+        else:  # weights that were trained on inputs standardised one way keep being fed them that way
+            backbone, normalize = load_backbone(cfg.model, images.shape[1], init_from)
         method = build_method(cfg.method, backbone).to(images.device)
         if cfg.augment.local_crops and not method.uses_local_crops:
             raise ConfigError(f"method {cfg.method.name!r} takes no local crops; set augment.local_crops=0")
@@ -94,7 +93,7 @@ def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None) -
     return data, images
 
 
-def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_views: ViewMaker,
+def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_views: MultiCrop,
                  normalize: Normalize, run_dir: Path, resume: bool, callbacks: list[EpochCallback],
                  labels: np.ndarray | None = None) -> None:
     """``cfg.optim``'s optimizer and cosine schedule, the Trainer loop, then backbone.pt and pretrain.json.
@@ -110,16 +109,15 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
                              progress=cfg.train.progress)
     batch_size = min(settings.batch_size, len(images))
     optimizer = build_optimizer(method, cfg.optim, method.defaults, batch_size)
-    steps_per_epoch = len(images) // batch_size
-    scheduler = cosine_schedule(optimizer, cfg.optim.epochs * steps_per_epoch,
-                                round(cfg.optim.warmup_epochs * steps_per_epoch))
+    steps = steps_per_epoch(len(images), batch_size)
+    scheduler = cosine_schedule(optimizer, cfg.optim.epochs * steps, round(cfg.optim.warmup_epochs * steps))
     trainer = Trainer(method, optimizer, scheduler, images, make_views, run_dir, settings, callbacks, labels)
     start = time.perf_counter()
     summary = trainer.fit(resume=resume)
     name, base_lr, weight_decay = resolve_optim(cfg.optim, method.defaults)
     (run_dir / SUMMARY_FILE).write_text(json.dumps({
         **summary, "optimizer": name, "base_lr": base_lr, "weight_decay": weight_decay, "batch_size": batch_size,
-        "num_images": len(images), "images_seen_total": cfg.optim.epochs * steps_per_epoch * batch_size,
+        "num_images": len(images), "images_seen_total": cfg.optim.epochs * len(images),
         "wall_s_this_call": time.perf_counter() - start, "device": str(images.device),
         "hardware": describe_hardware(images.device), "torch": torch.__version__}, indent=2))
-    save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE)  # last: its presence marks the run done
+    save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE, method.eval_heads)  # last: its presence marks the run done
