@@ -111,3 +111,18 @@ def test_every_image_is_seen_once_each_epoch(tiny_cfg, tmp_path, monkeypatch):
     for epoch in (seen[:4], seen[4:]):
         assert sorted(torch.cat(epoch).tolist()) == list(range(503))
     assert json.loads((run / "pretrain.json").read_text())["images_seen_total"] == 2 * 503
+
+
+def test_run_sets_and_records_determinism(tiny_cfg, tmp_path):
+    try:
+        run = pretrain(tiny_cfg(optim={"epochs": 1}), tmp_path / "r")
+        recorded = json.loads((run / "pretrain.json").read_text())["determinism"]
+        assert recorded == {"deterministic_algorithms": True, "cudnn_benchmark": False, "cudnn_deterministic": True,
+                            "cublas_workspace_config": ":4096:8"}
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        recorded = json.loads((pretrain(tiny_cfg(optim={"epochs": 1}, train={"progress": False, "deterministic": False}),
+                                        tmp_path / "fast") / "pretrain.json").read_text())["determinism"]
+        assert not recorded["deterministic_algorithms"] and recorded["cudnn_benchmark"]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, False

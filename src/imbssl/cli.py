@@ -58,7 +58,7 @@ def data_describe(config_path: str | None, overrides: tuple[str, ...], as_json: 
         subsets.append(NamedSubset(key="configured", title=f"configured ({cfg.data.subset.profile})",
                                    subset=cfg.data.subset))
     classes, counts = describe_subsets(cfg, subsets)
-    plot_class_distributions(counts, classes, plot)
+    plot_class_distributions(counts, classes, plot, title=f"Images per class of each subset ({cfg.data.source})")
     if as_json:
         click.echo(json.dumps({"source": cfg.data.source, "classes": classes,
                                "subsets": {t: {"counts": c, "total": sum(c)} for t, c in counts.items()},

@@ -113,6 +113,8 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
     data_on_device: bool = True
+    deterministic: bool = Field(True, description="cuDNN without autotuning and deterministic kernels where torch "
+                                                  "has them (torch.use_deterministic_algorithms, warn_only)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     collapse_warn_below: float = Field(0.1, ge=0, description="warn when std*sqrt(d) of l2-normalised outputs falls below")
     log_every: int = Field(10, ge=1, description="steps between metric records (and NaN checks)")

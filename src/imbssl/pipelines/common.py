@@ -49,6 +49,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_determinism(deterministic: bool) -> dict:
+    """Fix what else decides a run's numbers besides the seed, and return it for pretrain.json.
+
+    On a GPU, cuDNN's autotuner picks kernels by timing them and some kernels sum in a varying order;
+    deterministic mode rules both out (warn_only: an op with no deterministic kernel warns instead of
+    failing). cuBLAS needs its workspace fixed before its first call. The CPU kernels used here are
+    deterministic either way.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+
+
 def to_tensor_nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 NHWC (possibly memory-mapped) -> uint8 NCHW tensor on ``device``."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)

@@ -43,7 +43,8 @@ def divide(cfg: OfflineClusteringConfig, base_run: Path, out_dir: Path) -> Path:
               "kmeans": {**km.model_dump(), "engine_used": result.engine}, "wall_s": time.perf_counter() - start}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    plot_clusters_pca(features.numpy(), result.assignments, out_dir / "clusters.png", labels, data.train.classes)
+    plot_clusters_pca(features.numpy(), result.assignments, out_dir / "clusters.png", labels, data.train.classes,
+                      title=f"k-means (K={cfg.k}) of the base model's {km.space} outputs, PCA")
     log.info("divided %d images into %d clusters of sizes %s: purity %.3f, NMI %.3f", len(labels), cfg.k,
              report["sizes"], report["purity"], report["nmi"])
     return save_atomic({"indices": torch.from_numpy(data.indices), "assignments": torch.from_numpy(result.assignments),

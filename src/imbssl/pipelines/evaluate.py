@@ -92,5 +92,6 @@ def final_clusters(run_dir: Path, cfg: RunConfig, images: np.ndarray, labels: np
     assignments = similarities.argmax(1).numpy()
     target = method.target_sizes.numpy()
     sizes = relative_sizes(assignments, target)
-    plot_cluster_sizes({cfg.name: sizes}, run_dir / CLUSTER_FIGURE)
+    plot_cluster_sizes({cfg.name: sizes}, run_dir / CLUSTER_FIGURE,
+                       title="Final relative cluster sizes of the teacher (no balancing)")
     return {**cluster_statistics(assignments, target, labels), "sorted_relative_sizes": np.sort(sizes)[::-1].tolist()}

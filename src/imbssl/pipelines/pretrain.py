@@ -21,7 +21,8 @@ from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_p
 from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (PretrainData, describe_hardware, load_backbone, load_pretrain_data,
-                                     normalizer_for, resolve_device, save_backbone, seed_everything, to_tensor_nchw)
+                                     normalizer_for, resolve_device, save_backbone, seed_everything, set_determinism,
+                                     to_tensor_nchw)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None) -
     """Seed everything, record the training subset in run_dir/subset.npz and put its images on the device."""
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
+    set_determinism(cfg.train.deterministic)
     data = load_pretrain_data(cfg.data, indices)
     profile = cfg.data.subset.profile if indices is None else "given"
     save_indices(run_dir / "subset.npz", data.indices, {"profile": profile, "class_counts": data.class_counts.tolist(),
@@ -119,5 +121,6 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
         **summary, "optimizer": name, "base_lr": base_lr, "weight_decay": weight_decay, "batch_size": batch_size,
         "num_images": len(images), "images_seen_total": cfg.optim.epochs * len(images),
         "wall_s_this_call": time.perf_counter() - start, "device": str(images.device),
-        "hardware": describe_hardware(images.device), "torch": torch.__version__}, indent=2))
+        "hardware": describe_hardware(images.device), "torch": torch.__version__,
+        "determinism": set_determinism(cfg.train.deterministic)}, indent=2))
     save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE, method.eval_heads)  # last: its presence marks the run done

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imbssl.pipelines.pretrain import SUMMARY_FILE
 from imbssl.recipes.experiment_1 import (Experiment1Config, NamedSubset, describe_compute, describe_source,
-                                         metric_cell, paper_subsets, run_grid, subset_titles)
+                                         metric_cell, paper_subsets, run_grid, subset_titles, thirds_table)
 from imbssl.report import markdown_table, plot_cluster_sizes
 
 VARIANTS = {"excb": {"name": "excb"},
@@ -109,17 +109,21 @@ def write_report(exp: ExcbExperimentConfig, records: list[dict], ablation: ExcbE
                 for k in titles]
     lines = [f"# ExCB and its baselines on {describe_source(exp.base)}: mean ± std over {len(exp.seeds)} seed(s)", "",
              f"Command: `{command}`", "", SIZES_NOTE, "",
-             "## Linear top-1", "", markdown_table(["Subset", "N"] + exp.methods, accuracy), ""]
+             "## Linear top-1", "", markdown_table(["Subset", "N"] + exp.methods, accuracy), "",
+             "## Linear top-1 by thirds of the classes (major / minor / rare by pre-training count)", "",
+             thirds_table(records, titles, sizes, exp.methods, {}), ""]
     for key, title in titles.items():
         lines += [f"## {title}: accuracy and clusters", "", _variant_table(records, key, exp.methods), ""]
-        plot_cluster_sizes(_size_curves(records, key, exp.methods), out_dir / f"cluster_sizes-{key}.png")
+        plot_cluster_sizes(_size_curves(records, key, exp.methods), out_dir / f"cluster_sizes-{key}.png",
+                           title=f"Final relative cluster sizes on {title}, seed {exp.seeds[0]}")
     if ablation:
         subset = ablation.subsets[0].key
         ks = ", ".join(str(k) for k in exp.k_ablation.num_clusters)
         lines += [f"## K ablation on {titles[subset]} (K = {ks}; `excb` is the main grid's K)", "",
                   _variant_table(ablation_records, subset, ablation.methods), ""]
         plot_cluster_sizes(_size_curves(ablation_records, subset, ablation.methods),
-                           out_dir / "cluster_sizes-k-ablation.png")
+                           out_dir / "cluster_sizes-k-ablation.png",
+                           title=f"Final relative cluster sizes on {titles[subset]} by K, seed {exp.seeds[0]}")
     lines += [describe_compute(list({r["run_dir"]: r for r in records + ablation_records}.values()))]
     (out_dir / "results.json").write_text(json.dumps({"grid": records, "k_ablation": ablation_records}, indent=2))
     table = out_dir / "table.md"

@@ -24,8 +24,10 @@ from imbssl.config import OfflineClusteringConfig, OfflineClusteringSettings
 from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
 from imbssl.pipelines.offline_clustering import BUDGET_FILE, run_pipeline
 from imbssl.pipelines.pretrain import BACKBONE_FILE, SUMMARY_FILE
-from imbssl.recipes.experiment_1 import (Experiment1Config, NamedSubset, describe_compute, describe_source, metric_cell,
-                                         paper_subsets, run_grid, subset_titles)
+from imbssl.recipes.experiment_1 import METHOD_NAMES as EXPERIMENT_1_NAMES
+from imbssl.recipes.experiment_1 import (PAPER_LEFT_OUT, PAPER_SETTING, Experiment1Config, NamedSubset, describe_compute, describe_source,
+                                         metric_cell, paper_subsets, run_grid, shows_paper_columns, subset_titles,
+                                         thirds_table)
 from imbssl.report import format_mean_std, markdown_table, plot_per_class_accuracy
 
 # Table 3 of the paper: linear top-1 (%), 300 epochs in all, ResNet-18.
@@ -36,7 +38,7 @@ PAPER_TABLE_3 = {
     "balanced-rs-p100": {"simclr": 69.82, "simsiam": 79.23},
 }
 VARIANTS = ("simsiam+c+d", "simsiam+d")
-METHOD_NAMES = {"simclr": "SimCLR", "simsiam": "SimSiam", "simsiam+c+d": "SimSiam+C+D", "simsiam+d": "SimSiam+D"}
+METHOD_NAMES = {**EXPERIMENT_1_NAMES, "simsiam+c+d": "SimSiam+C+D", "simsiam+d": "SimSiam+D"}
 
 
 class Experiment2Config(Experiment1Config):
@@ -119,20 +121,26 @@ def write_report(exp: Experiment2Config, records: list[dict], out_dir: Path, com
     methods = [*exp.methods, *VARIANTS]
     sizes, titles = subset_titles(exp.subsets, records)
     names = [METHOD_NAMES.get(m, m) for m in methods]
+    paper = shows_paper_columns(exp.base, records)
     lines = [f"# Experiment II on {describe_source(exp.base)}: linear top-1 (%), mean ± std over "
              f"{len(exp.seeds)} seed(s)", "", f"Command: `{command}`", ""]
+    if not paper:
+        lines += [PAPER_LEFT_OUT.format(source=describe_source(exp.base)), ""]
     rows = [[titles[k], f"{sizes[k]:,}"] + [metric_cell(records, k, m, "linear.top1") for m in methods]
-            + [_paper(k, m) for m in methods] for k in titles]
-    lines += [markdown_table(["Subset", "N", *names, *(f"paper {n}" for n in names)], rows), ""]
+            + ([_paper(k, m) for m in methods] if paper else []) for k in titles]
+    lines += [markdown_table(["Subset", "N", *names, *(f"{PAPER_SETTING}: {n}" for n in names if paper)], rows), "",
+              "## Linear top-1 by thirds of the classes (major / minor / rare by pre-training count)", "",
+              thirds_table(records, titles, sizes, methods, METHOD_NAMES), ""]
     rows = [[titles[k], f"{sizes[k]:,}"] + [metric_cell(records, k, m, "knn20.top1") for m in methods] for k in titles]
     lines += ["## k-NN (k=20) top-1", "", markdown_table(["Subset", "N", *names], rows), ""]
 
     pipelined = [k for k in titles if k in exp.pipeline_subsets]
-    rows = [[titles[k], _gain(records, k, "simsiam+c+d"), _gain(records, k, "simsiam+d"),
-             f"{PAPER_TABLE_3[k]['simsiam+c+d'] - PAPER_TABLE_3[k]['simsiam']:+.2f}" if k in PAPER_TABLE_3 else "n/a"]
+    rows = [[titles[k], _gain(records, k, "simsiam+c+d"), _gain(records, k, "simsiam+d")]
+            + ([f"{PAPER_TABLE_3[k]['simsiam+c+d'] - PAPER_TABLE_3[k]['simsiam']:+.2f}"] if paper else [])
             for k in pipelined]
     lines += ["## Gain over SimSiam (pp, linear top-1): paired by seed, mean ± std of the differences", "",
-              markdown_table(["Subset", "SimSiam+C+D", "SimSiam+D", "paper SimSiam+C+D"], rows), ""]
+              markdown_table(["Subset", "SimSiam+C+D", "SimSiam+D", *([f"{PAPER_SETTING}: SimSiam+C+D"] if paper
+                                                                      else [])], rows), ""]
     rows = [[titles[k], str(next(r["clusters"]["sizes"] for r in records
                                  if r["subset"] == k and r["method"] == "simsiam+c+d")),
              metric_cell(records, k, "simsiam+c+d", "clusters.purity"),
@@ -146,7 +154,8 @@ def write_report(exp: Experiment2Config, records: list[dict], out_dir: Path, com
         per_class = {METHOD_NAMES[m]: np.mean([[r["linear"]["per_class"][c] for c in classes] for r in records
                                                if r["subset"] == k and r["method"] == m], axis=0).tolist()
                      for m in ("simsiam", *VARIANTS)}
-        plot_per_class_accuracy(per_class, classes, out_dir / f"per_class_accuracy-{k}.png")
+        plot_per_class_accuracy(per_class, classes, out_dir / f"per_class_accuracy-{k}.png",
+                                title=f"Linear top-1 per class on {titles[k]}, mean over {len(exp.seeds)} seed(s)")
     (out_dir / "results.json").write_text(json.dumps(records, indent=2))
     table = out_dir / "table.md"
     table.write_text("\n".join(lines) + "\n")

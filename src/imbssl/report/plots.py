@@ -32,8 +32,9 @@ def _legend(fig: Figure, handles: list, labels: list[str]) -> None:
     fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 3), frameon=False)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    """Write the figure as PNG, creating the parent folder."""
+def _save(fig: Figure, path: str | Path, title: str) -> Path:
+    """Title the figure with what it shows, then write it as PNG, creating the parent folder."""
+    fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=150, bbox_inches="tight")
@@ -46,7 +47,7 @@ def _figure(num_classes: int) -> Figure:
 
 
 def plot_class_distributions(
-    counts: dict[str, Sequence[int]], class_names: Sequence[str], path: str | Path
+    counts: dict[str, Sequence[int]], class_names: Sequence[str], path: str | Path, *, title: str
 ) -> Path:
     """Images per class for each subset (e.g. imbalanced p=10, balanced rs.20K, balanced full)."""
     fig = _figure(len(class_names))
@@ -55,7 +56,7 @@ def plot_class_distributions(
     ax.set_xlabel("class")
     ax.set_ylabel("images")
     _legend(fig, *ax.get_legend_handles_labels())
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_per_class_accuracy(
@@ -63,6 +64,8 @@ def plot_per_class_accuracy(
     class_names: Sequence[str],
     path: str | Path,
     train_counts: Sequence[int] | None = None,
+    *,
+    title: str,
 ) -> Path:
     """Per-class accuracy (%) of several runs; ``train_counts`` adds a line on a twin axis to show the tail."""
     fig = _figure(len(class_names))
@@ -79,11 +82,12 @@ def plot_per_class_accuracy(
         twin.set_ylim(bottom=0)
         handles, labels = handles + [line], labels + [line.get_label()]
     _legend(fig, handles, labels)
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_clusters_pca(features: np.ndarray, assignments: np.ndarray, path: str | Path,
-                      labels: np.ndarray | None = None, class_names: Sequence[str] | None = None) -> Path:
+                      labels: np.ndarray | None = None, class_names: Sequence[str] | None = None, *,
+                      title: str) -> Path:
     """Features projected to 2-d by PCA, coloured by cluster (paper Figure 3) and, given labels, by class beside it."""
     points = PCA(n_components=2).fit_transform(features)
     panels = [("cluster", assignments, None)]
@@ -99,10 +103,10 @@ def plot_clusters_pca(features: np.ndarray, assignments: np.ndarray, path: str |
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
         ax.legend(markerscale=5, fontsize="small", frameon=False)
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
-def plot_cluster_sizes(sizes: dict[str, Sequence[float]], path: str | Path) -> Path:
+def plot_cluster_sizes(sizes: dict[str, Sequence[float]], path: str | Path, *, title: str) -> Path:
     """Relative cluster sizes (share / target share), largest first, one curve per run (ExCB paper, Figure 5).
 
     The y axis is linear up to 1, the target, and logarithmic above, so a collapsed run's giant clusters and a
@@ -119,4 +123,4 @@ def plot_cluster_sizes(sizes: dict[str, Sequence[float]], path: str | Path) -> P
     ax.set_xlabel("cluster, largest first")
     ax.set_ylabel("relative size")
     _legend(fig, *ax.get_legend_handles_labels())
-    return _save(fig, path)
+    return _save(fig, path, title)
