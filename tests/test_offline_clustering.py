@@ -268,6 +268,7 @@ def test_experiment_2_presets_share_experiment_1_runs_and_budget():
         exp = Experiment2Config.model_validate(load_preset("experiment-2", preset))
         exp1 = load_preset("experiment-1", preset)
         assert exp.base == exp1["base"] and exp.seeds == exp1["seeds"]
+        assert exp.method_optim == exp1.get("method_optim", {})  # the baselines are experiment I's very runs
         stages = exp.pipeline.epochs
         assert stages.base + stages.expert + stages.distill == exp1["base"]["optim"]["epochs"], preset
 

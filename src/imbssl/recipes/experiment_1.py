@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imbssl.config import RunConfig, SubsetConfig, build_config, deep_merge
 from imbssl.data import load_splits, select_subset
@@ -71,6 +71,18 @@ class Experiment1Config(BaseModel):
     methods: list[str] = ["simclr", "simsiam"]
     seeds: list[int] = [0, 1, 2]
     subsets: list[NamedSubset] = Field(default_factory=paper_subsets)
+    subset_keys: list[str] | None = Field(None, description="run only these subsets, in this order (None = all)")
+    method_optim: dict[str, dict] = Field(default_factory=dict,
+                                          description="optim keys of one method over base.optim, e.g. SimSiam's lr")
+
+    @model_validator(mode="after")
+    def _select_subsets(self) -> "Experiment1Config":
+        if self.subset_keys is not None:
+            by_key = {s.key: s for s in self.subsets}
+            if unknown := [k for k in self.subset_keys if k not in by_key]:
+                raise ValueError(f"subset_keys {unknown} are not among the subsets {sorted(by_key)}")
+            self.subsets, self.subset_keys = [by_key[k] for k in self.subset_keys], None
+        return self
 
     def method_section(self, method: str) -> dict:
         """What a run of ``method`` sets over ``base.method``: the name; grids of variants of one method add more."""
@@ -78,6 +90,7 @@ class Experiment1Config(BaseModel):
 
     def run_config(self, subset: NamedSubset, method: str, seed: int) -> RunConfig:
         tree = deep_merge(self.base, {"name": f"{subset.key}/{method}/seed{seed}", "seed": seed,
+                                      "optim": self.method_optim.get(method, {}),
                                       "method": self.method_section(method),
                                       "data": {"subset": subset.subset.model_dump()}})
         return build_config(tree, origin=f"experiment-1 run {subset.key}/{method}/seed{seed}")
