@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from imbssl.augment import Normalize, channel_stats
-from imbssl.config import DataConfig, ModelConfig
+from imbssl.config import ConfigError, DataConfig, ModelConfig
 from imbssl.data import ImageSet, load_splits, select_subset
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.models import build_backbone
@@ -22,11 +22,17 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` (its spelling checked by the config) as a device that exists on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available; use 'auto' or 'cpu'")
+        raise ConfigError(f"train.device={name} but this machine has no CUDA GPU (or torch was built without "
+                          f"CUDA); use train.device=auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name} but MPS is not available; use train.device=auto or cpu")
     return device
 
 
