@@ -112,16 +112,16 @@ def data() -> None:
     """Inspect data sources and long-tailed subsets."""
 
 
-@data.command("describe")
+@data.command("describe", short_help="Per-class counts of the subsets.")
 @click.option("--config", "config_path", help="a run config (its data section): a file or a shipped config's name")
 @set_option("data.source=cifar10")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--plot", type=click.Path(dir_okay=False), help="also draw the Figure-1-style plot to this file")
 def data_describe(config_path: str | None, overrides: tuple[str, ...], as_json: bool, plot: str | None) -> None:
     """Per-class counts of the paper's five subsets and of the configured one."""
+    cfg = load_config(_config_file(config_path) if config_path else None, overrides)
     from imbssl.recipes.experiment_1 import NamedSubset, describe_subsets, paper_subsets
 
-    cfg = load_config(_config_file(config_path) if config_path else None, overrides)
     subsets = paper_subsets(cfg.data.subset.seed)
     if cfg.data.subset.profile != "full" or config_path:
         subsets.append(NamedSubset(key="configured", title=f"configured ({cfg.data.subset.profile})",
@@ -156,7 +156,7 @@ The run goes to <out_dir>/<name> (by default runs/<name> under the current folde
 \b
 Examples:
   imbssl pretrain simsiam-digits --set optim.epochs=5
-  imbssl pretrain simsiam-digits --resume    # continue, up to the config's 30 epochs
+  imbssl pretrain simsiam-digits --resume    # on to the config's 30 epochs
   imbssl pretrain simsiam-cifar10-lt --data cifar10-jpg.tar.gz
 """
 
@@ -170,11 +170,11 @@ Examples:
 @click.option("--eval/--no-eval", "then_eval", default=True, show_default=True, help="evaluate when done")
 def pretrain(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None, resume: bool,
              then_eval: bool) -> None:
+    data_set = (f"data.path={data_path}",) if data_path else ()
+    cfg = load_config(_config_file(config), data_set + overrides)
     from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
     from imbssl.pipelines.pretrain import pretrain as run_pretrain
 
-    data_set = (f"data.path={data_path}",) if data_path else ()
-    cfg = load_config(_config_file(config), data_set + overrides)
     _offer_resume(add_flag=True)
     out = run_pretrain(cfg, Path(run_dir) if run_dir else None, resume=resume)
     click.echo(f"run folder: {out}")
@@ -250,12 +250,12 @@ The pipeline folder is <base.out_dir>/<base.name> (runs/<base.name> by default) 
 @click.option("--eval/--no-eval", "then_eval", default=True, show_default=True, help="evaluate the student when done")
 def offline_clustering(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None,
                        resume: bool, expert: int | None, until: str, then_eval: bool) -> None:
+    data_set = (f"base.data.path={data_path}",) if data_path else ()
+    cfg = load_config(_config_file(config), data_set + overrides, schema=OfflineClusteringConfig)
     from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
     from imbssl.pipelines.offline_clustering import Shard, run_pipeline
     from imbssl.pipelines.pretrain import BACKBONE_FILE
 
-    data_set = (f"base.data.path={data_path}",) if data_path else ()
-    cfg = load_config(_config_file(config), data_set + overrides, schema=OfflineClusteringConfig)
     _offer_resume(add_flag=True)
     root = run_pipeline(cfg, Path(run_dir) if run_dir else Path(cfg.base.out_dir) / cfg.base.name, resume, expert,
                         until)

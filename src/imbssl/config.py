@@ -262,8 +262,9 @@ def _format_errors(err: ValidationError, origin: str, overrides: tuple[str, ...]
     problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
         problem = f"unknown config key {key!r}" if e["type"] == "extra_forbidden" else \
-            f"{key}: {e['msg']}" if key else e["msg"].removeprefix("Value error, ")
+            f"{key}: {message}" if key else message
         pair = _override_for(key, overrides) if key else None
         problems.append(f"--set {pair}: {problem}" if pair else f"{origin}: {problem}")
     return "invalid config: " + "; ".join(problems)

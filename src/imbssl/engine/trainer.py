@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
-from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
 from imbssl.engine.runlog import MetricLogger
 from imbssl.errors import ImbsslError
 from imbssl.methods.base import SSLMethod, StepOutput
@@ -118,7 +118,10 @@ class Trainer:
         save_atomic(self.state_dict(), self.checkpoint_path)
 
     def load_checkpoint(self) -> None:
-        state = load_safe(self.checkpoint_path)
+        try:
+            state = load_safe(self.checkpoint_path)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; delete it to train the run again from the start") from None
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
