@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm import tqdm
 
 from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
@@ -126,10 +126,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.summary = state["epoch"], state["summary"]
-        # The schedules are functions of (step, total steps): re-applied at the resumed step, a run resumed with
-        # more epochs follows the cosine of the new total from its first step on.
-        self.scheduler.last_epoch -= 1
-        self.scheduler.step()
+        if isinstance(self.scheduler, LambdaLR):
+            # The lr is a function of (step, total steps): set anew at the resumed step, a run resumed with more
+            # epochs follows the cosine of the new total from its first step on (the same value otherwise).
+            for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                              self.scheduler.lr_lambdas):
+                group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         log.info("resumed from %s after epoch %d of %d", self.checkpoint_path, self.epoch, self.settings.epochs)
 
     # -- training ------------------------------------------------------------------------------
