@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -298,6 +299,15 @@ def test_broken_run_file_is_named_in_one_line(copy_of, name, breakage, command, 
     assert not leftovers(run)
 
 
+def test_broken_backbone_is_written_again_by_the_command_the_message_gives(copy_of):
+    _, run = copy_of
+    (run / "backbone.pt").write_bytes(b"")
+    line = error_line(imbssl("evaluate", run, cwd=run.parent), 2, "writes it again from the checkpoint")
+    fix = shlex.split(line.split("`")[1])
+    assert fix[0] == "imbssl" and imbssl(*fix[1:], cwd=run.parent).returncode == 0
+    assert imbssl("evaluate", run, cwd=run.parent).returncode == 0
+
+
 WRITE_FAILS = """
 import errno, io, os
 import imbssl.engine.checkpoint as checkpoint
@@ -482,7 +492,7 @@ def test_data_describe_writes_a_plot_only_where_asked(tmp_path):
 def test_debug_shows_the_traceback_before_the_one_line(tmp_path):
     res = imbssl("pretrain", tmp_path / "missing.yaml", cwd=tmp_path, env={"IMBSSL_DEBUG": "1"})
     assert res.returncode == 2 and "Traceback" in res.stderr
-    assert res.stderr.rstrip().splitlines()[-1] == f"Error: config file not found: {tmp_path / 'missing.yaml'}"
+    assert res.stderr.rstrip().splitlines()[-1].startswith(f"Error: config file not found: {tmp_path / 'missing.yaml'}")
 
 
 # -- fault injection ----------------------------------------------------------------------------

@@ -19,10 +19,8 @@ from pydantic import BaseModel
 from imbssl.config import ConfigError, OfflineClusteringConfig, deep_merge, load_config, parse_overrides, validate_tree
 from imbssl.errors import ImbsslError
 
-log = logging.getLogger("imbssl")
-
 CONFIG_DIR = Path(__file__).parent / "configs"
-#: offline_clustering.STAGES, spelled out so that --help need not import torch (test_cli checks they agree)
+#: offline_clustering.STAGES, spelled out so that --help need not import torch (a test checks they agree)
 PIPELINE_STAGES = ("base", "divide", "experts", "distill")
 _RESUME_WITH = "imbssl.resume_with"  # ctx.meta key: the command line that continues an interrupted command
 
@@ -97,13 +95,14 @@ def _shipped_configs(pipelines: bool = False) -> str:
     return ", ".join(names)
 
 
-def _config_file(name: str) -> Path:
+def _config_file(name: str, pipelines: bool = False) -> Path:
     """A config file, or the name of a config shipped in the package (``simsiam-digits``)."""
-    path = Path(name)
-    shipped = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
-    if path.is_file() or not shipped.is_file():
-        return path  # a missing file is reported by load_config
-    return shipped
+    path, shipped = Path(name), CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if path.is_file():
+        return path
+    if path.name == name and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {path} (shipped configs: {_shipped_configs(pipelines)})")
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -170,7 +169,7 @@ Examples:
 @click.option("--eval/--no-eval", "then_eval", default=True, show_default=True, help="evaluate when done")
 def pretrain(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None, resume: bool,
              then_eval: bool) -> None:
-    data_set = (f"data.path={data_path}",) if data_path else ()
+    data_set = (f"data.path={json.dumps(data_path)}",) if data_path else ()  # quoted: a path, whatever it reads like
     cfg = load_config(_config_file(config), data_set + overrides)
     from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
     from imbssl.pipelines.pretrain import pretrain as run_pretrain
@@ -250,8 +249,8 @@ The pipeline folder is <base.out_dir>/<base.name> (runs/<base.name> by default) 
 @click.option("--eval/--no-eval", "then_eval", default=True, show_default=True, help="evaluate the student when done")
 def offline_clustering(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None,
                        resume: bool, expert: int | None, until: str, then_eval: bool) -> None:
-    data_set = (f"base.data.path={data_path}",) if data_path else ()
-    cfg = load_config(_config_file(config), data_set + overrides, schema=OfflineClusteringConfig)
+    data_set = (f"base.data.path={json.dumps(data_path)}",) if data_path else ()
+    cfg = load_config(_config_file(config, pipelines=True), data_set + overrides, schema=OfflineClusteringConfig)
     from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
     from imbssl.pipelines.offline_clustering import Shard, run_pipeline
     from imbssl.pipelines.pretrain import BACKBONE_FILE

@@ -52,9 +52,11 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
     try:
         subset = load_indices(run_dir / "subset.npz")
         backbone, normalize = load_backbone(cfg.model, train.images.shape[-1], run_dir / BACKBONE_FILE)
-    except (CheckpointError, DataError) as err:  # both files are written again from the run's last checkpoint
+    except (CheckpointError, DataError) as err:
+        if not (run_dir / CHECKPOINT_FILE).exists():  # a pipeline folder: its files come from the distill stage
+            raise
         raise type(err)(f"{err}; `imbssl pretrain {run_dir / RUN_CONFIG} --run-dir {run_dir} --resume --no-eval` "
-                        f"writes it again") from None
+                        f"writes it again from the checkpoint") from None
     pretrain_counts = np.bincount(train.labels[subset], minlength=len(train.classes))
     backbone.to(device)
 
