@@ -455,6 +455,13 @@ def test_evaluate_says_where_eval_json_went_the_labelled_size_and_what_na_means(
     assert result["warnings"] == []  # a healthy run
 
 
+def test_evaluate_before_pretraining_has_finished_is_one_line(copy_of):
+    _, run = copy_of
+    (run / "backbone.pt").unlink()
+    error_line(imbssl("evaluate", run, cwd=run.parent), 2, f"{run / 'backbone.pt'} not found: pre-training has not "
+                                                           f"finished")
+
+
 def test_help_lists_shipped_configs_and_where_runs_go_without_cut_lines(tmp_path):
     wide = {"COLUMNS": "80"}
     pretrain_help = imbssl("pretrain", "--help", cwd=tmp_path, env=wide).stdout

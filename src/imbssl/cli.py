@@ -54,8 +54,10 @@ def _one_line(err: BaseException, resume_with: str | None) -> click.ClickExcepti
         message, code = "interrupted", 130
     elif isinstance(err, ImbsslError):
         message, code = str(err), 2
-    elif isinstance(err, OSError) and err.filename:
+    elif isinstance(err, OSError) and err.filename:  # a failed read or write: the file and the system's reason
         message, code = f"{err.filename}: {err.strerror}", 1
+    elif isinstance(err, FileNotFoundError):  # raised with a message of its own: an unfinished run, a missing preset
+        message, code = str(err), 2
     else:  # a bug, or a failure nobody anticipated: still one line, the traceback on request
         message, code = f"{type(err).__name__}: {' '.join(str(err).split())} (--debug shows the traceback)", 1
     if resume_with and isinstance(err, (KeyboardInterrupt, OSError)):
