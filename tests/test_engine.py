@@ -1,11 +1,10 @@
 import json
 import logging
-import pickle
 
 import pytest
 import torch
 
-from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
 from imbssl.engine.runlog import read_metrics
 from imbssl.engine.trainer import NonFiniteLossError, check_collapse
 from imbssl.methods.base import output_std
@@ -49,6 +48,18 @@ def test_run_folder_contents(tiny_cfg, tmp_path):
     assert any((run / "tensorboard").iterdir())
 
 
+def test_checkpoint_by_wall_time(tiny_cfg, tmp_path):
+    """With checkpoint_every far above the run's epochs, the time rule still saves every epoch here."""
+    saved = []
+
+    def checkpointed_epoch(epoch, summary):
+        saved.append(load_safe(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"])
+
+    pretrain(tiny_cfg(train={"checkpoint_every": 100, "checkpoint_every_s": 1e-3}), tmp_path / "run",
+             callbacks=[checkpointed_epoch])
+    assert saved == [1, 2, 3]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     poisoned = {"on": False}
     step = SimSiam.training_step
@@ -81,7 +92,7 @@ def test_checkpoints_load_weights_only(tmp_path):
     assert load_safe(path)["epoch"] == 3
     assert not list(tmp_path.glob(".*.tmp"))
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="refusing to load it"):
         load_safe(tmp_path / "evil.pt")
 
 

@@ -1,25 +1,33 @@
-"""The ``imbssl`` command: data | pretrain | evaluate | pipeline | reproduce | demo."""
+"""The ``imbssl`` command: data | pretrain | evaluate | pipeline | reproduce | demo.
+
+Heavy modules (torch, the pipelines) are imported inside the commands, so ``--help`` and config
+mistakes answer at once.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
 import click
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from imbssl.config import ConfigError, OfflineClusteringConfig, build_config, deep_merge, load_config, parse_overrides
-from imbssl.data import DataError
-from imbssl.engine.trainer import NonFiniteLossError
-from imbssl.pipelines.offline_clustering import STAGES
+from imbssl.config import ConfigError, OfflineClusteringConfig, deep_merge, load_config, parse_overrides, validate_tree
+from imbssl.errors import ImbsslError
 
-log = logging.getLogger("imbssl")
+CONFIG_DIR = Path(__file__).parent / "configs"
+#: offline_clustering.STAGES, spelled out so that --help need not import torch (a test checks they agree)
+PIPELINE_STAGES = ("base", "divide", "experts", "distill")
+_RESUME_WITH = "imbssl.resume_with"  # ctx.meta key: the command line that continues an interrupted command
 
-set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                          help="override a config key, e.g. --set optim.epochs=5 (repeatable)")
+
+def set_option(example: str) -> Callable[[Callable], Callable]:
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help=f"override a config key, e.g. --set {example} (repeatable)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -28,11 +36,75 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports each CPU-feature probe at INFO
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _command_line() -> str:
+    return "imbssl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _offer_resume(add_flag: bool) -> None:
+    """Name, on an interrupt or a failed write, the command that continues this one."""
+    line = _command_line()
+    if add_flag and "--resume" not in sys.argv[1:]:
+        line += " --resume"
+    click.get_current_context().meta[_RESUME_WITH] = line
+
+
+def _one_line(err: BaseException, resume_with: str | None) -> click.ClickException:
+    """Exit 2 for imbssl's own errors (bad config, data, checkpoint...), 130 for Ctrl-C, 1 for anything else."""
+    if isinstance(err, KeyboardInterrupt):
+        message, code = "interrupted", 130
+    elif isinstance(err, ImbsslError):
+        message, code = str(err), 2
+    elif isinstance(err, OSError) and err.filename:  # a failed read or write: the file and the system's reason
+        message, code = f"{err.filename}: {err.strerror}", 1
+    elif isinstance(err, FileNotFoundError):  # raised with a message of its own: an unfinished run, a missing preset
+        message, code = str(err), 2
+    else:  # a bug, or a failure nobody anticipated: still one line, the traceback on request
+        message, code = f"{type(err).__name__}: {' '.join(str(err).split())} (--debug shows the traceback)", 1
+    if resume_with and isinstance(err, (KeyboardInterrupt, OSError)):
+        message += f"; continue with `{resume_with}`"
+    failure = click.ClickException(message)
+    failure.exit_code = code
+    return failure
+
+
+class OneLineErrors(click.Group):
+    """The root group: a failing command prints one line and exits non-zero; --debug adds the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own usage errors and exits
+        except (Exception, KeyboardInterrupt) as err:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            raise _one_line(err, ctx.meta.get(_RESUME_WITH)) from None
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def cli(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, envvar="IMBSSL_DEBUG", help="show the traceback of a failure (or IMBSSL_DEBUG=1)")
+def cli(verbose: bool, debug: bool) -> None:
     """Self-supervised pre-training on class-imbalanced image data."""
     _setup_logging(verbose)
+
+
+def _shipped_configs(pipelines: bool = False) -> str:
+    """The names of the run (or pipeline) configs in the package; a pipeline config has a ``base`` section."""
+    import yaml
+
+    names = [p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")) if ("base" in yaml.safe_load(p.read_text())) == pipelines]
+    return ", ".join(names)
+
+
+def _config_file(name: str, pipelines: bool = False) -> Path:
+    """A config file, or the name of a config shipped in the package (``simsiam-digits``)."""
+    path, shipped = Path(name), CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if path.is_file():
+        return path
+    if path.name == name and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {path} (shipped configs: {_shipped_configs(pipelines)})")
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -41,80 +113,110 @@ def data() -> None:
     """Inspect data sources and long-tailed subsets."""
 
 
-@data.command("describe")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="a run config (its data section)")
-@set_option
+@data.command("describe", short_help="Per-class counts of the subsets.")
+@click.option("--config", "config_path", help="a run config (its data section): a file or a shipped config's name")
+@set_option("data.source=cifar10")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--plot", type=click.Path(dir_okay=False), default="data-distributions.png", show_default=True,
-              help="where to save the Figure-1-style plot")
-def data_describe(config_path: str | None, overrides: tuple[str, ...], as_json: bool, plot: str) -> None:
+@click.option("--plot", type=click.Path(dir_okay=False), help="also draw the Figure-1-style plot to this file")
+def data_describe(config_path: str | None, overrides: tuple[str, ...], as_json: bool, plot: str | None) -> None:
     """Per-class counts of the paper's five subsets and of the configured one."""
+    cfg = load_config(_config_file(config_path) if config_path else None, overrides)
     from imbssl.recipes.experiment_1 import NamedSubset, describe_subsets, paper_subsets
-    from imbssl.report import plot_class_distributions
 
-    cfg = load_config(config_path, overrides)
     subsets = paper_subsets(cfg.data.subset.seed)
     if cfg.data.subset.profile != "full" or config_path:
         subsets.append(NamedSubset(key="configured", title=f"configured ({cfg.data.subset.profile})",
                                    subset=cfg.data.subset))
     classes, counts = describe_subsets(cfg, subsets)
-    plot_class_distributions(counts, classes, plot, title=f"Images per class of each subset ({cfg.data.source})")
+    if plot:
+        from imbssl.report import plot_class_distributions
+
+        plot_class_distributions(counts, classes, plot, title=f"Images per class of each subset ({cfg.data.source})")
     if as_json:
         click.echo(json.dumps({"source": cfg.data.source, "classes": classes,
                                "subsets": {t: {"counts": c, "total": sum(c)} for t, c in counts.items()},
-                               "plot": str(plot)}, indent=2))
+                               "plot": plot}, indent=2))
         return
     width = max(len(t) for t in counts)
     click.echo(f"source: {cfg.data.source}   classes: {', '.join(classes)}")
     for title, c in counts.items():
         click.echo(f"{title:<{width}}  total {sum(c):>7,}  per class {c}")
-    click.echo(f"plot: {plot}")
+    click.echo(f"plot: {plot}" if plot else "(--plot FILE draws these counts)")
 
 
 # -- pretrain / evaluate ------------------------------------------------------------------------
-@cli.command()
-@click.argument("config_path", type=click.Path(dir_okay=False))
-@set_option
-@click.option("--run-dir", type=click.Path(file_okay=False), help="default: <out_dir>/<name>")
-@click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
+PRETRAIN_HELP = f"""Pre-train one method on one subset, then evaluate it.
+
+CONFIG is a YAML file or the name of a config shipped with imbssl:
+
+\b
+  {_shipped_configs()}
+
+The run goes to <out_dir>/<name> (by default runs/<name> under the current folder) or to --run-dir.
+
+\b
+Examples:
+  imbssl pretrain simsiam-digits --set optim.epochs=5
+  imbssl pretrain simsiam-digits --resume    # on to the config's 30 epochs
+  imbssl pretrain simsiam-cifar10-lt --data cifar10-jpg.tar.gz
+"""
+
+
+@cli.command(help=PRETRAIN_HELP, short_help="Pre-train one method on one subset.")
+@click.argument("config")
+@set_option("optim.epochs=5")
+@click.option("--data", "data_path", type=click.Path(), help="data archive or folder (sets data.path)")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="the run folder  [default: <out_dir>/<name>]")
+@click.option("--resume", is_flag=True, help="continue the run from its last checkpoint; may raise optim.epochs")
 @click.option("--eval/--no-eval", "then_eval", default=True, show_default=True, help="evaluate when done")
-def pretrain(config_path: str, overrides: tuple[str, ...], run_dir: str | None, resume: bool, then_eval: bool) -> None:
-    """Pre-train one method on one subset."""
-    from imbssl.pipelines.evaluate import evaluate_run
+def pretrain(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None, resume: bool,
+             then_eval: bool) -> None:
+    data_set = (f"data.path={json.dumps(data_path)}",) if data_path else ()  # quoted: a path, whatever it reads like
+    cfg = load_config(_config_file(config), data_set + overrides)
+    from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
     from imbssl.pipelines.pretrain import pretrain as run_pretrain
 
-    cfg = load_config(config_path, overrides)
+    _offer_resume(add_flag=True)
     out = run_pretrain(cfg, Path(run_dir) if run_dir else None, resume=resume)
     click.echo(f"run folder: {out}")
     if then_eval:
-        _echo_eval(evaluate_run(out))
+        _echo_eval(evaluate_run(out), out / EVAL_FILE)
 
 
-@cli.command()
+@cli.command(short_help="Linear probe and k-NN of a run -> eval.json.")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@set_option
+@set_option("eval.linear.epochs=20")
 def evaluate(run_dir: str, overrides: tuple[str, ...]) -> None:
-    """Linear probe and k-NN of a finished run (writes RUN_DIR/eval.json)."""
-    from imbssl.pipelines.evaluate import evaluate_run, load_run_config
+    """Linear probe and k-NN of a finished run on a balanced labelled set (writes RUN_DIR/eval.json)."""
+    from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run, load_run_config
 
     cfg = load_run_config(Path(run_dir))
     if overrides:
-        cfg = build_config(deep_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)), origin="--set")
-    _echo_eval(evaluate_run(Path(run_dir), cfg.eval))
+        cfg = validate_tree(type(cfg), deep_merge(cfg.model_dump(mode="json"), parse_overrides(overrides)),
+                            origin=str(Path(run_dir) / "config.yaml"), overrides=overrides)
+    _echo_eval(evaluate_run(Path(run_dir), cfg.eval), Path(run_dir) / EVAL_FILE)
 
 
-def _echo_eval(result: dict) -> None:
+def _echo_eval(result: dict, eval_file: Path) -> None:
     lin = result["linear"]
     knn = ", ".join(f"{k} {v['top1']:.2f}" for k, v in result.items() if k.startswith("knn"))
+    click.echo(f"labelled set: {result['labelled_train']} images to train the probe + {result['labelled_val']} to "
+               f"select it (balanced); test: {result['test']} images")
     click.echo(f"linear top-1 {lin['top1']:.2f} (val {lin['val_top1']:.2f}); {knn}")
     groups = " / ".join("n/a" if lin[g] is None else f"{lin[g]:.2f}" for g in ("many", "medium", "few"))
     thirds = " / ".join(f"{lin['thirds'][g]:.2f}" for g in ("major", "minor", "rare"))
     click.echo(f"many/medium/few: {groups}; major/minor/rare: {thirds} (std {lin['thirds_std']:.2f})")
+    if None in (lin["many"], lin["medium"], lin["few"]):
+        click.echo("  n/a: no class of the pre-training subset falls in that group (many: over 100 images, "
+                   "medium: 20-100, few: under 20)")
     if "clusters" in result:
         clusters = result["clusters"]
         click.echo(f"clusters: {clusters['empty_clusters']} of {len(clusters['sorted_relative_sizes'])} empty, "
                    f"largest {clusters['cluster_size_max']:.2f}x the target size; purity {clusters['purity']:.3f}, "
                    f"NMI {clusters['nmi']:.3f}")
+    for warning in result.get("warnings", []):
+        click.echo(f"warning: {warning}")
+    click.echo(f"eval: {eval_file}")
 
 
 # -- pipeline ---------------------------------------------------------------------------------
@@ -123,30 +225,44 @@ def pipeline() -> None:
     """Multi-stage pre-training pipelines."""
 
 
-@pipeline.command("offline-clustering")
-@click.argument("config_path", type=click.Path(dir_okay=False))
-@set_option
-@click.option("--run-dir", type=click.Path(file_okay=False), help="default: <base.out_dir>/<base.name>")
+OFFLINE_CLUSTERING_HELP = f"""Base -> divide -> experts -> distill (paper Sec. 3); the folder ends up an evaluable run.
+
+CONFIG is a YAML file or the name of a pipeline config shipped with imbssl:
+
+\b
+  {_shipped_configs(pipelines=True)}
+
+The pipeline folder is <base.out_dir>/<base.name> (runs/<base.name> by default) or --run-dir. Under torchrun
+(RANK, WORLD_SIZE) the processes share the experts; see docs/offline-clustering.md.
+"""
+
+
+@pipeline.command("offline-clustering", help=OFFLINE_CLUSTERING_HELP,
+                  short_help="Base, divide, experts, distill (paper, Sec. 3).")
+@click.argument("config")
+@set_option("epochs.base=10")
+@click.option("--data", "data_path", type=click.Path(), help="data archive or folder (sets base.data.path)")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="the pipeline folder  [default: "
+                                                                  "<base.out_dir>/<base.name>]")
 @click.option("--resume", is_flag=True, help="continue at the first unfinished stage or expert")
 @click.option("--expert", type=int, help="train only expert K of a divided pipeline (one job per expert)")
-@click.option("--until", type=click.Choice(STAGES), default="distill", show_default=True, help="stop after this stage")
+@click.option("--until", type=click.Choice(PIPELINE_STAGES), default="distill", show_default=True,
+              help="stop after this stage")
 @click.option("--eval/--no-eval", "then_eval", default=True, show_default=True, help="evaluate the student when done")
-def offline_clustering(config_path: str, overrides: tuple[str, ...], run_dir: str | None, resume: bool,
-                       expert: int | None, until: str, then_eval: bool) -> None:
-    """Base -> divide -> experts -> distill (paper Sec. 3); the folder ends up an evaluable run.
-
-    Under torchrun (RANK, WORLD_SIZE) the processes share the experts; see docs/offline-clustering.md.
-    """
-    from imbssl.pipelines.evaluate import evaluate_run
+def offline_clustering(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None,
+                       resume: bool, expert: int | None, until: str, then_eval: bool) -> None:
+    data_set = (f"base.data.path={json.dumps(data_path)}",) if data_path else ()
+    cfg = load_config(_config_file(config, pipelines=True), data_set + overrides, schema=OfflineClusteringConfig)
+    from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
     from imbssl.pipelines.offline_clustering import Shard, run_pipeline
     from imbssl.pipelines.pretrain import BACKBONE_FILE
 
-    cfg = load_config(config_path, overrides, schema=OfflineClusteringConfig)
+    _offer_resume(add_flag=True)
     root = run_pipeline(cfg, Path(run_dir) if run_dir else Path(cfg.base.out_dir) / cfg.base.name, resume, expert,
                         until)
     click.echo(f"pipeline folder: {root}")
     if then_eval and Shard.from_env().rank == 0 and (root / BACKBONE_FILE).exists():
-        _echo_eval(evaluate_run(root))
+        _echo_eval(evaluate_run(root), root / EVAL_FILE)
 
 
 # -- reproduce / demo ---------------------------------------------------------------------------
@@ -160,25 +276,19 @@ def _load_grid(experiment: str, schema: type[BaseModel], preset: str, overrides:
     """``experiment``'s preset with --data and --set applied, validated as ``schema``."""
     from imbssl.recipes import load_preset
 
+    _offer_resume(add_flag=False)  # the grids resume their unfinished runs by themselves
     tree = load_preset(experiment, preset)
     if data_path:
         tree = deep_merge(tree, {"base": {"data": {"path": data_path}}})
     tree = deep_merge(tree, parse_overrides(overrides))
-    try:
-        return schema.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(f"invalid {experiment} preset {preset!r}: {err}") from None
-
-
-def _command_line() -> str:
-    return "imbssl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return validate_tree(schema, tree, origin=f"the {experiment} preset {preset!r}", overrides=overrides)
 
 
 def _grid_options(experiment: str) -> Callable[[Callable], Callable]:
     """--preset, --set, --out and --data of a ``reproduce`` command; reports go to reports/EXPERIMENT-PRESET."""
     options = [
         click.option("--preset", type=click.Choice(["demo", "cpu", "paper"]), default="demo", show_default=True),
-        set_option,
+        set_option("base.optim.epochs=10"),
         click.option("--out", type=click.Path(file_okay=False),
                      help=f"report folder (default reports/{experiment}-PRESET)"),
         click.option("--data", "data_path", type=click.Path(), help="data archive or folder (sets base.data.path)"),
@@ -200,7 +310,7 @@ def _experiment_1(preset: str, overrides: tuple[str, ...], out: str | None, data
     return write_report(exp, run_grid(exp, out_dir), out_dir, _command_line())
 
 
-@reproduce.command("experiment-1")
+@reproduce.command("experiment-1", short_help="Table 2: SimCLR and SimSiam, imbalanced vs balanced.")
 @_grid_options("experiment-1")
 def reproduce_experiment_1(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
     """Table 2: SimCLR and SimSiam on imbalanced vs balanced CIFAR-10 subsets."""
@@ -209,7 +319,7 @@ def reproduce_experiment_1(preset: str, overrides: tuple[str, ...], out: str | N
     click.echo(f"report: {table.parent}")
 
 
-@reproduce.command("excb")
+@reproduce.command("excb", short_help="ExCB beside its baselines; a K ablation.")
 @_grid_options("excb")
 def reproduce_excb(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
     """ExCB, ExCB without balancing and DINO centring on CIFAR-10-LT p=100, p=10 and rs.12K; a K ablation."""
@@ -221,7 +331,7 @@ def reproduce_excb(preset: str, overrides: tuple[str, ...], out: str | None, dat
     click.echo(f"report: {table.parent}")
 
 
-@reproduce.command("experiment-2")
+@reproduce.command("experiment-2", short_help="Table 3: offline clustering vs the baselines.")
 @_grid_options("experiment-2")
 @click.option("--baselines-from", type=click.Path(file_okay=False),
               help="an experiment-1 report folder of the same preset: its runs are the baselines (missing ones are "
@@ -240,8 +350,8 @@ def reproduce_experiment_2(preset: str, overrides: tuple[str, ...], out: str | N
     click.echo(f"report: {out_dir}")
 
 
-@cli.command()
-@set_option
+@cli.command(short_help="Experiment I on digits, in minutes on a CPU.")
+@set_option("base.optim.epochs=2")
 @click.option("--out", type=click.Path(file_okay=False), default="reports/demo", show_default=True)
 def demo(overrides: tuple[str, ...], out: str) -> None:
     """Experiment I on scikit-learn's digits: a few minutes on a laptop CPU."""
@@ -251,13 +361,4 @@ def demo(overrides: tuple[str, ...], out: str) -> None:
 
 
 def main() -> None:
-    try:
-        cli(standalone_mode=False)
-    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
+    cli(prog_name="imbssl")

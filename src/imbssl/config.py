@@ -5,11 +5,14 @@ fails loudly with the offending key in the message instead of silently using a d
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imbssl.errors import ImbsslError
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -20,8 +23,12 @@ Space = Literal["backbone", "projector", "predictor"]
 SPACES: tuple[Space, ...] = ("backbone", "projector", "predictor")
 
 
-class ConfigError(ValueError):
+class ConfigError(ImbsslError, ValueError):
     """A configuration file or override that cannot be used as given."""
+
+
+MISSING_DATA_PATH = ("data.path is required when data.source is 'imagefolder': pass --data PATH (an ImageFolder "
+                     "folder or .tar.gz), or --set data.source=cifar10 to download CIFAR-10")
 
 
 class Section(BaseModel):
@@ -109,16 +116,26 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
     data_on_device: bool = True
     deterministic: bool = Field(True, description="cuDNN without autotuning and deterministic kernels where torch "
                                                   "has them (torch.use_deterministic_algorithms, warn_only)")
-    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last epoch is always saved)")
+    checkpoint_every_s: float = Field(300.0, gt=0, description="also checkpoint at the end of any epoch that ends "
+                                                               "this many seconds after the last checkpoint")
     collapse_warn_below: float = Field(0.1, ge=0, description="warn when std*sqrt(d) of l2-normalised outputs falls below")
     log_every: int = Field(10, ge=1, description="steps between metric records (and NaN checks)")
     progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        # Only the spelling is checked here; whether the device exists is known when the run starts.
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+            raise ValueError(f"{name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        return name
 
 
 class LinearEvalConfig(Section):
@@ -152,7 +169,7 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         if self.data.source == "imagefolder" and not self.data.path:
-            raise ValueError("data.path is required when data.source is 'imagefolder'")
+            raise ValueError(MISSING_DATA_PATH)
         return self
 
 
@@ -206,15 +223,22 @@ class OfflineClusteringConfig(OfflineClusteringSettings):
         return self.base.model_copy(update={"name": name, "optim": optim})
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, pair: str) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for key in parents:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a section")
+            raise ConfigError(f"--set {pair}: {key!r} is not a section")
         node = child
     node[leaf] = value
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line 3, column 7: mapping values are not allowed here', without PyYAML's '<unicode string>' excerpt."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -223,8 +247,12 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {pair!r} is not of the form key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+            raise ConfigError(f"--set {pair}: not of the form key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {pair}: the value is not valid YAML ({_yaml_problem(err)})") from None
+        _set_dotted(tree, key.strip(), value, pair)
     return tree
 
 
@@ -238,33 +266,54 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = []
+def _override_for(key: str, overrides: tuple[str, ...]) -> str | None:
+    """The ``--set`` pair that set ``key`` (or a section above or below it), if any."""
+    for pair in reversed(overrides):  # the last --set of a key wins
+        set_key = pair.partition("=")[0].strip()
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            return pair
+    return None
+
+
+def _format_errors(err: ValidationError, origin: str, overrides: tuple[str, ...] = ()) -> str:
+    """One line; each problem is blamed on the ``--set`` that caused it, or else on ``origin``."""
+    problems = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {key!r}")
-        else:
-            lines.append(f"{key}: {e['msg']}")
-    return f"invalid config ({origin}):\n  " + "\n  ".join(lines)
+        key = ".".join(str(p) for p in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        problem = f"unknown config key {key!r}" if e["type"] == "extra_forbidden" else \
+            f"{key}: {message}" if key else message
+        pair = _override_for(key, overrides) if key else None
+        problems.append(f"--set {pair}: {problem}" if pair else f"{origin}: {problem}")
+    return "invalid config: " + "; ".join(problems)
 
 
-def validate_tree(schema: type[ConfigT], tree: dict[str, Any], origin: str = "<dict>") -> ConfigT:
+def validate_tree(schema: type[ConfigT], tree: dict[str, Any], origin: str = "<dict>",
+                  overrides: tuple[str, ...] = ()) -> ConfigT:
     try:
         return schema.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, origin)) from None
+        raise ConfigError(_format_errors(err, origin, tuple(overrides))) from None
 
 
 def build_config(tree: dict[str, Any], origin: str = "<dict>") -> RunConfig:
     return validate_tree(RunConfig, tree, origin)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, empty_ok: bool = True) -> dict[str, Any]:
+    """A YAML mapping; ``empty_ok=False`` for files that imbssl wrote, where empty means truncated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({err})") from None
+    if tree is None and not empty_ok:
+        raise ConfigError(f"{path} is empty")
+    tree = tree or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return tree
@@ -274,7 +323,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 schema: type[ConfigT] = RunConfig) -> ConfigT:
     tree = load_yaml(path) if path else {}
     tree = deep_merge(tree, parse_overrides(overrides))
-    return validate_tree(schema, tree, origin=str(path) if path else "<overrides>")
+    return validate_tree(schema, tree, origin=str(path) if path else "config", overrides=tuple(overrides))
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:

@@ -123,9 +123,11 @@ def load_or_build(cache_dir: Path, key: str, build: Build) -> tuple[Arrays, dict
         _write(tmp, arrays, meta)
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         os.rename(tmp, final)
-    except OSError:
+    except OSError as err:
         if not (final / _META).is_file():
-            raise
+            megabytes = sum(a.nbytes for a in arrays.values()) / 1e6
+            raise OSError(err.errno, f"cannot write the decode cache ({megabytes:,.0f} MB): {err.strerror}; free "
+                                     f"space or move the cache with --set data.cache_dir=PATH", str(cache_dir)) from err
         log.debug("another process cached %s first", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +155,10 @@ def _read_index_file(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
                 return z["indices"], json.loads(str(z["meta"]))
         blob = json.loads(path.read_text())
         return np.asarray(blob["indices"]), blob["meta"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"cannot read index file {path}: {err}") from err
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        # numpy's advice on random bytes (unpickle them) must not reach the user: say what is wrong instead.
+        detail = "" if "pickle" in str(err) else f" ({err})"
+        raise DataError(f"cannot read index file {path}: empty, truncated or not an index file{detail}") from err
 
 
 def load_indices(path: str | os.PathLike[str]) -> np.ndarray:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from imbssl.config import DataConfig
 from imbssl.data.cache import cache_key, file_digest, folder_digest, load_or_build
+from imbssl.errors import ImbsslError
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -42,7 +43,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", "
                               ".tif", ".tiff", ".webp"})
 
 
-class DataError(RuntimeError):
+class DataError(ImbsslError, RuntimeError):
     """Input data that cannot be used as given; the message names the file, folder or class."""
 
 
@@ -313,29 +314,37 @@ def _safe_parts(name: str, archive: Path) -> tuple[str, ...]:
     return path.parts
 
 
-def _tar_files(archive: Path) -> list[_File]:
-    files = []
+class _Listing(NamedTuple):
+    files: list[_File]  # the images
+    folders: set[tuple[str, ...]]  # every folder, empty ones included: to tell "empty" from "missing"
+
+
+def _tar_files(archive: Path) -> _Listing:
+    listing = _Listing([], set())
     try:
         with tarfile.open(archive, "r|*") as tf:
             for member in tf:
                 parts = _safe_parts(member.name, archive)
-                if member.isfile() and _is_image(parts):
-                    files.append(_File(parts, tf.extractfile(member).read(), f"{archive}:{member.name}"))
+                if member.isdir():
+                    listing.folders.add(parts)
+                elif member.isfile() and _is_image(parts):
+                    listing.files.append(_File(parts, tf.extractfile(member).read(), f"{archive}:{member.name}"))
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read tar archive {archive}: {err}") from err
-    return files
+    return listing
 
 
-def _folder_files(root: Path) -> list[_File]:
-    files = []
+def _folder_files(root: Path) -> _Listing:
+    listing = _Listing([], set())
     for dirpath, _, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root).parts
+        listing.folders.add(rel)
         for name in filenames:
             parts = (*rel, name)
             if _is_image(parts):
                 full = Path(dirpath, name)
-                files.append(_File(parts, full, str(full)))
-    return files
+                listing.files.append(_File(parts, full, str(full)))
+    return listing
 
 
 def _find_root(files: list[_File], source: Path) -> tuple[str, ...]:
@@ -349,8 +358,9 @@ def _find_root(files: list[_File], source: Path) -> tuple[str, ...]:
     raise DataError(f"{source}: expected [<top>/]train/<class>/<image> and test/ (or val/); {found}")
 
 
-def _by_split(files: list[_File], source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, _File]]]]:
+def _by_split(listing: _Listing, source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, _File]]]]:
     """Classes (sorted train folder names) and, per split, sorted (class, file) pairs."""
+    files = listing.files
     root = _find_root(files, source)
     depth = len(root)
     under: dict[str, list[tuple[str, _File]]] = {}
@@ -360,15 +370,14 @@ def _by_split(files: list[_File], source: Path) -> tuple[tuple[str, ...], dict[s
     test_name = "test" if "test" in under else "val"
     if test_name not in under:
         raise DataError(f"{source}: no {'/'.join((*root, 'test'))} (or val) split")
-    classes = tuple(sorted({c for c, _ in under["train"]}))
-    test_classes = {c for c, _ in under.get(test_name, [])}
-    for cls in classes:
-        if cls not in test_classes:
-            missing = "/".join((*root, test_name, cls))
-            raise DataError(f"{source}: class folder {missing} is missing (or holds no images)")
-    extra = sorted(test_classes - set(classes))
-    if extra:
-        raise DataError(f"{source}: {test_name}/ has class folder(s) {extra} that train/ lacks")
+    present = {split: {c for c, _ in under[split]} for split in ("train", test_name)}
+    classes = tuple(sorted(present["train"]))
+    for split, cls in [*((test_name, c) for c in classes), *(("train", c) for c in sorted(present[test_name]))]:
+        if cls not in present[split]:
+            folder = (*root, split, cls)
+            state = "is empty (no image files)" if folder in listing.folders else "is missing"
+            raise DataError(f"{source}: class folder {'/'.join(folder)} {state}; every class needs images in "
+                            f"train/ and {test_name}/")
     return classes, {"train": under["train"], "test": under[test_name]}
 
 
@@ -377,6 +386,8 @@ def _open_image(f: _File) -> Image.Image:
         data = f.data if isinstance(f.data, bytes) else f.data.read_bytes()
         img = Image.open(io.BytesIO(data))
         img.load()
+    except Image.UnidentifiedImageError:  # its message names the in-memory buffer, not the file
+        raise DataError(f"cannot decode image {f.name}: not in an image format PIL reads (corrupt?)") from None
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         raise DataError(f"cannot decode image {f.name}: {err}") from err
     return img
@@ -406,8 +417,7 @@ def _decode_images(files: list[_File], image_size: int | None) -> np.ndarray:
 
 def _decode_imagefolder(root: Path, image_size: int | None) -> Splits:
     """Both splits decoded together, so they share one image size and channel count."""
-    files = _tar_files(root) if root.is_file() else _folder_files(root)
-    classes, splits = _by_split(files, root)
+    classes, splits = _by_split(_tar_files(root) if root.is_file() else _folder_files(root), root)
     pairs = splits["train"] + splits["test"]
     images = _decode_images([f for _, f in pairs], image_size)
     index = {c: i for i, c in enumerate(classes)}

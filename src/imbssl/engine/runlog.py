@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -20,12 +21,17 @@ class MetricLogger:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
 
     def __init__(self, run_dir: Path, purge_step: int = 0) -> None:
-        """``purge_step``: on resume, records at or after it (from the interrupted epoch) are dropped."""
+        """Records at or after ``purge_step``, the checkpoint's step (0 for a fresh start), are dropped: they
+        come from epochs that are trained again."""
         self.path = run_dir / "metrics.jsonl"
-        if purge_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < purge_step]
+        tensorboard = run_dir / "tensorboard"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) < purge_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step or None)
+        if purge_step == 0:
+            shutil.rmtree(tensorboard, ignore_errors=True)
+        # TensorBoard's own purge: readers drop the earlier events at or after purge_step.
+        self.tb = SummaryWriter(str(tensorboard), purge_step=purge_step or None)
 
     def log(self, step: int, **values: float) -> None:
         with open(self.path, "a") as fh:
@@ -36,6 +42,14 @@ class MetricLogger:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def _step(line: str) -> float:
+    """A record's step; a line cut short by a kill counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

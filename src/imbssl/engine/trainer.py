@@ -16,12 +16,13 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm import tqdm
 
 from imbssl.augment import MultiCrop
-from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
 from imbssl.engine.runlog import MetricLogger
+from imbssl.errors import ImbsslError
 from imbssl.methods.base import SSLMethod, StepOutput
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ EpochCallback = Callable[[int, dict], None]
 CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ImbsslError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
@@ -44,9 +45,20 @@ class TrainSettings:
     precision: str = "fp32"
     channels_last: bool = False
     checkpoint_every: int = 1
+    checkpoint_every_s: float = 300.0
     collapse_warn_below: float = 0.1
     log_every: int = 10
     progress: bool = True
+
+
+def _duration(seconds: float) -> str:
+    """'42s', '7m05s', '3h12m'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def check_collapse(std: float, dim: int, warn_below: float) -> float:
@@ -100,6 +112,7 @@ class Trainer:
         self.total_steps = settings.epochs * self.steps_per_epoch
         self.epoch = 0
         self.summary: dict = {}  # the last finished epoch's figures
+        self.bar: tqdm | None = None  # the whole run's progress, on a terminal
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -110,32 +123,64 @@ class Trainer:
         save_atomic(self.state_dict(), self.checkpoint_path)
 
     def load_checkpoint(self) -> None:
-        state = load_safe(self.checkpoint_path)
+        try:
+            state = load_safe(self.checkpoint_path)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; delete it to train the run again from the start") from None
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.summary = state["epoch"], state["summary"]
-        log.info("resumed from %s after epoch %d", self.checkpoint_path, self.epoch)
+        if isinstance(self.scheduler, LambdaLR):
+            # The lr is a function of (step, total steps): set anew at the resumed step, a run resumed with more
+            # epochs follows the cosine of the new total from its first step on (the same value otherwise).
+            for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                              self.scheduler.lr_lambdas):
+                group["lr"] = base_lr * factor(self.scheduler.last_epoch)
+        log.info("resumed from %s after epoch %d of %d", self.checkpoint_path, self.epoch, self.settings.epochs)
 
     # -- training ------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
         if resume and self.checkpoint_path.exists():
             self.load_checkpoint()
+        elif resume:
+            log.info("no checkpoint at %s: starting from scratch", self.checkpoint_path)
         if self.epoch == 0:  # a fresh run; epoch index `epochs` is one that no training epoch draws views from
             self.method.on_train_start(self.images, self.make_views.global_view,
                                        epoch_generator(self.settings.seed, self.settings.epochs, self.device))
+        # Records after the checkpoint come from epochs that are trained again: drop them, as if never written.
         logger = MetricLogger(self.run_dir, purge_step=self.epoch * self.steps_per_epoch)
+        first_epoch, start, saved_at = self.epoch, time.perf_counter(), time.perf_counter()
+        self.bar = tqdm(total=self.total_steps, initial=first_epoch * self.steps_per_epoch, unit="step",
+                        desc=self.run_dir.name, disable=None if self.settings.progress else True, dynamic_ncols=True)
         try:
             while self.epoch < self.settings.epochs:
                 self.summary = self._train_epoch(logger)
                 self.epoch += 1
-                if self.epoch % self.settings.checkpoint_every == 0 or self.epoch == self.settings.epochs:
+                if self._checkpoint_due(saved_at):
                     self.save_checkpoint()
+                    saved_at = time.perf_counter()
+                self._log_epoch(eta_s=(time.perf_counter() - start) / (self.epoch - first_epoch)
+                                * (self.settings.epochs - self.epoch))
                 for callback in self.callbacks:
                     callback(self.epoch, self.summary)
         finally:
+            self.bar.close()
             logger.close()
         return self.summary
+
+    def _checkpoint_due(self, saved_at: float) -> bool:
+        """Every ``checkpoint_every`` epochs, after an epoch that ends ``checkpoint_every_s`` after the last
+        checkpoint, and after the last epoch."""
+        s = self.settings
+        return (self.epoch % s.checkpoint_every == 0 or self.epoch == s.epochs
+                or time.perf_counter() - saved_at >= s.checkpoint_every_s)
+
+    def _log_epoch(self, eta_s: float) -> None:
+        """One line per epoch: what a log file (or a non-terminal stderr) shows instead of the progress bar."""
+        s = self.summary
+        log.info("epoch %d/%d loss %.4f output_std %.4f %.0f img/s, eta %s", self.epoch, self.settings.epochs,
+                 s["loss"], s["output_std"], s["images_per_s"], _duration(eta_s))
 
     def _train_epoch(self, logger: MetricLogger) -> dict:
         s, epoch = self.settings, self.epoch
@@ -147,35 +192,33 @@ class Trainer:
         window: list[dict[str, torch.Tensor]] = []  # step figures kept on the device until the next sync
         totals: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{s.epochs}", disable=not s.progress,
-                   leave=False, dynamic_ncols=True)
-        for step in bar:
-            indices = batches[step]
+        for step, indices in enumerate(batches):
             window.append(self._step(self.images[indices], indices, gen, epoch * self.steps_per_epoch + step))
             seen += len(indices)
+            self.bar.update()
             if len(window) == s.log_every or step == self.steps_per_epoch - 1:
                 # One host-device sync per window, not per step: the NaN check and the logs read it together.
                 means = self._flush(window, epoch * self.steps_per_epoch + step, logger)
                 for key, value in means.items():
                     totals[key] = totals.get(key, 0.0) + value * len(window)
                 window = []
-                bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+                self.bar.set_postfix(epoch=f"{epoch + 1}/{s.epochs}", loss=f"{means['loss']:.4f}",
+                                     img_s=f"{seen / (time.perf_counter() - start):.0f}")
         summary = {"epoch": epoch + 1, **{k: v / self.steps_per_epoch for k, v in totals.items()},
                    "images_per_s": seen / (time.perf_counter() - start), "images_seen": seen,
                    **self.method.epoch_stats(self.labels)}
         summary["collapse_ratio"] = check_collapse(summary["output_std"], self.method.output_dim, s.collapse_warn_below)
         logger.log((epoch + 1) * self.steps_per_epoch - 1, **{f"epoch/{k}": v for k, v in summary.items()})
-        log.info("epoch %d/%d loss %.4f output_std %.4f %.0f img/s", epoch + 1, s.epochs, summary["loss"],
-                 summary["output_std"], summary["images_per_s"])
         return summary
 
     def _flush(self, window: list[dict[str, torch.Tensor]], global_step: int, logger: MetricLogger) -> dict[str, float]:
         stacked = {key: torch.stack([w[key] for w in window]) for key in window[0]}
         if not torch.isfinite(stacked["loss"]).all():
             kept = self.checkpoint_path if self.checkpoint_path.exists() else "none written yet"
+            remedy = "a lower learning rate" + (" or train.precision=fp32" if self.settings.precision != "fp32" else "")
             raise NonFiniteLossError(
                 f"loss is {stacked['loss'][-1].item()} at epoch {self.epoch + 1}; training stopped. "
-                f"Last good checkpoint: {kept}. Try a lower learning rate or precision=fp32.")
+                f"Last good checkpoint: {kept}. Try {remedy}.")
         means = {key: value.mean().item() for key, value in stacked.items()}
         logger.log(global_step, **{f"train/{k}": v for k, v in means.items()}, **{"train/lr": self._lr()})
         return means

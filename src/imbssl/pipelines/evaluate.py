@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from imbssl.augment import Normalize
-from imbssl.config import EvalConfig, RunConfig, build_config, load_yaml
-from imbssl.data import load_indices, load_splits
-from imbssl.engine.checkpoint import load_safe
+from imbssl.config import EvalConfig, RunConfig
+from imbssl.data import DataError, load_indices, load_splits
+from imbssl.engine.checkpoint import CheckpointError, load_safe
+from imbssl.engine.divergence import divergence_signs, probe_disagreement, weight_norm
 from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.eval import (accuracy_report, balanced_labelled_split, cluster_statistics, extract_features, knn_predict,
                          linear_probe, relative_sizes)
@@ -25,6 +26,7 @@ from imbssl.methods import build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import load_backbone, resolve_device
 from imbssl.pipelines.pretrain import BACKBONE_FILE
+from imbssl.pipelines.runfolder import RUN_CONFIG, read_saved_config
 from imbssl.report import plot_cluster_sizes
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,7 @@ CLUSTER_FIGURE = "cluster_sizes.png"
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    return build_config(load_yaml(path), origin=str(path))
+    return read_saved_config(Path(run_dir) / RUN_CONFIG, RunConfig)
 
 
 def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
@@ -48,13 +49,19 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
     device = resolve_device(cfg.train.device)
     splits = load_splits(cfg.data)
     train, test = splits["train"], splits["test"]
-    subset = load_indices(run_dir / "subset.npz")
+    try:
+        subset = load_indices(run_dir / "subset.npz")
+        backbone, normalize = load_backbone(cfg.model, train.images.shape[-1], run_dir / BACKBONE_FILE)
+    except (CheckpointError, DataError) as err:
+        if not (run_dir / CHECKPOINT_FILE).exists():  # a pipeline folder: its files come from the distill stage
+            raise
+        raise type(err)(f"{err}; `imbssl pretrain {run_dir / RUN_CONFIG} --run-dir {run_dir} --resume --no-eval` "
+                        f"writes it again from the checkpoint") from None
     pretrain_counts = np.bincount(train.labels[subset], minlength=len(train.classes))
+    backbone.to(device)
 
     size = eval_cfg.labelled_size or len(subset)
     train_idx, val_idx = balanced_labelled_split(train.labels, size, eval_cfg.linear.val_fraction, eval_cfg.seed)
-    backbone, normalize = load_backbone(cfg.model, train.images.shape[-1], run_dir / BACKBONE_FILE)
-    backbone.to(device)
 
     def features(images: np.ndarray) -> torch.Tensor:
         return extract_features(backbone, images, lambda x: normalize(x.to(device)), device=device)
@@ -75,11 +82,24 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
         result[f"knn{k}"] = accuracy_report(pred, test.labels, pretrain_counts, train.classes)
     if cfg.method.name == "excb":
         result["clusters"] = final_clusters(run_dir, cfg, train.images[subset], train.labels[subset], normalize, device)
+    result["warnings"] = divergence_warnings(result, backbone, cfg, train.images.shape[-1])
     result["wall_s"] = time.perf_counter() - start
     (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
     log.info("%s: linear top-1 %.2f, %s", run_dir.name, result["linear"]["top1"],
              ", ".join(f"knn{k} {result[f'knn{k}']['top1']:.2f}" for k in eval_cfg.knn_k))
+    for warning in result["warnings"]:
+        log.warning("%s: %s", run_dir.name, warning)
     return result
+
+
+def divergence_warnings(result: dict, backbone: torch.nn.Module, cfg: RunConfig, in_channels: int) -> list[str]:
+    """Signs that pre-training diverged without a NaN (engine/divergence.py), measured on the saved backbone
+    against a freshly initialised one."""
+    signs = divergence_signs(backbone, weight_norm(build_backbone(cfg.model, in_channels)))
+    gap = probe_disagreement(result["linear"]["top1"],
+                             {key: value["top1"] for key, value in result.items() if key.startswith("knn")})
+    signs += [gap] if gap else []
+    return [f"pre-training looks diverged: {sign}" for sign in signs]
 
 
 def final_clusters(run_dir: Path, cfg: RunConfig, images: np.ndarray, labels: np.ndarray, normalize: Normalize,

@@ -4,55 +4,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-from pydantic import BaseModel
-
 from imbssl.augment import MultiCrop, Normalize
-from imbssl.config import ConfigError, RunConfig, load_yaml, save_config
+from imbssl.config import ConfigError, RunConfig
 from imbssl.data import save_indices
+from imbssl.engine.divergence import DivergenceWatch
 from imbssl.engine.optim import build_optimizer, cosine_schedule, resolve_optim
-from imbssl.engine.runlog import attach_file_log
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
 from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (PretrainData, describe_hardware, load_backbone, load_pretrain_data,
                                      normalizer_for, resolve_device, save_backbone, seed_everything, set_determinism,
                                      to_tensor_nchw)
+from imbssl.pipelines.runfolder import run_folder
 
 log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.pt"
 SUMMARY_FILE = "pretrain.json"
-
-
-def prepare_run_dir(cfg: BaseModel, run_dir: Path, resume: bool, config_file: str = "config.yaml") -> None:
-    """Create the run folder; refuse to overwrite a finished or different run."""
-    saved = run_dir / config_file
-    if saved.exists():
-        if not resume:
-            raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it or pick another name")
-        if load_yaml(saved) != cfg.model_dump(mode="json"):
-            raise ConfigError(f"--resume with a config that differs from the one saved in {saved}")
-    else:  # written once: processes that share a pipeline folder only read it
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, saved)
-
-
-@contextmanager
-def run_folder(cfg: BaseModel, run_dir: Path, resume: bool, config_file: str = "config.yaml") -> Iterator[Path]:
-    """Create (or check) the run folder and copy the package's log records to its train.log meanwhile."""
-    prepare_run_dir(cfg, run_dir, resume, config_file)
-    handler = attach_file_log(run_dir)
-    try:
-        yield run_dir
-    finally:
-        logging.getLogger("imbssl").removeHandler(handler)
-        handler.close()
 
 
 def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
@@ -90,9 +62,22 @@ def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None) -
     save_indices(run_dir / "subset.npz", data.indices, {"profile": profile, "class_counts": data.class_counts.tolist(),
                                                          "classes": list(data.train.classes)})
     images = to_tensor_nchw(data.images, device)
-    log.info("training %s on %d images %s, class counts %s, device %s", run_dir.name, len(images),
-             tuple(images.shape[1:]), data.class_counts.tolist(), device)
+    log.info("training %s: %s on the %s subset (%d images %s, class counts %s), seed %d, device %s", cfg.name,
+             cfg.method.name, describe_subset(cfg, indices), len(images), tuple(images.shape[1:]),
+             data.class_counts.tolist(), cfg.seed, device)
     return data, images
+
+
+def describe_subset(cfg: RunConfig, indices: np.ndarray | None) -> str:
+    """'exp p=100', 'balanced N=1,234', 'full' or 'given' (a pipeline's cluster), for the logs."""
+    subset = cfg.data.subset
+    if indices is not None:
+        return "given"
+    if subset.profile in ("exp", "step"):
+        return f"{subset.profile} p={subset.imbalance:g}"
+    if subset.profile == "balanced":
+        return f"balanced N={subset.total:,}" if subset.total else f"balanced (rs. of p={subset.imbalance:g})"
+    return "full"
 
 
 def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_views: MultiCrop,
@@ -107,13 +92,15 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
     settings = TrainSettings(epochs=cfg.optim.epochs, batch_size=cfg.optim.batch_size, seed=cfg.seed,
                              precision=cfg.train.precision, channels_last=cfg.train.channels_last,
                              checkpoint_every=cfg.train.checkpoint_every,
+                             checkpoint_every_s=cfg.train.checkpoint_every_s,
                              collapse_warn_below=cfg.train.collapse_warn_below, log_every=cfg.train.log_every,
                              progress=cfg.train.progress)
     batch_size = min(settings.batch_size, len(images))
     optimizer = build_optimizer(method, cfg.optim, method.defaults, batch_size)
     steps = steps_per_epoch(len(images), batch_size)
     scheduler = cosine_schedule(optimizer, cfg.optim.epochs * steps, round(cfg.optim.warmup_epochs * steps))
-    trainer = Trainer(method, optimizer, scheduler, images, make_views, run_dir, settings, callbacks, labels)
+    trainer = Trainer(method, optimizer, scheduler, images, make_views, run_dir, settings,
+                      [DivergenceWatch(method), *callbacks], labels)
     start = time.perf_counter()
     summary = trainer.fit(resume=resume)
     name, base_lr, weight_decay = resolve_optim(cfg.optim, method.defaults)

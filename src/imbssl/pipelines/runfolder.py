@@ -1,0 +1,162 @@
+"""The run folder: one process writes it at a time, it belongs to one config, and a failed attempt never blocks its retry.
+
+- A lock file (``.lock``, an flock) keeps a second process out. The kernel drops an flock when its
+  holder dies, so the file a killed run leaves behind is stale and simply taken over.
+- A folder whose config is saved but that holds no checkpoint (``*.pt``) has nothing to lose: a
+  failed first attempt (wrong data.path, no GPU, a crash in epoch 1) is started afresh.
+- ``--resume`` continues a folder's run with the same config; it may only grow ``optim.epochs``.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+from pydantic import BaseModel
+
+from imbssl.config import ConfigError, load_yaml, save_config, validate_tree
+from imbssl.engine.runlog import attach_file_log
+from imbssl.errors import ImbsslError
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.yaml"
+LOCK_FILE = ".lock"
+#: the one key ``--resume`` may change, and only upwards; the schedules follow the new total (docs/reliability.md)
+EXTENDABLE = "optim.epochs"
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class RunFolderBusy(ImbsslError, RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+@contextmanager
+def folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` for the block; raise RunFolderBusy, naming the holder, when another process has it."""
+    path = run_dir / LOCK_FILE
+    fd = _acquire(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before unlocking, so that a process waiting on this file sees it replaced
+        os.close(fd)
+
+
+def _acquire(path: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunFolderBusy(f"run folder {path.parent} is in use by {holder}; wait for it to finish or stop it")
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed the file between our open and our lock: lock the current one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"imbssl process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%H:%M:%S')})".encode())
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the folder holds anything a retry could lose: a checkpoint, a backbone, a pipeline stage's output."""
+    return any(run_dir.rglob("*.pt"))
+
+
+def read_saved_config(path: Path, schema: type[ConfigT]) -> ConfigT:
+    """A config that imbssl saved in a run folder; an empty file is a truncated one, not the defaults."""
+    return validate_tree(schema, load_yaml(path, empty_ok=False), origin=str(path))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_keys(old: BaseModel, new: BaseModel) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old, new) for every value that differs."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return {key: (a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
+
+
+def check_resumable(saved: BaseModel, cfg: BaseModel, path: Path) -> None:
+    """Refuse any change but more epochs, naming each differing key."""
+    changed = changed_keys(saved, cfg)
+    epochs = changed.get(EXTENDABLE)
+    if epochs and epochs[1] > epochs[0]:
+        del changed[EXTENDABLE]
+    if changed:
+        listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changed.items())
+        raise ConfigError(f"--resume with a config that differs from {path} in {listed}; only {EXTENDABLE} may "
+                          f"grow on resume (use another --run-dir for a different run)")
+    if epochs:
+        log.info("extending the run from %d to %d epochs; the learning-rate schedule is stretched over the new total",
+                 *epochs)
+
+
+def prepare_run_dir(cfg: BaseModel, run_dir: Path, resume: bool, config_file: str = RUN_CONFIG) -> None:
+    """Save ``cfg`` in a new (or never checkpointed) folder; otherwise check that ``--resume`` may continue it."""
+    saved = run_dir / config_file
+    if saved.exists() and has_checkpoint(run_dir):
+        if not resume:
+            raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume to continue it or pick "
+                              f"another --run-dir")
+        try:
+            previous = read_saved_config(saved, type(cfg))
+        except ConfigError as err:
+            raise ConfigError(f"{err} (if you know the run's config, delete {saved} and resume with it)") from None
+        check_resumable(previous, cfg, saved)
+        if previous == cfg:  # processes that share a pipeline folder only read it
+            return
+    elif saved.exists():
+        log.info("%s holds no checkpoint: starting it afresh", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, saved)
+
+
+@contextmanager
+def run_folder(cfg: BaseModel, run_dir: Path, resume: bool, config_file: str = RUN_CONFIG) -> Iterator[Path]:
+    """Lock (a training run's folder), check or save the config, and copy the package's log records to train.log.
+
+    A pipeline folder (its own ``config_file``) is shared by the processes that train its stages, each of
+    which locks its stage's folder instead.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run_dir) if config_file == RUN_CONFIG else nullcontext():
+        prepare_run_dir(cfg, run_dir, resume, config_file)
+        handler = attach_file_log(run_dir)
+        try:
+            yield run_dir
+        except BaseException as err:
+            _record_failure(handler, err)
+            raise
+        finally:
+            logging.getLogger("imbssl").removeHandler(handler)
+            handler.close()
+
+
+def _record_failure(handler: logging.Handler, err: BaseException) -> None:
+    """Why the run stopped, in train.log only: the console gets the command's own one-line message."""
+    what = "interrupted" if isinstance(err, KeyboardInterrupt) else f"stopped by {type(err).__name__}: {err}"
+    handler.handle(logging.makeLogRecord({"name": "imbssl", "levelno": logging.ERROR, "levelname": "ERROR",
+                                          "msg": f"run {what}"}))

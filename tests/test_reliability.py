@@ -1,0 +1,569 @@
+"""Faults and bad input, through the real ``imbssl`` command (docs/reliability.md lists what each test covers).
+
+Every failure must end in one ``Error:`` line and a non-zero exit, without a traceback, and leave the run
+folder so that the fixed (or resumed) command goes on. Runs are tiny SimSiam runs on digits.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import struct
+import sys
+import tarfile
+import termios
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from imbssl.engine.checkpoint import load_safe
+from imbssl.engine.optim import cosine_factor
+from imbssl.engine.trainer import steps_per_epoch
+
+TINY = {
+    "name": "tiny",
+    "data": {"source": "digits"},
+    "augment": {"crop_scale": [0.4, 1.0]},
+    "model": {"backbone": "small_cnn", "width": 0.25},
+    "method": {"name": "simsiam", "proj_hidden": 32, "proj_dim": 32, "pred_hidden": 16},
+    "optim": {"batch_size": 128, "epochs": 2},
+    "train": {"progress": True, "log_every": 1},
+    "eval": {"linear": {"epochs": 3, "lrs": [1.0], "weight_decays": [0.0]}, "knn_k": [20]},
+}
+STEPS_PER_EPOCH = steps_per_epoch(1297, 128)  # the digits train pool at batch 128: 11 near-equal batches
+FORBIDDEN_ADVICE = ("weights_only=False", "allow_pickle", "pickle.load")
+
+
+def imbssl(*args, cwd: Path, env: dict | None = None, prelude: str = "", **popen) -> subprocess.CompletedProcess:
+    """The real entry point in a fresh interpreter; ``prelude`` is Python run first (to inject a fault)."""
+    command = [sys.executable, "-c", f"{prelude}\nfrom imbssl.cli import main\nmain()", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, **popen)
+
+
+def error_line(res: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    """The one ``Error:`` line, last on stderr; asserts the exit code, the fragments and no traceback."""
+    assert res.returncode == code, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and res.stderr.rstrip().endswith(errors[0]), res.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert not any(advice in res.stdout + res.stderr for advice in FORBIDDEN_ADVICE)
+    return errors[0]
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Temporary files and lock files: none may outlive a command, however it ended."""
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp-")
+            or p.name == ".lock"]
+
+
+def write_config(folder: Path, **sections) -> Path:
+    tree = json.loads(json.dumps(TINY))
+    tree["data"]["cache_dir"] = str(folder / "cache")
+    for section, values in sections.items():
+        tree[section] = {**tree.get(section, {}), **values}
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def pretrain(config: Path, run: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    return imbssl("pretrain", config, "--run-dir", run, "--no-eval", *extra, cwd=config.parent, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-epoch run: (config file, run folder, the pretrain command's stderr)."""
+    folder = tmp_path_factory.mktemp("finished")
+    config = write_config(folder)
+    res = pretrain(config, folder / "run")
+    assert res.returncode == 0, res.stderr
+    return config, folder / "run", res.stderr
+
+
+@pytest.fixture
+def copy_of(tmp_path, finished):
+    """A copy of the finished run to break, and its config file."""
+    config, run, _ = finished
+    shutil.copytree(run, tmp_path / "run")
+    return config, tmp_path / "run"
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def image_tree(root: Path, train: dict[str, int], test: dict[str, int]) -> Path:
+    for split, classes in (("train", train), ("test", test)):
+        for name, count in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+# -- a failed attempt never blocks its retry ------------------------------------------------------
+@pytest.mark.parametrize("bad_setting, message", [
+    (("--set", "data.source=imagefolder", "--data", "no-such-archive.tar.gz"), "imagefolder path not found"),
+    pytest.param(("--set", "train.device=cuda"), "no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+])
+def test_failed_first_attempt_does_not_block_its_retry(tmp_path, bad_setting, message):
+    config = write_config(tmp_path, optim={"epochs": 1}, train={"progress": False})
+    error_line(pretrain(config, tmp_path / "run", *bad_setting), 2, message)
+    assert not leftovers(tmp_path / "run")
+    retry = pretrain(config, tmp_path / "run")
+    assert retry.returncode == 0, retry.stderr
+    assert "starting it afresh" in retry.stderr and (tmp_path / "run" / "backbone.pt").exists()
+
+
+# -- resume: more epochs, nothing else --------------------------------------------------------------
+def test_resume_extends_epochs_on_the_new_cosine(copy_of):
+    config, run = copy_of
+    res = pretrain(config, run, "--resume", "--set", "optim.epochs=3")
+    assert res.returncode == 0, res.stderr
+    assert "extending the run from 2 to 3 epochs" in res.stderr
+    assert load_safe(run / "checkpoints" / "last.pt")["epoch"] == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch/epoch"] for r in records if "epoch/epoch" in r] == [1, 2, 3]
+    # The third epoch's lr follows the cosine over 3 epochs (the first two followed the one over 2).
+    summary = json.loads((run / "pretrain.json").read_text())
+    lr = summary["base_lr"] * summary["batch_size"] / 256
+    total = 3 * STEPS_PER_EPOCH
+    third = [r for r in records if "train/lr" in r and r["step"] >= 2 * STEPS_PER_EPOCH]
+    assert len(third) == STEPS_PER_EPOCH
+    assert all(r["train/lr"] == pytest.approx(lr * cosine_factor(r["step"] + 1, total)) for r in third)
+
+
+@pytest.mark.parametrize("change, named", [
+    (("--set", "optim.base_lr=0.1", "--set", "seed=3"), "optim.base_lr (None -> 0.1), seed (0 -> 3)"),
+    (("--set", "optim.epochs=1"), "optim.epochs (2 -> 1)"),
+])
+def test_resume_refuses_other_changes_naming_the_keys(copy_of, change, named):
+    config, run = copy_of
+    before = (run / "config.yaml").read_text()
+    error_line(pretrain(config, run, "--resume", *change), 2, named, "only optim.epochs may grow")
+    assert (run / "config.yaml").read_text() == before and not leftovers(run)
+
+
+def test_resume_without_checkpoint_starts_afresh_and_keeps_one_set_of_metrics(copy_of):
+    """As after an attempt killed before its first checkpoint: config.yaml and two epochs of metrics."""
+    config, run = copy_of
+    shutil.rmtree(run / "checkpoints")
+    (run / "backbone.pt").unlink()
+    steps = _metric_steps(run)
+    res = pretrain(config, run, "--resume")
+    assert res.returncode == 0, res.stderr
+    assert f"no checkpoint at {run / 'checkpoints' / 'last.pt'}: starting from scratch" in res.stderr
+    assert _metric_steps(run) == steps  # the new run's records only, once each
+    assert _tensorboard_steps(run) == list(range(2 * STEPS_PER_EPOCH))
+
+
+def _metric_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- the shipped configs --------------------------------------------------------------------------
+def test_shipped_cifar_config_asks_for_the_data_from_any_folder(tmp_path):
+    error_line(imbssl("pretrain", "simsiam-cifar10-lt", cwd=tmp_path), 2, "data.path is required", "--data PATH",
+               "data.source=cifar10")
+    error_line(imbssl("pretrain", "simsiam-cifar10-lt", "--data", tmp_path / "nowhere.tar.gz",
+                      "--set", f"data.cache_dir={tmp_path}", cwd=tmp_path), 2,
+               f"imagefolder path not found: {tmp_path / 'nowhere.tar.gz'}")
+    assert not (tmp_path / "runs" / "simsiam-cifar10-lt100" / ".lock").exists()
+
+
+def test_shipped_configs_hold_no_relative_paths_and_checkpoint_every_epoch():
+    configs = Path(__file__).resolve().parents[1] / "src" / "imbssl" / "configs"
+
+    def keys(tree, prefix=""):
+        for key, value in tree.items():
+            yield from keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
+
+    for path in configs.rglob("*.yaml"):
+        for key, value in keys(yaml.safe_load(path.read_text())):
+            assert not key.endswith(("data.path", "cache_dir")), (path, key)
+            assert not (key.endswith("checkpoint_every") and value > 1), (path, key)
+
+
+# -- one process per run folder ----------------------------------------------------------------
+def test_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
+    config = write_config(tmp_path, optim={"epochs": 500}, train={"progress": False})
+    command = [sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", tmp_path / "run", "--no-eval"]
+    first = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(tmp_path / "run" / "metrics.jsonl", first)
+        second = pretrain(config, tmp_path / "run", "--resume")
+        error_line(second, 2, f"run folder {tmp_path / 'run'} is in use by imbssl process {first.pid}")
+        assert first.poll() is None  # undisturbed
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    config = write_config(tmp_path, optim={"epochs": 1}, train={"progress": False})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text("imbssl process 999999 on elsewhere (since 00:00:00)")
+    res = pretrain(config, tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    assert not leftovers(tmp_path / "run")
+
+
+# -- bad input: one line each ---------------------------------------------------------------------
+def test_yaml_syntax_error_in_a_config_file_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\noptim: {epochs: 3\n")
+    line = error_line(imbssl("pretrain", bad, cwd=tmp_path), 2, f"{bad}: not valid YAML (line 3")
+    assert "<unicode string>" not in line
+
+
+def test_yaml_syntax_error_in_a_set_value_names_the_override(tmp_path):
+    error_line(imbssl("pretrain", "simsiam-digits", "--set", "augment.crop_scale=[0.2, 1.0", cwd=tmp_path), 2,
+               "--set augment.crop_scale=[0.2, 1.0: the value is not valid YAML")
+
+
+def test_set_mistakes_are_blamed_on_the_override_not_the_file(tmp_path):
+    line = error_line(imbssl("pretrain", "simsiam-digits", "--set", "optim.epochs=many", "--set", "train.fast=1",
+                             cwd=tmp_path), 2, "--set optim.epochs=many: optim.epochs:",
+                      "--set train.fast=1: unknown config key 'train.fast'")
+    assert "simsiam-digits.yaml" not in line
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "'gpu' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    pytest.param("cuda", "train.device=cuda but this machine has no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+])
+def test_unusable_device_is_one_line(tmp_path, device, message):
+    config = write_config(tmp_path)
+    error_line(pretrain(config, tmp_path / "run", "--set", f"train.device={device}"), 2, message)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+BREAKAGES = {
+    "empty": lambda path: path.write_bytes(b""),
+    "truncated": _truncate,
+    "random": lambda path: path.write_bytes(random.Random(0).randbytes(4000)),
+    "objects": lambda path: torch.save({"backbone": _Evil()}, path),
+}
+
+
+@pytest.mark.parametrize("name, breakage, command, message", [
+    ("checkpoints/last.pt", "empty", "resume", "is empty (0 bytes)"),
+    ("checkpoints/last.pt", "truncated", "resume", "is truncated or corrupt"),
+    ("checkpoints/last.pt", "random", "resume", "is not a torch checkpoint"),
+    ("backbone.pt", "empty", "evaluate", "is empty (0 bytes)"),
+    ("backbone.pt", "truncated", "evaluate", "is truncated or corrupt"),
+    ("backbone.pt", "objects", "evaluate", "holds objects other than tensors"),
+    ("subset.npz", "empty", "evaluate", "empty, truncated or not an index file"),
+    ("subset.npz", "random", "evaluate", "empty, truncated or not an index file"),
+    ("config.yaml", "empty", "evaluate", "is empty"),
+    ("config.yaml", "random", "resume", "cannot be read"),
+])
+def test_broken_run_file_is_named_in_one_line(copy_of, name, breakage, command, message):
+    config, run = copy_of
+    BREAKAGES[breakage](run / name)
+    if command == "resume":  # one more epoch, so that the checkpoint must be read
+        res = pretrain(config, run, "--resume", "--set", "optim.epochs=3")
+    else:
+        res = imbssl("evaluate", run, cwd=run.parent)
+    assert "unpickled" not in res.stdout
+    error_line(res, 2, f"{run / name}", message)
+    assert not leftovers(run)
+
+
+def test_broken_backbone_is_written_again_by_the_command_the_message_gives(copy_of):
+    _, run = copy_of
+    (run / "backbone.pt").write_bytes(b"")
+    line = error_line(imbssl("evaluate", run, cwd=run.parent), 2, "writes it again from the checkpoint")
+    fix = shlex.split(line.split("`")[1])
+    assert fix[0] == "imbssl" and imbssl(*fix[1:], cwd=run.parent).returncode == 0
+    assert imbssl("evaluate", run, cwd=run.parent).returncode == 0
+
+
+WRITE_FAILS = """
+import errno, io, os
+import imbssl.engine.checkpoint as checkpoint
+class FullDisk(io.FileIO):
+    def write(self, data):
+        if os.path.exists(os.environ["FULL_AFTER"]):
+            super().write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+checkpoint.open = lambda path, mode: FullDisk(path, mode)
+"""
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
+    """The disk fills up once the first checkpoint is written: the second write fails."""
+    config = write_config(tmp_path, optim={"epochs": 3}, train={"progress": False})
+    run = tmp_path / "run"
+    res = pretrain(config, run, prelude=WRITE_FAILS, env={"FULL_AFTER": str(run / "checkpoints" / "last.pt")})
+    error_line(res, 1, f"{run / 'checkpoints' / 'last.pt'}: cannot write checkpoint: No space left on device",
+               f"; continue with `imbssl pretrain {config} --run-dir {run} --no-eval --resume`")
+    assert not leftovers(run)
+    assert load_safe(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert "run stopped by OSError" in (run / "train.log").read_text()
+    again = pretrain(config, run, "--resume")  # space freed
+    assert again.returncode == 0, again.stderr
+    assert load_safe(run / "checkpoints" / "last.pt")["epoch"] == 3
+
+
+CACHE_FULL = """
+import errno, numpy
+def full_disk(file, array, *args, **kwargs):
+    with open(file, "wb") as fh:
+        fh.write(b"\\x93NUMPY")
+    raise OSError(errno.ENOSPC, "No space left on device")
+numpy.save = full_disk
+"""
+
+
+def test_disk_full_while_writing_the_decode_cache(tmp_path):
+    image_tree(tmp_path / "tree", {"cat": 3, "dog": 3}, {"cat": 2, "dog": 2})
+    source = ("data", "describe", "--set", "data.source=imagefolder", "--set", f"data.path={tmp_path / 'tree'}",
+              "--set", f"data.cache_dir={tmp_path / 'cache'}")
+    error_line(imbssl(*source, cwd=tmp_path, prelude=CACHE_FULL), 1,
+               f"{tmp_path / 'cache'}: cannot write the decode cache", "No space left on device",
+               "--set data.cache_dir=PATH")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name != "file-hashes"]
+    assert imbssl(*source, cwd=tmp_path).returncode == 0
+
+
+def test_ctrl_c_exits_130_and_says_how_to_continue(tmp_path):
+    config = write_config(tmp_path, optim={"epochs": 500}, train={"progress": False})
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", run, "--no-eval"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    wait_for(run / "checkpoints" / "last.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=60)[1]
+    error_line(subprocess.CompletedProcess(command, proc.returncode, "", stderr), 130,
+               f"interrupted; continue with `imbssl pretrain {config} --run-dir {run} --no-eval --resume`")
+    assert not leftovers(run)
+    assert (run / "train.log").read_text().rstrip().endswith("run interrupted")
+    assert load_safe(run / "checkpoints" / "last.pt")["epoch"] >= 1
+
+
+def test_corrupt_image_in_an_archive_names_the_member(tmp_path):
+    tree = image_tree(tmp_path / "tree", {"cat": 2, "dog": 2}, {"cat": 2, "dog": 2})
+    (tree / "train" / "dog" / "1.png").write_bytes(b"not a png at all")
+    with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as tf:
+        tf.add(tree, arcname="images")
+    res = imbssl("data", "describe", "--set", "data.source=imagefolder", "--set",
+                 f"data.path={tmp_path / 'images.tar.gz'}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                 cwd=tmp_path)
+    line = error_line(res, 2, f"cannot decode image {tmp_path / 'images.tar.gz'}:images/train/dog/1.png")
+    assert "BytesIO" not in line
+
+
+def test_empty_class_folder_in_train_is_called_empty(tmp_path):
+    tree = image_tree(tmp_path / "tree", {"cat": 2}, {"cat": 2, "dog": 2})
+    (tree / "train" / "dog").mkdir()
+    res = imbssl("data", "describe", "--set", "data.source=imagefolder", "--set", f"data.path={tree}",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    error_line(res, 2, "class folder train/dog is empty (no image files)")
+
+
+# -- guards ---------------------------------------------------------------------------------------
+def test_divergence_without_nan_is_warned_in_the_log_and_eval_json(tmp_path):
+    config = write_config(tmp_path, optim={"base_lr": 100.0}, train={"progress": False})
+    res = imbssl("pretrain", config, "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "the run is diverging at epoch" in (tmp_path / "run" / "train.log").read_text()
+    warnings = json.loads((tmp_path / "run" / "eval.json").read_text())["warnings"]
+    assert any("BatchNorm running variance" in w for w in warnings)
+    assert "warning: pre-training looks diverged" in res.stdout
+
+
+def test_nan_loss_stops_in_one_line_also_in_train_log(tmp_path):
+    config = write_config(tmp_path, optim={"base_lr": 1e6, "epochs": 5}, train={"progress": False})
+    line = error_line(pretrain(config, tmp_path / "run"), 2, "loss is nan at epoch", "Try a lower learning rate.")
+    assert "precision" not in line  # the run is fp32 already
+    assert "loss is nan" in (tmp_path / "run" / "train.log").read_text()
+
+
+# -- the first run reads well ------------------------------------------------------------------
+def test_run_logs_method_and_subset_and_a_file_gets_no_progress_bar(finished):
+    _, run, stderr = finished
+    assert "training tiny: simsiam on the full subset" in (run / "train.log").read_text()
+    assert "\r" not in stderr  # stderr is a pipe here: no bar redraws, one line per epoch
+    assert "INFO epoch 2/2 loss" in stderr and ", eta 0s" in stderr
+
+
+def test_whole_run_progress_bar_on_a_terminal_shows_the_eta(tmp_path):
+    config = write_config(tmp_path)
+    primary, replica = pty.openpty()
+    fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", tmp_path / "run",
+                             "--no-eval"], cwd=tmp_path, stderr=replica, stdout=subprocess.DEVNULL)
+    os.close(replica)
+    chunks = []
+    reader = threading.Thread(target=lambda: _drain(primary, chunks))
+    reader.start()
+    assert proc.wait(timeout=300) == 0
+    reader.join(timeout=10)
+    shown = b"".join(chunks).decode(errors="replace")
+    total = 2 * STEPS_PER_EPOCH
+    assert f"/{total} [" in shown and "<" in shown  # steps of the whole run, elapsed<remaining
+    assert "epoch=2/2" in shown and "loss=" in shown and "img_s=" in shown
+
+
+def _drain(fd: int, chunks: list[bytes]) -> None:
+    try:
+        while data := os.read(fd, 4096):
+            chunks.append(data)
+    except OSError:  # the terminal closes with the process
+        pass
+
+
+def test_evaluate_says_where_eval_json_went_the_labelled_size_and_what_na_means(copy_of):
+    _, run = copy_of
+    res = imbssl("evaluate", run, cwd=run.parent)
+    assert res.returncode == 0, res.stderr
+    result = json.loads((run / "eval.json").read_text())
+    assert f"eval: {run / 'eval.json'}" in res.stdout
+    assert f"labelled set: {result['labelled_train']} images to train the probe + {result['labelled_val']}" in res.stdout
+    assert "many/medium/few: " in res.stdout and "n/a: no class of the pre-training subset falls in" in res.stdout
+    assert result["warnings"] == []  # a healthy run
+
+
+def test_evaluate_before_pretraining_has_finished_is_one_line(copy_of):
+    _, run = copy_of
+    (run / "backbone.pt").unlink()
+    error_line(imbssl("evaluate", run, cwd=run.parent), 2, f"{run / 'backbone.pt'} not found: pre-training has not "
+                                                           f"finished")
+
+
+def test_help_lists_shipped_configs_and_where_runs_go_without_cut_lines(tmp_path):
+    wide = {"COLUMNS": "80"}
+    pretrain_help = imbssl("pretrain", "--help", cwd=tmp_path, env=wide).stdout
+    for name in ("simsiam-digits", "excb-digits", "simclr-cifar10-lt", "simsiam-cifar10-lt"):
+        assert name in pretrain_help
+    assert "runs/<name>" in pretrain_help
+    pages = [pretrain_help] + [imbssl(*group, "--help", cwd=tmp_path, env=wide).stdout
+                               for group in ((), ("data",), ("pipeline",), ("reproduce",))]
+    for page in pages:
+        assert not [line for line in page.splitlines()
+                    if (line.endswith("...") and not line.startswith("Usage:")) or len(line) > 80], page
+    examples = {("data", "describe"): "--set data.", ("evaluate",): "--set eval.",
+                ("reproduce", "experiment-1"): "--set base.", ("pretrain",): "--set optim."}
+    for command, example in examples.items():
+        assert f"e.g. {example}" in " ".join(imbssl(*command, "--help", cwd=tmp_path, env=wide).stdout.split())
+
+
+def test_pipeline_stage_choices_match_the_pipeline():
+    from imbssl.cli import PIPELINE_STAGES
+    from imbssl.pipelines.offline_clustering import STAGES
+
+    assert PIPELINE_STAGES == STAGES
+
+
+def test_data_describe_writes_a_plot_only_where_asked(tmp_path):
+    res = imbssl("data", "describe", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert list(tmp_path.iterdir()) == [] and "--plot FILE" in res.stdout
+    res = imbssl("data", "describe", "--plot", tmp_path / "figs" / "counts.png", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"plot: {tmp_path / 'figs' / 'counts.png'}" in res.stdout
+    assert (tmp_path / "figs" / "counts.png").stat().st_size > 0
+
+
+def test_debug_shows_the_traceback_before_the_one_line(tmp_path):
+    res = imbssl("pretrain", tmp_path / "missing.yaml", cwd=tmp_path, env={"IMBSSL_DEBUG": "1"})
+    assert res.returncode == 2 and "Traceback" in res.stderr
+    assert res.stderr.rstrip().splitlines()[-1].startswith(f"Error: config file not found: {tmp_path / 'missing.yaml'}")
+
+
+# -- fault injection ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path):
+    config = write_config(tmp_path, optim={"epochs": 6}, train={"progress": False})
+    straight_s = _seconds_holding_the_folder(config, tmp_path / "straight")
+    run, rng = tmp_path / "killed", random.Random(9)
+    command = [sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", run, "--no-eval", "--resume"]
+    for _ in range(3):
+        proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.DEVNULL)
+        _wait_for_lock(run, proc)  # past the imports: the kill lands in setup, training or a checkpoint write
+        # Within a third of a whole run: setup is redone each time, so three attempts cannot finish the run.
+        time.sleep(rng.uniform(0.0, straight_s / 3))
+        assert proc.poll() is None
+        proc.kill()
+        proc.wait()
+    final = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert not leftovers(run)
+    for name in ("backbone.pt", "checkpoints/last.pt"):
+        a, b = load_safe(tmp_path / "straight" / name), load_safe(run / name)
+        weights = "backbone" if name == "backbone.pt" else "method"
+        assert a[weights].keys() == b[weights].keys()
+        assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights]), name
+    assert _metrics(tmp_path / "straight") == _metrics(run)
+    assert _tensorboard_steps(tmp_path / "straight") == _tensorboard_steps(run)
+
+
+def _seconds_holding_the_folder(config: Path, run: Path) -> float:
+    """Trains ``config`` in ``run``; returns the time from taking the folder's lock to the end."""
+    proc = subprocess.Popen([sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", run, "--no-eval"],
+                            cwd=config.parent, stderr=subprocess.DEVNULL)
+    _wait_for_lock(run, proc)
+    start = time.monotonic()
+    assert proc.wait(timeout=300) == 0
+    return time.monotonic() - start
+
+
+def _wait_for_lock(run: Path, proc: subprocess.Popen) -> None:
+    """Until ``proc`` holds the run folder (the lock file left by a killed process names another pid)."""
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and f"process {proc.pid} " not in _read(run / ".lock"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def _metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without the timings, which differ between processes."""
+    return [{k: v for k, v in json.loads(line).items() if "per_s" not in k}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tensorboard_steps(run: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars("train/loss")]
