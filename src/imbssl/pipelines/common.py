@@ -114,7 +114,10 @@ def save_backbone(backbone: nn.Module, normalize: Normalize, path: Path, heads: 
 
 
 def load_backbone(cfg: ModelConfig, in_channels: int, path: Path) -> tuple[nn.Module, Normalize]:
-    state = load_safe(path)
+    return _backbone_from(cfg, in_channels, load_safe(path))
+
+
+def _backbone_from(cfg: ModelConfig, in_channels: int, state: dict) -> tuple[nn.Module, Normalize]:
     backbone = build_backbone(cfg, in_channels)
     backbone.load_state_dict(state["backbone"])
     return backbone, Normalize(state["mean"], state["std"])
@@ -126,8 +129,9 @@ def load_encoder(cfg: RunConfig, in_channels: int, path: Path, space: Space) -> 
 
     The heads are rebuilt by ``cfg.method``'s own constructor, so they have the architecture they were saved from.
     """
-    backbone, normalize = load_backbone(cfg.model, in_channels, path)
-    saved = load_safe(path).get("heads", {})
+    state = load_safe(path)
+    backbone, normalize = _backbone_from(cfg.model, in_channels, state)
+    saved = state.get("heads", {})
     names = SPACES[1:SPACES.index(space) + 1]
     if missing := [name for name in names if name not in saved]:
         raise ConfigError(f"{path} holds no {missing[0]} (saved heads: {sorted(saved) or 'none'}); "
