@@ -45,7 +45,8 @@ class SimSiam(SSLMethod):
         if not self.fix_predictor_lr:
             return super().param_groups()
         predictor = list(self.predictor.parameters())
-        rest = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in predictor)]
+        in_predictor = {id(p) for p in predictor}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in in_predictor]
         return [{"params": rest}, {"params": predictor, "fixed_lr": True}]
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:

@@ -55,8 +55,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_determinism(deterministic: bool) -> dict:
-    """Fix what else decides a run's numbers besides the seed, and return it for pretrain.json.
+def set_determinism(deterministic: bool) -> None:
+    """Fix what else decides a run's numbers besides the seed (``determinism`` reads it back for pretrain.json).
 
     On a GPU, cuDNN's autotuner picks kernels by timing them and some kernels sum in a varying order;
     deterministic mode rules both out (warn_only: an op with no deterministic kernel warns instead of
@@ -68,6 +68,10 @@ def set_determinism(deterministic: bool) -> dict:
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def determinism() -> dict:
+    """The settings ``set_determinism`` controls, as they are now."""
     return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_deterministic": torch.backends.cudnn.deterministic,
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from imbssl.augment import MultiCrop, Normalize
 from imbssl.config import ConfigError, RunConfig
 from imbssl.data import save_indices
@@ -16,7 +17,7 @@ from imbssl.engine.optim import build_optimizer, cosine_schedule, resolve_optim
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
 from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
-from imbssl.pipelines.common import (PretrainData, describe_hardware, load_backbone, load_pretrain_data,
+from imbssl.pipelines.common import (PretrainData, describe_hardware, determinism, load_backbone, load_pretrain_data,
                                      normalizer_for, resolve_device, save_backbone, seed_everything, set_determinism,
                                      to_tensor_nchw)
 from imbssl.pipelines.runfolder import run_folder
@@ -109,5 +110,5 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
         "num_images": len(images), "images_seen_total": cfg.optim.epochs * len(images),
         "wall_s_this_call": time.perf_counter() - start, "device": str(images.device),
         "hardware": describe_hardware(images.device), "torch": torch.__version__,
-        "determinism": set_determinism(cfg.train.deterministic)}, indent=2))
+        "determinism": determinism()}, indent=2))
     save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE, method.eval_heads)  # last: its presence marks the run done
