@@ -34,6 +34,14 @@ class Interrupt(Exception):
     """Raised by an epoch callback to stop a run as a crash would."""
 
 
+def crash_after(last_epoch: int):
+    """An epoch callback that stops the run, as a crash would, once ``last_epoch`` is trained and checkpointed."""
+    def callback(epoch, summary):
+        if epoch == last_epoch:
+            raise Interrupt
+    return callback
+
+
 @pytest.fixture
 def interrupted_then_resumed(tmp_path):
     """``run(cfg)`` -> (straight, resumed) run folders: ``cfg`` trained straight through, and trained again
@@ -41,12 +49,8 @@ def interrupted_then_resumed(tmp_path):
     def run(cfg):
         straight = pretrain(cfg, tmp_path / "straight")
 
-        def crash_after_second_epoch(epoch, summary):
-            if epoch == 2:
-                raise Interrupt
-
         with pytest.raises(Interrupt):
-            pretrain(cfg, tmp_path / "resumed", callbacks=[crash_after_second_epoch])
+            pretrain(cfg, tmp_path / "resumed", callbacks=[crash_after(2)])
         assert not (tmp_path / "resumed" / BACKBONE_FILE).exists()  # a crashed run leaves no backbone
         return straight, pretrain(cfg, tmp_path / "resumed", resume=True)
     return run

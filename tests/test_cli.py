@@ -83,3 +83,32 @@ def test_missing_class_folder_is_named(tmp_path):
     res = imbssl("data", "describe", "--set", "data.source=imagefolder", "--set", f"data.path={tmp_path / 'tree'}",
                  "--set", f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
     assert res.returncode == 2 and "dog" in res.stderr and "test" in res.stderr
+
+
+@pytest.mark.slow
+def test_reproduce_ssp_demo_end_to_end(tmp_path):
+    out = tmp_path / "ssp"
+    res = imbssl("reproduce", "ssp", "--preset", "demo", "--out", out, "--set", "base.optim.epochs=4",
+                 "--set", "base.optim.milestones=[3]", "--set", "base.optim.lr_factors=[0.01]",
+                 "--set", "base.loss.defer_epoch=3", "--set", "ssp_base.optim.epochs=2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    records = json.loads((out / "results.json").read_text())
+    # 3 initialisations (scratch, Rotation, SimSiam) x 2 trained losses (CE with its cRT stage, LDAM-DRW) x 1 seed
+    assert sorted((r["ssp"], r["loss"]) for r in records) == sorted(
+        (ssp, loss) for ssp in ("none", "rotation", "simsiam") for loss in ("ce", "ldam-drw"))
+    assert all(r["crt"]["test"]["error"] > 0 for r in records if r["loss"] == "ce")
+    assert all((r["init_from"] is None) == (r["ssp"] == "none") for r in records)
+    table = (out / "table.md").read_text()
+    assert "| cRT (Kang et al.) | Rotation |" in table and "## Verdicts (paired by seed)" in table
+    assert "left out: digits is not comparable" in table  # no paper column beside digits
+    assert (out / "per_class_accuracy-ce-rho10.png").stat().st_size > 0
+    for ssp in ("rotation", "simsiam"):  # the SSP runs are ordinary, evaluated imbssl runs
+        assert (out / "runs" / "rho10" / f"ssp-{ssp}" / "seed0" / "eval.json").exists()
+
+
+def test_train_command_reports_one_line_per_problem(tmp_path):
+    res = imbssl("train", "ce-digits", "--set", "loss.nme=ce", cwd=tmp_path)
+    assert res.returncode == 2 and "unknown config key 'loss.nme'" in res.stderr
+    res = imbssl("train", "ce-digits", "--init-from", tmp_path / "missing.pt", cwd=tmp_path)
+    assert res.returncode == 2 and "init_from=" in res.stderr and "no such file" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -1,4 +1,4 @@
-"""The ``imbssl`` command: data | pretrain | evaluate | pipeline | reproduce | demo.
+"""The ``imbssl`` command: data | pretrain | evaluate | train | pipeline | reproduce | demo.
 
 Heavy modules (torch, the pipelines) are imported inside the commands, so ``--help`` and config
 mistakes answer at once.
@@ -20,6 +20,8 @@ from imbssl.config import ConfigError, OfflineClusteringConfig, deep_merge, load
 from imbssl.errors import ImbsslError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+#: the supervised (``imbssl train``) configs shipped with imbssl
+TRAIN_CONFIG_DIR = CONFIG_DIR / "train"
 #: offline_clustering.STAGES, spelled out so that --help need not import torch (a test checks they agree)
 PIPELINE_STAGES = ("base", "divide", "experts", "distill")
 _RESUME_WITH = "imbssl.resume_with"  # ctx.meta key: the command line that continues an interrupted command
@@ -89,22 +91,29 @@ def cli(verbose: bool, debug: bool) -> None:
     _setup_logging(verbose)
 
 
-def _shipped_configs(pipelines: bool = False) -> str:
-    """The names of the run (or pipeline) configs in the package; a pipeline config has a ``base`` section."""
+def _shipped_configs(pipelines: bool = False, folder: Path = CONFIG_DIR) -> str:
+    """The names of the run (or pipeline) configs in ``folder``; a pipeline config has a ``base`` section."""
     import yaml
 
-    names = [p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")) if ("base" in yaml.safe_load(p.read_text())) == pipelines]
+    names = [p.stem for p in sorted(folder.glob("*.yaml")) if ("base" in yaml.safe_load(p.read_text())) == pipelines]
     return ", ".join(names)
 
 
-def _config_file(name: str, pipelines: bool = False) -> Path:
+def _help_list(names: str) -> str:
+    """A comma-separated list for a ``\\b`` block of a help page (click does not re-wrap it): indented, 80 columns."""
+    import textwrap
+
+    return textwrap.fill(names, width=78, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+
+
+def _config_file(name: str, pipelines: bool = False, folder: Path = CONFIG_DIR) -> Path:
     """A config file, or the name of a config shipped in the package (``simsiam-digits``)."""
-    path, shipped = Path(name), CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    path, shipped = Path(name), folder / f"{name.removesuffix('.yaml')}.yaml"
     if path.is_file():
         return path
     if path.name == name and shipped.is_file():
         return shipped
-    raise ConfigError(f"config file not found: {path} (shipped configs: {_shipped_configs(pipelines)})")
+    raise ConfigError(f"config file not found: {path} (shipped configs: {_shipped_configs(pipelines, folder)})")
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -150,7 +159,7 @@ PRETRAIN_HELP = f"""Pre-train one method on one subset, then evaluate it.
 CONFIG is a YAML file or the name of a config shipped with imbssl:
 
 \b
-  {_shipped_configs()}
+{_help_list(_shipped_configs())}
 
 The run goes to <out_dir>/<name> (by default runs/<name> under the current folder) or to --run-dir.
 
@@ -219,6 +228,53 @@ def _echo_eval(result: dict, eval_file: Path) -> None:
     click.echo(f"eval: {eval_file}")
 
 
+# -- train --------------------------------------------------------------------------------------
+TRAIN_HELP = f"""Train a classifier on a long-tailed subset with its labels, from scratch or from a pre-trained
+backbone (--init-from RUN/backbone.pt of any imbssl run), and test it on the balanced test split.
+
+CONFIG is a YAML file or the name of a supervised config shipped with imbssl:
+
+\b
+{_help_list(_shipped_configs(folder=TRAIN_CONFIG_DIR))}
+
+The epoch is selected on a balanced validation set held out of the training pool, never on the test set.
+
+\b
+Examples:
+  imbssl train ce-digits
+  imbssl train ce-digits --set loss.name=ldam --set loss.deferral=drw \\
+      --set loss.defer_epoch=24
+  imbssl train ldam-drw-cifar10-lt --data cifar10-jpg.tar.gz \\
+      --init-from runs/rotation/backbone.pt
+"""
+
+
+@cli.command(help=TRAIN_HELP, short_help="Long-tailed supervised training, from scratch or SSP.")
+@click.argument("config")
+@set_option("loss.name=ldam")
+@click.option("--data", "data_path", type=click.Path(), help="data archive or folder (sets data.path)")
+@click.option("--init-from", type=click.Path(dir_okay=False), help="a backbone.pt to start from (sets init_from)")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="the run folder  [default: <out_dir>/<name>]")
+@click.option("--resume", is_flag=True, help="continue the run from its last checkpoint; may raise optim.epochs")
+def train(config: str, overrides: tuple[str, ...], data_path: str | None, init_from: str | None, run_dir: str | None,
+          resume: bool) -> None:
+    from imbssl.config import SupervisedConfig
+
+    given = [f"data.path={json.dumps(data_path)}"] if data_path else []
+    given += [f"init_from={json.dumps(init_from)}"] if init_from else []
+    cfg = load_config(_config_file(config, folder=TRAIN_CONFIG_DIR), (*given, *overrides), schema=SupervisedConfig)
+    from imbssl.pipelines.train import TRAIN_FILE, train as run_train
+
+    _offer_resume(add_flag=True)
+    out = run_train(cfg, Path(run_dir) if run_dir else None, resume=resume)
+    result = json.loads((out / TRAIN_FILE).read_text())
+    test = result["test"]
+    click.echo(f"{result['reported']}: test top-1 {test['top1']:.2f} (error {test['error']:.2f}), epoch "
+               f"{result[result['reported']]['selected_epoch']} selected on validation")
+    click.echo("major/minor/rare: " + " / ".join(f"{test['thirds'][g]:.2f}" for g in ("major", "minor", "rare")))
+    click.echo(f"run folder: {out} ({TRAIN_FILE})")
+
+
 # -- pipeline ---------------------------------------------------------------------------------
 @cli.group()
 def pipeline() -> None:
@@ -230,7 +286,7 @@ OFFLINE_CLUSTERING_HELP = f"""Base -> divide -> experts -> distill (paper Sec. 3
 CONFIG is a YAML file or the name of a pipeline config shipped with imbssl:
 
 \b
-  {_shipped_configs(pipelines=True)}
+{_help_list(_shipped_configs(pipelines=True))}
 
 The pipeline folder is <base.out_dir>/<base.name> (runs/<base.name> by default) or --run-dir. Under torchrun
 (RANK, WORLD_SIZE) the processes share the experts; see docs/offline-clustering.md.
@@ -346,6 +402,21 @@ def reproduce_experiment_2(preset: str, overrides: tuple[str, ...], out: str | N
     out_dir.mkdir(parents=True, exist_ok=True)
     records = run_experiment(exp, out_dir, Path(baselines_from) if baselines_from else None)
     table = write_report(exp, records, out_dir, _command_line())
+    click.echo(table.read_text())
+    click.echo(f"report: {out_dir}")
+
+
+@reproduce.command("ssp", short_help="Rethinking's Table 2: LT losses, scratch vs SSP.")
+@_grid_options("ssp")
+def reproduce_ssp(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
+    """Table 2 of "Rethinking the value of labels": CE, CB, focal, DRW/DRS, LDAM(-DRW) and cRT, each from scratch
+    and after self-supervised pre-training (Rotation, and any imbssl SSL method) on the long-tailed set."""
+    from imbssl.recipes.ssp import SSPExperimentConfig, run_grid, write_report
+
+    exp = _load_grid("ssp", SSPExperimentConfig, preset, overrides, data_path)
+    out_dir = Path(out or f"reports/ssp-{preset}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = write_report(exp, run_grid(exp, out_dir), out_dir, _command_line())
     click.echo(table.read_text())
     click.echo(f"report: {out_dir}")
 

@@ -54,6 +54,11 @@ class DataConfig(Section):
     image_size: int | None = Field(None, ge=4, description="resize ImageFolder images to this square size")
     subset: SubsetConfig = SubsetConfig()
 
+    def require_path(self) -> None:
+        """An ImageFolder has no default location: a run config must name it (the data section alone may not)."""
+        if self.source == "imagefolder" and not self.path:
+            raise ValueError(MISSING_DATA_PATH)
+
 
 class AugmentConfig(Section):
     """SimSiam/SimCLR views for small images (augment/views.py)."""
@@ -71,12 +76,12 @@ class AugmentConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["resnet18", "small_cnn"] = "small_cnn"
+    backbone: Literal["resnet18", "resnet32", "small_cnn"] = "small_cnn"
     width: float = Field(1.0, gt=0, description="channel width multiplier")
 
 
 class MethodConfig(Section):
-    name: Literal["simsiam", "simclr", "excb"] = "simsiam"
+    name: Literal["simsiam", "simclr", "excb", "rotation", "moco"] = "simsiam"
     proj_hidden: int = 512
     proj_dim: int = Field(512, description="output dimension d (Table 1)")
     pred_hidden: int = 128
@@ -103,6 +108,13 @@ class MethodConfig(Section):
     centroid_weight_decay: tuple[float, float] | None = Field(
         (1e-3, 1e-4), description="ExCB: the centroids' weight decay, cosine from the first to the second value; "
                                   "None = the optimizer's weight decay")
+    # MoCo v2 (methods/moco.py, docs/ssp-methods.md): CIFAR-sized defaults, as the MoCo CIFAR-10 demo has them.
+    # Its MLP head is sized by proj_hidden and proj_dim (the papers: the feature size, then 128).
+    queue_size: int = Field(4096, ge=1, description="MoCo: K, negative keys in the queue; 4096 suits CIFAR-sized "
+                                                    "sets (MoCo's CIFAR-10 demo), 65,536 is the ImageNet value")
+    key_momentum: float = Field(0.99, ge=0, lt=1, description="MoCo: m of the key encoder, k <- m k + (1 - m) q; "
+                                                              "0.99 for CIFAR-sized sets, 0.999 is the ImageNet value")
+    moco_temperature: float = Field(0.2, gt=0, description="MoCo: tau of the InfoNCE loss (v2: 0.2, v1: 0.07)")
 
 
 class OptimConfig(Section):
@@ -168,8 +180,7 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        if self.data.source == "imagefolder" and not self.data.path:
-            raise ValueError(MISSING_DATA_PATH)
+        self.data.require_path()
         return self
 
 
@@ -221,6 +232,95 @@ class OfflineClusteringConfig(OfflineClusteringSettings):
         """One stage's run config: ``base`` under the stage's name, trained for ``epochs``."""
         optim = self.base.optim.model_copy(update={"epochs": epochs})
         return self.base.model_copy(update={"name": name, "optim": optim})
+
+
+class LossConfig(Section):
+    """The long-tailed loss (losses/longtail.py) and when class re-balancing starts."""
+
+    name: Literal["ce", "focal", "ldam", "logit_adjusted"] = "ce"
+    reweight: Literal["none", "cb"] = Field("none", description="cb = class-balanced weights from the start "
+                                                                "(CB-CE, CB-Focal; Cui et al. 2019)")
+    deferral: Literal["none", "drw", "drs"] = Field(
+        "none", description="from defer_epoch on: drw = class-balanced re-weighting, drs = class-balanced re-sampling "
+                            "(Cao et al. 2019, Sec. 3.3)")
+    defer_epoch: int = Field(160, ge=1, description="the deferral epoch (160 of 200 in the LDAM recipe)")
+    beta: float = Field(0.9999, ge=0, lt=1, description="beta of the effective number (1 - beta^n) / (1 - beta)")
+    focal_gamma: float = Field(1.0, ge=0, description="focal loss gamma (1 in the LDAM code)")
+    ldam_max_margin: float = Field(0.5, gt=0, description="LDAM: the largest margin, the rarest class's")
+    ldam_scale: float = Field(30.0, gt=0, description="LDAM: s, the scale of the cosine logits")
+    la_tau: float = Field(1.0, ge=0, description="logit adjustment tau (Menon et al. 2021), as a loss and post hoc")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossConfig":
+        if self.reweight == "cb" and self.deferral != "none":
+            raise ValueError(f"reweight=cb re-weights from the start; deferral={self.deferral} would re-balance it "
+                             f"again at defer_epoch: choose one")
+        return self
+
+
+class SupervisedOptimConfig(Section):
+    """SGD with a linear warm-up and step decays: the LDAM-DRW recipe for CIFAR-LT (Cao et al. 2019, Appendix)."""
+
+    lr: float = Field(0.1, gt=0, description="the learning rate itself (no batch-size scaling)")
+    momentum: float = 0.9
+    weight_decay: float = Field(2e-4, ge=0)
+    batch_size: int = Field(128, ge=2)
+    epochs: int = Field(200, ge=1)
+    warmup_epochs: float = Field(5.0, ge=0, description="linear warm-up from 0 to lr")
+    milestones: list[int] = Field([160, 180], description="epochs at which the lr drops to lr * lr_factors[i]")
+    lr_factors: list[float] = Field([0.01, 0.0001], description="the lr's factor from each milestone on")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SupervisedOptimConfig":
+        if len(self.milestones) != len(self.lr_factors):
+            raise ValueError(f"{len(self.milestones)} milestones but {len(self.lr_factors)} lr_factors")
+        if self.milestones != sorted(self.milestones):
+            raise ValueError(f"milestones {self.milestones} must increase")
+        return self
+
+
+class CRTConfig(Section):
+    """Classifier re-training (Kang et al. 2020, "Decoupling representation and classifier"): after the main
+    training, freeze the backbone and train a new classifier with class-balanced sampling."""
+
+    enabled: bool = False
+    epochs: int = Field(10, ge=1, description="10 in Kang et al.")
+    lr: float = Field(0.1, gt=0, description="cosine from lr to 0")
+
+
+class SupervisedEvalConfig(Section):
+    val_per_class: int = Field(20, ge=1, description="a balanced validation set of this many images per class, drawn "
+                                                     "from train-split images outside the training subset where there "
+                                                     "are enough (else from the subset, which then loses them); it "
+                                                     "selects the epoch, never the test set")
+    batch_size: int = Field(1024, ge=1)
+
+
+class SupervisedConfig(Section):
+    """``imbssl train``: a classifier on a long-tailed subset, from scratch or from a pre-trained backbone."""
+
+    name: str = "train"
+    seed: int = 0
+    out_dir: str = "runs"
+    init_from: str | None = Field(None, description="a backbone.pt of any imbssl run (its backbone must match model)")
+    data: DataConfig = DataConfig(subset=SubsetConfig(profile="exp", imbalance=100.0))
+    model: ModelConfig = ModelConfig(backbone="resnet32")
+    loss: LossConfig = LossConfig()
+    optim: SupervisedOptimConfig = SupervisedOptimConfig()
+    crt: CRTConfig = CRTConfig()
+    augment_pad: int = Field(4, ge=0, description="random-crop padding (pixels) of the pad-crop-flip augmentation")
+    train: TrainConfig = TrainConfig()
+    eval: SupervisedEvalConfig = SupervisedEvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "SupervisedConfig":
+        self.data.require_path()
+        if self.loss.deferral != "none" and self.loss.defer_epoch >= self.optim.epochs:
+            raise ValueError(f"loss.defer_epoch={self.loss.defer_epoch} is not before the last of optim.epochs="
+                             f"{self.optim.epochs}: the deferred {self.loss.deferral.upper()} would never start")
+        if late := [m for m in self.optim.milestones if m >= self.optim.epochs]:
+            raise ValueError(f"optim.milestones {late} are not before optim.epochs={self.optim.epochs}")
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, pair: str) -> None:

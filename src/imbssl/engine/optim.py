@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules for pre-training."""
+"""Optimizers and learning-rate schedules: cosine for pre-training, warm-up and steps for supervised training."""
 from __future__ import annotations
 
 import math
@@ -90,3 +90,26 @@ def cosine_schedule(optimizer: Optimizer, total_steps: int, warmup_steps: int = 
         return 1.0
 
     return LambdaLR(optimizer, [constant if group.get("fixed_lr") else cosine for group in optimizer.param_groups])
+
+
+def step_factor(step: int, steps_per_epoch: int, warmup_epochs: float, milestones: list[int],
+                factors: list[float]) -> float:
+    """Linear warm-up to 1 over ``warmup_epochs``, then ``factors[i]`` from epoch ``milestones[i]`` on.
+
+    The LDAM-DRW schedule (lr 0.1, x0.01 at epoch 160, x0.0001 at 180, 5 warm-up epochs), warmed up per step
+    rather than per epoch, so that a short warm-up on a small set is not one jump.
+    """
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    epoch = step // steps_per_epoch
+    passed = [factor for milestone, factor in zip(milestones, factors) if epoch >= milestone]
+    return passed[-1] if passed else 1.0
+
+
+def step_schedule(optimizer: Optimizer, steps_per_epoch: int, warmup_epochs: float, milestones: list[int],
+                  factors: list[float]) -> LambdaLR:
+    def factor(step: int) -> float:
+        return step_factor(step, steps_per_epoch, warmup_epochs, milestones, factors)
+
+    return LambdaLR(optimizer, factor)

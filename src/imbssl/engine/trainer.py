@@ -1,4 +1,4 @@
-"""One training loop for every method: batches of indices -> views -> ``method.training_step``.
+"""One training loop for every task, SSL method or classifier: batches of indices -> views -> ``training_step``.
 
 The dataset lives on the device as a uint8 tensor and views are made there, so an epoch costs no
 per-image Python work. Randomness is drawn from generators seeded by (seed, epoch): a run resumed
@@ -19,15 +19,17 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm import tqdm
 
-from imbssl.augment import MultiCrop
+from imbssl.augment import MultiCrop, PadCropFlip
 from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
 from imbssl.engine.runlog import MetricLogger
 from imbssl.errors import ImbsslError
-from imbssl.methods.base import SSLMethod, StepOutput
+from imbssl.engine.task import StepOutput, TrainingTask
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict], None]
+#: (epoch, the epoch's summary) -> figures added to it before the checkpoint is written, e.g. a validation score
+EpochEvaluator = Callable[[int, dict], dict]
 
 #: the run's checkpoint, relative to its folder: the state after the last epoch saved.
 CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
@@ -70,7 +72,7 @@ def check_collapse(std: float, dim: int, warn_below: float) -> float:
     return ratio
 
 
-def optimizer_step(method: SSLMethod, optimizer: Optimizer, views: list[torch.Tensor], indices: torch.Tensor,
+def optimizer_step(method: TrainingTask, optimizer: Optimizer, views: list[torch.Tensor], indices: torch.Tensor,
                    precision: str = "fp32", channels_last: bool = False) -> StepOutput:
     """Forward (bf16 autocast when asked), backward and one optimizer step; returns the detached float32 loss."""
     if channels_last:
@@ -94,15 +96,20 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 
 class Trainer:
-    def __init__(self, method: SSLMethod, optimizer: Optimizer, scheduler: LRScheduler, images: torch.Tensor,
-                 make_views: MultiCrop, run_dir: Path, settings: TrainSettings,
-                 callbacks: Iterable[EpochCallback] = (), labels: np.ndarray | None = None) -> None:
-        """``labels`` of ``images``, when known, only reach ``method.epoch_stats`` (monitoring, never the loss)."""
+    def __init__(self, method: TrainingTask, optimizer: Optimizer, scheduler: LRScheduler, images: torch.Tensor,
+                 make_views: MultiCrop | PadCropFlip, run_dir: Path, settings: TrainSettings,
+                 callbacks: Iterable[EpochCallback] = (), labels: np.ndarray | None = None,
+                 evaluators: Iterable[EpochEvaluator] = ()) -> None:
+        """``labels`` of ``images``, when known, only reach ``method.epoch_stats`` (monitoring, never the loss).
+
+        ``evaluators`` run after each epoch and before its checkpoint, so whatever they save (a model selected
+        on validation) is never behind the checkpoint a resumed run starts from; ``callbacks`` run after it.
+        """
         self.method, self.optimizer, self.scheduler = method, optimizer, scheduler
         self.images, self.make_views, self.settings, self.labels = images, make_views, settings, labels
         self.run_dir = Path(run_dir)
         self.checkpoint_path = self.run_dir / CHECKPOINT_FILE
-        self.callbacks = list(callbacks)
+        self.callbacks, self.evaluators = list(callbacks), list(evaluators)
         self.device = images.device
         self.batch_size = min(settings.batch_size, len(images))
         if self.batch_size < settings.batch_size:
@@ -157,6 +164,10 @@ class Trainer:
             while self.epoch < self.settings.epochs:
                 self.summary = self._train_epoch(logger)
                 self.epoch += 1
+                for evaluate in self.evaluators:
+                    figures = evaluate(self.epoch, self.summary)
+                    self.summary.update(figures)
+                    logger.log(self.epoch * self.steps_per_epoch - 1, **{f"epoch/{k}": v for k, v in figures.items()})
                 if self._checkpoint_due(saved_at):
                     self.save_checkpoint()
                     saved_at = time.perf_counter()
@@ -179,16 +190,16 @@ class Trainer:
     def _log_epoch(self, eta_s: float) -> None:
         """One line per epoch: what a log file (or a non-terminal stderr) shows instead of the progress bar."""
         s = self.summary
-        log.info("epoch %d/%d loss %.4f output_std %.4f %.0f img/s, eta %s", self.epoch, self.settings.epochs,
-                 s["loss"], s["output_std"], s["images_per_s"], _duration(eta_s))
+        figures = " ".join(f"{key} {s[key]:.4f}" for key in ("loss", "output_std", "train_acc", "val_acc") if key in s)
+        log.info("epoch %d/%d %s %.0f img/s, eta %s", self.epoch, self.settings.epochs, figures, s["images_per_s"],
+                 _duration(eta_s))
 
     def _train_epoch(self, logger: MetricLogger) -> dict:
         s, epoch = self.settings, self.epoch
         self.method.train()
+        self.method.on_epoch_start(epoch)
         gen = epoch_generator(s.seed, epoch, self.device)
-        # Near-equal batches of at most batch_size that cover every image: no image is dropped and no tail batch
-        # is so small that BatchNorm statistics (or SimCLR's negatives) degenerate.
-        batches = torch.randperm(len(self.images), generator=gen, device=self.device).tensor_split(self.steps_per_epoch)
+        batches = self.method.epoch_batches(len(self.images), self.steps_per_epoch, epoch, gen)
         window: list[dict[str, torch.Tensor]] = []  # step figures kept on the device until the next sync
         totals: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
@@ -207,7 +218,9 @@ class Trainer:
         summary = {"epoch": epoch + 1, **{k: v / self.steps_per_epoch for k, v in totals.items()},
                    "images_per_s": seen / (time.perf_counter() - start), "images_seen": seen,
                    **self.method.epoch_stats(self.labels)}
-        summary["collapse_ratio"] = check_collapse(summary["output_std"], self.method.output_dim, s.collapse_warn_below)
+        if "output_std" in summary:
+            summary["collapse_ratio"] = check_collapse(summary["output_std"], self.method.output_dim,
+                                                       s.collapse_warn_below)
         logger.log((epoch + 1) * self.steps_per_epoch - 1, **{f"epoch/{k}": v for k, v in summary.items()})
         return summary
 

@@ -2,7 +2,7 @@
 from imbssl.eval.clusters import cluster_report, cluster_statistics, nmi, purity, relative_sizes
 from imbssl.eval.features import extract_features
 from imbssl.eval.knn import knn_predict, knn_scores
-from imbssl.eval.labelled import balanced_labelled_split
+from imbssl.eval.labelled import balanced_labelled_split, held_out_validation
 from imbssl.eval.linear import LinearProbeResult, linear_probe
 from imbssl.eval.metrics import accuracy_report
 
@@ -13,6 +13,7 @@ __all__ = [
     "cluster_report",
     "cluster_statistics",
     "extract_features",
+    "held_out_validation",
     "knn_predict",
     "knn_scores",
     "linear_probe",

@@ -49,3 +49,27 @@ def balanced_labelled_split(
         val.append(chosen[:n_val])
         train.append(chosen[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def held_out_validation(labels: np.ndarray, subset: np.ndarray, per_class: int,
+                        seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A balanced validation set of ``per_class`` images per class for supervised training on ``subset``.
+
+    Images of the training pool outside ``subset`` are used first, so the long-tailed training set stays
+    as built (Cao et al.'s profile uses every image of the head class, so some class always lacks them);
+    what a class still needs is taken out of ``subset``, at most half of that class's training images.
+    Returns sorted ``(train_idx, val_idx)``, both into ``labels``.
+    """
+    labels, subset = np.asarray(labels), np.asarray(subset)
+    rng = np.random.default_rng(seed)
+    in_subset = np.zeros(len(labels), dtype=bool)
+    in_subset[subset] = True
+    val, taken = [], []
+    for cls in np.unique(labels[subset]):
+        outside = rng.permutation(np.flatnonzero((labels == cls) & ~in_subset))[:per_class]
+        inside = rng.permutation(subset[labels[subset] == cls])
+        missing = min(per_class - len(outside), len(inside) // 2)
+        val += [outside, inside[:missing]]
+        taken.append(inside[:missing])
+    train = np.setdiff1d(subset, np.concatenate(taken))
+    return np.sort(train), np.sort(np.concatenate(val))

@@ -4,15 +4,18 @@ from __future__ import annotations
 from torch import nn
 
 from imbssl.config import MethodConfig
-from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput
+from imbssl.engine.task import StepOutput
+from imbssl.methods.base import OptimDefaults, SSLMethod
 from imbssl.methods.excb import ExCB
+from imbssl.methods.moco import MoCo, info_nce
+from imbssl.methods.rotation import Rotation, rotate_four_ways
 from imbssl.methods.simclr import SimCLR, nt_xent
 from imbssl.methods.simsiam import SimSiam, simsiam_loss
 
-METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimSiam, SimCLR, ExCB)}
+METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimSiam, SimCLR, ExCB, Rotation, MoCo)}
 
-__all__ = ["METHODS", "ExCB", "OptimDefaults", "SSLMethod", "SimCLR", "SimSiam", "StepOutput", "build_method",
-           "nt_xent", "simsiam_loss"]
+__all__ = ["METHODS", "ExCB", "MoCo", "OptimDefaults", "Rotation", "SSLMethod", "SimCLR", "SimSiam", "StepOutput",
+           "build_method", "info_nce", "nt_xent", "rotate_four_ways", "simsiam_loss"]
 
 
 def build_method(cfg: MethodConfig, backbone: nn.Module) -> SSLMethod:

@@ -1,14 +1,15 @@
 """What every SSL method gives the training engine."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim import Optimizer
+
+from imbssl.engine.task import MakeView, StepOutput, TrainingTask
 
 
 @dataclass(frozen=True)
@@ -20,17 +21,10 @@ class OptimDefaults:
     weight_decay: float
 
 
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars; the engine syncs them rarely
-
-
-class SSLMethod(nn.Module):
-    """A backbone plus heads; ``training_step(views, indices)`` is what the engine calls each step.
-
-    The hooks below default to nothing, so a method such as SimSiam is just its ``training_step``;
-    ExCB uses them for its EMA teacher, centroid initialisation and weight-decay schedule.
+class SSLMethod(TrainingTask):
+    """A backbone plus heads, trained without labels. Beyond the engine's hooks (``TrainingTask``) a method names
+    its Table 1 optimizer settings, how many views it takes and what is saved and evaluated after training.
+    ExCB uses the hooks for its EMA teacher, centroid initialisation and weight-decay schedule.
     """
 
     name: ClassVar[str]
@@ -41,14 +35,7 @@ class SSLMethod(nn.Module):
     def __init__(self, backbone: nn.Module, output_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.output_dim = output_dim  # size of the vectors whose std the collapse monitor watches
-
-    def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
-        raise NotImplementedError
-
-    def param_groups(self) -> list[dict]:
-        """The optimizer's parameter groups: one of every trainable parameter unless a part needs its own settings."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        self.output_dim = output_dim
 
     @property
     def eval_backbone(self) -> nn.Module:
@@ -61,18 +48,11 @@ class SSLMethod(nn.Module):
         they follow it: what lets a pipeline read the method's outputs, not only its features."""
         return {}
 
-    def on_train_start(self, images: torch.Tensor, make_view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-                       generator: torch.Generator) -> None:
-        """Called once before the first step of a fresh run, not on resume: to initialise from the data.
-        ``make_view`` makes one global view of a batch."""
-
-    def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
-        """Called after each optimizer step, ``step`` counting from 0 over the whole run: EMA updates and
-        per-step schedules the learning-rate scheduler does not cover."""
+    def on_train_start(self, images: torch.Tensor, make_view: MakeView, generator: torch.Generator) -> None:
+        """``make_view`` makes one global view of a batch."""
 
     def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
-        """Figures about the epoch just trained, added to its summary. ``labels`` (of the training images, None
-        when unknown) are for monitoring only: no method trains on them."""
+        """``labels`` (of the training images, None when unknown) are for monitoring only: no method trains on them."""
         return {}
 
 

@@ -20,13 +20,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
 from imbssl.cluster import kmeans
 from imbssl.config import MethodConfig
+from imbssl.engine.distributed import mean_over_processes
 from imbssl.engine.optim import cosine_factor
 from imbssl.eval import cluster_statistics
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
@@ -114,15 +114,6 @@ def view_agreement(assignments: torch.Tensor) -> torch.Tensor:
     num_views = assignments.shape[0]
     same = (assignments.unsqueeze(0) == assignments.unsqueeze(1)).float().mean(-1)  # [G, G], 1 on the diagonal
     return (same.sum() - num_views) / (num_views * (num_views - 1))
-
-
-def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
-    """The mean of ``x`` over all processes when training is distributed; ``x`` itself otherwise."""
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
 
 
 # -- the method -----------------------------------------------------------------------------------

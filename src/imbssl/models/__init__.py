@@ -5,14 +5,16 @@ from torch import nn
 
 from imbssl.config import ModelConfig
 from imbssl.models.heads import mlp
-from imbssl.models.resnet import CifarResNet18
+from imbssl.models.resnet import CifarResNet18, CifarResNet32
 from imbssl.models.small import SmallCNN
 
-__all__ = ["CifarResNet18", "SmallCNN", "build_backbone", "mlp"]
+__all__ = ["CifarResNet18", "CifarResNet32", "SmallCNN", "build_backbone", "mlp"]
 
 
 def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
     """A backbone mapping [B, C, H, W] -> [B, feature_dim]; ``feature_dim`` is an attribute."""
     if cfg.backbone == "resnet18":
         return CifarResNet18(in_channels, cfg.width)
+    if cfg.backbone == "resnet32":
+        return CifarResNet32(in_channels, cfg.width)
     return SmallCNN(in_channels, cfg.width)

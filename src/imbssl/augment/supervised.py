@@ -1,0 +1,37 @@
+"""The supervised CIFAR augmentation, batched on the device: random crop with zero padding, then a flip.
+
+The LDAM-DRW recipe (Cao et al. 2019) builds it per image with torchvision in DataLoader workers:
+
+    RandomCrop(32, padding=4) -> RandomHorizontalFlip -> ToTensor -> Normalize
+
+Here the whole batch is cropped at once: each image's offset is drawn from the generator, and the
+crop is one gather from the padded batch, so there is no per-image Python work.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from imbssl.augment.views import Normalize
+
+
+class PadCropFlip:
+    """uint8 NCHW -> normalised float views: pad by ``pad`` zeros, crop back to the input size, flip with p=1/2."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, pad: int = 4, flip_prob: float = 0.5) -> None:
+        self.normalize, self.pad, self.flip_prob = Normalize(mean, std), pad, flip_prob
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        return [self.global_view(images, generator)]
+
+    def global_view(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        # Zero padding in pixel space is black, as torchvision pads the PIL image before ToTensor and Normalize.
+        padded = F.pad(images, (self.pad,) * 4)
+        offsets = torch.randint(0, 2 * self.pad + 1, (batch, 2), generator=generator, device=images.device)
+        flip = torch.rand(batch, generator=generator, device=images.device) < self.flip_prob
+        rows = offsets[:, :1] + torch.arange(height, device=images.device)  # [B, H]
+        cols = offsets[:, 1:] + torch.arange(width, device=images.device)  # [B, W]
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        crops = padded[torch.arange(batch, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        return self.normalize(crops.permute(0, 3, 1, 2))  # the gather puts channels last: [B, H, W, C]

@@ -1,0 +1,58 @@
+"""What the training loop asks of whatever it trains: an SSL method or a supervised classifier."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+#: makes one augmented view of a uint8 batch from a generator
+MakeView = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars; the engine syncs them rarely
+
+
+class TrainingTask(nn.Module):
+    """A model and its objective; ``training_step(views, indices)`` is what the engine calls each step.
+
+    The hooks default to nothing and the batches to a random permutation of the images, so a task is
+    just its ``training_step`` unless it needs more (an EMA teacher, a deferred re-weighting, a sampler).
+    ``output_dim`` is the size of the vectors whose std (``stats["output_std"]``) the collapse monitor
+    watches; a task that reports no ``output_std`` is not watched.
+    """
+
+    output_dim: int = 0
+
+    def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: one of every trainable parameter unless a part needs its own settings."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def epoch_batches(self, num_images: int, num_batches: int, epoch: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """The epoch's batches of indices into the training images: near-equal batches of a random permutation,
+        which cover every image once, so none is dropped and no tail batch is so small that BatchNorm
+        statistics (or SimCLR's negatives) degenerate."""
+        return list(torch.randperm(num_images, generator=generator, device=generator.device).tensor_split(num_batches))
+
+    def on_train_start(self, images: torch.Tensor, make_view: MakeView, generator: torch.Generator) -> None:
+        """Called once before the first step of a fresh run, not on resume: to initialise from the data."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each epoch (0-based), on resume too: for settings that change at an epoch (DRW)."""
+
+    def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
+        """Called after each optimizer step, ``step`` counting from 0 over the whole run: EMA updates and
+        per-step schedules the learning-rate scheduler does not cover."""
+
+    def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
+        """Figures about the epoch just trained, added to its summary."""
+        return {}

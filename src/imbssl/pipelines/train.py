@@ -1,0 +1,217 @@
+"""Long-tailed supervised training: the ``imbssl train`` command.
+
+A classifier is trained on a long-tailed subset with its labels, from scratch or from any imbssl run's
+backbone.pt (self-supervised pre-training, SSP: "Rethinking the value of labels", Sec. 4). The epoch is
+selected on a balanced validation set held out of the training pool; the balanced test split is predicted
+once per reported model. With ``crt.enabled`` a second stage re-trains the classifier on the frozen
+backbone (cRT). The run folder holds:
+
+    subset.npz              the training images (indices into the train split) and the validation images
+    checkpoints/last.pt     the main stage's resumable state; checkpoints/best.pt the model selected on validation
+    crt/                    the cRT stage's own checkpoints and logs
+    model.pt                the reported model (backbone, classifier, input normalisation)
+    train.json              test top-1 / error, per-class, many/medium/few and thirds of each reported model
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from imbssl.augment import Normalize, PadCropFlip
+from imbssl.config import ConfigError, LossConfig, SupervisedConfig
+from imbssl.data import ImageSet, load_splits, save_indices, select_subset
+from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.engine.optim import cosine_schedule, step_schedule
+from imbssl.engine.supervised import LongTailClassifier
+from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
+from imbssl.eval import accuracy_report, extract_features, held_out_validation
+from imbssl.losses import posthoc_logit_adjustment
+from imbssl.models import build_backbone
+from imbssl.pipelines.common import (describe_hardware, determinism, load_backbone, normalizer_for, resolve_device,
+                                     seed_everything, set_determinism, to_tensor_nchw)
+from imbssl.pipelines.runfolder import run_folder
+
+log = logging.getLogger(__name__)
+
+TRAIN_FILE = "train.json"
+MODEL_FILE = "model.pt"
+BEST_FILE = Path("checkpoints") / "best.pt"
+CRT_DIR = "crt"
+
+
+@dataclass
+class LabelledData:
+    """The long-tailed training images (on the device) with their labels, the validation and the test split."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: np.ndarray
+    test: ImageSet
+    classes: tuple[str, ...]
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.train_labels.cpu().numpy(), minlength=len(self.classes))
+
+
+def train(cfg: SupervisedConfig, run_dir: Path | None = None, resume: bool = False,
+          callbacks: list[EpochCallback] = ()) -> Path:
+    """Train, select, test; returns the run folder holding train.json."""
+    if cfg.init_from and not Path(cfg.init_from).is_file():  # before the data is loaded or a folder made
+        raise ConfigError(f"init_from={cfg.init_from}: no such file (a backbone.pt of a finished imbssl run)")
+    run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
+    with run_folder(cfg, run_dir, resume):
+        start = time.perf_counter()
+        data = load_labelled_data(cfg, run_dir)
+        backbone, normalize = initial_backbone(cfg, data.train_images)
+        model = LongTailClassifier(backbone, data.train_labels, len(data.classes), cfg.loss).to(data.train_images.device)
+        selected = fit_stage(cfg, model, data, normalize, run_dir, resume, callbacks, cfg.optim.epochs)
+        results = {"main": report_stage(selected, data, normalize, cfg),
+                   "main_last_epoch": test_report(model, data, normalize, cfg),
+                   "posthoc_logit_adjusted": test_report(selected, data, normalize, cfg, adjust_prior=True)}
+        reported = selected
+        if cfg.crt.enabled:
+            reported = retrain_classifier(cfg, selected, data, normalize, run_dir, resume)
+            results["crt"] = report_stage(reported, data, normalize, cfg)
+        headline = "crt" if cfg.crt.enabled else "main"
+        save_atomic({"model": reported.state_dict(), "mean": normalize.mean.cpu(), "std": normalize.std.cpu()},
+                    run_dir / MODEL_FILE)
+        (run_dir / TRAIN_FILE).write_text(json.dumps({
+            "test": results[headline]["test"], "reported": headline, **results,
+            "train_class_counts": data.class_counts.tolist(), "val_images": len(data.val_labels),
+            "init_from": cfg.init_from, "wall_s_this_call": time.perf_counter() - start,
+            "hardware": describe_hardware(data.train_images.device), "torch": torch.__version__,
+            "determinism": determinism()}, indent=2))
+    return run_dir
+
+
+def load_labelled_data(cfg: SupervisedConfig, run_dir: Path) -> LabelledData:
+    """The configured long-tailed subset, less the validation images it gives up, on the device."""
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.seed)
+    set_determinism(cfg.train.deterministic)
+    splits = load_splits(cfg.data)
+    pool = splits["train"]
+    train_idx, val_idx = held_out_validation(pool.labels, select_subset(pool.labels, cfg.data.subset),
+                                             cfg.eval.val_per_class, cfg.seed)
+    counts = np.bincount(pool.labels[train_idx], minlength=len(pool.classes))
+    save_indices(run_dir / "subset.npz", train_idx, {"profile": cfg.data.subset.profile, "class_counts": counts.tolist(),
+                                                      "classes": list(pool.classes), "val_indices": val_idx.tolist()})
+    log.info("training %s: %s loss%s on %d images (class counts %s), validation %d images, seed %d, device %s",
+             cfg.name, cfg.loss.name, f" with {cfg.loss.deferral.upper()}" if cfg.loss.deferral != "none" else "",
+             len(train_idx), counts.tolist(), len(val_idx), cfg.seed, device)
+    return LabelledData(train_images=to_tensor_nchw(pool.images[train_idx], device),
+                        train_labels=torch.as_tensor(pool.labels[train_idx], device=device),
+                        val_images=to_tensor_nchw(pool.images[val_idx], device), val_labels=pool.labels[val_idx],
+                        test=splits["test"], classes=pool.classes)
+
+
+def initial_backbone(cfg: SupervisedConfig, images: torch.Tensor) -> tuple[nn.Module, Normalize]:
+    """A random backbone fed ``images`` standardised by their own channel statistics, or ``init_from``'s weights
+    with the input normalisation they were trained with."""
+    in_channels = images.shape[1]
+    if cfg.init_from is None:
+        return build_backbone(cfg.model, in_channels), normalizer_for(images.permute(0, 2, 3, 1))
+    path = Path(cfg.init_from)
+    try:
+        return load_backbone(cfg.model, in_channels, path)
+    except RuntimeError as err:  # load_state_dict: missing, unexpected or differently shaped weights
+        raise ConfigError(f"init_from={path} does not fit model.backbone={cfg.model.backbone} width {cfg.model.width}"
+                          f" ({str(err).splitlines()[0].rstrip(':')}); set model to the pre-trained backbone's") from None
+
+
+def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledData, normalize: Normalize,
+              run_dir: Path, resume: bool, callbacks: list[EpochCallback], epochs: int,
+              crt: bool = False) -> LongTailClassifier:
+    """Train ``model`` in ``run_dir`` and return a copy of it at the epoch selected on validation."""
+    settings = TrainSettings(epochs=epochs, batch_size=cfg.optim.batch_size, seed=cfg.seed,
+                             precision=cfg.train.precision, channels_last=cfg.train.channels_last,
+                             checkpoint_every=cfg.train.checkpoint_every,
+                             checkpoint_every_s=cfg.train.checkpoint_every_s, log_every=cfg.train.log_every,
+                             progress=cfg.train.progress)
+    batch_size = min(settings.batch_size, len(data.train_images))
+    optimizer = torch.optim.SGD(model.param_groups(), lr=cfg.crt.lr if crt else cfg.optim.lr,
+                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    steps = steps_per_epoch(len(data.train_images), batch_size)
+    scheduler = cosine_schedule(optimizer, epochs * steps) if crt else \
+        step_schedule(optimizer, steps, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.optim.lr_factors)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    selector = SelectOnValidation(model, data, normalize, run_dir / BEST_FILE, cfg.eval.batch_size)
+    trainer = Trainer(model, optimizer, scheduler, data.train_images, PadCropFlip(normalize.mean, normalize.std,
+                                                                                   cfg.augment_pad),
+                      run_dir, settings, callbacks, evaluators=[selector])
+    trainer.fit(resume=resume)
+    return selector.selected()
+
+
+class SelectOnValidation:
+    """After each epoch: balanced accuracy on the validation set, and ``path`` <- the model when it is the best yet.
+
+    The earliest epoch wins a tie. Called before the epoch's checkpoint, so a resumed run never lacks a candidate.
+    """
+
+    def __init__(self, model: LongTailClassifier, data: LabelledData, normalize: Normalize, path: Path,
+                 batch_size: int) -> None:
+        self.model, self.data, self.normalize, self.path, self.batch_size = model, data, normalize, path, batch_size
+        self.best = load_safe(path) if path.exists() else {"val_acc": -1.0, "epoch": 0}
+
+    def __call__(self, epoch: int, summary: dict) -> dict:
+        acc = balanced_accuracy(predict(self.model, self.data.val_images, self.normalize, self.batch_size),
+                                self.data.val_labels)
+        if acc > self.best["val_acc"]:
+            self.best = {"val_acc": acc, "epoch": epoch, "model": self.model.state_dict()}
+            save_atomic(self.best, self.path)
+        return {"val_acc": acc, "selected_epoch": self.best["epoch"]}
+
+    def selected(self) -> LongTailClassifier:
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.best["model"])
+        model.selected_epoch, model.val_acc = self.best["epoch"], self.best["val_acc"]
+        return model
+
+
+def predict(model: nn.Module, images: torch.Tensor | np.ndarray, normalize: Normalize, batch_size: int) -> torch.Tensor:
+    """Logits of ``images`` (uint8 NCHW tensor or NHWC array) in eval mode, on the CPU."""
+    device = next(model.parameters()).device
+    return extract_features(model, images, normalize, batch_size, device)
+
+
+def balanced_accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
+    """Mean per-class accuracy (%), the accuracy of a balanced test set."""
+    pred = logits.argmax(1).numpy()
+    return float(np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels)]) * 100)
+
+
+def test_report(model: LongTailClassifier, data: LabelledData, normalize: Normalize, cfg: SupervisedConfig,
+                adjust_prior: bool = False) -> dict:
+    """accuracy_report on the test split plus its error; ``adjust_prior``: post-hoc logit adjustment first."""
+    logits = predict(model, data.test.images, normalize, cfg.eval.batch_size)
+    if adjust_prior:
+        logits = posthoc_logit_adjustment(logits, model.prior.cpu(), cfg.loss.la_tau)
+    report = accuracy_report(logits.argmax(1).numpy(), data.test.labels, data.class_counts, data.classes)
+    return {"top1": report["top1"], "error": 100.0 - report["top1"], **report}
+
+
+def report_stage(model: LongTailClassifier, data: LabelledData, normalize: Normalize, cfg: SupervisedConfig) -> dict:
+    return {"selected_epoch": model.selected_epoch, "val_acc": model.val_acc,
+            "test": test_report(model, data, normalize, cfg)}
+
+
+def retrain_classifier(cfg: SupervisedConfig, trained: LongTailClassifier, data: LabelledData, normalize: Normalize,
+                       run_dir: Path, resume: bool) -> LongTailClassifier:
+    """cRT: ``trained``'s backbone frozen, a new linear classifier trained with plain CE on class-balanced batches
+    and a cosine lr (Kang et al. 2020, Sec. 4)."""
+    model = LongTailClassifier(trained.backbone, data.train_labels, len(data.classes), LossConfig(),
+                               freeze_backbone=True, balanced_sampling=True).to(data.train_images.device)
+    with run_folder(cfg, run_dir / CRT_DIR, resume):
+        return fit_stage(cfg, model, data, normalize, run_dir / CRT_DIR, resume, [], cfg.crt.epochs, crt=True)
