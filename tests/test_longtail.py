@@ -187,6 +187,31 @@ def test_train_selects_on_validation_and_reports_the_test_split(sup_cfg, tmp_pat
     assert load_safe(run / BEST_FILE)["epoch"] == best + 1
 
 
+def test_the_selected_model_keeps_the_weights_of_its_epoch(monkeypatch, tmp_path):
+    import imbssl.pipelines.train as supervised_train
+
+    scores = iter([60.0, 40.0])  # validation: epoch 1 is the best, epoch 2 worse
+    monkeypatch.setattr(supervised_train, "balanced_accuracy", lambda logits, labels: next(scores))
+    model = toy_classifier({})
+    data = supervised_train.LabelledData(
+        train_images=torch.zeros(4, 1, 8, 8, dtype=torch.uint8), train_labels=model.labels,
+        val_images=torch.zeros(4, 1, 8, 8, dtype=torch.uint8), val_labels=np.array([0, 0, 1, 1]), test=None,
+        classes=("a", "b"))
+    selector = supervised_train.SelectOnValidation(model, data, supervised_train.Normalize(torch.zeros(1),
+                                                                                           torch.ones(1)),
+                                                   tmp_path / "best.pt", batch_size=4)
+    selector(1, {})
+    at_epoch_1 = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # what the optimizer steps of epoch 2 do: change the weights in place
+        for param in model.parameters():
+            param.add_(1.0)
+    selector(2, {})
+    selected = selector.selected()
+    assert selected.selected_epoch == 1 and selected.val_acc == 60.0
+    assert all(torch.equal(selected.state_dict()[k], at_epoch_1[k]) for k in at_epoch_1)
+    assert all(torch.equal(load_safe(tmp_path / "best.pt")["model"][k], at_epoch_1[k]) for k in at_epoch_1)
+
+
 def test_crt_leaves_the_backbone_bit_identical(sup_cfg, tmp_path):
     run = train(sup_cfg(crt={"enabled": True, "epochs": 2}), tmp_path / "run")
     trained = load_safe(run / BEST_FILE)["model"]

@@ -76,3 +76,5 @@ class CifarResNet32(CifarResNet):
     def __init__(self, in_channels: int = 3, width: float = 1.0) -> None:
         super().__init__(in_channels, [max(4, round(c * width)) for c in (16, 32, 64)], (5, 5, 5),
                          zero_pad_shortcut=True)
+        for conv in (m for m in self.modules() if isinstance(m, nn.Conv2d)):
+            nn.init.kaiming_normal_(conv.weight)  # He et al.'s init, as the LDAM code's resnet32

@@ -169,7 +169,9 @@ class SelectOnValidation:
         acc = balanced_accuracy(predict(self.model, self.data.val_images, self.normalize, self.batch_size),
                                 self.data.val_labels)
         if acc > self.best["val_acc"]:
-            self.best = {"val_acc": acc, "epoch": epoch, "model": self.model.state_dict()}
+            # A copy: state_dict() shares memory with the weights, which the next optimizer steps change in place.
+            weights = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+            self.best = {"val_acc": acc, "epoch": epoch, "model": weights}
             save_atomic(self.best, self.path)
         return {"val_acc": acc, "selected_epoch": self.best["epoch"]}
 

@@ -172,16 +172,18 @@ def errors(records: list[dict], row: str, rho: float, ssp: str) -> dict[int, flo
     return {seed: test["error"] for seed, test in row_results(records, row, rho, ssp).items()}
 
 
-def paired_gain(records: list[dict], row: str, rho: float, ssp: str, baseline: tuple[str, str] | None = None) -> list[float]:
-    """Per seed, error(baseline) - error(row with ``ssp``): positive when the row does better. The baseline is
-    the same row from scratch unless given as (row, ssp)."""
+def paired_gain(records: list[dict], row: str, rho: float, ssp: str,
+                baseline: tuple[str, str] | None = None) -> dict[int, float]:
+    """seed -> error(baseline) - error(row with ``ssp``): positive when the row does better. The baseline is the
+    same row from scratch unless given as (row, ssp); seeds that lack either side are left out."""
     base_row, base_ssp = baseline or (row, "none")
     ours, theirs = errors(records, row, rho, ssp), errors(records, base_row, rho, base_ssp)
-    return [theirs[s] - ours[s] for s in sorted(ours.keys() & theirs.keys())]
+    return {s: theirs[s] - ours[s] for s in sorted(ours.keys() & theirs.keys())}
 
 
-def verdict(gains: list[float]) -> str:
+def verdict(gains_by_seed: dict[int, float]) -> str:
     """'2.10 ± 0.30 points (7.0 seed stds): holds', or 'not shown at this scale' inside one std."""
+    gains = list(gains_by_seed.values())
     if not gains:
         return "not measured"
     mean, std = mean_std(gains)
@@ -246,7 +248,7 @@ def verdict_lines(exp: SSPExperimentConfig, records: list[dict]) -> list[str]:
                          f"ρ={bottom:g}):")
             for row in exp.rows:
                 high, low = paired_gain(records, row, top, ssp), paired_gain(records, row, bottom, ssp)
-                lines.append(f"  - {ROW_NAMES[row]}: {verdict([h - l for h, l in zip(high, low)])}")
+                lines.append(f"  - {ROW_NAMES[row]}: {verdict({s: high[s] - low[s] for s in high.keys() & low.keys()})}")
     if "ldam-drw" in exp.rows and "ce" in exp.rows:
         lines.append("- LDAM-DRW beats CE (error of CE - error of LDAM-DRW):")
         for ssp in exp.ssp:
