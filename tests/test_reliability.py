@@ -362,7 +362,10 @@ def test_ctrl_c_exits_130_and_says_how_to_continue(tmp_path):
     config = write_config(tmp_path, optim={"epochs": 500}, train={"progress": False})
     run = tmp_path / "run"
     command = [sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", run, "--no-eval"]
-    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and the child would inherit that:
+    # restore the default so that Python turns the signal into KeyboardInterrupt wherever the tests are run from.
+    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(run / "checkpoints" / "last.pt", proc)
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=60)[1]
