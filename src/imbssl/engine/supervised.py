@@ -60,11 +60,9 @@ class LongTailClassifier(TrainingTask):
         self.register_buffer("cb_weights", class_balanced_weights(counts, loss_cfg.beta), persistent=False)
         self.register_buffer("margins", ldam_margins(counts, loss_cfg.ldam_max_margin), persistent=False)
         self.frozen, self.always_balanced = freeze_backbone, balanced_sampling
-        self.class_weight: Tensor | None = None
-        self.balanced_now = balanced_sampling
         if freeze_backbone:
             self.backbone.requires_grad_(False)
-        self.on_epoch_start(0)
+        self.on_epoch_start(0)  # sets class_weight and balanced_now, which every epoch sets anew
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))

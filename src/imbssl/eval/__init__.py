@@ -4,11 +4,12 @@ from imbssl.eval.features import extract_features
 from imbssl.eval.knn import knn_predict, knn_scores
 from imbssl.eval.labelled import balanced_labelled_split, held_out_validation
 from imbssl.eval.linear import LinearProbeResult, linear_probe
-from imbssl.eval.metrics import accuracy_report
+from imbssl.eval.metrics import accuracy_report, balanced_accuracy
 
 __all__ = [
     "LinearProbeResult",
     "accuracy_report",
+    "balanced_accuracy",
     "balanced_labelled_split",
     "cluster_report",
     "cluster_statistics",

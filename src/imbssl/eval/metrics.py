@@ -17,6 +17,12 @@ def _per_class_accuracy(pred: np.ndarray, target: np.ndarray, num_classes: int) 
     return accs
 
 
+def balanced_accuracy(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean per-class accuracy (%) over the classes present in ``target``: top-1 as a balanced set would give it."""
+    per_class = _per_class_accuracy(np.asarray(pred), np.asarray(target), int(np.max(target)) + 1)
+    return float(np.mean([acc for acc in per_class if acc is not None]))
+
+
 def _group_accuracy(per_class: list[float | None], members: Sequence[int]) -> float | None:
     """Mean of the members' per-class accuracies, so every class weighs the same whatever its test size."""
     values = [per_class[cls] for cls in members if per_class[cls] is not None]

@@ -32,7 +32,7 @@ from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.optim import cosine_schedule, step_schedule
 from imbssl.engine.supervised import LongTailClassifier
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
-from imbssl.eval import accuracy_report, extract_features, held_out_validation
+from imbssl.eval import accuracy_report, balanced_accuracy, extract_features, held_out_validation
 from imbssl.losses import posthoc_logit_adjustment
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (describe_hardware, determinism, load_backbone, normalizer_for, resolve_device,
@@ -76,8 +76,8 @@ def train(cfg: SupervisedConfig, run_dir: Path | None = None, resume: bool = Fal
         model = LongTailClassifier(backbone, data.train_labels, len(data.classes), cfg.loss).to(data.train_images.device)
         selected = fit_stage(cfg, model, data, normalize, run_dir, resume, callbacks, cfg.optim.epochs)
         results = {"main": report_stage(selected, data, normalize, cfg),
-                   "main_last_epoch": test_report(model, data, normalize, cfg),
-                   "posthoc_logit_adjusted": test_report(selected, data, normalize, cfg, adjust_prior=True)}
+                   "main_last_epoch": {"test": test_report(model, data, normalize, cfg)},
+                   "posthoc_logit_adjusted": {"test": test_report(selected, data, normalize, cfg, adjust_prior=True)}}
         reported = selected
         if cfg.crt.enabled:
             reported = retrain_classifier(cfg, selected, data, normalize, run_dir, resume)
@@ -166,8 +166,8 @@ class SelectOnValidation:
         self.best = load_safe(path) if path.exists() else {"val_acc": -1.0, "epoch": 0}
 
     def __call__(self, epoch: int, summary: dict) -> dict:
-        acc = balanced_accuracy(predict(self.model, self.data.val_images, self.normalize, self.batch_size),
-                                self.data.val_labels)
+        logits = predict(self.model, self.data.val_images, self.normalize, self.batch_size)
+        acc = balanced_accuracy(logits.argmax(1).numpy(), self.data.val_labels)
         if acc > self.best["val_acc"]:
             # A copy: state_dict() shares memory with the weights, which the next optimizer steps change in place.
             weights = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
@@ -186,12 +186,6 @@ def predict(model: nn.Module, images: torch.Tensor | np.ndarray, normalize: Norm
     """Logits of ``images`` (uint8 NCHW tensor or NHWC array) in eval mode, on the CPU."""
     device = next(model.parameters()).device
     return extract_features(model, images, normalize, batch_size, device)
-
-
-def balanced_accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
-    """Mean per-class accuracy (%), the accuracy of a balanced test set."""
-    pred = logits.argmax(1).numpy()
-    return float(np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels)]) * 100)
 
 
 def test_report(model: LongTailClassifier, data: LabelledData, normalize: Normalize, cfg: SupervisedConfig,

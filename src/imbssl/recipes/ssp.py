@@ -164,7 +164,7 @@ def row_results(records: list[dict], row: str, rho: float, ssp: str) -> dict[int
     found = {}
     for r in records:
         if r["loss"] == loss and r["rho"] == rho and r["ssp"] == ssp:
-            found[r["seed"]] = r[part]["test"] if part != "posthoc_logit_adjusted" else r[part]
+            found[r["seed"]] = r[part]["test"]
     return found
 
 
