@@ -4,12 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imbssl.engine.task import MakeView, StepOutput, TrainingTask
+from imbssl.engine.task import StepOutput, TrainingTask  # StepOutput: what every method module returns
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,9 @@ class OptimDefaults:
 class SSLMethod(TrainingTask):
     """A backbone plus heads, trained without labels. Beyond the engine's hooks (``TrainingTask``) a method names
     its Table 1 optimizer settings, how many views it takes and what is saved and evaluated after training.
-    ExCB uses the hooks for its EMA teacher, centroid initialisation and weight-decay schedule.
+    ExCB uses the hooks for its EMA teacher, centroid initialisation (``on_train_start``'s ``make_view`` makes one
+    global view) and weight-decay schedule. The labels ``epoch_stats`` receives are for monitoring only: no method
+    trains on them.
     """
 
     name: ClassVar[str]
@@ -46,13 +47,6 @@ class SSLMethod(TrainingTask):
     def eval_heads(self) -> dict[str, nn.Module]:
         """The heads saved beside ``eval_backbone``, named by the space they output (config.SPACES), in the order
         they follow it: what lets a pipeline read the method's outputs, not only its features."""
-        return {}
-
-    def on_train_start(self, images: torch.Tensor, make_view: MakeView, generator: torch.Generator) -> None:
-        """``make_view`` makes one global view of a batch."""
-
-    def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
-        """``labels`` (of the training images, None when unknown) are for monitoring only: no method trains on them."""
         return {}
 
 
