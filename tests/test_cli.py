@@ -112,3 +112,33 @@ def test_train_command_reports_one_line_per_problem(tmp_path):
     res = imbssl("train", "ce-digits", "--init-from", tmp_path / "missing.pt", cwd=tmp_path)
     assert res.returncode == 2 and "init_from=" in res.stderr and "no such file" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_reproduce_semi_supervised_demo_end_to_end(tmp_path):
+    out = tmp_path / "semi"
+    res = imbssl("reproduce", "semi-supervised", "--preset", "demo", "--out", out, "--set", "base.optim.epochs=4",
+                 "--set", "base.optim.milestones=[3]", "--set", "base.optim.lr_factors=[0.01]",
+                 "--set", "base.loss.defer_epoch=3", "--set", "ssp_base.optim.epochs=2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    records = json.loads((out / "results.json").read_text())
+    # 2 initialisations (scratch, Rotation) x 2 losses x 2 rho_U (1, rho) x 1 seed
+    assert sorted((r["ssp"], r["loss"], r["rho_u"]) for r in records) == sorted(
+        (ssp, loss, rho_u) for ssp in ("none", "rotation") for loss in ("ce", "ldam-drw") for rho_u in ("1", "rho"))
+    runs = out / "runs" / "rho10"
+    # the rho_U columns share one base classifier per (loss, initialisation, seed)
+    assert sorted(p.parents[1].relative_to(runs).as_posix() for p in runs.glob("*/*/seed0/base/train.json")) == sorted(
+        f"{loss}/{init}/seed0" for loss in ("ce", "ldam-drw") for init in ("scratch", "ssp-rotation"))
+    assert all(r["base"] == next(q["base"] for q in records if (q["loss"], q["ssp"]) == (r["loss"], r["ssp"]))
+               for r in records)
+    assert (runs / "ssp-rotation" / "seed0" / "eval.json").exists()
+    table = (out / "table.md").read_text()
+    assert "| CE | Rotation | + D_U @3x |" in table and "## Verdicts (paired by seed)" in table
+    assert "left out: digits is not comparable" in table
+
+
+def test_self_training_command_names_the_class_that_runs_out(tmp_path):
+    res = imbssl("pipeline", "self-training", "ce-digits", "--set", "unlabeled.size_factor=20",
+                 "--run-dir", tmp_path / "st", cwd=tmp_path)
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "asks for" in res.stderr and "images of class 0 ('0')" in res.stderr

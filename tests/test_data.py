@@ -301,3 +301,11 @@ def test_cifar_malicious_pickle_is_refused(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"test_batch: refusing to unpickle global \w+\.system"):
         load_splits(DataConfig(source="cifar10", cache_dir=str(tmp_path / "cache")))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_head_count_sets_the_head_of_a_profile_and_must_fit_the_pool():
+    available = np.array([500, 480, 450])
+    assert subset_counts(SubsetConfig(profile="exp", imbalance=4, head_count=200), available).tolist() == [200, 100, 50]
+    assert subset_counts(SubsetConfig(profile="exp", imbalance=4), available).tolist() == [450, 225, 112]
+    with pytest.raises(DataError, match="asks for 600 images of class 0, but the pool has only 500"):
+        subset_counts(SubsetConfig(profile="exp", imbalance=4, head_count=600), available)

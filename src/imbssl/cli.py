@@ -22,6 +22,8 @@ from imbssl.errors import ImbsslError
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: the supervised (``imbssl train``) configs shipped with imbssl
 TRAIN_CONFIG_DIR = CONFIG_DIR / "train"
+#: the self-training pipeline configs shipped with imbssl
+SELF_TRAINING_CONFIG_DIR = CONFIG_DIR / "self-training"
 #: offline_clustering.STAGES, spelled out so that --help need not import torch (a test checks they agree)
 PIPELINE_STAGES = ("base", "divide", "experts", "distill")
 _RESUME_WITH = "imbssl.resume_with"  # ctx.meta key: the command line that continues an interrupted command
@@ -321,6 +323,52 @@ def offline_clustering(config: str, overrides: tuple[str, ...], data_path: str |
         _echo_eval(evaluate_run(root), root / EVAL_FILE)
 
 
+SELF_TRAINING_HELP = f"""Base classifier on D_L -> pseudo-labels on D_U -> final classifier on both ("Rethinking the
+value of labels", Sec. 3). D_L is data.subset (give its head with data.subset.head_count); D_U is drawn from the
+rest of the training pool (unlabeled.size_factor x |D_L| images, ratio unlabeled.imbalance), and its labels are
+read only to report how right the pseudo-labels are.
+
+CONFIG is a YAML file or the name of a self-training config shipped with imbssl:
+
+\b
+{_help_list(_shipped_configs(folder=SELF_TRAINING_CONFIG_DIR))}
+
+\b
+Examples:
+  imbssl pipeline self-training ce-digits
+  imbssl pipeline self-training ce-digits --set unlabeled.imbalance=10 \\
+      --set pseudo_labels.threshold=0.9
+"""
+
+
+@pipeline.command("self-training", help=SELF_TRAINING_HELP, short_help="Base, pseudo-labels, final (semi-supervised).")
+@click.argument("config")
+@set_option("unlabeled.imbalance=10")
+@click.option("--data", "data_path", type=click.Path(), help="data archive or folder (sets data.path)")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="the pipeline folder  [default: <out_dir>/<name>]")
+@click.option("--resume", is_flag=True, help="continue at the first unfinished stage")
+def self_training(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None,
+                  resume: bool) -> None:
+    from imbssl.config import SelfTrainingConfig
+
+    given = (f"data.path={json.dumps(data_path)}",) if data_path else ()
+    cfg = load_config(_config_file(config, folder=SELF_TRAINING_CONFIG_DIR), given + overrides,
+                      schema=SelfTrainingConfig)
+    from imbssl.pipelines.self_training import REPORT_FILE, self_train
+
+    _offer_resume(add_flag=True)
+    root = self_train(cfg, Path(run_dir) if run_dir else None, resume=resume)
+    report = json.loads((root / REPORT_FILE).read_text())
+    labels = report["pseudo_labels"]
+    click.echo(f"pseudo-labels: {labels['kept']} of {labels['of']} kept, {labels['accuracy']:.2f}% right "
+               f"({labels['kept_accuracy'] or 0:.2f}% of the kept)")
+    for stage in ("base", "final"):
+        test = report[stage]
+        click.echo(f"{stage}: test top-1 {test['top1']:.2f} (error {test['error']:.2f}), major/minor/rare "
+                   + " / ".join(f"{test['thirds'][g]:.2f}" for g in ("major", "minor", "rare")))
+    click.echo(f"pipeline folder: {root} ({REPORT_FILE})")
+
+
 # -- reproduce / demo ---------------------------------------------------------------------------
 @cli.group()
 def reproduce() -> None:
@@ -415,6 +463,21 @@ def reproduce_ssp(preset: str, overrides: tuple[str, ...], out: str | None, data
 
     exp = _load_grid("ssp", SSPExperimentConfig, preset, overrides, data_path)
     out_dir = Path(out or f"reports/ssp-{preset}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = write_report(exp, run_grid(exp, out_dir), out_dir, _command_line())
+    click.echo(table.read_text())
+    click.echo(f"report: {out_dir}")
+
+
+@reproduce.command("semi-supervised", short_help="Rethinking's Table 1: LT losses with self-training on D_U.")
+@_grid_options("semi-supervised")
+def reproduce_semi_supervised(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
+    """Table 1 of "Rethinking the value of labels": CE and LDAM-DRW on D_L, without and with self-training on an
+    imbalanced unlabeled set D_U (rho_U = 1, rho/2, rho, 2 rho), from scratch or after SSP."""
+    from imbssl.recipes.semi_supervised import SemiSupervisedExperimentConfig, run_grid, write_report
+
+    exp = _load_grid("semi-supervised", SemiSupervisedExperimentConfig, preset, overrides, data_path)
+    out_dir = Path(out or f"reports/semi-supervised-{preset}")
     out_dir.mkdir(parents=True, exist_ok=True)
     table = write_report(exp, run_grid(exp, out_dir), out_dir, _command_line())
     click.echo(table.read_text())

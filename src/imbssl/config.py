@@ -42,6 +42,8 @@ class SubsetConfig(Section):
     imbalance: float = Field(10.0, ge=1.0, description="p (or rho): largest / smallest class count")
     minority_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="step profile: share of minority classes")
     total: int | None = Field(None, ge=1, description="balanced profile: total N (None = match the exp profile)")
+    head_count: int | None = Field(None, ge=1, description="n_max, the head class's count (None = the pool's smallest "
+                                                         "class count, Cao et al.'s CIFAR-LT)")
     permute_classes: bool = Field(False, description="draw which classes are the head at random")
     seed: int = 0
 
@@ -321,6 +323,42 @@ class SupervisedConfig(Section):
         if late := [m for m in self.optim.milestones if m >= self.optim.epochs]:
             raise ValueError(f"optim.milestones {late} are not before optim.epochs={self.optim.epochs}")
         return self
+
+
+class UnlabeledConfig(Section):
+    """D_U of self-training: images of the training pool outside D_L and the validation set, as DARP and CReST
+    build it (the seed takes them from 80M Tiny Images); training never reads their labels."""
+
+    size_factor: float = Field(5.0, gt=0, description="|D_U| = size_factor * |D_L|: the seed's '@5x' "
+                                                       "(unlabel_size_factor in its code)")
+    imbalance: float = Field(100.0, ge=1, description="rho_U: D_U's own largest / smallest class count; its head "
+                                                      "class is D_L's")
+
+
+class PseudoLabelConfig(Section):
+    """How the base classifier's predictions on D_U become training labels (hard labels, as the seed)."""
+
+    threshold: float = Field(0.0, ge=0, lt=1, description="keep the images whose confidence (largest softmax "
+                                                          "probability) exceeds this; 0 keeps all, as the seed")
+    class_balanced: bool = Field(False, description="each pseudo-class keeps at most as many images as the rarest "
+                                                    "pseudo-class, its most confident ones (beyond the seed)")
+    weight: float = Field(1.0, gt=0, description="omega of L(D_L) + omega L(D_U): each pseudo-labelled image's "
+                                                 "loss weight (1 in the seed's code, which concatenates the sets)")
+
+
+class SelfTrainingConfig(SupervisedConfig):
+    """``imbssl pipeline self-training``: a base classifier on D_L (``data.subset``), pseudo-labels on D_U, then
+    the final model on D_L plus the pseudo-labelled D_U ("Rethinking the value of labels", Sec. 3). Both
+    classifiers train with this config's model, loss, optim and init_from."""
+
+    name: str = "self-training"
+    unlabeled: UnlabeledConfig = UnlabeledConfig()
+    pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
+
+    def stage(self, name: str) -> SupervisedConfig:
+        """The config of one classifier stage: this one without the self-training keys."""
+        tree = self.model_dump(exclude={"unlabeled", "pseudo_labels"})
+        return SupervisedConfig.model_validate({**tree, "name": f"{self.name}/{name}"})
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, pair: str) -> None:

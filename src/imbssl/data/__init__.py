@@ -3,12 +3,14 @@ from imbssl.data.longtail import (
     balanced_counts,
     class_ranks,
     exp_counts,
+    labeled_unlabeled_split,
     load_index_meta,
     load_indices,
     save_indices,
     select_subset,
     step_counts,
     subset_counts,
+    unlabeled_counts,
 )
 from imbssl.data.sources import DataError, ImageSet, load_splits
 
@@ -18,6 +20,7 @@ __all__ = [
     "balanced_counts",
     "class_ranks",
     "exp_counts",
+    "labeled_unlabeled_split",
     "load_index_meta",
     "load_indices",
     "load_splits",
@@ -25,4 +28,5 @@ __all__ = [
     "select_subset",
     "step_counts",
     "subset_counts",
+    "unlabeled_counts",
 ]

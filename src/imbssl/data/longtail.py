@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from imbssl.config import SubsetConfig
+from imbssl.config import SubsetConfig, UnlabeledConfig
 from imbssl.data.sources import DataError
 
 # Independent random streams per purpose, so toggling ``permute_classes`` does not change
 # which images are drawn for a class with an unchanged count.
 _PERMUTE_STREAM = 0
 _SELECT_STREAM = 1
+_UNLABELED_STREAM = 2
 
 
 def exp_counts(n_max: int, num_classes: int, imbalance: float) -> np.ndarray:
@@ -78,13 +79,14 @@ def class_ranks(cfg: SubsetConfig, num_classes: int) -> np.ndarray:
 def subset_counts(cfg: SubsetConfig, available: np.ndarray) -> np.ndarray:
     """Images to keep per class index, given the per-class ``available`` counts of the pool.
 
-    ``n_max`` is the smallest available count, so a profile never asks for more than every
-    class holds; an explicit balanced ``total`` that does not fit is an error, not a silent cap.
+    ``n_max`` is ``cfg.head_count``, or else the smallest available count, so that a profile never asks for
+    more than every class holds; a count that does not fit is an error, not a silent cap.
     """
     available = np.asarray(available, dtype=np.int64)
     if cfg.profile == "full":
         return available.copy()
-    ranked = _rank_counts(cfg, int(available.min()), len(available))
+    n_max = cfg.head_count if cfg.head_count is not None else int(available.min())
+    ranked = _rank_counts(cfg, n_max, len(available))
     counts = np.empty_like(available)
     counts[class_ranks(cfg, len(available))] = ranked
     short = np.flatnonzero(counts > available)
@@ -111,6 +113,52 @@ def select_subset(labels: np.ndarray, cfg: SubsetConfig) -> np.ndarray:
     starts = np.concatenate([[0], np.cumsum(available)[:-1]])
     chosen = [grouped[s : s + k] for s, k in zip(starts, counts)]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def unlabeled_counts(labeled_counts: np.ndarray, ranks: np.ndarray, cfg: UnlabeledConfig) -> np.ndarray:
+    """D_U's count per class index: ``size_factor * |D_L|`` images spread over an exponential profile of ratio
+    rho_U, ``int(total * rho_U^(-r/(C-1)) / sum_r' rho_U^(-r'/(C-1)))`` for rank r, with D_L's class ranks.
+
+    The seed's code (``get_img_num_per_cls_unlabeled``) fixes the total, so the rho_U columns of its Table 1 differ
+    in balance, not in size; at rho_U = rho the head is ``size_factor`` times D_L's head.
+    """
+    total, num_classes = cfg.size_factor * int(np.sum(labeled_counts)), len(labeled_counts)
+    shares = cfg.imbalance ** (-np.arange(num_classes) / max(num_classes - 1, 1))
+    counts = np.empty(num_classes, dtype=np.int64)
+    counts[ranks] = (total * shares / shares.sum()).astype(np.int64)
+    return counts
+
+
+def labeled_unlabeled_split(labels: np.ndarray, labeled: SubsetConfig, unlabeled: UnlabeledConfig,
+                            reserve_per_class: int, class_names: tuple[str, ...] | None = None
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint D_L, reserved and D_U parts of one training pool, as sorted index arrays.
+
+    D_L is ``select_subset(labels, labeled)``. The rest of each class, in an order seeded by ``labeled.seed``,
+    gives first ``reserve_per_class`` images (a validation set) and then D_U's count (``unlabeled_counts``). So
+    D_L and the reserve do not depend on D_U's settings, and runs that differ only in D_U share them. A class
+    that cannot hold its part is an error that names it.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    labeled_idx = select_subset(labels, labeled)
+    num_classes = int(labels.max()) + 1
+    labeled_counts = np.bincount(labels[labeled_idx], minlength=num_classes)
+    wanted = unlabeled_counts(labeled_counts, class_ranks(labeled, num_classes), unlabeled)
+    in_labeled = np.zeros(len(labels), dtype=bool)
+    in_labeled[labeled_idx] = True
+    order = _rng(labeled.seed, _UNLABELED_STREAM).permutation(len(labels))
+    reserved, unlabeled_idx = [], []
+    for c in range(num_classes):
+        rest = order[(labels[order] == c) & ~in_labeled[order]]
+        if len(rest) < reserve_per_class + wanted[c]:
+            name = f" ({class_names[c]!r})" if class_names else ""
+            raise DataError(f"the unlabeled part (rho_U={unlabeled.imbalance:g}, {unlabeled.size_factor:g} x "
+                            f"{labeled_idx.size} images) asks for {wanted[c]} images of class {c}{name}, but the pool "
+                            f"has {len(rest)} beside its {labeled_counts[c]} labeled ones and {reserve_per_class} "
+                            f"for validation; lower data.subset.head_count or unlabeled.size_factor")
+        reserved.append(rest[:reserve_per_class])
+        unlabeled_idx.append(rest[reserve_per_class:reserve_per_class + wanted[c]])
+    return labeled_idx, np.sort(np.concatenate(unlabeled_idx)), np.sort(np.concatenate(reserved))
 
 
 def _jsonable(value: Any) -> Any:

@@ -43,10 +43,14 @@ def class_balanced_batches(labels: Tensor, num_batches: int, generator: torch.Ge
 
 
 class LongTailClassifier(TrainingTask):
-    """``head(backbone(x))`` trained with ``loss_cfg`` on ``labels`` (one per training image, on the device)."""
+    """``head(backbone(x))`` trained with ``loss_cfg`` on ``labels`` (one per training image, on the device).
+
+    ``sample_weight`` (one per training image) scales each image's loss: omega of self-training's pseudo-labels.
+    """
 
     def __init__(self, backbone: nn.Module, labels: Tensor, num_classes: int, loss_cfg: LossConfig,
-                 freeze_backbone: bool = False, balanced_sampling: bool = False) -> None:
+                 freeze_backbone: bool = False, balanced_sampling: bool = False,
+                 sample_weight: Tensor | None = None) -> None:
         super().__init__()
         self.backbone, self.cfg, self.num_classes = backbone, loss_cfg, num_classes
         head = NormedLinear if loss_cfg.name == "ldam" else nn.Linear
@@ -56,6 +60,7 @@ class LongTailClassifier(TrainingTask):
             raise ValueError(f"classes {torch.flatnonzero(counts == 0).tolist()} have no training image")
         # Derived from the labels each run, so not saved: a checkpoint holds weights and optimizer state only.
         self.register_buffer("labels", labels, persistent=False)
+        self.register_buffer("sample_weight", sample_weight, persistent=False)
         self.register_buffer("prior", counts / counts.sum(), persistent=False)
         self.register_buffer("cb_weights", class_balanced_weights(counts, loss_cfg.beta), persistent=False)
         self.register_buffer("margins", ldam_margins(counts, loss_cfg.ldam_max_margin), persistent=False)
@@ -66,6 +71,11 @@ class LongTailClassifier(TrainingTask):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
+
+    @property
+    def logit_scale(self) -> float:
+        """What the logits are multiplied by before a softmax: LDAM's s for its cosines, else 1."""
+        return self.cfg.ldam_scale if self.cfg.name == "ldam" else 1.0
 
     def train(self, mode: bool = True) -> "LongTailClassifier":
         super().train(mode)
@@ -87,19 +97,20 @@ class LongTailClassifier(TrainingTask):
             return class_balanced_batches(self.labels, num_batches, generator)
         return super().epoch_batches(num_images, num_batches, epoch, generator)
 
-    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+    def loss(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         cfg, weight = self.cfg, self.class_weight
         if cfg.name == "focal":
-            return focal_loss(logits, target, cfg.focal_gamma, weight)
+            return focal_loss(logits, target, cfg.focal_gamma, weight, sample_weight)
         if cfg.name == "ldam":
-            return ldam_loss(logits, target, self.margins, cfg.ldam_scale, weight)
+            return ldam_loss(logits, target, self.margins, cfg.ldam_scale, weight, sample_weight)
         if cfg.name == "logit_adjusted":
-            return logit_adjusted_loss(logits, target, self.prior, cfg.la_tau, weight)
-        return cross_entropy(logits, target, weight)
+            return logit_adjusted_loss(logits, target, self.prior, cfg.la_tau, weight, sample_weight)
+        return cross_entropy(logits, target, weight, sample_weight)
 
     def training_step(self, views: list[Tensor], indices: Tensor) -> StepOutput:
         logits, target = self(views[0]), self.labels[indices]
-        loss = self.loss(logits.float(), target)
+        sample_weight = None if self.sample_weight is None else self.sample_weight[indices]
+        loss = self.loss(logits.float(), target, sample_weight)
         return StepOutput(loss, {"train_acc": (logits.argmax(1) == target).float().mean().detach() * 100})
 
     def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:

@@ -1,7 +1,9 @@
 """Long-tailed classification losses, each the formula of its paper.
 
 ``counts`` are the per-class image counts n_c of the training set; ``weight`` a per-class weight w_c
-(None = 1 for every class). Logits are [B, C], targets [B] class indices.
+(None = 1 for every class); ``sample_weight`` a per-image weight omega_i (None = 1 for every image: self-training
+gives its pseudo-labelled images omega, "Rethinking the value of labels", Sec. 3), which scales an image's term
+but not the mean's denominator. Logits are [B, C], targets [B] class indices.
 """
 from __future__ import annotations
 
@@ -22,18 +24,26 @@ def class_balanced_weights(counts: Tensor, beta: float = 0.9999) -> Tensor:
     return (weights / weights.sum() * len(counts)).float()
 
 
-def cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
-    """-log softmax(z)_y, averaged as sum_i w_yi l_i / sum_i w_yi (the weighted mean of LDAM-DRW's code)."""
-    return F.cross_entropy(logits, target, weight=weight)
+def cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None = None,
+                  sample_weight: Tensor | None = None) -> Tensor:
+    """-log softmax(z)_y, averaged as sum_i omega_i w_yi l_i / sum_i w_yi (the weighted mean of LDAM-DRW's code)."""
+    if sample_weight is None:
+        return F.cross_entropy(logits, target, weight=weight)
+    terms = F.cross_entropy(logits, target, weight=weight, reduction="none")  # w_yi l_i
+    denominator = weight[target].sum() if weight is not None else len(target)
+    return (sample_weight * terms).sum() / denominator
 
 
-def focal_loss(logits: Tensor, target: Tensor, gamma: float = 1.0, weight: Tensor | None = None) -> Tensor:
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 1.0, weight: Tensor | None = None,
+               sample_weight: Tensor | None = None) -> Tensor:
     """FL = -(1 - p_t)^gamma log p_t (Lin et al. 2017, Eq. 4), times w_y when weighted (CB-Focal, Cui et al.
     2019, Sec. 4), averaged over the batch. gamma = 0 is cross-entropy. gamma = 1 is the LDAM code's default."""
     log_p_t = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
     loss = -(1 - log_p_t.exp()) ** gamma * log_p_t
     if weight is not None:
         loss = loss * weight[target]
+    if sample_weight is not None:
+        loss = loss * sample_weight
     return loss.mean()
 
 
@@ -47,21 +57,21 @@ def ldam_margins(counts: Tensor, max_margin: float = 0.5) -> Tensor:
 
 
 def ldam_loss(cosines: Tensor, target: Tensor, margins: Tensor, scale: float = 30.0,
-              weight: Tensor | None = None) -> Tensor:
+              weight: Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:
     """-log e^(s(z_y - Delta_y)) / (e^(s(z_y - Delta_y)) + sum_{j != y} e^(s z_j))   (Cao et al. 2019, Sec. 3.2)
 
     ``cosines`` z are logits of l2-normalised features and weights (``NormedLinear``); s = ``scale`` makes them
     large enough for a softmax, as in the LDAM code. ``weight`` is DRW's class-balanced weight once it is on.
     """
     shifted = cosines - F.one_hot(target, cosines.shape[1]) * margins[target][:, None]
-    return cross_entropy(scale * shifted, target, weight)
+    return cross_entropy(scale * shifted, target, weight, sample_weight)
 
 
 def logit_adjusted_loss(logits: Tensor, target: Tensor, prior: Tensor, tau: float = 1.0,
-                        weight: Tensor | None = None) -> Tensor:
+                        weight: Tensor | None = None, sample_weight: Tensor | None = None) -> Tensor:
     """Cross-entropy of z_c + tau log pi_c, the logit-adjusted loss (Menon et al. 2021, "Long-tail learning via
     logit adjustment", Sec. 5): the rare classes must win by a margin that grows with the head's prior."""
-    return cross_entropy(logits + tau * prior.log(), target, weight)
+    return cross_entropy(logits + tau * prior.log(), target, weight, sample_weight)
 
 
 def posthoc_logit_adjustment(logits: Tensor, prior: Tensor, tau: float = 1.0) -> Tensor:

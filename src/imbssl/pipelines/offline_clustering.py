@@ -33,11 +33,11 @@ from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.trainer import EpochCallback
 from imbssl.pipelines.distill import distill
 from imbssl.pipelines.divide import CLUSTERS_FILE, divide
-from imbssl.pipelines.pretrain import BACKBONE_FILE, SUMMARY_FILE, pretrain, run_folder
+from imbssl.pipelines.pretrain import BACKBONE_FILE, SUMMARY_FILE, pretrain
+from imbssl.pipelines.runfolder import PIPELINE_CONFIG, run_folder
 
 log = logging.getLogger(__name__)
 
-PIPELINE_FILE = "pipeline.yaml"
 BUDGET_FILE = "pipeline.json"
 Stage = Literal["base", "divide", "experts", "distill"]
 STAGES: tuple[Stage, ...] = get_args(Stage)
@@ -169,11 +169,11 @@ def run_pipeline(cfg: OfflineClusteringConfig, root: Path, resume: bool = False,
             wait_for([pipeline.clusters_file], "rank 0 to train the base and divide")
         elif not pipeline.clusters_file.exists():
             raise ConfigError(f"expert {expert} needs the divide stage first: run the pipeline with --until divide")
-        with run_folder(cfg, pipeline.root, resume=True, config_file=PIPELINE_FILE):
+        with run_folder(cfg, pipeline.root, resume=True, config_file=PIPELINE_CONFIG):
             pipeline.train_experts()
         return pipeline.root
     stages = [pipeline.train_base, pipeline.cluster_features, pipeline.train_experts, pipeline.distill_student]
-    with run_folder(cfg, pipeline.root, resume, config_file=PIPELINE_FILE):
+    with run_folder(cfg, pipeline.root, resume, config_file=PIPELINE_CONFIG):
         for stage in stages[:STAGES.index(until) + 1]:
             stage()
         if until == "distill":

@@ -26,6 +26,8 @@ from imbssl.errors import ImbsslError
 log = logging.getLogger(__name__)
 
 RUN_CONFIG = "config.yaml"
+#: the resolved config of a multi-stage pipeline, whose stages are run folders of their own
+PIPELINE_CONFIG = "pipeline.yaml"
 LOCK_FILE = ".lock"
 #: the one key ``--resume`` may change, and only upwards; the schedules follow the new total (docs/reliability.md)
 EXTENDABLE = "optim.epochs"

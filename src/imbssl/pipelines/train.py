@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from imbssl.augment import Normalize, PadCropFlip
-from imbssl.config import ConfigError, LossConfig, SupervisedConfig
+from imbssl.config import ConfigError, LossConfig, ModelConfig, SupervisedConfig
 from imbssl.data import ImageSet, load_splits, save_indices, select_subset
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.optim import cosine_schedule, step_schedule
@@ -49,7 +49,11 @@ CRT_DIR = "crt"
 
 @dataclass
 class LabelledData:
-    """The long-tailed training images (on the device) with their labels, the validation and the test split."""
+    """The long-tailed training images (on the device) with their labels, the validation and the test split.
+
+    Self-training adds pseudo-labelled images: ``sample_weight`` gives each training image its loss weight (None =
+    1), and ``labeled_counts`` the per-class counts of the truly labelled ones, which define head and tail.
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -57,62 +61,100 @@ class LabelledData:
     val_labels: np.ndarray
     test: ImageSet
     classes: tuple[str, ...]
+    sample_weight: torch.Tensor | None = None
+    labeled_counts: np.ndarray | None = None
 
     @property
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels.cpu().numpy(), minlength=len(self.classes))
 
+    @property
+    def head_tail_counts(self) -> np.ndarray:
+        """The counts that the many/medium/few and thirds groups are drawn by."""
+        return self.labeled_counts if self.labeled_counts is not None else self.class_counts
+
 
 def train(cfg: SupervisedConfig, run_dir: Path | None = None, resume: bool = False,
           callbacks: list[EpochCallback] = ()) -> Path:
     """Train, select, test; returns the run folder holding train.json."""
-    if cfg.init_from and not Path(cfg.init_from).is_file():  # before the data is loaded or a folder made
-        raise ConfigError(f"init_from={cfg.init_from}: no such file (a backbone.pt of a finished imbssl run)")
+    check_init_from(cfg)  # before the data is loaded or a folder made
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     with run_folder(cfg, run_dir, resume):
-        start = time.perf_counter()
-        data = load_labelled_data(cfg, run_dir)
-        backbone, normalize = initial_backbone(cfg, data.train_images)
-        model = LongTailClassifier(backbone, data.train_labels, len(data.classes), cfg.loss).to(data.train_images.device)
-        selected = fit_stage(cfg, model, data, normalize, run_dir, resume, callbacks, cfg.optim.epochs)
-        results = {"main": report_stage(selected, data, normalize, cfg),
-                   "main_last_epoch": {"test": test_report(model, data, normalize, cfg)},
-                   "posthoc_logit_adjusted": {"test": test_report(selected, data, normalize, cfg, adjust_prior=True)}}
-        reported = selected
-        if cfg.crt.enabled:
-            reported = retrain_classifier(cfg, selected, data, normalize, run_dir, resume)
-            results["crt"] = report_stage(reported, data, normalize, cfg)
-        headline = "crt" if cfg.crt.enabled else "main"
-        save_atomic({"model": reported.state_dict(), "mean": normalize.mean.cpu(), "std": normalize.std.cpu()},
-                    run_dir / MODEL_FILE)
-        (run_dir / TRAIN_FILE).write_text(json.dumps({
-            "test": results[headline]["test"], "reported": headline, **results,
-            "train_class_counts": data.class_counts.tolist(), "val_images": len(data.val_labels),
-            "init_from": cfg.init_from, "wall_s_this_call": time.perf_counter() - start,
-            "hardware": describe_hardware(data.train_images.device), "torch": torch.__version__,
-            "determinism": determinism()}, indent=2))
+        fit_and_report(cfg, load_labelled_data(cfg, run_dir), run_dir, resume, callbacks)
     return run_dir
+
+
+def check_init_from(cfg: SupervisedConfig) -> None:
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"init_from={cfg.init_from}: no such file (a backbone.pt of a finished imbssl run)")
+
+
+def fit_and_report(cfg: SupervisedConfig, data: LabelledData, run_dir: Path, resume: bool,
+                   callbacks: list[EpochCallback] = ()) -> None:
+    """Train on ``data`` in the open run folder ``run_dir``; write model.pt and, last, train.json."""
+    start = time.perf_counter()
+    backbone, normalize = initial_backbone(cfg, data.train_images)
+    model = LongTailClassifier(backbone, data.train_labels, len(data.classes), cfg.loss,
+                               sample_weight=data.sample_weight).to(data.train_images.device)
+    selected = fit_stage(cfg, model, data, normalize, run_dir, resume, callbacks, cfg.optim.epochs)
+    results = {"main": report_stage(selected, data, normalize, cfg),
+               "main_last_epoch": {"test": test_report(model, data, normalize, cfg)},
+               "posthoc_logit_adjusted": {"test": test_report(selected, data, normalize, cfg, adjust_prior=True)}}
+    reported = selected
+    if cfg.crt.enabled:
+        reported = retrain_classifier(cfg, selected, data, normalize, run_dir, resume)
+        results["crt"] = report_stage(reported, data, normalize, cfg)
+    headline = "crt" if cfg.crt.enabled else "main"
+    save_atomic({"model": reported.state_dict(), "loss": reported.cfg.model_dump(), "mean": normalize.mean.cpu(),
+                 "std": normalize.std.cpu()}, run_dir / MODEL_FILE)
+    (run_dir / TRAIN_FILE).write_text(json.dumps({
+        "test": results[headline]["test"], "reported": headline, **results,
+        "train_class_counts": data.class_counts.tolist(), "labeled_class_counts": data.head_tail_counts.tolist(),
+        "val_images": len(data.val_labels), "init_from": cfg.init_from,
+        "wall_s_this_call": time.perf_counter() - start, "hardware": describe_hardware(data.train_images.device),
+        "torch": torch.__version__, "determinism": determinism()}, indent=2))
+
+
+def load_classifier(model_cfg: ModelConfig, in_channels: int, num_classes: int, path: Path
+                    ) -> tuple[LongTailClassifier, Normalize]:
+    """The reported model of a finished run (its model.pt) with the input normalisation it was trained with."""
+    state = load_safe(path)
+    labels = torch.arange(num_classes)  # any labels that hold every class: the loss buffers are not used here
+    model = LongTailClassifier(build_backbone(model_cfg, in_channels), labels, num_classes, LossConfig(**state["loss"]))
+    model.load_state_dict(state["model"])
+    return model.eval(), Normalize(state["mean"], state["std"])
 
 
 def load_labelled_data(cfg: SupervisedConfig, run_dir: Path) -> LabelledData:
     """The configured long-tailed subset, less the validation images it gives up, on the device."""
-    device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     set_determinism(cfg.train.deterministic)
     splits = load_splits(cfg.data)
     pool = splits["train"]
     train_idx, val_idx = held_out_validation(pool.labels, select_subset(pool.labels, cfg.data.subset),
                                              cfg.eval.val_per_class, cfg.seed)
-    counts = np.bincount(pool.labels[train_idx], minlength=len(pool.classes))
+    return labelled_data(cfg, pool, splits["test"], train_idx, val_idx, run_dir)
+
+
+def labelled_data(cfg: SupervisedConfig, pool: ImageSet, test: ImageSet, train_idx: np.ndarray, val_idx: np.ndarray,
+                  run_dir: Path, train_labels: np.ndarray | None = None, sample_weight: np.ndarray | None = None,
+                  labeled_counts: np.ndarray | None = None) -> LabelledData:
+    """``pool``'s images ``train_idx`` (labelled ``train_labels``, by default their own) and ``val_idx`` on the
+    device, the training images saved in run_dir/subset.npz."""
+    device = resolve_device(cfg.train.device)
+    labels = pool.labels[train_idx] if train_labels is None else train_labels
+    counts = np.bincount(labels, minlength=len(pool.classes))
     save_indices(run_dir / "subset.npz", train_idx, {"profile": cfg.data.subset.profile, "class_counts": counts.tolist(),
                                                       "classes": list(pool.classes), "val_indices": val_idx.tolist()})
     log.info("training %s: %s loss%s on %d images (class counts %s), validation %d images, seed %d, device %s",
              cfg.name, cfg.loss.name, f" with {cfg.loss.deferral.upper()}" if cfg.loss.deferral != "none" else "",
              len(train_idx), counts.tolist(), len(val_idx), cfg.seed, device)
     return LabelledData(train_images=to_tensor_nchw(pool.images[train_idx], device),
-                        train_labels=torch.as_tensor(pool.labels[train_idx], device=device),
+                        train_labels=torch.as_tensor(labels, device=device),
                         val_images=to_tensor_nchw(pool.images[val_idx], device), val_labels=pool.labels[val_idx],
-                        test=splits["test"], classes=pool.classes)
+                        test=test, classes=pool.classes,
+                        sample_weight=None if sample_weight is None else torch.as_tensor(sample_weight, device=device),
+                        labeled_counts=labeled_counts)
 
 
 def initial_backbone(cfg: SupervisedConfig, images: torch.Tensor) -> tuple[nn.Module, Normalize]:
@@ -194,7 +236,7 @@ def test_report(model: LongTailClassifier, data: LabelledData, normalize: Normal
     logits = predict(model, data.test.images, normalize, cfg.eval.batch_size)
     if adjust_prior:
         logits = posthoc_logit_adjustment(logits, model.prior.cpu(), cfg.loss.la_tau)
-    report = accuracy_report(logits.argmax(1).numpy(), data.test.labels, data.class_counts, data.classes)
+    report = accuracy_report(logits.argmax(1).numpy(), data.test.labels, data.head_tail_counts, data.classes)
     return {"top1": report["top1"], "error": 100.0 - report["top1"], **report}
 
 
@@ -208,6 +250,7 @@ def retrain_classifier(cfg: SupervisedConfig, trained: LongTailClassifier, data:
     """cRT: ``trained``'s backbone frozen, a new linear classifier trained with plain CE on class-balanced batches
     and a cosine lr (Kang et al. 2020, Sec. 4)."""
     model = LongTailClassifier(trained.backbone, data.train_labels, len(data.classes), LossConfig(),
-                               freeze_backbone=True, balanced_sampling=True).to(data.train_images.device)
+                               freeze_backbone=True, balanced_sampling=True,
+                               sample_weight=data.sample_weight).to(data.train_images.device)
     with run_folder(cfg, run_dir / CRT_DIR, resume):
         return fit_stage(cfg, model, data, normalize, run_dir / CRT_DIR, resume, [], cfg.crt.epochs, crt=True)

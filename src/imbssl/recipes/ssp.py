@@ -59,17 +59,13 @@ for _dataset, _rho, _errors in [
     PAPER_TABLE2.setdefault(_dataset, {})[_rho] = dict(zip(_PAPER_ROWS, map(float, _errors.split())))
 
 
-class SSPExperimentConfig(BaseModel):
-    """A preset file: the classifier's config (``base``), the pre-training's (``ssp_base``) and the grid."""
+class PretrainingGrid(BaseModel):
+    """The SSP part of a grid preset: the pre-training runs' settings, shared by every method, and each method's."""
 
     model_config = ConfigDict(extra="forbid")
-    base: dict = Field(default_factory=dict, description="a SupervisedConfig tree shared by every classifier run")
+    ssp: list[str] = ["none", "rotation"]
     ssp_base: dict = Field(default_factory=dict, description="a RunConfig tree for the SSP runs; their data and "
                                                              "model are base's")
-    imbalances: list[float] = [100, 50, 10]
-    rows: list[str] = ["ce", "cb-ce", "focal", "cb-focal", "ce-drw", "ce-drs", "ldam", "ldam-drw"]
-    ssp: list[str] = ["none", "rotation"]
-    seeds: list[int] = [0, 1, 2]
     method_settings: dict[str, dict] = Field(default_factory=dict, description="RunConfig keys of one SSP method "
                                                                                "over ssp_base, e.g. Rotation's weak "
                                                                                "views or SimSiam's lr")
@@ -77,13 +73,59 @@ class SSPExperimentConfig(BaseModel):
                                                                        "of the 'offline-clustering' SSP")
 
     @model_validator(mode="after")
-    def _check(self) -> "SSPExperimentConfig":
-        if unknown := [r for r in self.rows if r not in LOSSES and r not in DERIVED_ROWS]:
-            raise ValueError(f"rows {unknown} are not among {sorted(LOSSES) + sorted(DERIVED_ROWS)}")
+    def _check_ssp(self) -> "PretrainingGrid":
         from imbssl.methods import METHODS
 
         if unknown := [s for s in self.ssp if s not in ("none", "offline-clustering", *METHODS)]:
             raise ValueError(f"ssp {unknown} are not among none, offline-clustering, {', '.join(METHODS)}")
+        return self
+
+    def pretraining_config(self, name: str, sup: SupervisedConfig, method: str, seed: int) -> RunConfig:
+        """SSP ``method`` on the images of ``sup.data`` (without their labels), with ``sup.model``."""
+        tree = deep_merge(self.ssp_base, {"name": name, "seed": seed, "data": sup.data.model_dump(),
+                                          "model": sup.model.model_dump(),
+                                          "method": {"name": "simsiam" if method == "offline-clustering" else method}})
+        tree = deep_merge(tree, self.method_settings.get(method, {}))
+        return validate_tree(RunConfig, tree, origin=f"ssp pre-training {tree['name']}")
+
+    def labeled_config(self, rho: float, seed: int) -> SupervisedConfig:
+        """A classifier config of (rho, seed): SSP trains on its images, without their labels."""
+        raise NotImplementedError
+
+    def ssp_backbone(self, ssp: str, rho: float, seed: int, runs: Path) -> Path | None:
+        """The backbone.pt that SSP method ``ssp`` trains for (rho, seed) under ``runs``; None for "none"."""
+        if ssp == "none":
+            return None
+        cfg = self.pretraining_config(f"rho{rho:g}/ssp-{ssp}/seed{seed}", self.labeled_config(rho, seed), ssp, seed)
+        return self.pretrained_backbone(cfg, ssp, runs / cfg.name)
+
+    def pretrained_backbone(self, cfg: RunConfig, method: str, run_dir: Path) -> Path:
+        """The SSP run's backbone.pt, trained (or resumed) first when it is not there; evaluated like any run."""
+        if not (run_dir / BACKBONE_FILE).exists():
+            if method == "offline-clustering":
+                pipeline = validate_tree(OfflineClusteringConfig, {**self.offline_clustering,
+                                                                   "base": cfg.model_dump(mode="json")},
+                                         origin="ssp preset offline_clustering")
+                run_pipeline(pipeline, run_dir, resume=True)
+            else:
+                pretrain(cfg, run_dir, resume=True)
+        if not (run_dir / EVAL_FILE).exists():
+            evaluate_run(run_dir)
+        return run_dir / BACKBONE_FILE
+
+
+class SSPExperimentConfig(PretrainingGrid):
+    """A preset file: the classifier's config (``base``), the pre-training's (``ssp_base``) and the grid."""
+
+    base: dict = Field(default_factory=dict, description="a SupervisedConfig tree shared by every classifier run")
+    imbalances: list[float] = [100, 50, 10]
+    rows: list[str] = ["ce", "cb-ce", "focal", "cb-focal", "ce-drw", "ce-drs", "ldam", "ldam-drw"]
+    seeds: list[int] = [0, 1, 2]
+
+    @model_validator(mode="after")
+    def _check(self) -> "SSPExperimentConfig":
+        if unknown := [r for r in self.rows if r not in LOSSES and r not in DERIVED_ROWS]:
+            raise ValueError(f"rows {unknown} are not among {sorted(LOSSES) + sorted(DERIVED_ROWS)}")
         for rho in self.imbalances:  # every classifier config must validate before hours of training start
             for loss in self.trained_losses():
                 self.classifier_config(rho, loss, "none", self.seeds[0])
@@ -102,42 +144,20 @@ class SSPExperimentConfig(BaseModel):
 
     def classifier_config(self, rho: float, loss: str, ssp: str, seed: int,
                           init_from: Path | None = None) -> SupervisedConfig:
-        tree = deep_merge(self.base, {"name": f"rho{rho:g}/{loss}/{_init(ssp)}/seed{seed}", "seed": seed,
+        tree = deep_merge(self.base, {"name": f"rho{rho:g}/{loss}/{init_name(ssp)}/seed{seed}", "seed": seed,
                                       "data": {"subset": self.subset(rho)}, "loss": LOSSES[loss],
                                       "init_from": str(init_from) if init_from else None})
         if loss == "ce" and "crt" in self.rows:
             tree = deep_merge(tree, {"crt": {"enabled": True}})
         return validate_tree(SupervisedConfig, tree, origin=f"ssp run {tree['name']}")
 
-    def ssp_config(self, rho: float, method: str, seed: int) -> RunConfig:
-        sup = self.supervised()
-        tree = deep_merge(self.ssp_base, {"name": f"rho{rho:g}/ssp-{method}/seed{seed}", "seed": seed,
-                                          "data": {**sup.data.model_dump(), "subset": self.subset(rho)},
-                                          "model": sup.model.model_dump(),
-                                          "method": {"name": "simsiam" if method == "offline-clustering" else method}})
-        tree = deep_merge(tree, self.method_settings.get(method, {}))
-        return validate_tree(RunConfig, tree, origin=f"ssp pre-training {tree['name']}")
+    def labeled_config(self, rho: float, seed: int) -> SupervisedConfig:
+        return self.classifier_config(rho, self.trained_losses()[0], "none", seed)
 
 
-def _init(ssp: str) -> str:
+def init_name(ssp: str) -> str:
+    """The folder of the runs that start from ``ssp``'s backbone."""
     return "scratch" if ssp == "none" else f"ssp-{ssp}"
-
-
-def pretrained_backbone(exp: SSPExperimentConfig, rho: float, method: str, seed: int, runs: Path) -> Path:
-    """The SSP run's backbone.pt, trained (or resumed) first when it is not there; evaluated like any imbssl run."""
-    cfg = exp.ssp_config(rho, method, seed)
-    run_dir = runs / cfg.name
-    if not (run_dir / BACKBONE_FILE).exists():
-        if method == "offline-clustering":
-            pipeline = validate_tree(OfflineClusteringConfig, {**exp.offline_clustering,
-                                                               "base": cfg.model_dump(mode="json")},
-                                     origin="ssp preset offline_clustering")
-            run_pipeline(pipeline, run_dir, resume=True)
-        else:
-            pretrain(cfg, run_dir, resume=True)
-    if not (run_dir / EVAL_FILE).exists():
-        evaluate_run(run_dir)
-    return run_dir / BACKBONE_FILE
 
 
 def run_grid(exp: SSPExperimentConfig, out_dir: Path) -> list[dict]:
@@ -146,7 +166,7 @@ def run_grid(exp: SSPExperimentConfig, out_dir: Path) -> list[dict]:
     for rho in exp.imbalances:
         for ssp in exp.ssp:
             for seed in exp.seeds:
-                init_from = None if ssp == "none" else pretrained_backbone(exp, rho, ssp, seed, runs)
+                init_from = exp.ssp_backbone(ssp, rho, seed, runs)
                 for loss in exp.trained_losses():
                     cfg = exp.classifier_config(rho, loss, ssp, seed, init_from)
                     run_dir = runs / cfg.name

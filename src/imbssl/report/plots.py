@@ -124,3 +124,22 @@ def plot_cluster_sizes(sizes: dict[str, Sequence[float]], path: str | Path, *, t
     ax.set_ylabel("relative size")
     _legend(fig, *ax.get_legend_handles_labels())
     return _save(fig, path, title)
+
+
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str | Path, *, title: str) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted), each row as shares of its class, so that a tail
+    class's few images read as clearly as the head's many; classes in index order, head first on CIFAR-LT."""
+    confusion = np.asarray(confusion, dtype=float)
+    shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    side = min(max(4.0, 0.45 * len(class_names)), 16.0)
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(shares, vmin=0, vmax=1, cmap="viridis")
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    if len(class_names) <= 20:
+        ticks = np.arange(len(class_names))
+        ax.set_xticks(ticks, class_names, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("pseudo-label")
+    ax.set_ylabel("true class")
+    return _save(fig, path, title)

@@ -1,0 +1,176 @@
+"""Self-training with imbalanced unlabeled data ("Rethinking the value of labels", Sec. 3.1): four stages.
+
+    split    D_L (data.subset), a validation set and D_U, disjoint parts of the training pool    split.npz
+    base     f_B, a classifier on D_L with any loss of ``imbssl train``                           base/train.json
+    pseudo   f_B's hard labels on D_U with their confidences, and which are kept                  pseudo_labels.pt
+    final    a classifier on D_L + the kept D_U, trained on L(D_L) + omega L(D_U)                 final/train.json
+
+and then self_training.json: both classifiers' test reports and the pseudo-labels' accuracy per class against
+D_U's true labels, with pseudo_label_confusion.png. That report is the one place D_U's labels are read; the
+split reads them only to give D_U its class profile, as the seed selects its 80M Tiny Images per class.
+
+Each stage is finished when its file exists, and the classifier stages resume from their last epoch, so a run
+killed anywhere continues where it stopped. D_L and the validation set do not depend on D_U's settings, so runs
+that differ only in rho_U may share one base classifier (``base_dir``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from imbssl.config import ConfigError, PseudoLabelConfig, SelfTrainingConfig
+from imbssl.data import ImageSet, labeled_unlabeled_split, load_index_meta, load_indices, load_splits, save_indices
+from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.engine.trainer import EpochCallback
+from imbssl.pipelines.common import resolve_device, seed_everything, set_determinism
+from imbssl.pipelines.runfolder import PIPELINE_CONFIG, run_folder
+from imbssl.pipelines.train import MODEL_FILE, TRAIN_FILE, check_init_from, fit_and_report, labelled_data, \
+    load_classifier, predict
+from imbssl.report import plot_confusion
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILE = "split.npz"
+PSEUDO_FILE = "pseudo_labels.pt"
+REPORT_FILE = "self_training.json"
+CONFUSION_PLOT = "pseudo_label_confusion.png"
+
+
+def self_train(cfg: SelfTrainingConfig, run_dir: Path | None = None, resume: bool = False,
+               base_dir: Path | None = None, callbacks: Mapping[str, list[EpochCallback]] = {}) -> Path:
+    """Run (or continue) the stages in ``run_dir``; returns it. ``base_dir``: the base classifier's folder when
+    it is shared (default run_dir/base); ``callbacks``: epoch callbacks by stage ("base", "final")."""
+    check_init_from(cfg)
+    root = Path(run_dir or Path(cfg.out_dir) / cfg.name)
+    base_dir = Path(base_dir or root / "base")
+    with run_folder(cfg, root, resume, config_file=PIPELINE_CONFIG):
+        start = time.perf_counter()
+        seed_everything(cfg.seed)
+        set_determinism(cfg.train.deterministic)
+        splits = load_splits(cfg.data)
+        pool, test = splits["train"], splits["test"]
+        labeled, unlabeled, val = split_pool(cfg, pool, root / SPLIT_FILE)
+        if not (base_dir / TRAIN_FILE).exists():
+            train_stage(cfg, "base", base_dir, labelled_data(cfg.stage("base"), pool, test, labeled, val, base_dir),
+                        callbacks.get("base", []))
+        check_base(base_dir, labeled, val)
+        pseudo = pseudo_labels(cfg, base_dir, pool, unlabeled, root / PSEUDO_FILE)
+        final_dir = root / "final"
+        if not (final_dir / TRAIN_FILE).exists():
+            kept = pseudo["kept"].numpy()
+            train_idx = np.concatenate([labeled, unlabeled[kept]])
+            train_labels = np.concatenate([pool.labels[labeled], pseudo["labels"].numpy()[kept]])
+            omega = np.concatenate([np.ones(len(labeled)), np.full(int(kept.sum()), cfg.pseudo_labels.weight)])
+            labeled_counts = np.bincount(pool.labels[labeled], minlength=len(pool.classes))
+            data = labelled_data(cfg.stage("final"), pool, test, train_idx, val, final_dir, train_labels,
+                                 omega.astype(np.float32), labeled_counts)
+            train_stage(cfg, "final", final_dir, data, callbacks.get("final", []))
+        write_report(root, base_dir, final_dir, pool, unlabeled, pseudo, time.perf_counter() - start)
+    return root
+
+
+def split_pool(cfg: SelfTrainingConfig, pool: ImageSet, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(D_L, D_U, validation) indices into the pool, drawn from the seed and recorded in ``path``.
+
+    Drawing is cheap and the same on every call; once a stage has written a file, the pipeline folder's config
+    check refuses settings that would draw another split."""
+    labeled, unlabeled, val = labeled_unlabeled_split(pool.labels, cfg.data.subset, cfg.unlabeled,
+                                                      cfg.eval.val_per_class, pool.classes)
+    counts = {name: np.bincount(pool.labels[part], minlength=len(pool.classes)).tolist()
+              for name, part in (("labeled", labeled), ("unlabeled", unlabeled))}
+    log.info("self-training split: D_L %d images %s, D_U %d images %s (rho_U=%g), validation %d", len(labeled),
+             counts["labeled"], len(unlabeled), counts["unlabeled"], cfg.unlabeled.imbalance, len(val))
+    save_indices(path, labeled, {"unlabeled_indices": unlabeled.tolist(), "val_indices": val.tolist(),
+                                 "classes": list(pool.classes), "labeled_class_counts": counts["labeled"],
+                                 "unlabeled_class_counts": counts["unlabeled"]})
+    return labeled, unlabeled, val
+
+
+def train_stage(cfg: SelfTrainingConfig, name: str, run_dir: Path, data, callbacks: list[EpochCallback]) -> None:
+    stage_cfg = cfg.stage(name)
+    with run_folder(stage_cfg, run_dir, resume=True):
+        fit_and_report(stage_cfg, data, run_dir, resume=True, callbacks=callbacks)
+
+
+def check_base(base_dir: Path, labeled: np.ndarray, val: np.ndarray) -> None:
+    """A shared base classifier must have trained on this D_L and selected on this validation set."""
+    trained_on = load_indices(base_dir / "subset.npz")
+    selected_on = np.asarray(load_index_meta(base_dir / "subset.npz")["val_indices"])
+    if not (np.array_equal(trained_on, labeled) and np.array_equal(selected_on, val)):
+        raise ConfigError(f"the base classifier in {base_dir} was trained on other images than this run's D_L or "
+                          f"validation set (another data.subset, seed or eval.val_per_class)")
+
+
+def pseudo_labels(cfg: SelfTrainingConfig, base_dir: Path, pool: ImageSet, unlabeled: np.ndarray,
+                  path: Path) -> dict[str, torch.Tensor]:
+    """f_B's hard labels on D_U, their confidences (largest softmax probability) and which are kept; saved."""
+    if path.exists():
+        return load_safe(path)
+    device = resolve_device(cfg.train.device)
+    model, normalize = load_classifier(cfg.model, pool.images.shape[-1], len(pool.classes), base_dir / MODEL_FILE)
+    logits = predict(model.to(device), pool.images[unlabeled], normalize, cfg.eval.batch_size)
+    confidence, labels = torch.softmax(logits.float() * model.logit_scale, dim=1).max(dim=1)
+    kept = torch.as_tensor(select_pseudo_labels(confidence.numpy(), labels.numpy(), cfg.pseudo_labels,
+                                                len(pool.classes)))
+    log.info("pseudo-labels: %d of %d images of D_U kept (threshold %g%s), per pseudo-class %s", int(kept.sum()),
+             len(unlabeled), cfg.pseudo_labels.threshold, ", class-balanced" if cfg.pseudo_labels.class_balanced else "",
+             np.bincount(labels[kept].numpy(), minlength=len(pool.classes)).tolist())
+    pseudo = {"indices": torch.as_tensor(unlabeled), "labels": labels, "confidence": confidence, "kept": kept}
+    save_atomic(pseudo, path)
+    return pseudo
+
+
+def select_pseudo_labels(confidence: np.ndarray, labels: np.ndarray, cfg: PseudoLabelConfig,
+                         num_classes: int) -> np.ndarray:
+    """The mask of kept pseudo-labels: confidence above the threshold, then (class_balanced) at most as many per
+    pseudo-class as the rarest non-empty one keeps, the most confident first."""
+    kept = confidence > cfg.threshold
+    if not cfg.class_balanced or not kept.any():
+        return kept
+    counts = np.bincount(labels[kept], minlength=num_classes)
+    cap = counts[counts > 0].min()
+    balanced = np.zeros_like(kept)
+    for c in range(num_classes):
+        members = np.flatnonzero(kept & (labels == c))
+        balanced[members[np.argsort(-confidence[members], kind="stable")[:cap]]] = True
+    return balanced
+
+
+def pseudo_label_report(true: np.ndarray, pseudo: np.ndarray, kept: np.ndarray, classes: tuple[str, ...]) -> dict:
+    """How right the pseudo-labels are, overall and per class, from D_U's true labels (monitoring only)."""
+    num_classes = len(classes)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (true, pseudo), 1)
+    correct = pseudo == true
+
+    def percent(mask: np.ndarray) -> float | None:
+        return float(100 * correct[mask].mean()) if mask.any() else None
+
+    return {"accuracy": percent(np.ones_like(kept)), "kept": int(kept.sum()), "of": len(kept),
+            "kept_accuracy": percent(kept),
+            "per_class": {name: {"images": int((true == c).sum()), "recall": percent(true == c),
+                                 "kept": int((kept & (pseudo == c)).sum()),
+                                 "kept_precision": percent(kept & (pseudo == c))} for c, name in enumerate(classes)},
+            "confusion": confusion.tolist()}
+
+
+def write_report(root: Path, base_dir: Path, final_dir: Path, pool: ImageSet, unlabeled: np.ndarray,
+                 pseudo: dict[str, torch.Tensor], wall_s: float) -> None:
+    base, final = (json.loads((d / TRAIN_FILE).read_text()) for d in (base_dir, final_dir))
+    true = pool.labels[unlabeled]
+    labels_report = pseudo_label_report(true, pseudo["labels"].numpy(), pseudo["kept"].numpy(), pool.classes)
+    plot_confusion(np.asarray(labels_report["confusion"]), pool.classes, root / CONFUSION_PLOT,
+                   title=f"Pseudo-labels of D_U ({len(unlabeled)} images): rows true class, columns pseudo-label; "
+                         f"{labels_report['accuracy']:.1f}% right")
+    (root / REPORT_FILE).write_text(json.dumps({
+        "base": base["test"], "final": final["test"], "gain_top1": final["test"]["top1"] - base["test"]["top1"],
+        "pseudo_labels": labels_report, "labeled_class_counts": base["train_class_counts"],
+        "unlabeled_class_counts": np.bincount(true, minlength=len(pool.classes)).tolist(),
+        "final_class_counts": final["train_class_counts"], "hardware": final["hardware"],
+        "wall_s_this_call": wall_s}, indent=2))
