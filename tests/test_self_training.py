@@ -51,8 +51,8 @@ def test_the_builder_is_seeded_and_keeps_d_l_and_the_validation_set_whatever_rho
 
 def test_a_d_u_that_the_pool_cannot_hold_names_the_class_that_runs_out():
     # the head: 200 labeled leave 300 of 500, 20 of them for validation; rho_U = 1 spreads 5 x 812 images, 406 a class
-    with pytest.raises(DataError, match=r"asks for 406 images of class 0, but the pool has 300 beside its 200 "
-                                        r"labeled ones and 20 for validation"):
+    with pytest.raises(DataError, match=r"asks for 406 images of class 0, but the pool has 280 left after its "
+                                        r"200 labeled and 20 validation images"):
         split(head=200)
 
 
@@ -156,14 +156,24 @@ def test_an_interrupted_final_stage_resumes_exactly(st_cfg, tmp_path):
     assert ra["final"] == rb["final"] and ra["pseudo_labels"] == rb["pseudo_labels"]
 
 
-def test_a_shared_base_must_have_trained_on_this_d_l(st_cfg, tmp_path):
+def test_a_shared_base_must_have_trained_on_this_d_l_with_these_settings(st_cfg, tmp_path):
     root = self_train(st_cfg(), tmp_path / "first")
-    with pytest.raises(ConfigError, match="trained on other images than this run's D_L"):
+    with pytest.raises(ConfigError, match=r"trained with other settings: data.subset.seed \(0 -> 1\)"):
         self_train(st_cfg(data={"subset": {"profile": "exp", "imbalance": 10, "head_count": 30, "seed": 1}}),
                    tmp_path / "second", base_dir=root / "base")
+    with pytest.raises(ConfigError, match=r"trained with other settings: optim.epochs \(4 -> 5\)"):
+        self_train(st_cfg(optim={"epochs": 5}), tmp_path / "third", base_dir=root / "base")
+
+
+def test_the_final_model_does_not_depend_on_whether_the_base_trained_in_the_same_call(st_cfg, tmp_path):
+    """The rho_U columns of a grid share a base: only the first trains it, and every final must start alike."""
+    first = self_train(st_cfg(), tmp_path / "first")
+    second = self_train(st_cfg(), tmp_path / "second", base_dir=first / "base")
+    a, b = (load_safe(run / "final" / MODEL_FILE)["model"] for run in (first, second))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_stage_configs_drop_the_self_training_keys(st_cfg):
     stage = st_cfg(pseudo_labels={"weight": 0.5}).stage("final")
-    assert stage.name == "st/final" and not hasattr(stage, "unlabeled")
+    assert stage.name == "final" and not hasattr(stage, "unlabeled")
     assert type(stage).__name__ == "SupervisedConfig"

@@ -78,12 +78,35 @@ class AugmentConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["resnet18", "resnet32", "small_cnn"] = "small_cnn"
-    width: float = Field(1.0, gt=0, description="channel width multiplier")
+    backbone: Literal["resnet18", "resnet32", "small_cnn", "vit"] = "small_cnn"
+    width: float = Field(1.0, gt=0, description="channel width multiplier (ViT: of vit_dim)")
+    vit_patch: int = Field(4, ge=1, description="ViT: the patch side in pixels (4 on 32x32 images: 64 tokens)")
+    vit_dim: int = Field(192, ge=8, description="ViT: the token dimension before the width multiplier")
+    vit_depth: int = Field(6, ge=1, description="ViT: transformer blocks")
+    vit_heads: int = Field(3, ge=1, description="ViT: attention heads")
+
+
+class PriorConfig(Section):
+    """A cluster prior pi over K clusters (priors.py): the share of the data each cluster is meant to hold."""
+
+    kind: Literal["uniform", "power_law", "given", "estimated"] = Field(
+        "uniform", description="uniform 1/K (what SimCLR, SwAV, MSN and ExCB assume); power_law pi_k ∝ k^-tau "
+                               "(PMSN); given (values or path); estimated from a k-means of the initial features")
+    tau: float = Field(0.25, gt=0, description="power_law: the exponent (PMSN's reference setting 0.25)")
+    values: list[float] | None = Field(None, description="given: pi itself, K positive numbers summing to 1")
+    path: str | None = Field(None, description="given: a text file of K numbers (whitespace- or comma-separated)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PriorConfig":
+        if self.kind == "given" and (self.values is None) == (self.path is None):
+            raise ValueError("a given prior needs exactly one of values and path")
+        if self.kind != "given" and (self.values is not None or self.path is not None):
+            raise ValueError(f"values and path belong to kind=given, not kind={self.kind}")
+        return self
 
 
 class MethodConfig(Section):
-    name: Literal["simsiam", "simclr", "excb", "rotation", "moco"] = "simsiam"
+    name: Literal["simsiam", "simclr", "excb", "rotation", "moco", "msn"] = "simsiam"
     proj_hidden: int = 512
     proj_dim: int = Field(512, description="output dimension d (Table 1)")
     pred_hidden: int = 128
@@ -117,10 +140,30 @@ class MethodConfig(Section):
     key_momentum: float = Field(0.99, ge=0, lt=1, description="MoCo: m of the key encoder, k <- m k + (1 - m) q; "
                                                               "0.99 for CIFAR-sized sets, 0.999 is the ImageNet value")
     moco_temperature: float = Field(0.2, gt=0, description="MoCo: tau of the InfoNCE loss (v2: 0.2, v1: 0.07)")
+    # The cluster prior (priors.py): ExCB's target sizes t of Eq. 10 and MSN's prior pi (PMSN when not uniform).
+    prior: PriorConfig = PriorConfig()
+    # MSN / PMSN (methods/msn.py, docs/priors.md): K = num_clusters prototypes; the target encoder is an EMA
+    # with teacher_momentum, raised to 1 on a cosine as ExCB's.
+    anchor_temperature: float = Field(0.1, gt=0, description="MSN: tau of the anchor predictions")
+    target_temperature: float = Field(0.025, gt=0, description="MSN: tau of the sharpened target predictions "
+                                                               "(0.1 sharpened with T = 0.25)")
+    regularization_weight: float = Field(1.0, ge=0, description="MSN: lambda of the ME-MAX / prior-matching term")
+    mask_ratio: float = Field(0.3, ge=0, lt=1, description="MSN: the share of the anchor view's patches dropped "
+                                                            "(ViT tokens, or zeroed input patches of a CNN)")
+    mask_patch: int = Field(4, ge=1, description="MSN on a CNN: the side of the zeroed input patches (ViT: its patch)")
+    sinkhorn: bool = Field(False, description="MSN: Sinkhorn-Knopp on the targets (uniform marginals); refused "
+                                              "with a non-uniform prior")
+
+    @model_validator(mode="after")
+    def _check_prior(self) -> "MethodConfig":
+        if self.sinkhorn and self.prior.kind != "uniform":
+            raise ValueError(f"sinkhorn forces uniform cluster marginals, which contradicts prior.kind="
+                             f"{self.prior.kind}: turn sinkhorn off for a non-uniform prior")
+        return self
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "lars"] | None = Field(None, description="None = the method's Table 1 choice")
+    name: Literal["sgd", "lars", "adamw"] | None = Field(None, description="None = the method's Table 1 choice")
     base_lr: float | None = Field(None, gt=0, description="lr = base_lr * batch_size / 256; None = Table 1")
     weight_decay: float | None = Field(None, ge=0, description="None = Table 1")
     momentum: float = 0.9
@@ -356,9 +399,10 @@ class SelfTrainingConfig(SupervisedConfig):
     pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
 
     def stage(self, name: str) -> SupervisedConfig:
-        """The config of one classifier stage: this one without the self-training keys."""
+        """The config of one classifier stage, named by it alone ("base", "final"): this one without the
+        self-training keys, so the grids' rho_U columns can share one base."""
         tree = self.model_dump(exclude={"unlabeled", "pseudo_labels"})
-        return SupervisedConfig.model_validate({**tree, "name": f"{self.name}/{name}"})
+        return SupervisedConfig.model_validate({**tree, "name": name})
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, pair: str) -> None:

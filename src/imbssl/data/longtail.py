@@ -154,8 +154,9 @@ def labeled_unlabeled_split(labels: np.ndarray, labeled: SubsetConfig, unlabeled
             name = f" ({class_names[c]!r})" if class_names else ""
             raise DataError(f"the unlabeled part (rho_U={unlabeled.imbalance:g}, {unlabeled.size_factor:g} x "
                             f"{labeled_idx.size} images) asks for {wanted[c]} images of class {c}{name}, but the pool "
-                            f"has {len(rest)} beside its {labeled_counts[c]} labeled ones and {reserve_per_class} "
-                            f"for validation; lower data.subset.head_count or unlabeled.size_factor")
+                            f"has {len(rest) - reserve_per_class} left after its {labeled_counts[c]} labeled and "
+                            f"{reserve_per_class} validation images; lower data.subset.head_count or "
+                            f"unlabeled.size_factor")
         reserved.append(rest[:reserve_per_class])
         unlabeled_idx.append(rest[reserve_per_class:reserve_per_class + wanted[c]])
     return labeled_idx, np.sort(np.concatenate(unlabeled_idx)), np.sort(np.concatenate(reserved))

@@ -19,6 +19,15 @@ def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def mean_over_processes_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """As ``mean_over_processes``, but the gradient flows back to every process's ``x`` (MSN's mean prediction)."""
+    if is_distributed():
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(x) / dist.get_world_size()
+    return x
+
+
 @torch.no_grad()
 def gather(tensor: torch.Tensor) -> torch.Tensor:
     """Every process's ``tensor`` concatenated along dim 0 in rank order; ``tensor`` itself on one process.

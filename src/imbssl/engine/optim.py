@@ -70,6 +70,8 @@ def build_optimizer(model: SSLMethod, cfg: OptimConfig, defaults: OptimDefaults,
     params = model.param_groups()
     if name == "lars":
         return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)
 
 
@@ -79,6 +81,20 @@ def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_momentum(base: float, step: int, total_steps: int) -> float:
+    """The EMA teacher's momentum at ``step``: ``base`` raised to 1 on a cosine (BYOL, DINO, ExCB, MSN)."""
+    return 1 - (1 - base) * cosine_factor(step, total_steps)
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """theta_t <- m theta_t + (1 - m) theta_s for each part of ``teacher``, from the student's part of that name."""
+    names = [name for name, _ in teacher.named_children()]
+    teacher_params = [p for name in names for p in getattr(teacher, name).parameters()]
+    student_params = [p for name in names for p in getattr(student, name).parameters()]
+    torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)  # one fused kernel, not one per tensor
 
 
 def cosine_schedule(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0) -> LambdaLR:

@@ -8,14 +8,15 @@ from imbssl.engine.task import StepOutput
 from imbssl.methods.base import OptimDefaults, SSLMethod
 from imbssl.methods.excb import ExCB
 from imbssl.methods.moco import MoCo, info_nce
+from imbssl.methods.msn import MSN, msn_loss, prior_matching
 from imbssl.methods.rotation import Rotation, rotate_four_ways
 from imbssl.methods.simclr import SimCLR, nt_xent
 from imbssl.methods.simsiam import SimSiam, simsiam_loss
 
-METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimSiam, SimCLR, ExCB, Rotation, MoCo)}
+METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimSiam, SimCLR, ExCB, Rotation, MoCo, MSN)}
 
-__all__ = ["METHODS", "ExCB", "MoCo", "OptimDefaults", "Rotation", "SSLMethod", "SimCLR", "SimSiam", "StepOutput",
-           "build_method", "info_nce", "nt_xent", "rotate_four_ways", "simsiam_loss"]
+__all__ = ["METHODS", "ExCB", "MSN", "MoCo", "OptimDefaults", "Rotation", "SSLMethod", "SimCLR", "SimSiam", "StepOutput",
+           "build_method", "info_nce", "msn_loss", "nt_xent", "prior_matching", "rotate_four_ways", "simsiam_loss"]
 
 
 def build_method(cfg: MethodConfig, backbone: nn.Module) -> SSLMethod:

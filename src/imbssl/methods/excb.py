@@ -9,7 +9,8 @@ A student learns the cluster assignments an EMA teacher gives other views of the
 
 s, the relative size of each cluster, is an EMA of the teacher's hard-assignment histogram (Eq. 8-9).
 B raises the similarities to undersized clusters and lowers those to oversized ones (Eq. 10), so the
-teacher spreads its assignments without needing a large batch. ``MethodConfig.balancing`` swaps B
+teacher spreads its assignments without needing a large batch. "Undersized" is relative to a target t,
+the paper's 1/K or any cluster prior (``method.prior``, priors.py; docs/priors.md). ``MethodConfig.balancing`` swaps B
 for DINO's centring or for nothing: the two baselines are this module with one setting changed.
 """
 from __future__ import annotations
@@ -25,12 +26,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from imbssl.cluster import kmeans
-from imbssl.config import MethodConfig
+from imbssl.config import ConfigError, MethodConfig
 from imbssl.engine.distributed import mean_over_processes
-from imbssl.engine.optim import cosine_factor
+from imbssl.engine.optim import cosine_factor, ema_momentum, ema_update
 from imbssl.eval import cluster_statistics
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
 from imbssl.models.heads import mlp
+from imbssl.priors import cluster_prior, uniform_prior
 
 #: name of the optimizer's parameter group of the centroids, whose weight decay follows its own schedule.
 CENTROID_GROUP = "centroids"
@@ -133,12 +135,30 @@ class ExCB(SSLMethod):
         self.teacher.requires_grad_(False)
         self.cfg = cfg
         num_clusters = cfg.num_clusters
+        if cfg.prior.kind == "estimated" and cfg.centroid_init != "kmeans":
+            raise ConfigError("method.prior.kind=estimated takes its sizes from the k-means of the centroid "
+                              "initialisation: set method.centroid_init=kmeans")
+        # t is laid over the initial k-means clusters in on_train_start (an estimated prior waits for them there).
         # Buffers are saved in checkpoints: a resumed run balances exactly as an uninterrupted one.
-        self.register_buffer("target_sizes", torch.full((num_clusters,), 1 / num_clusters))  # t of Eq. 10
-        self.register_buffer("cluster_sizes", torch.full((num_clusters,), 1 / num_clusters))  # s of Eq. 8-9
+        self.register_buffer("target_sizes", uniform_prior(num_clusters))  # t of Eq. 10
+        self.register_buffer("cluster_sizes", uniform_prior(num_clusters))  # s of Eq. 8-9, starting on target
         self.register_buffer("center", torch.zeros(num_clusters))  # DINO's centre, balancing="centering"
+        if cfg.prior.kind != "estimated":
+            self.set_target(cluster_prior(cfg.prior, num_clusters))
         self._epoch_assignments: list[torch.Tensor] = []  # teacher clusters of this epoch's global views
         self._epoch_indices: list[torch.Tensor] = []  # and the images they come from
+
+    @torch.no_grad()
+    def set_target(self, prior: torch.Tensor, initial_assignments: np.ndarray | None = None) -> None:
+        """t <- the prior, its largest share on the cluster that the initial k-means filled most (when given), and
+        s <- t, so that B starts neutral. Cluster indices are arbitrary; laying the prior over the k-means sizes
+        asks the least of B at the start."""
+        if initial_assignments is not None:
+            counts = np.bincount(initial_assignments, minlength=len(prior))
+            by_size = torch.as_tensor(np.argsort(-counts, kind="stable"))
+            prior = torch.empty_like(prior).index_copy_(0, by_size, torch.sort(prior, descending=True).values)
+        self.target_sizes.copy_(prior)
+        self.cluster_sizes.copy_(prior)
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
@@ -233,10 +253,12 @@ class ExCB(SSLMethod):
         centroids = torch.from_numpy(result.centroids).to(self.centroids.weight)
         self.centroids.weight.copy_(centroids)
         self.teacher.centroids.weight.copy_(centroids)
+        prior = cluster_prior(self.cfg.prior, len(self.cluster_sizes), result.assignments)
+        self.set_target(prior.to(self.target_sizes), result.assignments)
 
     def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
         """EMA teacher update, momentum m -> 1 on a cosine; the centroids' weight decay for the next step."""
-        self.update_teacher(1 - (1 - self.cfg.teacher_momentum) * cosine_factor(step, total_steps))
+        ema_update(self.teacher, self, ema_momentum(self.cfg.teacher_momentum, step, total_steps))
         if self.cfg.centroid_weight_decay is not None:
             group = next(g for g in optimizer.param_groups if g.get("name") == CENTROID_GROUP)
             group["weight_decay"] = self.centroid_weight_decay(step + 1, total_steps)
@@ -245,14 +267,6 @@ class ExCB(SSLMethod):
         """Cosine from the first configured value at step 0 to the second at the end (Sec. 4.1: 1e-3 -> 1e-4)."""
         start, end = self.cfg.centroid_weight_decay
         return end + (start - end) * cosine_factor(step, total_steps)
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """theta_t <- m theta_t + (1 - m) theta_s for the backbone, projector and centroids (Sec. 3.1)."""
-        names = [name for name, _ in self.teacher.named_children()]
-        teacher = [p for name in names for p in getattr(self.teacher, name).parameters()]
-        student = [p for name in names for p in getattr(self, name).parameters()]
-        torch._foreach_lerp_(teacher, student, 1 - momentum)  # one fused kernel instead of one per tensor
 
     def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
         """The teacher's assignments during the epoch (Fig. 4c, e) and the extremes of s, relative to the target."""

@@ -24,14 +24,14 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from imbssl.config import ConfigError, PseudoLabelConfig, SelfTrainingConfig
-from imbssl.data import ImageSet, labeled_unlabeled_split, load_index_meta, load_indices, load_splits, save_indices
+from imbssl.config import ConfigError, PseudoLabelConfig, SelfTrainingConfig, SupervisedConfig
+from imbssl.data import ImageSet, labeled_unlabeled_split, load_splits, save_indices
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.trainer import EpochCallback
-from imbssl.pipelines.common import resolve_device, seed_everything, set_determinism
-from imbssl.pipelines.runfolder import PIPELINE_CONFIG, run_folder
-from imbssl.pipelines.train import MODEL_FILE, TRAIN_FILE, check_init_from, fit_and_report, labelled_data, \
-    load_classifier, predict
+from imbssl.pipelines.common import resolve_device, set_determinism
+from imbssl.pipelines.runfolder import PIPELINE_CONFIG, RUN_CONFIG, changed_keys, read_saved_config, run_folder
+from imbssl.pipelines.train import (MODEL_FILE, TRAIN_FILE, LabelledData, check_init_from, fit_and_report,
+                                    labelled_data, load_classifier, predict)
 from imbssl.report import plot_confusion
 
 log = logging.getLogger(__name__)
@@ -51,26 +51,18 @@ def self_train(cfg: SelfTrainingConfig, run_dir: Path | None = None, resume: boo
     base_dir = Path(base_dir or root / "base")
     with run_folder(cfg, root, resume, config_file=PIPELINE_CONFIG):
         start = time.perf_counter()
-        seed_everything(cfg.seed)
         set_determinism(cfg.train.deterministic)
         splits = load_splits(cfg.data)
         pool, test = splits["train"], splits["test"]
         labeled, unlabeled, val = split_pool(cfg, pool, root / SPLIT_FILE)
-        if not (base_dir / TRAIN_FILE).exists():
-            train_stage(cfg, "base", base_dir, labelled_data(cfg.stage("base"), pool, test, labeled, val, base_dir),
+        base, final, final_dir = cfg.stage("base"), cfg.stage("final"), root / "final"
+        if not finished(base, base_dir):
+            train_stage(base, base_dir, labelled_data(base, pool, test, labeled, val, base_dir),
                         callbacks.get("base", []))
-        check_base(base_dir, labeled, val)
         pseudo = pseudo_labels(cfg, base_dir, pool, unlabeled, root / PSEUDO_FILE)
-        final_dir = root / "final"
-        if not (final_dir / TRAIN_FILE).exists():
-            kept = pseudo["kept"].numpy()
-            train_idx = np.concatenate([labeled, unlabeled[kept]])
-            train_labels = np.concatenate([pool.labels[labeled], pseudo["labels"].numpy()[kept]])
-            omega = np.concatenate([np.ones(len(labeled)), np.full(int(kept.sum()), cfg.pseudo_labels.weight)])
-            labeled_counts = np.bincount(pool.labels[labeled], minlength=len(pool.classes))
-            data = labelled_data(cfg.stage("final"), pool, test, train_idx, val, final_dir, train_labels,
-                                 omega.astype(np.float32), labeled_counts)
-            train_stage(cfg, "final", final_dir, data, callbacks.get("final", []))
+        if not finished(final, final_dir):
+            train_stage(final, final_dir, final_data(cfg, pool, test, (labeled, unlabeled, val), pseudo, final_dir),
+                        callbacks.get("final", []))
         write_report(root, base_dir, final_dir, pool, unlabeled, pseudo, time.perf_counter() - start)
     return root
 
@@ -92,19 +84,34 @@ def split_pool(cfg: SelfTrainingConfig, pool: ImageSet, path: Path) -> tuple[np.
     return labeled, unlabeled, val
 
 
-def train_stage(cfg: SelfTrainingConfig, name: str, run_dir: Path, data, callbacks: list[EpochCallback]) -> None:
-    stage_cfg = cfg.stage(name)
-    with run_folder(stage_cfg, run_dir, resume=True):
-        fit_and_report(stage_cfg, data, run_dir, resume=True, callbacks=callbacks)
+def finished(stage: SupervisedConfig, run_dir: Path) -> bool:
+    """Whether the stage's classifier is trained; a finished one trained with other settings is an error, since
+    it would be paired with this run's other stage (a shared base, or a folder re-used with a new config)."""
+    if not (run_dir / TRAIN_FILE).exists():
+        return False
+    if changed := changed_keys(read_saved_config(run_dir / RUN_CONFIG, SupervisedConfig), stage):
+        listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changed.items())
+        raise ConfigError(f"{run_dir} holds a classifier trained with other settings: {listed}; use another run "
+                          f"folder (or --out) for these settings")
+    return True
 
 
-def check_base(base_dir: Path, labeled: np.ndarray, val: np.ndarray) -> None:
-    """A shared base classifier must have trained on this D_L and selected on this validation set."""
-    trained_on = load_indices(base_dir / "subset.npz")
-    selected_on = np.asarray(load_index_meta(base_dir / "subset.npz")["val_indices"])
-    if not (np.array_equal(trained_on, labeled) and np.array_equal(selected_on, val)):
-        raise ConfigError(f"the base classifier in {base_dir} was trained on other images than this run's D_L or "
-                          f"validation set (another data.subset, seed or eval.val_per_class)")
+def train_stage(stage: SupervisedConfig, run_dir: Path, data: LabelledData, callbacks: list[EpochCallback]) -> None:
+    with run_folder(stage, run_dir, resume=True):
+        fit_and_report(stage, data, run_dir, resume=True, callbacks=callbacks)
+
+
+def final_data(cfg: SelfTrainingConfig, pool: ImageSet, test: ImageSet, parts: tuple[np.ndarray, ...],
+               pseudo: dict[str, torch.Tensor], run_dir: Path) -> LabelledData:
+    """D_L with its labels, then the kept D_U with its pseudo-labels and weight omega; head and tail are D_L's."""
+    labeled, unlabeled, val = parts
+    kept = pseudo["kept"].numpy()
+    train_idx = np.concatenate([labeled, unlabeled[kept]])
+    train_labels = np.concatenate([pool.labels[labeled], pseudo["labels"].numpy()[kept]])
+    omega = np.concatenate([np.ones(len(labeled)), np.full(int(kept.sum()), cfg.pseudo_labels.weight)])
+    labeled_counts = np.bincount(pool.labels[labeled], minlength=len(pool.classes))
+    return labelled_data(cfg.stage("final"), pool, test, train_idx, val, run_dir, train_labels,
+                         omega.astype(np.float32), labeled_counts)
 
 
 def pseudo_labels(cfg: SelfTrainingConfig, base_dir: Path, pool: ImageSet, unlabeled: np.ndarray,

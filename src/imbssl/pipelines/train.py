@@ -93,6 +93,7 @@ def fit_and_report(cfg: SupervisedConfig, data: LabelledData, run_dir: Path, res
                    callbacks: list[EpochCallback] = ()) -> None:
     """Train on ``data`` in the open run folder ``run_dir``; write model.pt and, last, train.json."""
     start = time.perf_counter()
+    seed_everything(cfg.seed)  # here, so the initial weights do not depend on what ran before in this process
     backbone, normalize = initial_backbone(cfg, data.train_images)
     model = LongTailClassifier(backbone, data.train_labels, len(data.classes), cfg.loss,
                                sample_weight=data.sample_weight).to(data.train_images.device)
@@ -127,7 +128,6 @@ def load_classifier(model_cfg: ModelConfig, in_channels: int, num_classes: int, 
 
 def load_labelled_data(cfg: SupervisedConfig, run_dir: Path) -> LabelledData:
     """The configured long-tailed subset, less the validation images it gives up, on the device."""
-    seed_everything(cfg.seed)
     set_determinism(cfg.train.deterministic)
     splits = load_splits(cfg.data)
     pool = splits["train"]

@@ -91,6 +91,9 @@ class SemiSupervisedExperimentConfig(PretrainingGrid):
                                       "init_from": str(init_from) if init_from else None})
         return validate_tree(SelfTrainingConfig, tree, origin=f"semi-supervised run {tree['name']}")
 
+    def self_training(self) -> SelfTrainingConfig:
+        return validate_tree(SelfTrainingConfig, self.base, origin="semi-supervised preset base")
+
     def labeled_config(self, rho: float, seed: int) -> SelfTrainingConfig:
         return self.run_config(rho, self.unlabeled_imbalances[0], self.losses[0], "none", seed)
 
@@ -114,10 +117,14 @@ def run_grid(exp: SemiSupervisedExperimentConfig, out_dir: Path) -> list[dict]:
 
 
 # -- the report -------------------------------------------------------------------------------------
+def runs_of(records: list[dict], loss: str, rho: float, spec: str, ssp: str) -> list[dict]:
+    """The records of one cell of the grid, one per seed."""
+    return [r for r in records if (r["loss"], r["rho"], r["rho_u"], r["ssp"]) == (loss, rho, spec, ssp)]
+
+
 def tests_of(records: list[dict], loss: str, rho: float, spec: str, ssp: str, stage: str) -> dict[int, dict]:
     """seed -> the test report of the base ("base") or final ("final") classifier."""
-    return {r["seed"]: r[stage] for r in records
-            if (r["loss"], r["rho"], r["rho_u"], r["ssp"]) == (loss, rho, spec, ssp)}
+    return {r["seed"]: r[stage] for r in runs_of(records, loss, rho, spec, ssp)}
 
 
 def paired(records: list[dict], loss: str, rho: float, spec: str, ssp: str, value) -> dict[int, float]:
@@ -144,12 +151,10 @@ def error_table(exp: SemiSupervisedExperimentConfig, records: list[dict], paper:
                               if int(rho) in PAPER_TABLE1 and spec in PAPER_TABLE1[int(rho)][(loss, with_u)] else ""
                               for rho, spec in columns]
                 rows.append([ROW_NAMES.get(loss, loss), SSP_NAMES.get(ssp, ssp),
-                             f"+ D_U @{_factor(exp):g}x" if with_u else "none", *cells])
+                             f"+ D_U @{exp.self_training().unlabeled.size_factor:g}x" if with_u else "none", *cells])
     return markdown_table(header, rows)
 
 
-def _factor(exp: SemiSupervisedExperimentConfig) -> float:
-    return validate_tree(SelfTrainingConfig, exp.base, origin="semi-supervised preset base").unlabeled.size_factor
 
 
 def group_table(exp: SemiSupervisedExperimentConfig, records: list[dict], rho: float) -> str:
@@ -163,8 +168,7 @@ def group_table(exp: SemiSupervisedExperimentConfig, records: list[dict], rho: f
                     tests = list(tests_of(records, loss, rho, spec, ssp, stage).values())
                     if not tests:
                         continue
-                    labels = [r["pseudo_labels"]["accuracy"] for r in records
-                              if (r["loss"], r["rho"], r["rho_u"], r["ssp"]) == (loss, rho, spec, ssp)]
+                    labels = [r["pseudo_labels"]["accuracy"] for r in runs_of(records, loss, rho, spec, ssp)]
                     rows.append([ROW_NAMES.get(loss, loss), SSP_NAMES.get(ssp, ssp), f"{rho_u_value(spec, rho):g}",
                                  stage, format_mean_std([t["top1"] for t in tests]),
                                  *[format_mean_std([t["thirds"][g] for t in tests]) for g in ("major", "minor", "rare")],
@@ -203,8 +207,7 @@ def verdict_lines(exp: SemiSupervisedExperimentConfig, records: list[dict]) -> l
 
 def write_report(exp: SemiSupervisedExperimentConfig, records: list[dict], out_dir: Path, command: str) -> Path:
     """table.md: Table 1's layout (test error by loss x D_U x rho x rho_U), verdicts, groups; results.json."""
-    cfg = validate_tree(SelfTrainingConfig, exp.base, origin="semi-supervised preset base")
-    source = describe_source(exp.base)
+    cfg, source = exp.self_training(), describe_source(exp.base)
     paper = bool(records) and cfg.data.source != "digits" and len(records[0]["base"]["per_class"]) == 10
     balanced = ", class-balanced" if cfg.pseudo_labels.class_balanced else ""
     lines = [f"# Self-training with imbalanced unlabeled data on {source}: top-1 test error (%), mean ± std over "

@@ -1,0 +1,141 @@
+"""MSN (Assran et al., ECCV 2022) and PMSN (Assran et al., ICLR 2023): masked siamese networks whose
+prototypes match a cluster prior.
+
+    z_a = g(f(mask(x_a))),   z_t = g_t(f_t(x_t))              anchor (masked) and target (EMA, unmasked) views
+    p = softmax(cos(z, c_k) / tau),   K prototypes c_k         tau_a = 0.1, the target's sharpened to 0.025
+    L = H(p_t, p_a) + lambda R(p_bar),   p_bar = mean of p_a over the (global) batch
+
+R is MSN's ME-MAX, -H(p_bar), for a uniform prior, and PMSN's KL(p_bar || pi) otherwise. For pi = 1/K,
+KL(p_bar || U) = log K - H(p_bar): PMSN with a uniform prior is MSN up to a constant, so one loss serves both
+(``prior_matching``). The KL's direction matters: KL(pi || p_bar), which some libraries compute, is not ME-MAX.
+Sinkhorn on the targets forces uniform marginals, so it is refused with a non-uniform prior (config).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+
+from imbssl.augment.masking import kept_tokens, mask_patches
+from imbssl.config import MethodConfig
+from imbssl.engine.distributed import mean_over_processes_with_grad
+from imbssl.engine.optim import ema_momentum, ema_update
+from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
+from imbssl.methods.excb import CosineCentroids
+from imbssl.models.heads import mlp
+from imbssl.priors import cluster_prior
+
+#: iterations of Sinkhorn-Knopp on the targets (MSN's code uses 3)
+SINKHORN_ITERATIONS = 3
+
+
+def prior_matching(p_bar: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """KL(p_bar || pi) = sum_k p_bar_k log(p_bar_k / pi_k) (PMSN); log K - H(p_bar) for the uniform pi (MSN)."""
+    return torch.sum(p_bar * (torch.log(p_bar + 1e-12) - torch.log(prior)))
+
+
+def me_max(p_bar: torch.Tensor) -> torch.Tensor:
+    """-H(p_bar), MSN's mean-entropy maximisation term (Assran et al. 2022, Eq. 2)."""
+    return torch.sum(p_bar * torch.log(p_bar + 1e-12))
+
+
+@torch.no_grad()
+def sinkhorn(p: torch.Tensor, iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
+    """[B, K] rows that sum to 1 whose columns sum to B/K: equal-sized clusters (Cuturi 2013, as SwAV and MSN)."""
+    q = p.T / p.sum()
+    num_clusters, batch = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / num_clusters
+        q = q / q.sum(dim=0, keepdim=True) / batch
+    return (q * batch).T
+
+
+def msn_loss(p_target: torch.Tensor, logits_anchor: torch.Tensor, prior: torch.Tensor,
+             weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H(p_t, p_a) + lambda KL(p_bar || pi), p_bar) for targets [B, K] and anchors [A, B, K] (A views each)."""
+    log_p_anchor = F.log_softmax(logits_anchor, dim=-1)
+    cross_entropy = -(p_target.unsqueeze(0) * log_p_anchor).sum(-1).mean()
+    p_bar = mean_over_processes_with_grad(log_p_anchor.exp().mean(dim=(0, 1)))
+    return cross_entropy + weight * prior_matching(p_bar, prior), p_bar
+
+
+class MSN(SSLMethod):
+    name = "msn"
+    # MSN trains ViTs with AdamW (lr 1e-3 at batch 1024, weight decay 0.04 -> 0.4); per 256 images, fixed decay.
+    defaults = OptimDefaults(name="adamw", base_lr=1e-3, weight_decay=0.04)
+    uses_local_crops = True  # MSN's focal views: further anchors, small and unmasked
+
+    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+        super().__init__(backbone, cfg.proj_dim)
+        self.cfg = cfg
+        self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=3, last_bn=False)
+        self.prototypes = CosineCentroids(cfg.proj_dim, cfg.num_clusters)
+        # The target encoder starts as a copy and only moves by EMA; the prototypes are shared, as in MSN.
+        self.target = nn.Sequential(OrderedDict(
+            (part, copy.deepcopy(getattr(self, part))) for part in ("backbone", "projector")))
+        self.target.requires_grad_(False)
+        self.register_buffer("prior", cluster_prior(cfg.prior, cfg.num_clusters))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # seeds the masks, saved for resume
+
+    def mask_generator(self, device: torch.device) -> torch.Generator:
+        """A generator for this step's masks: the run's seed (torch.initial_seed) and the step count, so a resumed
+        run draws the masks an uninterrupted one would."""
+        seed = (torch.initial_seed() * 1_000_003 + int(self.steps_done)) % 2**63
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def encode_anchor(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """f(mask(x)): a ViT drops a share of its tokens, any other backbone gets zeroed input patches."""
+        if getattr(self.backbone, "supports_token_drop", False):
+            patch = self.backbone.patch
+            num_tokens = (x.shape[2] // patch) * (x.shape[3] // patch)
+            return self.backbone(x, kept_tokens(len(x), num_tokens, self.cfg.mask_ratio, generator))
+        return self.backbone(mask_patches(x, self.cfg.mask_ratio, self.cfg.mask_patch, generator))
+
+    def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
+        target_view, anchor_views, focal_views = views[0], views[1:self.num_views], views[self.num_views:]
+        p_target = self.target_predictions(target_view)
+        generator = self.mask_generator(target_view.device)
+        anchors = [self.projector(self.encode_anchor(x, generator)) for x in anchor_views]
+        anchors += [self.projector(self.backbone(x)) for x in focal_views]
+        logits = torch.stack([self.prototypes(z) for z in anchors]) / self.cfg.anchor_temperature
+        loss, p_bar = msn_loss(p_target, logits, self.prior, self.cfg.regularization_weight)
+        return StepOutput(loss, {"output_std": output_std(anchors[0]),
+                                 "target_confidence": p_target.amax(-1).mean(),
+                                 "prior_kl": prior_matching(p_bar.detach(), self.prior),
+                                 "prototypes_used": (p_bar.detach() > 0.5 / len(p_bar)).float().mean()})
+
+    @torch.no_grad()
+    def target_predictions(self, x: torch.Tensor) -> torch.Tensor:
+        """p_t = softmax(cos(z_t, c) / tau_t), the sharpened targets, optionally balanced by Sinkhorn."""
+        p = F.softmax(self.prototypes(self.target(x), detach=True) / self.cfg.target_temperature, dim=-1)
+        return sinkhorn(p) if self.cfg.sinkhorn else p
+
+    # -- engine hooks -----------------------------------------------------------------------
+    @property
+    def eval_backbone(self) -> nn.Module:
+        """The target encoder's backbone, as MSN evaluates it."""
+        return self.target.backbone
+
+    @property
+    def eval_heads(self) -> dict[str, nn.Module]:
+        return {"projector": self.target.projector}
+
+    def param_groups(self) -> list[dict]:
+        """No target parameter; biases and normalisation weights (1-d) without weight decay, as MSN's code."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in trainable if p.ndim > 1]},
+                {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+
+    def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
+        """EMA of the target encoder, momentum m -> 1 on a cosine (as ExCB's teacher); the next step's masks."""
+        ema_update(self.target, self, ema_momentum(self.cfg.teacher_momentum, step, total_steps))
+        self.steps_done += 1
+
+    def epoch_stats(self, labels) -> dict[str, float]:
+        """The entropy of the prior, in nats against log K, for reading prior_kl."""
+        return {"prior_entropy": float(-(self.prior * self.prior.log()).sum()), "log_k": math.log(len(self.prior))}

@@ -1,0 +1,81 @@
+"""Cluster priors: the share pi_k of the data that each of K clusters (prototypes, centroids) is meant to hold.
+
+SSL objectives with a volume-maximising regulariser (SimCLR, SwAV, MSN, VICReg) carry a hidden *uniform*
+prior: they favour features that split the data into clusters of equal size (Assran et al. 2023, "The hidden
+uniform cluster prior in self-supervised learning"). On long-tailed data that prior fights the classes.
+PMSN matches a power-law prior instead; ExCB's balancing operator takes the same prior as its target sizes.
+
+    uniform     pi_k = 1/K
+    power_law   pi_k ∝ k^-tau, k = 1..K (PMSN; tau = 0.25 its reference setting)
+    given       K numbers, inline or from a file
+    estimated   the sizes of a k-means of features, largest first (+1 each, so no cluster's share is 0)
+
+Every prior is checked (``check_prior``): K entries, each positive, summing to 1.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imbssl.config import ConfigError, PriorConfig
+
+#: how far from 1 a prior's sum may be (a given prior typed with 6 decimals sums to 1 +- 5e-6)
+SUM_TOLERANCE = 1e-4
+
+
+def uniform_prior(num_clusters: int) -> torch.Tensor:
+    return torch.full((num_clusters,), 1.0 / num_clusters)
+
+
+def power_law_prior(num_clusters: int, tau: float) -> torch.Tensor:
+    """pi_k = k^-tau / sum_j j^-tau for k = 1..K: cluster 0 the largest."""
+    weights = torch.arange(1, num_clusters + 1, dtype=torch.float64) ** -tau
+    return (weights / weights.sum()).float()
+
+
+def estimated_prior(assignments: np.ndarray, num_clusters: int) -> torch.Tensor:
+    """(n_k + 1) / (N + K) for the k-means cluster sizes n_k sorted largest first: the data's own size profile."""
+    counts = np.sort(np.bincount(assignments, minlength=num_clusters))[::-1] + 1.0
+    return torch.as_tensor(counts / counts.sum(), dtype=torch.float32)
+
+
+def given_prior(cfg: PriorConfig) -> torch.Tensor:
+    if cfg.values is not None:
+        return torch.tensor(cfg.values, dtype=torch.float32)
+    path = Path(cfg.path)
+    try:
+        text = path.read_text()
+        return torch.tensor([float(v) for v in text.replace(",", " ").split()], dtype=torch.float32)
+    except OSError as err:
+        raise ConfigError(f"prior.path={path}: cannot be read ({err.strerror or err})") from None
+    except ValueError:
+        raise ConfigError(f"prior.path={path}: not a list of numbers") from None
+
+
+def check_prior(prior: torch.Tensor, num_clusters: int, what: str = "prior") -> torch.Tensor:
+    """``prior`` itself when it has K entries, all positive, summing to 1; else a ConfigError naming the problem."""
+    if prior.ndim != 1 or len(prior) != num_clusters:
+        raise ConfigError(f"{what} has {prior.numel()} entries for {num_clusters} clusters (method.num_clusters)")
+    if not torch.isfinite(prior).all() or (prior <= 0).any():
+        raise ConfigError(f"{what} must be positive: entry {int(torch.argmax((~(prior > 0)).int()))} is "
+                          f"{prior[~(prior > 0)][0].item():g}")
+    if abs(prior.double().sum().item() - 1.0) > SUM_TOLERANCE:
+        raise ConfigError(f"{what} sums to {prior.double().sum().item():.6g}, not 1")
+    return prior
+
+
+def cluster_prior(cfg: PriorConfig, num_clusters: int, assignments: np.ndarray | None = None) -> torch.Tensor:
+    """The prior ``cfg`` describes, checked. ``estimated`` needs the k-means ``assignments`` of the data."""
+    if cfg.kind == "uniform":
+        prior = uniform_prior(num_clusters)
+    elif cfg.kind == "power_law":
+        prior = power_law_prior(num_clusters, cfg.tau)
+    elif cfg.kind == "given":
+        prior = given_prior(cfg)
+    else:
+        if assignments is None:
+            raise ValueError("an estimated prior needs the k-means assignments of the data")
+        prior = estimated_prior(assignments, num_clusters)
+    return check_prior(prior, num_clusters, f"the {cfg.kind} prior")

@@ -1,0 +1,130 @@
+"""Cluster priors, MSN / PMSN, and ExCB balanced toward a non-uniform target."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from imbssl.augment.masking import kept_tokens, mask_patches
+from imbssl.config import ConfigError, MethodConfig, ModelConfig, PriorConfig
+from imbssl.methods import build_method
+from imbssl.methods.excb import balance, balance_by_cases
+from imbssl.methods.msn import me_max, msn_loss, prior_matching
+from imbssl.models import build_backbone
+from imbssl.priors import check_prior, cluster_prior, estimated_prior, power_law_prior
+
+
+def test_priors_sum_to_one_with_k_positive_entries():
+    for cfg in (PriorConfig(), PriorConfig(kind="power_law", tau=0.5), PriorConfig(kind="given", values=[0.5, 0.3, 0.2])):
+        k = 3
+        prior = cluster_prior(cfg, k)
+        assert prior.shape == (k,) and (prior > 0).all() and prior.sum().item() == pytest.approx(1.0)
+    power = power_law_prior(4, 1.0)  # 1, 1/2, 1/3, 1/4 over 25/12
+    assert torch.allclose(power, torch.tensor([12, 6, 4, 3]) / 25.0)
+    estimated = estimated_prior(np.array([0, 0, 0, 2, 2, 1]), 4)  # sizes 3, 2, 1, 0 -> (4, 3, 2, 1) / 10
+    assert torch.allclose(estimated, torch.tensor([0.4, 0.3, 0.2, 0.1]))
+
+
+def test_a_given_prior_is_read_from_a_file(tmp_path):
+    path = tmp_path / "prior.txt"
+    path.write_text("0.6, 0.3\n0.1\n")
+    assert torch.allclose(cluster_prior(PriorConfig(kind="given", path=str(path)), 3), torch.tensor([0.6, 0.3, 0.1]))
+
+
+@pytest.mark.parametrize("values, k, message", [
+    ([0.5, 0.5], 3, "has 2 entries for 3 clusters"),
+    ([0.7, 0.4, -0.1], 3, "must be positive: entry 2 is -0.1"),
+    ([0.5, 0.4, 0.05], 3, "sums to 0.95, not 1"),
+])
+def test_a_bad_prior_is_refused_naming_the_problem(values, k, message):
+    with pytest.raises(ConfigError, match=message):
+        check_prior(torch.tensor(values), k)
+
+
+def test_prior_config_and_sinkhorn_with_a_non_uniform_prior_are_refused():
+    with pytest.raises(ValueError, match="exactly one of values and path"):
+        PriorConfig(kind="given")
+    with pytest.raises(ValueError, match="sinkhorn forces uniform cluster marginals"):
+        MethodConfig(name="msn", sinkhorn=True, prior=PriorConfig(kind="power_law"))
+    MethodConfig(name="msn", sinkhorn=True)  # uniform: allowed
+
+
+def test_pmsn_with_a_uniform_prior_is_msn_up_to_log_k():
+    p_bar = torch.softmax(torch.randn(16), 0)
+    uniform = torch.full((16,), 1 / 16)
+    assert prior_matching(p_bar, uniform).item() == pytest.approx(me_max(p_bar).item() + math.log(16), abs=1e-6)
+    p_target, logits = torch.softmax(torch.randn(8, 16), 1), torch.randn(2, 8, 16)
+    pmsn, _ = msn_loss(p_target, logits, uniform, 1.0)
+    cross_entropy = -(p_target * torch.log_softmax(logits, -1)).sum(-1).mean()
+    msn = cross_entropy + me_max(torch.softmax(logits, -1).mean((0, 1)))
+    assert pmsn.item() == pytest.approx(msn.item() + math.log(16), abs=1e-5)
+
+
+def test_the_prior_kl_by_hand_and_its_direction():
+    p_bar, prior = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.25, 0.25, 0.5])
+    forward = 0.7 * math.log(0.7 / 0.25) + 0.2 * math.log(0.2 / 0.25) + 0.1 * math.log(0.1 / 0.5)  # KL(p_bar || pi)
+    reverse = 0.25 * math.log(0.25 / 0.7) + 0.25 * math.log(0.25 / 0.2) + 0.5 * math.log(0.5 / 0.1)  # KL(pi || p_bar)
+    assert prior_matching(p_bar, prior).item() == pytest.approx(forward)
+    assert abs(forward - reverse) > 0.05  # the reverse direction is another loss
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.75])
+def test_masking_drops_the_requested_share_of_tokens_seeded(ratio):
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    kept = kept_tokens(5, 16, ratio, gen())
+    assert kept.shape == (5, 16 - round(ratio * 16)) and torch.equal(kept, kept_tokens(5, 16, ratio, gen()))
+    assert all(len(set(row.tolist())) == kept.shape[1] for row in kept)
+    images = torch.ones(5, 3, 8, 8)
+    masked = mask_patches(images, ratio, 2, gen())  # a 4 x 4 grid of 2-pixel cells
+    dropped_cells = (masked[:, 0] == 0).float().sum((1, 2)) / 4
+    assert dropped_cells.tolist() == [round(ratio * 16)] * 5
+
+
+def tiny_msn(**method):
+    cfg = MethodConfig(name="msn", proj_hidden=32, proj_dim=16, num_clusters=8, **method)
+    return build_method(cfg, build_backbone(ModelConfig(backbone="vit", vit_dim=16, vit_depth=1, vit_heads=2,
+                                                        vit_patch=2), 1))
+
+
+def test_msn_target_encoder_gets_no_gradient_and_a_vit_encodes_only_the_kept_tokens():
+    method = tiny_msn(prior=PriorConfig(kind="power_law"))
+    views = [torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)]
+    out = method.training_step(views, torch.arange(4))
+    out.loss.backward()
+    assert all(p.grad is None for p in method.target.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.backbone.parameters())
+    assert torch.allclose(method.prior, power_law_prior(8, 0.25))
+    backbone, x = method.backbone.eval(), torch.randn(2, 1, 8, 8)
+    keep = torch.tensor([[0, 5, 9], [1, 2, 3]])
+    # the kept tokens alone decide the feature: changing a dropped patch (token 15 is the bottom-right 2x2) does not
+    changed = x.clone()
+    changed[:, :, 6:, 6:] += 5
+    assert torch.allclose(backbone(x, keep), backbone(changed, keep), atol=1e-6)
+    assert not torch.allclose(backbone(x), backbone(changed), atol=1e-3)
+
+
+def test_excb_balancing_toward_a_non_uniform_target():
+    target = power_law_prior(6, 1.0)
+    z = torch.rand(10, 6) * 2 - 1
+    assert torch.allclose(balance(z, target.clone(), target), z)  # on target: z^B = z
+    sizes = target * torch.tensor([0.5, 2.0, 0.0, 1.5, 1.0, 0.9])  # under, over, empty, over, on, under its own t
+    balanced = balance(z, sizes, target)
+    assert torch.allclose(balanced, balance_by_cases(z, sizes, target), atol=1e-6)
+    under, over = (sizes < target), (sizes > target)
+    assert (balanced[:, under] >= z[:, under]).all() and (balanced[:, over] <= z[:, over]).all()
+    assert torch.allclose(balanced[:, 2], torch.ones(10))  # an empty cluster: z^B = 1
+    assert ((balanced >= -1) & (balanced <= 1)).all()
+
+
+def test_excb_lays_a_power_law_prior_over_the_initial_kmeans_sizes():
+    cfg = MethodConfig(name="excb", proj_hidden=32, proj_dim=16, pred_hidden=32, num_clusters=4,
+                       prior=PriorConfig(kind="power_law", tau=1.0))
+    method = build_method(cfg, build_backbone(ModelConfig(width=0.25), 1))
+    method.set_target(power_law_prior(4, 1.0), np.array([2, 2, 2, 0, 0, 3, 1, 2, 0]))  # sizes 3, 1, 4, 1
+    assert torch.allclose(method.target_sizes, torch.tensor([6, 4, 12, 3]) / 25.0)  # the largest share on cluster 2
+    assert torch.equal(method.cluster_sizes, method.target_sizes)
+    with pytest.raises(ConfigError, match="centroid_init=kmeans"):
+        build_method(cfg.model_copy(update={"prior": PriorConfig(kind="estimated"), "centroid_init": "random"}),
+                     build_backbone(ModelConfig(width=0.25), 1))
