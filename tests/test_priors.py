@@ -9,10 +9,14 @@ import torch
 
 from imbssl.augment.masking import kept_tokens, mask_patches
 from imbssl.config import ConfigError, MethodConfig, ModelConfig, PriorConfig
+from imbssl.engine.checkpoint import load_safe
+from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.methods import build_method
 from imbssl.methods.excb import balance, balance_by_cases
 from imbssl.methods.msn import me_max, msn_loss, prior_matching
 from imbssl.models import build_backbone
+from imbssl.pipelines.evaluate import evaluate_run
+from imbssl.pipelines.pretrain import pretrain
 from imbssl.priors import check_prior, cluster_prior, estimated_prior, power_law_prior
 
 
@@ -49,6 +53,8 @@ def test_prior_config_and_sinkhorn_with_a_non_uniform_prior_are_refused():
     with pytest.raises(ValueError, match="sinkhorn forces uniform cluster marginals"):
         MethodConfig(name="msn", sinkhorn=True, prior=PriorConfig(kind="power_law"))
     MethodConfig(name="msn", sinkhorn=True)  # uniform: allowed
+    with pytest.raises(ValueError, match="estimated comes from ExCB's k-means"):
+        MethodConfig(name="msn", prior=PriorConfig(kind="estimated"))
 
 
 def test_pmsn_with_a_uniform_prior_is_msn_up_to_log_k():
@@ -128,3 +134,33 @@ def test_excb_lays_a_power_law_prior_over_the_initial_kmeans_sizes():
     with pytest.raises(ConfigError, match="centroid_init=kmeans"):
         build_method(cfg.model_copy(update={"prior": PriorConfig(kind="estimated"), "centroid_init": "random"}),
                      build_backbone(ModelConfig(width=0.25), 1))
+
+
+def msn_cfg(tiny_cfg, backbone="small_cnn", **method):
+    model = {"backbone": backbone, "width": 0.25} if backbone == "small_cnn" else \
+        {"backbone": "vit", "vit_dim": 16, "vit_depth": 1, "vit_heads": 2, "vit_patch": 2}
+    return tiny_cfg(method={"name": "msn", "num_clusters": 16, "mask_patch": 2, **method}, model=model,
+                    eval={"knn_k": [5]})
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "vit"])
+def test_msn_resumes_exactly_with_its_prototypes_target_encoder_and_masks(tiny_cfg, interrupted_then_resumed,
+                                                                         backbone):
+    straight, resumed = interrupted_then_resumed(msn_cfg(tiny_cfg, backbone, prior={"kind": "power_law"}))
+    a, b = (load_safe(run / CHECKPOINT_FILE)["method"] for run in (straight, resumed))
+    assert {"prototypes.weight", "target.backbone.patch_embed.weight" if backbone == "vit" else "steps_done"} <= a.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_reports_msn_clusters_against_its_prior(tiny_cfg, tmp_path):
+    run = pretrain(msn_cfg(tiny_cfg, prior={"kind": "power_law", "tau": 1.0}), tmp_path / "pmsn")
+    clusters = evaluate_run(run)["clusters"]
+    assert np.allclose(clusters["sorted_prior"], power_law_prior(16, 1.0).numpy())
+    assert sum(clusters["sorted_shares"]) == pytest.approx(1.0) and clusters["kl_to_prior"] >= 0
+
+
+def test_excb_trains_toward_a_power_law_laid_over_its_clusters(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(method={"name": "excb", "num_clusters": 16, "prior": {"kind": "power_law", "tau": 1.0}},
+                   augment={"local_crops": 2}, optim={"epochs": 2})
+    method = load_safe(pretrain(cfg, tmp_path / "excb") / CHECKPOINT_FILE)["method"]
+    assert torch.allclose(method["target_sizes"].sort(descending=True).values, power_law_prior(16, 1.0))

@@ -435,6 +435,19 @@ def reproduce_excb(preset: str, overrides: tuple[str, ...], out: str | None, dat
     click.echo(f"report: {table.parent}")
 
 
+@reproduce.command("priors", short_help="Uniform vs power-law cluster priors: MSN/PMSN, ExCB.")
+@_grid_options("priors")
+def reproduce_priors(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
+    """MSN against PMSN, and ExCB against ExCB balanced toward a power law, on a long-tailed subset and its
+    balanced control: does a power-law cluster prior help on long-tailed data and hurt on balanced data?"""
+    from imbssl.recipes.priors import PriorsExperimentConfig, run_experiment
+
+    exp = _load_grid("priors", PriorsExperimentConfig, preset, overrides, data_path)
+    table = run_experiment(exp, Path(out or f"reports/priors-{preset}"), _command_line())
+    click.echo(table.read_text())
+    click.echo(f"report: {table.parent}")
+
+
 @reproduce.command("experiment-2", short_help="Table 3: offline clustering vs the baselines.")
 @_grid_options("experiment-2")
 @click.option("--baselines-from", type=click.Path(file_okay=False),

@@ -156,6 +156,9 @@ class MethodConfig(Section):
 
     @model_validator(mode="after")
     def _check_prior(self) -> "MethodConfig":
+        if self.prior.kind == "estimated" and self.name != "excb":
+            raise ValueError(f"prior.kind=estimated comes from ExCB's k-means initialisation; {self.name} takes "
+                             f"uniform, power_law or given")
         if self.sinkhorn and self.prior.kind != "uniform":
             raise ValueError(f"sinkhorn forces uniform cluster marginals, which contradicts prior.kind="
                              f"{self.prior.kind}: turn sinkhorn off for a non-uniform prior")

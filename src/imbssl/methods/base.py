@@ -32,6 +32,7 @@ class SSLMethod(TrainingTask):
     defaults: ClassVar[OptimDefaults]
     num_views: ClassVar[int] = 2  # global views per image
     uses_local_crops: ClassVar[bool] = False  # whether training_step accepts multi-crop local views
+    learns_clusters: ClassVar[bool] = False  # whether it has a ``clusterer`` and a ``cluster_target`` (ExCB, MSN)
 
     def __init__(self, backbone: nn.Module, output_dim: int) -> None:
         super().__init__()
@@ -48,6 +49,16 @@ class SSLMethod(TrainingTask):
         """The heads saved beside ``eval_backbone``, named by the space they output (config.SPACES), in the order
         they follow it: what lets a pipeline read the method's outputs, not only its features."""
         return {}
+
+    @property
+    def clusterer(self) -> nn.Module:
+        """Images -> their similarity to each learned cluster, as evaluated (no balancing); ``learns_clusters``."""
+        raise NotImplementedError(f"{self.name} learns no clusters")
+
+    @property
+    def cluster_target(self) -> torch.Tensor:
+        """The share of the data each cluster is meant to hold: the cluster prior (1/K unless set)."""
+        raise NotImplementedError(f"{self.name} learns no clusters")
 
 
 @torch.no_grad()

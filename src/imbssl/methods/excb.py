@@ -123,6 +123,7 @@ class ExCB(SSLMethod):
     name = "excb"
     defaults = OptimDefaults(name="sgd", base_lr=0.15, weight_decay=1e-4)  # Sec. 4.1, ResNet-50
     uses_local_crops = True
+    learns_clusters = True
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
         super().__init__(backbone, cfg.proj_dim)
@@ -217,6 +218,14 @@ class ExCB(SSLMethod):
     @property
     def eval_heads(self) -> dict[str, nn.Module]:
         return {"projector": self.teacher.projector}
+
+    @property
+    def clusterer(self) -> nn.Module:
+        return self.teacher
+
+    @property
+    def cluster_target(self) -> torch.Tensor:
+        return self.target_sizes
 
     def param_groups(self) -> list[dict]:
         """No teacher parameter; biases and normalisation weights (1-d) without weight decay, as the official code

@@ -69,6 +69,7 @@ class MSN(SSLMethod):
     # MSN trains ViTs with AdamW (lr 1e-3 at batch 1024, weight decay 0.04 -> 0.4); per 256 images, fixed decay.
     defaults = OptimDefaults(name="adamw", base_lr=1e-3, weight_decay=0.04)
     uses_local_crops = True  # MSN's focal views: further anchors, small and unmasked
+    learns_clusters = True
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
         super().__init__(backbone, cfg.proj_dim)
@@ -124,6 +125,15 @@ class MSN(SSLMethod):
     @property
     def eval_heads(self) -> dict[str, nn.Module]:
         return {"projector": self.target.projector}
+
+    @property
+    def clusterer(self) -> nn.Module:
+        """The target encoder's cosine to each prototype."""
+        return nn.Sequential(self.target, self.prototypes)
+
+    @property
+    def cluster_target(self) -> torch.Tensor:
+        return self.prior
 
     def param_groups(self) -> list[dict]:
         """No target parameter; biases and normalisation weights (1-d) without weight decay, as MSN's code."""

@@ -22,7 +22,7 @@ from imbssl.engine.divergence import divergence_signs, probe_disagreement, weigh
 from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.eval import (accuracy_report, balanced_labelled_split, cluster_statistics, extract_features, knn_predict,
                          linear_probe, relative_sizes)
-from imbssl.methods import build_method
+from imbssl.methods import METHODS, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import load_backbone, resolve_device
 from imbssl.pipelines.pretrain import BACKBONE_FILE
@@ -80,7 +80,7 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
     for k in eval_cfg.knn_k:
         pred = knn_predict(train_x, train_y, test_x, num_classes, k, eval_cfg.knn_temperature)
         result[f"knn{k}"] = accuracy_report(pred, test.labels, pretrain_counts, train.classes)
-    if cfg.method.name == "excb":
+    if METHODS[cfg.method.name].learns_clusters:
         result["clusters"] = final_clusters(run_dir, cfg, train.images[subset], train.labels[subset], normalize, device)
     result["warnings"] = divergence_warnings(result, backbone, cfg, train.images.shape[-1])
     result["wall_s"] = time.perf_counter() - start
@@ -104,14 +104,21 @@ def divergence_warnings(result: dict, backbone: torch.nn.Module, cfg: RunConfig,
 
 def final_clusters(run_dir: Path, cfg: RunConfig, images: np.ndarray, labels: np.ndarray, normalize: Normalize,
                    device: torch.device) -> dict:
-    """ExCB's final clustering of its pre-training images (paper, Fig. 5): the teacher's most similar centroid,
-    without balancing. Draws the sorted relative sizes to RUN_DIR/cluster_sizes.png."""
+    """The final clustering of the pre-training images (ExCB paper, Fig. 5): each image's most similar centroid
+    (ExCB's teacher, MSN's target prototypes), without balancing, against the cluster prior. Draws the sorted
+    relative sizes to RUN_DIR/cluster_sizes.png."""
     method = build_method(cfg.method, build_backbone(cfg.model, images.shape[-1]))
     method.load_state_dict(load_safe(run_dir / CHECKPOINT_FILE)["method"])
-    similarities = extract_features(method.teacher.to(device), images, lambda x: normalize(x.to(device)), device=device)
+    similarities = extract_features(method.clusterer.to(device), images, lambda x: normalize(x.to(device)),
+                                    device=device)
     assignments = similarities.argmax(1).numpy()
-    target = method.target_sizes.numpy()
+    target = method.cluster_target.cpu().numpy()
     sizes = relative_sizes(assignments, target)
     plot_cluster_sizes({cfg.name: sizes}, run_dir / CLUSTER_FIGURE,
                        title="Final relative cluster sizes of the teacher (no balancing)")
-    return {**cluster_statistics(assignments, target, labels), "sorted_relative_sizes": np.sort(sizes)[::-1].tolist()}
+    shares = np.bincount(assignments, minlength=len(target)) / len(assignments)
+    filled = shares > 0
+    kl_to_prior = float(np.sum(shares[filled] * np.log(shares[filled] / target[filled])))  # KL(sizes || prior)
+    return {**cluster_statistics(assignments, target, labels), "kl_to_prior": kl_to_prior,
+            "sorted_relative_sizes": np.sort(sizes)[::-1].tolist(), "sorted_shares": np.sort(shares)[::-1].tolist(),
+            "sorted_prior": np.sort(target)[::-1].tolist()}

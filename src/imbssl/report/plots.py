@@ -143,3 +143,24 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str 
     ax.set_xlabel("pseudo-label")
     ax.set_ylabel("true class")
     return _save(fig, path, title)
+
+
+def plot_prior_fit(shares: dict[str, Sequence[float]], priors: dict[str, Sequence[float]], path: str | Path, *,
+                   title: str) -> Path:
+    """Each run's cluster shares, largest first (solid), beside its prior sorted the same way (dashed, same colour),
+    on log scales: how far a uniform prior flattens a long tail, and whether a power law follows it. Empty
+    clusters have no point on a log scale; the legend counts them."""
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for label, values in shares.items():
+        values = np.asarray(values, dtype=float)
+        ranks = np.arange(1, len(values) + 1)
+        filled = values > 0
+        (line,) = ax.plot(ranks[filled], values[filled], label=f"{label} ({int((~filled).sum())} empty)")
+        ax.plot(ranks, priors[label], linestyle="--", linewidth=0.8, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("cluster, largest first")
+    ax.set_ylabel("share of the images (dashed: the prior)")
+    ax.legend(fontsize="small", frameon=False, loc="lower left")
+    return _save(fig, path, title)
