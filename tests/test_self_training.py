@@ -177,3 +177,12 @@ def test_the_stage_configs_drop_the_self_training_keys(st_cfg):
     stage = st_cfg(pseudo_labels={"weight": 0.5}).stage("final")
     assert stage.name == "final" and not hasattr(stage, "unlabeled")
     assert type(stage).__name__ == "SupervisedConfig"
+
+
+def test_base_epochs_stretch_the_base_classifiers_schedule(st_cfg):
+    cfg = st_cfg(optim={"epochs": 10, "warmup_epochs": 1, "milestones": [8, 9], "lr_factors": [0.01, 0.0001]},
+                 loss={"name": "ldam", "deferral": "drw", "defer_epoch": 8}, base_epochs=40)
+    base, final = cfg.stage("base"), cfg.stage("final")
+    assert (base.optim.epochs, base.optim.warmup_epochs, base.optim.milestones) == (40, 4, [32, 36])
+    assert base.loss.defer_epoch == 32
+    assert (final.optim.epochs, final.optim.milestones, final.loss.defer_epoch) == (10, [8, 9], 8)

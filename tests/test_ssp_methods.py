@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from imbssl.config import MethodConfig
 from imbssl.engine.checkpoint import load_safe
-from imbssl.engine.distributed import gather, mean_over_processes
+from imbssl.engine.distributed import gather, sum_over_processes
 from imbssl.engine.runlog import read_metrics
 from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.methods import build_method, rotate_four_ways
@@ -144,10 +144,10 @@ def test_moco_run_evaluates_in_backbone_and_projector_space(tiny_cfg, tmp_path):
 # -- several processes -----------------------------------------------------------------------------
 def test_gather_is_the_identity_on_one_process(tmp_path):
     x = torch.randn(3, 4)
-    assert not dist.is_initialized() and gather(x) is x and mean_over_processes(x) is x
+    assert not dist.is_initialized() and gather(x) is x and sum_over_processes(x) is x
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:  # the all_gather path itself, with a world of one
-        assert torch.equal(gather(x), x) and torch.equal(mean_over_processes(x), x)
+        assert torch.equal(gather(x), x) and torch.equal(sum_over_processes(x), x)
     finally:
         dist.destroy_process_group()
 

@@ -170,6 +170,10 @@ Examples:
   imbssl pretrain simsiam-digits --set optim.epochs=5
   imbssl pretrain simsiam-digits --resume    # on to the config's 30 epochs
   imbssl pretrain simsiam-cifar10-lt --data cifar10-jpg.tar.gz
+  torchrun --nproc-per-node 2 -m imbssl pretrain simsiam-digits
+
+Under torchrun (the last example) the run is data-parallel: optim.batch_size is the global batch, shared by the
+processes (docs/scale-out.md).
 """
 
 
@@ -184,11 +188,15 @@ def pretrain(config: str, overrides: tuple[str, ...], data_path: str | None, run
              then_eval: bool) -> None:
     data_set = (f"data.path={json.dumps(data_path)}",) if data_path else ()  # quoted: a path, whatever it reads like
     cfg = load_config(_config_file(config), data_set + overrides)
+    from imbssl.engine.distributed import is_main, process_group
     from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
     from imbssl.pipelines.pretrain import pretrain as run_pretrain
 
     _offer_resume(add_flag=True)
-    out = run_pretrain(cfg, Path(run_dir) if run_dir else None, resume=resume)
+    with process_group(cfg.train.device, cfg.train.dist_timeout_s):
+        out = run_pretrain(cfg, Path(run_dir) if run_dir else None, resume=resume)
+        if not is_main():  # rank 0 reports and evaluates
+            return
     click.echo(f"run folder: {out}")
     if then_eval:
         _echo_eval(evaluate_run(out), out / EVAL_FILE)

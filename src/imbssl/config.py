@@ -188,6 +188,11 @@ class TrainConfig(Section):
     collapse_warn_below: float = Field(0.1, ge=0, description="warn when std*sqrt(d) of l2-normalised outputs falls below")
     log_every: int = Field(10, ge=1, description="steps between metric records (and NaN checks)")
     progress: bool = True
+    sync_batchnorm: bool = Field(False, description="under torchrun: BatchNorm statistics over the global batch "
+                                                    "(SyncBatchNorm on CUDA, engine.distributed.GlobalBatchNorm on "
+                                                    "CPU) instead of each process's part; docs/scale-out.md")
+    dist_timeout_s: float = Field(600.0, gt=0, description="under torchrun: seconds a process waits for the others "
+                                                           "before the job stops with an error (a crashed rank)")
 
     @field_validator("device")
     @classmethod
@@ -400,11 +405,19 @@ class SelfTrainingConfig(SupervisedConfig):
     name: str = "self-training"
     unlabeled: UnlabeledConfig = UnlabeledConfig()
     pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
+    base_epochs: int | None = Field(None, ge=1, description="the base classifier's epochs, when they differ from "
+                                                            "optim.epochs (the final model's): its warm-up, milestones "
+                                                            "and defer_epoch stretch by base_epochs / optim.epochs")
 
     def stage(self, name: str) -> SupervisedConfig:
         """The config of one classifier stage, named by it alone ("base", "final"): this one without the
         self-training keys, so the grids' rho_U columns can share one base."""
-        tree = self.model_dump(exclude={"unlabeled", "pseudo_labels"})
+        tree = self.model_dump(exclude={"unlabeled", "pseudo_labels", "base_epochs"})
+        if name == "base" and self.base_epochs is not None:
+            stretch = self.base_epochs / self.optim.epochs
+            tree["optim"].update(epochs=self.base_epochs, warmup_epochs=self.optim.warmup_epochs * stretch,
+                                 milestones=[round(m * stretch) for m in self.optim.milestones])
+            tree["loss"]["defer_epoch"] = round(self.loss.defer_epoch * stretch)
         return SupervisedConfig.model_validate({**tree, "name": name})
 
 

@@ -21,17 +21,20 @@ class PadCropFlip:
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, pad: int = 4, flip_prob: float = 0.5) -> None:
         self.normalize, self.pad, self.flip_prob = Normalize(mean, std), pad, flip_prob
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        return [self.global_view(images, generator)]
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 rows: slice = slice(None)) -> list[torch.Tensor]:
+        return [self.global_view(images, generator, rows)]
 
-    def global_view(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def global_view(self, images: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)) -> torch.Tensor:
+        """The view of ``images[rows]``, each image cropped and flipped as in the view of all ``images``."""
+        offsets = torch.randint(0, 2 * self.pad + 1, (len(images), 2), generator=generator, device=images.device)[rows]
+        flip = (torch.rand(len(images), generator=generator, device=images.device) < self.flip_prob)[rows]
+        images = images[rows]
         batch, _, height, width = images.shape
         # Zero padding in pixel space is black, as torchvision pads the PIL image before ToTensor and Normalize.
         padded = F.pad(images, (self.pad,) * 4)
-        offsets = torch.randint(0, 2 * self.pad + 1, (batch, 2), generator=generator, device=images.device)
-        flip = torch.rand(batch, generator=generator, device=images.device) < self.flip_prob
-        rows = offsets[:, :1] + torch.arange(height, device=images.device)  # [B, H]
-        cols = offsets[:, 1:] + torch.arange(width, device=images.device)  # [B, W]
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
-        crops = padded[torch.arange(batch, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        ys = offsets[:, :1] + torch.arange(height, device=images.device)  # [B, H]
+        xs = offsets[:, 1:] + torch.arange(width, device=images.device)  # [B, W]
+        xs = torch.where(flip[:, None], xs.flip(1), xs)
+        crops = padded[torch.arange(batch, device=images.device)[:, None, None], :, ys[:, :, None], xs[:, None, :]]
         return self.normalize(crops.permute(0, 3, 1, 2))  # the gather puts channels last: [B, H, W, C]

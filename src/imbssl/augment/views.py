@@ -247,6 +247,9 @@ class ViewAugment:
     (``cfg.blur_prob``) -> normalise (if ``cfg.normalize``). Values are clamped to [0, 1] after
     each colour op, as torchvision does. For C = 1 only brightness and contrast apply.
     Call twice with the same generator for the two views of a pair.
+
+    ``rows`` makes the views of ``images[rows]`` alone, each image with the random parameters it gets in the views
+    of the whole batch: one process's part of a global batch (engine/distributed.py) costs that part's work only.
     """
 
     def __init__(self, cfg: AugmentConfig, mean: torch.Tensor, std: torch.Tensor, out_size: int | None = None):
@@ -260,7 +263,7 @@ class ViewAugment:
         self.mean = _as_channel_param(mean, "mean")
         self.std = _as_channel_param(std, "std")
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected uint8 [B, 1|3, H, W] images, got {images.dtype} {tuple(images.shape)}")
         bsz = images.shape[0]
@@ -268,7 +271,8 @@ class ViewAugment:
         # One draw for every random parameter; fixed column layout so a seed means the same
         # crops whatever the colour settings: [area xK | ratio xK | top, left, flip,
         # jitter?, brightness, contrast, saturation, hue, gray?, blur?, sigma].
-        u = torch.rand(bsz, 2 * k + 11, generator=generator, device=images.device)
+        u = torch.rand(bsz, 2 * k + 11, generator=generator, device=images.device)[rows]
+        images = images[rows]
         x = self._crop_flip(images, u[:, : 2 * k], u[:, 2 * k : 2 * k + 3])
         x = self._color(x, u[:, 2 * k + 3 : 2 * k + 9])
         if self.cfg.blur_prob > 0:
@@ -350,8 +354,10 @@ class MultiCrop:
             self.local_view = ViewAugment(local_cfg, mean, std, out_size=cfg.local_size or max(2, image_size // 2))
         self.num_local = cfg.local_crops
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        views = [self.global_view(images, generator) for _ in range(self.num_global)]
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 rows: slice = slice(None)) -> list[torch.Tensor]:
+        """The views of ``images[rows]``, drawn as in the views of all ``images`` (``ViewAugment``)."""
+        views = [self.global_view(images, generator, rows) for _ in range(self.num_global)]
         if self.local_view is not None:
-            views += [self.local_view(images, generator) for _ in range(self.num_local)]
+            views += [self.local_view(images, generator, rows) for _ in range(self.num_local)]
         return views

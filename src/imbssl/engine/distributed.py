@@ -1,41 +1,239 @@
-"""What crosses processes when training is distributed: every operation here is the identity on one process
-(torch.distributed not initialised), so a method calls them unconditionally."""
+"""Data-parallel training across processes (launched by torchrun): the process group and what crosses processes.
+
+Every operation here is the identity on one process (torch.distributed not initialised), so the engine and the
+methods call them unconditionally.
+
+How a step is shared (docs/scale-out.md): every process draws the same seeded global batch, takes its contiguous
+rows of it (``rank_rows``) and weights its loss by its share of the batch; the gradients are then summed over
+processes (``sum_gradients``), which makes them the gradient of the loss of the whole global batch. Whatever couples
+the images of a batch crosses processes too: BatchNorm statistics (``convert_sync_batchnorm``), SimCLR's negatives
+(``gather_with_grad``), ExCB's cluster histogram (``sum_over_processes``), MoCo's keys (``gather``).
+"""
 from __future__ import annotations
+
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.nn.functional import all_gather, all_reduce
+
+# torch 2.13 deprecates these differentiable collectives in favour of a private module
+# (torch.distributed._functional_collectives); the public ones are kept until they go, without the warning.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.", category=FutureWarning)
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
-    """The mean of ``x`` over all processes when training is distributed; ``x`` itself otherwise."""
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes checkpoints, logs, metrics and the run's files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+# -- the process group -----------------------------------------------------------------------------
+@contextmanager
+def process_group(device: str, timeout_s: float) -> Iterator[None]:
+    """Joins the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for the
+    block, NCCL when ``device`` (``train.device``) is CUDA and gloo otherwise; does nothing for a single process.
+
+    A collective that waits ``timeout_s`` for a process that crashed or hangs fails instead of waiting forever, so a
+    dead rank stops the job. Processes other than rank 0 log warnings and errors only.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        yield
+        return
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:  # "cuda" is then this process's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    package_log = logging.getLogger("imbssl")
+    level = package_log.level
+    if not is_main():
+        package_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        package_log.setLevel(level)
+        dist.destroy_process_group()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block before the others do: it fills a cache that they then only read.
+
+    Should rank 0 fail in the block, the others still go on, and fail in it with the same message.
+    """
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+# -- sharing the global batch ----------------------------------------------------------------------
+def rank_rows(batch_size: int) -> slice:
+    """This process's rows of a global batch: its contiguous part as ``tensor_split(world_size)[rank]`` cuts it
+    (the first ``batch_size % world_size`` processes take one row more)."""
+    size, extra = divmod(batch_size, world_size())
+    start = rank() * size + min(rank(), extra)
+    return slice(start, start + size + (rank() < extra))
+
+
+def sum_gradients(parameters: Iterable[nn.Parameter]) -> None:
+    """Every gradient summed over processes, in one all-reduce of them all flattened together.
+
+    An explicit all-reduce rather than DistributedDataParallel: a method's ``training_step`` is not one ``forward``
+    (ExCB and MSN run several, plus an EMA teacher), so DDP's reducer would have to be told which parameters each
+    step leaves unused; the cost is that communication does not overlap the backward pass.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not (is_distributed() and grads):
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(summed.view_as(grad))
+
+
+@torch.no_grad()
+def broadcast_from_main(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every process: a process whose initialisation differed by a rounding (a
+    k-means on more threads, a non-deterministic kernel) would otherwise train a model of its own, silently."""
+    if is_distributed():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, 0)
+
+
+# -- what methods exchange -------------------------------------------------------------------------
+def sum_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over all processes (no gradient); ``x`` itself on one process."""
     if is_distributed():
         x = x.clone()
         dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
-
-
-def mean_over_processes_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """As ``mean_over_processes``, but the gradient flows back to every process's ``x`` (MSN's mean prediction)."""
-    if is_distributed():
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(x) / dist.get_world_size()
     return x
 
 
 @torch.no_grad()
-def gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Every process's ``tensor`` concatenated along dim 0 in rank order; ``tensor`` itself on one process.
+def batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean(0)`` over the rows of every process together: the global batch's mean however it is split."""
+    if not is_distributed():
+        return x.mean(0)
+    total = sum_over_processes(torch.cat([x.sum(0).flatten(), x.new_tensor([len(x)])]))
+    return (total[:-1] / total[-1]).view(x.shape[1:])
 
-    all_gather carries no gradient, hence no_grad: this is for values such as MoCo's keys, never for a loss.
+
+def mean_over_processes_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over all processes, the gradient flowing back to every process's ``x`` (MSN's mean
+    prediction); ``x`` itself on one process."""
+    if is_distributed():
+        return all_reduce(x) / dist.get_world_size()
+    return x
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """Every process's rows of ``x`` concatenated in rank order (with contiguous slices: the global batch in order),
+    and where this process's own rows lie in it; ``(x, all of x)`` on one process.
+
+    The gradient reaching each row flows back to the process that holds it (SimCLR's negatives). Processes may hold
+    different numbers of rows: each pads to the largest count for the all-gather, which needs equal shapes.
     """
     if not is_distributed():
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+        return x, slice(0, len(x))
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
+    counts = [int(c) for c in counts]
+    padded = torch.cat([x, x.new_zeros(max(counts) - len(x), *x.shape[1:])])
+    parts = [part[:count] for part, count in zip(all_gather(padded), counts)]
+    start = sum(counts[:rank()])
+    return torch.cat(parts), slice(start, start + len(x))
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """``gather_with_grad`` without the gradient, for values such as MoCo's keys; ``x`` itself on one process."""
+    return gather_with_grad(x)[0]
+
+
+# -- BatchNorm over the global batch ---------------------------------------------------------------
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose statistics are those of the global batch, for CPU processes (gloo), where torch's
+    SyncBatchNorm refuses to run ("expected input tensor to be on GPU").
+
+    The mean, then the biased variance of the centred inputs, are each summed over processes by a differentiable
+    all-reduce (two passes, as BatchNorm's own kernel, for the same rounding); the running statistics follow
+    BatchNorm's update exactly, with the unbiased variance of the global count. Outside training, or on one process,
+    this is BatchNorm itself.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of at least 2 dimensions [N, C, ...], got {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        uses_batch_stats = self.training or self.running_mean is None
+        if not (uses_batch_stats and is_distributed()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 activations: statistics in float32
+        total = all_reduce(torch.cat([xf.sum(dims), xf.new_tensor([xf.numel() / xf.shape[1]])]))
+        mean, count = total[:-1] / total[-1], total[-1]
+        centred = xf - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / count
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach() * count / (count - 1))
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """As ``_BatchNorm.forward``: an EMA with ``momentum``, or the cumulative mean when momentum is None."""
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased_var, alpha=factor)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``module`` (affine or not) normalising over the global batch: torch's SyncBatchNorm on
+    CUDA, ``GlobalBatchNorm`` elsewhere. Parameters and buffers are kept (the same tensors), so an optimizer built
+    afterwards, or a state_dict, sees no difference; on one process both are plain BatchNorm."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _to_global_batchnorm(module)
+
+
+def _to_global_batchnorm(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                    module.track_running_stats)
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            setattr(converted, name, tensor)
+        return converted.train(module.training)
+    for name, child in module.named_children():
+        setattr(module, name, _to_global_batchnorm(child))
+    return module

@@ -44,6 +44,16 @@ class MetricLogger:
         self.tb.close()
 
 
+class SilentLogger:
+    """What processes other than rank 0 log to when training is distributed: nothing (rank 0 logs the global batch)."""
+
+    def log(self, step: int, **values: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _step(line: str) -> float:
     """A record's step; a line cut short by a kill counts as past any checkpoint."""
     try:

@@ -3,6 +3,9 @@
 The dataset lives on the device as a uint8 tensor and views are made there, so an epoch costs no
 per-image Python work. Randomness is drawn from generators seeded by (seed, epoch): a run resumed
 from an epoch checkpoint replays exactly the batches and views an uninterrupted run would see.
+
+Under torchrun every process draws the same global batches and views of them and trains on its own rows
+(engine/distributed.py), so a run's numbers do not depend on the number of processes; rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -20,8 +23,11 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm import tqdm
 
 from imbssl.augment import MultiCrop, PadCropFlip
+from imbssl.config import ConfigError
 from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
-from imbssl.engine.runlog import MetricLogger
+from imbssl.engine.distributed import (broadcast_from_main, is_main, rank_rows, sum_gradients, sum_over_processes,
+                                       world_size)
+from imbssl.engine.runlog import MetricLogger, SilentLogger
 from imbssl.errors import ImbsslError
 from imbssl.engine.task import StepOutput, TrainingTask
 
@@ -73,17 +79,25 @@ def check_collapse(std: float, dim: int, warn_below: float) -> float:
 
 
 def optimizer_step(method: TrainingTask, optimizer: Optimizer, views: list[torch.Tensor], indices: torch.Tensor,
-                   precision: str = "fp32", channels_last: bool = False) -> StepOutput:
-    """Forward (bf16 autocast when asked), backward and one optimizer step; returns the detached float32 loss."""
+                   precision: str = "fp32", channels_last: bool = False, share: float = 1.0) -> StepOutput:
+    """Forward (bf16 autocast when asked), backward and one optimizer step; returns the detached float32 loss.
+
+    ``share`` is this process's part of the global batch (1 on one process). A method's loss is a mean over its
+    rows, so weighting it by the share and summing the gradients over processes gives the gradient of the global
+    batch's mean loss, whatever the split; the loss and statistics returned are the global batch's the same way.
+    """
     if channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = method.training_step(views, indices)
     loss = out.loss.float()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * share).backward()
+    sum_gradients(p for group in optimizer.param_groups for p in group["params"])
     optimizer.step()
-    return StepOutput(loss.detach(), out.stats)
+    # One all-reduce for the figures together: every process then sees the same loss and stops together on a NaN.
+    figures = sum_over_processes(torch.stack([loss.detach(), *(v.float() for v in out.stats.values())]) * share)
+    return StepOutput(figures[0], dict(zip(out.stats, figures[1:])))
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
@@ -116,6 +130,9 @@ class Trainer:
             log.warning("batch size %d exceeds the %d training images; using %d", settings.batch_size, len(images),
                         self.batch_size)
         self.steps_per_epoch = steps_per_epoch(len(images), self.batch_size)
+        if len(images) // self.steps_per_epoch < world_size():
+            raise ConfigError(f"the smallest batch, {len(images) // self.steps_per_epoch} images, cannot be shared "
+                              f"by {world_size()} processes; raise optim.batch_size")
         self.total_steps = settings.epochs * self.steps_per_epoch
         self.epoch = 0
         self.summary: dict = {}  # the last finished epoch's figures
@@ -127,7 +144,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "summary": self.summary}
 
     def save_checkpoint(self) -> None:
-        save_atomic(self.state_dict(), self.checkpoint_path)
+        if is_main():  # every process holds the same state
+            save_atomic(self.state_dict(), self.checkpoint_path)
 
     def load_checkpoint(self) -> None:
         try:
@@ -155,11 +173,14 @@ class Trainer:
         if self.epoch == 0:  # a fresh run; epoch index `epochs` is one that no training epoch draws views from
             self.method.on_train_start(self.images, self.make_views.global_view,
                                        epoch_generator(self.settings.seed, self.settings.epochs, self.device))
+        broadcast_from_main(self.method)
         # Records after the checkpoint come from epochs that are trained again: drop them, as if never written.
-        logger = MetricLogger(self.run_dir, purge_step=self.epoch * self.steps_per_epoch)
+        logger = (MetricLogger(self.run_dir, purge_step=self.epoch * self.steps_per_epoch) if is_main()
+                  else SilentLogger())
         first_epoch, start, saved_at = self.epoch, time.perf_counter(), time.perf_counter()
         self.bar = tqdm(total=self.total_steps, initial=first_epoch * self.steps_per_epoch, unit="step",
-                        desc=self.run_dir.name, disable=None if self.settings.progress else True, dynamic_ncols=True)
+                        desc=self.run_dir.name, disable=None if self.settings.progress and is_main() else True,
+                        dynamic_ncols=True)
         try:
             while self.epoch < self.settings.epochs:
                 self.summary = self._train_epoch(logger)
@@ -204,7 +225,7 @@ class Trainer:
         totals: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
         for step, indices in enumerate(batches):
-            window.append(self._step(self.images[indices], indices, gen, epoch * self.steps_per_epoch + step))
+            window.append(self._step(indices, gen, epoch * self.steps_per_epoch + step))
             seen += len(indices)
             self.bar.update()
             if len(window) == s.log_every or step == self.steps_per_epoch - 1:
@@ -236,10 +257,13 @@ class Trainer:
         logger.log(global_step, **{f"train/{k}": v for k, v in means.items()}, **{"train/lr": self._lr()})
         return means
 
-    def _step(self, batch: torch.Tensor, indices: torch.Tensor, gen: torch.Generator,
-              global_step: int) -> dict[str, torch.Tensor]:
-        out = optimizer_step(self.method, self.optimizer, self.make_views(batch, gen), indices,
-                             self.settings.precision, self.settings.channels_last)
+    def _step(self, indices: torch.Tensor, gen: torch.Generator, global_step: int) -> dict[str, torch.Tensor]:
+        """One step on this process's rows of the global batch ``indices``, with the views they get in the whole
+        batch's (the generator advances as on one process)."""
+        rows = rank_rows(len(indices))
+        views, mine = self.make_views(self.images[indices], gen, rows), indices[rows]
+        out = optimizer_step(self.method, self.optimizer, views, mine, self.settings.precision,
+                             self.settings.channels_last, share=len(mine) / len(indices))
         self.scheduler.step()
         self.method.on_step_end(global_step, self.total_steps, self.optimizer)
         return {"loss": out.loss, **out.stats}

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from imbssl.cluster import kmeans
 from imbssl.config import ConfigError, MethodConfig
-from imbssl.engine.distributed import mean_over_processes
+from imbssl.engine.distributed import batch_mean, gather, sum_over_processes
 from imbssl.engine.optim import cosine_factor, ema_momentum, ema_update
 from imbssl.eval import cluster_statistics
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
@@ -171,9 +171,10 @@ class ExCB(SSLMethod):
             z_proj, z_pred = torch.cat([z_proj, z_proj_local]), torch.cat([z_pred, z_pred_local])
         loss = excb_loss(p_teacher, z_proj, z_pred, self.cfg.student_temperature)
 
-        assignments = p_teacher.argmax(-1)  # [G, B]
+        # [G, B] of the global batch (gathered when several processes share it): the statistics are all of it.
+        assignments = gather(p_teacher.argmax(-1).T).T
         self._epoch_assignments.append(assignments.flatten())
-        self._epoch_indices.append(indices.repeat(len(global_views)))
+        self._epoch_indices.append(gather(indices).repeat(len(global_views)))
         return StepOutput(loss, {"output_std": output_std(projections),
                                  "teacher_confidence": p_teacher.amax(-1).mean(),  # c_avg, Eq. 11
                                  "view_agreement": view_agreement(assignments)})
@@ -200,14 +201,18 @@ class ExCB(SSLMethod):
             return balance(z, self.cluster_sizes, self.target_sizes)
         if self.cfg.balancing == "centering":
             centred = z - self.center
-            self.center.lerp_(mean_over_processes(z.mean(0)), 1 - self.cfg.center_momentum)
+            self.center.lerp_(batch_mean(z), 1 - self.cfg.center_momentum)
             return centred
         return z
 
     def update_cluster_sizes(self, assignments: torch.Tensor) -> None:
-        """s <- m_s s + (1 - m_s) s_B, with s_B the share of the batch's views in each cluster (Eq. 8-9)."""
-        batch_sizes = torch.bincount(assignments, minlength=len(self.cluster_sizes)) / assignments.numel()
-        self.cluster_sizes.lerp_(mean_over_processes(batch_sizes), 1 - self.cfg.size_momentum)
+        """s <- m_s s + (1 - m_s) s_B, with s_B the share of the batch's views in each cluster (Eq. 8-9).
+
+        The histogram of the global batch: counts summed over processes, then divided by their total, which is exact
+        however unevenly the batch is split (a mean of each process's shares would not be).
+        """
+        counts = sum_over_processes(torch.bincount(assignments, minlength=len(self.cluster_sizes)))
+        self.cluster_sizes.lerp_(counts / counts.sum(), 1 - self.cfg.size_momentum)
 
     # -- engine hooks -----------------------------------------------------------------------
     @property

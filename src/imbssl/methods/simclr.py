@@ -3,6 +3,10 @@
     z = g(f(x)),  s_ij = cos(z_i, z_j) / tau
     l(i, j) = -log( exp(s_ij) / sum_{k != i} exp(s_ik) )          (NT-Xent, SimCLR Eq. 1)
     L = 1/(2N) sum_k [ l(2k-1, 2k) + l(2k, 2k-1) ]
+
+Several processes: each gathers the projections of the whole global batch, with their gradient, and averages l over
+its own views only, against the negatives of every process; the engine's share-weighted gradient sum then makes it
+the one-process loss at the global batch, exactly.
 """
 from __future__ import annotations
 
@@ -11,19 +15,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from imbssl.config import MethodConfig
+from imbssl.engine.distributed import gather_with_grad
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
 from imbssl.models.heads import mlp
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent over the 2N views of a batch; row i's positive is its other view (SimCLR Eq. 1)."""
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, anchors: slice = slice(None)) -> torch.Tensor:
+    """NT-Xent over the 2N views of a batch; row i's positive is its other view (SimCLR Eq. 1).
+
+    ``anchors`` (images of the batch) restricts the average to their two views, still contrasted with all 2N:
+    one process's part of the loss of a global batch.
+    """
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
-    logits = z @ z.T / temperature
-    # A view is never its own negative: mask the diagonal out of the softmax denominator.
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, positives)
+    images = torch.arange(n, device=z.device)[anchors]
+    rows = torch.cat([images, images + n])
+    logits = z[rows] @ z.T / temperature
+    # A view is never its own negative: mask it out of its softmax denominator.
+    logits = logits.masked_fill(rows[:, None] == torch.arange(2 * n, device=z.device), float("-inf"))
+    return F.cross_entropy(logits, (rows + n) % (2 * n))
 
 
 class SimCLR(SSLMethod):
@@ -42,5 +52,6 @@ class SimCLR(SSLMethod):
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
         x1, x2 = views
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
-        loss = nt_xent(z1.float(), z2.float(), self.temperature)
+        pairs, mine = gather_with_grad(torch.stack([z1, z2], dim=1).float())  # [global batch, 2 views, d]
+        loss = nt_xent(pairs[:, 0], pairs[:, 1], self.temperature, anchors=mine)
         return StepOutput(loss, {"output_std": output_std(z1)})

@@ -12,6 +12,7 @@ import torch
 from imbssl.augment import MultiCrop, Normalize
 from imbssl.config import ConfigError, RunConfig
 from imbssl.data import save_indices
+from imbssl.engine.distributed import barrier, convert_sync_batchnorm, is_main, main_first, world_size
 from imbssl.engine.divergence import DivergenceWatch
 from imbssl.engine.optim import build_optimizer, cosine_schedule, resolve_optim
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
@@ -58,10 +59,13 @@ def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None) -
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     set_determinism(cfg.train.deterministic)
-    data = load_pretrain_data(cfg.data, indices)
+    with main_first():  # rank 0 decodes into the cache, the other processes then read it
+        data = load_pretrain_data(cfg.data, indices)
     profile = cfg.data.subset.profile if indices is None else "given"
-    save_indices(run_dir / "subset.npz", data.indices, {"profile": profile, "class_counts": data.class_counts.tolist(),
-                                                         "classes": list(data.train.classes)})
+    if is_main():
+        save_indices(run_dir / "subset.npz", data.indices, {"profile": profile,
+                                                             "class_counts": data.class_counts.tolist(),
+                                                             "classes": list(data.train.classes)})
     images = to_tensor_nchw(data.images, device)
     log.info("training %s: %s on the %s subset (%d images %s, class counts %s), seed %d, device %s", cfg.name,
              cfg.method.name, describe_subset(cfg, indices), len(images), tuple(images.shape[1:]),
@@ -88,6 +92,8 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
 
     ``labels`` of ``images``, when known, only feed the method's epoch statistics (e.g. cluster purity).
     """
+    if cfg.train.sync_batchnorm:
+        method = convert_sync_batchnorm(method, images.device)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
     settings = TrainSettings(epochs=cfg.optim.epochs, batch_size=cfg.optim.batch_size, seed=cfg.seed,
@@ -104,11 +110,14 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
                       [DivergenceWatch(method), *callbacks], labels)
     start = time.perf_counter()
     summary = trainer.fit(resume=resume)
-    name, base_lr, weight_decay = resolve_optim(cfg.optim, method.defaults)
-    (run_dir / SUMMARY_FILE).write_text(json.dumps({
-        **summary, "optimizer": name, "base_lr": base_lr, "weight_decay": weight_decay, "batch_size": batch_size,
-        "num_images": len(images), "images_seen_total": cfg.optim.epochs * len(images),
-        "wall_s_this_call": time.perf_counter() - start, "device": str(images.device),
-        "hardware": describe_hardware(images.device), "torch": torch.__version__,
-        "determinism": determinism()}, indent=2))
-    save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE, method.eval_heads)  # last: its presence marks the run done
+    if is_main():
+        name, base_lr, weight_decay = resolve_optim(cfg.optim, method.defaults)
+        (run_dir / SUMMARY_FILE).write_text(json.dumps({
+            **summary, "optimizer": name, "base_lr": base_lr, "weight_decay": weight_decay, "batch_size": batch_size,
+            "processes": world_size(), "num_images": len(images), "images_seen_total": cfg.optim.epochs * len(images),
+            "wall_s_this_call": time.perf_counter() - start, "device": str(images.device),
+            "hardware": describe_hardware(images.device), "torch": torch.__version__,
+            "determinism": determinism()}, indent=2))
+        # last: its presence marks the run done
+        save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE, method.eval_heads)
+    barrier()  # no process returns before the run's files are complete

@@ -20,6 +20,7 @@ from typing import Any, Iterator, TypeVar
 from pydantic import BaseModel
 
 from imbssl.config import ConfigError, load_yaml, save_config, validate_tree
+from imbssl.engine.distributed import is_main
 from imbssl.engine.runlog import attach_file_log
 from imbssl.errors import ImbsslError
 
@@ -141,8 +142,11 @@ def run_folder(cfg: BaseModel, run_dir: Path, resume: bool, config_file: str = R
     """Lock (a training run's folder), check or save the config, and copy the package's log records to train.log.
 
     A pipeline folder (its own ``config_file``) is shared by the processes that train its stages, each of
-    which locks its stage's folder instead.
+    which locks its stage's folder instead. In data-parallel training rank 0 alone holds and writes the folder.
     """
+    if not is_main():
+        yield run_dir
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(run_dir) if config_file == RUN_CONFIG else nullcontext():
         prepare_run_dir(cfg, run_dir, resume, config_file)

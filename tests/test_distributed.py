@@ -1,0 +1,252 @@
+"""Data-parallel training (engine/distributed.py, docs/scale-out.md): two CPU processes (gloo) at global batch B
+train exactly as one process at B.
+
+The processes are forked, so they need not import torch again, and join their group through the same
+``process_group`` that ``imbssl pretrain`` uses under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import Interrupt, crash_after
+from imbssl.augment import MultiCrop, PadCropFlip
+from imbssl.config import save_config
+from imbssl.engine import distributed
+from imbssl.engine.checkpoint import load_safe
+from imbssl.engine.distributed import GlobalBatchNorm, convert_sync_batchnorm, gather_with_grad, process_group
+from imbssl.engine.trainer import CHECKPOINT_FILE
+from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
+
+METHODS = {
+    "simclr": {"name": "simclr"},
+    "simsiam": {"name": "simsiam"},
+    # m_s = 0.99, not 0.999: the cluster sizes move ten times faster, so a wrong histogram shows at once. (ExCB's
+    # sizes count hard assignments: a rounding that flips one argmax shifts them, so over many steps its runs on 1
+    # and 2 processes drift apart as any two roundings of it do; this config has no such near-tie.)
+    "excb": {"name": "excb", "num_clusters": 16, "size_momentum": 0.99},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int, timeout_s: float, work, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with process_group("cpu", timeout_s):
+        work(*args)
+
+
+def run_processes(work, *args, world: int = 2, timeout_s: float = 60) -> None:
+    """``work(*args)`` in ``world`` forked processes of one gloo group; a failure in any of them fails the test."""
+    mp.start_processes(_join, args=(world, _free_port(), timeout_s, work, args), nprocs=world, start_method="fork")
+
+
+def small_cfg(tiny_cfg, method: str, **train):
+    """503 digits (exp p=10) in batches of 84 or 83, so the last batch splits 42 + 41: uneven parts are exercised."""
+    return tiny_cfg(data={"subset": {"profile": "exp", "imbalance": 10}}, method=METHODS[method],
+                    augment={"local_crops": 2} if method == "excb" else {},
+                    optim={"batch_size": 100, "epochs": 2},
+                    train={"log_every": 1, "sync_batchnorm": True, **train})
+
+
+def step_losses(run: Path) -> torch.Tensor:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return torch.tensor([r["train/loss"] for r in records if "train/loss" in r])
+
+
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    return load_safe(run / CHECKPOINT_FILE)["method"]
+
+
+# -- the parts -------------------------------------------------------------------------------------
+def test_rank_rows_cut_the_batch_as_tensor_split(monkeypatch):
+    for world in (1, 2, 3, 4):
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        for batch in (7, 8, 83, 84):
+            parts = torch.arange(batch).tensor_split(world)
+            for r in range(world):
+                monkeypatch.setattr(distributed, "rank", lambda: r)
+                assert torch.equal(torch.arange(batch)[distributed.rank_rows(batch)], parts[r])
+
+
+def test_the_views_of_a_part_are_that_part_of_the_views(tiny_cfg):
+    images = torch.randint(0, 256, (9, 3, 16, 16), dtype=torch.uint8)
+    cfg = tiny_cfg(augment={"local_crops": 2, "blur_prob": 0.5}).augment
+    make_views = [MultiCrop(cfg, torch.full((3,), 0.5), torch.full((3,), 0.2), image_size=16, num_global=2),
+                  PadCropFlip(torch.full((3,), 0.5), torch.full((3,), 0.2))]
+    for views in make_views:
+        whole = views(images, torch.Generator().manual_seed(3))
+        for rows in (slice(0, 5), slice(5, 9)):
+            part = views(images, torch.Generator().manual_seed(3), rows)
+            assert all(torch.equal(p, w[rows]) for p, w in zip(part, whole, strict=True))
+
+
+def test_sync_batchnorm_conversion_keeps_the_tensors_and_is_plain_batchnorm_on_one_process():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5),
+                          nn.BatchNorm1d(5, affine=False))
+    model(torch.randn(4, 3, 6, 6))
+    weight, running_var = model[1].weight, model[4].running_var
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, 3, 6, 6)
+    expected = model(x)
+    model.load_state_dict(reference)
+    convert_sync_batchnorm(model, torch.device("cpu"))
+    assert isinstance(model[1], GlobalBatchNorm) and isinstance(model[4], GlobalBatchNorm)
+    assert model[1].weight is weight and model[4].running_var is running_var and not model[4].affine
+    assert torch.equal(model(x), expected)
+
+
+def contrastive(y: torch.Tensor, anchors: slice) -> torch.Tensor:
+    """A loss in which every row meets every other, averaged over ``anchors``: as SimCLR's."""
+    flat = y.flatten(1)
+    return torch.logsumexp(flat[anchors] @ flat.T / 10, dim=1).mean()
+
+
+def _batchnorm_and_gather_step(folder: Path) -> None:
+    """One process's part of a step: its rows through GlobalBatchNorm, gathered, its share of the loss, backward."""
+    x, bn_state = torch.load(folder / "inputs.pt", weights_only=True)
+    model = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3).double()), torch.device("cpu"))
+    model[0].load_state_dict(bn_state)
+    rows = distributed.rank_rows(len(x))
+    mine = x[rows].clone().requires_grad_()
+    gathered, where = gather_with_grad(model(mine))
+    (contrastive(gathered, where) * len(mine) / len(x)).backward()
+    distributed.sum_gradients(model.parameters())
+    torch.save({"rows": (rows.start, rows.stop), "where": (where.start, where.stop), "y": gathered.detach(),
+                "x_grad": mine.grad, "grads": [p.grad for p in model.parameters()], "state": model.state_dict()},
+               folder / f"rank{distributed.rank()}.pt")
+
+
+def test_global_batchnorm_and_gather_give_the_one_process_values_and_gradients(tmp_path):
+    torch.manual_seed(0)
+    x, bn = torch.randn(9, 3, 4, 4, dtype=torch.float64), nn.BatchNorm2d(3).double()  # 9 rows: parts of 5 and 4
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    torch.save((x, bn.state_dict()), tmp_path / "inputs.pt")
+    run_processes(_batchnorm_and_gather_step, tmp_path)
+
+    whole = x.clone().requires_grad_()
+    y = bn(whole)
+    contrastive(y, slice(None)).backward()
+    for r in (0, 1):
+        part = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        rows = slice(*part["rows"])
+        assert part["where"] == part["rows"] and part["rows"] == ((0, 5), (5, 9))[r]
+        assert torch.allclose(part["y"], y, atol=1e-12)  # normalised with the whole batch's statistics
+        assert torch.allclose(part["x_grad"], whole.grad[rows], atol=1e-12)  # through the gather and the statistics
+        assert all(torch.allclose(g, p.grad, atol=1e-12) for g, p in zip(part["grads"], bn.parameters(), strict=True))
+        for key, value in bn.state_dict().items():  # running mean, unbiased variance and count as BatchNorm's
+            assert torch.allclose(part["state"][f"0.{key}"], value, atol=1e-12), key
+
+
+def _rank_1_hangs() -> None:
+    if distributed.rank() == 1:
+        time.sleep(3)
+        return
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="Timed out"):
+        distributed.sum_over_processes(torch.ones(1))
+    assert time.perf_counter() - start < 2.5
+
+
+def test_a_process_that_stops_answering_fails_the_others_after_the_timeout():
+    run_processes(_rank_1_hangs, timeout_s=1)
+
+
+# -- whole runs ------------------------------------------------------------------------------------
+def _pretrain(cfg, run_dir: Path) -> None:
+    pretrain(cfg, run_dir)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_processes_train_exactly_as_one_at_the_same_global_batch(tiny_cfg, tmp_path, method):
+    """The same per-step losses and final weights (every parameter and buffer: BatchNorm statistics, ExCB's
+    cluster sizes, its teacher): the images of each batch, their views, the BatchNorm statistics, SimCLR's
+    negatives, ExCB's histogram and the gradient are the global batch's on both processes."""
+    cfg, one = small_cfg(tiny_cfg, method), tmp_path / "one"
+    run_processes(_pretrain, cfg, one, world=1)  # one thread, as each of the two: the same kernels
+    run_processes(_pretrain, cfg, tmp_path / "two")
+    losses = step_losses(one)
+    assert len(losses) == 12 and losses.std() > 1e-3  # 2 epochs of 6 steps that move
+    assert torch.allclose(step_losses(tmp_path / "two"), losses, rtol=0, atol=1e-5)
+    two = final_state(tmp_path / "two")
+    for key, value in final_state(one).items():
+        assert torch.allclose(two[key].double(), value.double(), rtol=0, atol=1e-4), key
+
+
+def _watch_writes(root: Path) -> list[tuple[str, str]]:
+    """Every file or folder this process creates, changes or removes under ``root`` from now on (audit hooks)."""
+    writes = []
+    changes = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"}
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open":
+            path, mode, flags = args
+            writing = any(c in mode for c in "wax+") if mode else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        else:
+            path, writing = (args[0] if args else None), event in changes
+        if writing and isinstance(path, (str, os.PathLike)) and str(path).startswith(str(root)):
+            writes.append((event, str(path)))
+
+    sys.addaudithook(hook)
+    return writes
+
+
+def _pretrain_watching_writes(cfg, run_dir: Path, root: Path) -> None:
+    writes = _watch_writes(root) if distributed.rank() else []
+    pretrain(cfg, run_dir)
+    assert not writes, f"rank {distributed.rank()} wrote {writes}"
+
+
+def test_only_rank_0_writes(tiny_cfg, tmp_path):
+    """Rank 1 writes nothing anywhere under tmp_path (the run folder, the data cache) while rank 0 writes the run."""
+    cfg = small_cfg(tiny_cfg, "simsiam")
+    cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 1})})
+    run_processes(_pretrain_watching_writes, cfg, tmp_path / "run", tmp_path)
+    written = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert {"config.yaml", "train.log", "subset.npz", "metrics.jsonl", CHECKPOINT_FILE.as_posix(), BACKBONE_FILE,
+            "pretrain.json"} <= written
+    assert json.loads((tmp_path / "run" / "pretrain.json").read_text())["processes"] == 2
+
+
+def _straight_then_interrupted_and_resumed(cfg, straight: Path, resumed: Path) -> None:
+    pretrain(cfg, straight)
+    with pytest.raises(Interrupt):  # every process stops after epoch 1, as a crash would
+        pretrain(cfg, resumed, callbacks=[crash_after(1)])
+    pretrain(cfg, resumed, resume=True)
+
+
+def test_a_two_process_run_resumed_after_an_interruption_matches_a_straight_one(tiny_cfg, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_processes(_straight_then_interrupted_and_resumed, small_cfg(tiny_cfg, "simclr"), straight, resumed)
+    assert torch.equal(step_losses(resumed), step_losses(straight))
+    reference = final_state(straight)
+    assert all(torch.equal(value, reference[key]) for key, value in final_state(resumed).items())
+
+
+def test_torchrun_launches_imbssl_pretrain(tiny_cfg, tmp_path):
+    cfg = small_cfg(tiny_cfg, "simsiam")
+    save_config(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 1})}), tmp_path / "run.yaml")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "imbssl", "pretrain", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "run"),
+                           "--no-eval"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1  # rank 0 alone reports
+    assert json.loads((tmp_path / "run" / "pretrain.json").read_text())["processes"] == 2
