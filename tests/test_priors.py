@@ -39,7 +39,8 @@ def test_a_given_prior_is_read_from_a_file(tmp_path):
 
 @pytest.mark.parametrize("values, k, message", [
     ([0.5, 0.5], 3, "has 2 entries for 3 clusters"),
-    ([0.7, 0.4, -0.1], 3, "must be positive: entry 2 is -0.1"),
+    ([0.7, 0.4, -0.1], 3, "must be positive and finite: entry 2 is -0.1"),
+    ([0.5, float("inf"), 0.5], 3, "must be positive and finite: entry 1 is inf"),
     ([0.5, 0.4, 0.05], 3, "sums to 0.95, not 1"),
 ])
 def test_a_bad_prior_is_refused_naming_the_problem(values, k, message):
@@ -102,6 +103,8 @@ def test_msn_target_encoder_gets_no_gradient_and_a_vit_encodes_only_the_kept_tok
     assert all(p.grad is None for p in method.target.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.backbone.parameters())
     assert torch.allclose(method.prior, power_law_prior(8, 0.25))
+    no_decay = next(g for g in method.param_groups() if g.get("weight_decay") == 0.0)["params"]
+    assert any(p is method.prototypes.weight for p in no_decay)  # as MSN's code
     backbone, x = method.backbone.eval(), torch.randn(2, 1, 8, 8)
     keep = torch.tensor([[0, 5, 9], [1, 2, 3]])
     # the kept tokens alone decide the feature: changing a dropped patch (token 15 is the bottom-right 2x2) does not
@@ -164,3 +167,18 @@ def test_excb_trains_toward_a_power_law_laid_over_its_clusters(tiny_cfg, tmp_pat
                    augment={"local_crops": 2}, optim={"epochs": 2})
     method = load_safe(pretrain(cfg, tmp_path / "excb") / CHECKPOINT_FILE)["method"]
     assert torch.allclose(method["target_sizes"].sort(descending=True).values, power_law_prior(16, 1.0))
+
+
+def test_a_grid_refuses_a_finished_run_trained_with_other_settings(tiny_cfg, tmp_path):
+    """--set base.model.backbone=vit under the same --out must not report the CNN's numbers as the ViT's."""
+    from imbssl.config import save_config
+    from imbssl.recipes.experiment_1 import check_same_run
+
+    run_dir = tmp_path / "runs" / "imbalanced-p100" / "msn" / "seed0"
+    run_dir.mkdir(parents=True)
+    cfg = tiny_cfg(method={"name": "msn"})
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "eval.json").write_text("{}")
+    check_same_run(run_dir, cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": "/elsewhere"})}))
+    with pytest.raises(ConfigError, match=r"trained with other settings: model.backbone \('small_cnn' -> 'vit'\)"):
+        check_same_run(run_dir, tiny_cfg(method={"name": "msn"}, model={"backbone": "vit"}))

@@ -58,9 +58,10 @@ def check_prior(prior: torch.Tensor, num_clusters: int, what: str = "prior") -> 
     """``prior`` itself when it has K entries, all positive, summing to 1; else a ConfigError naming the problem."""
     if prior.ndim != 1 or len(prior) != num_clusters:
         raise ConfigError(f"{what} has {prior.numel()} entries for {num_clusters} clusters (method.num_clusters)")
-    if not torch.isfinite(prior).all() or (prior <= 0).any():
-        raise ConfigError(f"{what} must be positive: entry {int(torch.argmax((~(prior > 0)).int()))} is "
-                          f"{prior[~(prior > 0)][0].item():g}")
+    bad = ~torch.isfinite(prior) | (prior <= 0)
+    if bad.any():
+        first = int(torch.argmax(bad.int()))
+        raise ConfigError(f"{what} must be positive and finite: entry {first} is {prior[first].item():g}")
     if abs(prior.double().sum().item() - 1.0) > SUM_TOLERANCE:
         raise ConfigError(f"{what} sums to {prior.double().sum().item():.6g}, not 1")
     return prior

@@ -108,7 +108,8 @@ class MSN(SSLMethod):
         return StepOutput(loss, {"output_std": output_std(anchors[0]),
                                  "target_confidence": p_target.amax(-1).mean(),
                                  "prior_kl": prior_matching(p_bar.detach(), self.prior),
-                                 "prototypes_used": (p_bar.detach() > 0.5 / len(p_bar)).float().mean()})
+                                 # prototypes holding at least half their prior share (1/(2K) for MSN)
+                                 "prototypes_used": (p_bar.detach() > 0.5 * self.prior).float().mean()})
 
     @torch.no_grad()
     def target_predictions(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,10 +137,12 @@ class MSN(SSLMethod):
         return self.prior
 
     def param_groups(self) -> list[dict]:
-        """No target parameter; biases and normalisation weights (1-d) without weight decay, as MSN's code."""
-        trainable = [p for p in self.parameters() if p.requires_grad]
+        """No target parameter; biases, normalisation weights (1-d) and the prototypes without weight decay, as
+        MSN's code (``init_opt``)."""
+        prototypes = self.prototypes.weight
+        trainable = [p for p in self.parameters() if p.requires_grad and p is not prototypes]
         return [{"params": [p for p in trainable if p.ndim > 1]},
-                {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+                {"params": [p for p in trainable if p.ndim <= 1] + [prototypes], "weight_decay": 0.0}]
 
     def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
         """EMA of the target encoder, momentum m -> 1 on a cosine (as ExCB's teacher); the next step's masks."""

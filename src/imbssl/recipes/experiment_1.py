@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from imbssl.config import RunConfig, SubsetConfig, build_config, deep_merge
+from imbssl.config import ConfigError, RunConfig, SubsetConfig, build_config, deep_merge
 from imbssl.data import load_splits, select_subset
 from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
+from imbssl.pipelines.runfolder import RUN_CONFIG, changed_keys, read_saved_config
 from imbssl.eval.metrics import THIRDS
 from imbssl.report import format_mean_std, markdown_table, plot_class_distributions, plot_per_class_accuracy
 
@@ -104,6 +105,7 @@ def run_grid(exp: Experiment1Config, out_dir: Path) -> list[dict]:
             for seed in exp.seeds:
                 cfg = exp.run_config(subset, method, seed)
                 run_dir = out_dir / "runs" / cfg.name
+                check_same_run(run_dir, cfg)
                 if not (run_dir / EVAL_FILE).exists():
                     if not (run_dir / BACKBONE_FILE).exists():
                         pretrain(cfg, run_dir, resume=True)
@@ -113,6 +115,24 @@ def run_grid(exp: Experiment1Config, out_dir: Path) -> list[dict]:
                                 "run_dir": str(run_dir), "pretrain_wall_s": trained["wall_s_this_call"],
                                 "hardware": trained.get("hardware", "not recorded"), **json.loads((run_dir / EVAL_FILE).read_text())})
     return records
+
+
+#: settings that do not change what a run computes, so a finished run is reused whatever they say
+WHERE_NOT_WHAT = ("data.cache_dir", "data.download", "train.progress", "train.log_every", "train.checkpoint_every",
+                  "train.checkpoint_every_s", "train.dist_timeout_s")
+
+
+def check_same_run(run_dir: Path, cfg: RunConfig) -> None:
+    """A grid reuses a finished run of the same name only when it was trained with these settings: another
+    backbone, data or method under the same report folder is an error naming the keys, not a stale number."""
+    if not (run_dir / EVAL_FILE).exists():
+        return  # unfinished runs are checked by pretrain's own resume
+    saved = read_saved_config(run_dir / RUN_CONFIG, RunConfig)
+    changed = {k: v for k, v in changed_keys(saved, cfg).items() if k not in WHERE_NOT_WHAT}
+    if changed:
+        listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changed.items())
+        raise ConfigError(f"{run_dir} holds a finished run trained with other settings: {listed}; give this grid "
+                          f"another --out")
 
 
 def metric_cell(records: list[dict], subset: str, method: str, metric: str) -> str:

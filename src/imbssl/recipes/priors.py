@@ -48,13 +48,17 @@ class PriorsExperimentConfig(ExcbExperimentConfig):
     subset_keys: list[str] | None = ["imbalanced-p100", "balanced-rs-p100"]
     variants: dict[str, dict] = Field(default_factory=lambda: dict(VARIANTS))
 
+    def resolved_method(self, method: str):
+        """The method section a run of ``method`` trains with: its variant's keys over ``base.method`` and --set."""
+        return self.run_config(self.subsets[0], method, self.seeds[0]).method
+
     def uniform_counterpart(self, method: str) -> str | None:
         """The listed variant of the same method with the uniform prior, for a variant with another prior."""
-        section = self.variants[method]
-        if section.get("prior", {}).get("kind", "uniform") == "uniform":
+        resolved = self.resolved_method(method)
+        if resolved.prior.kind == "uniform":
             return None
-        return next((m for m in self.methods if self.variants[m].get("name") == section["name"]
-                     and self.variants[m].get("prior", {}).get("kind", "uniform") == "uniform"), None)
+        return next((m for m in self.methods if self.resolved_method(m).name == resolved.name
+                     and self.resolved_method(m).prior.kind == "uniform"), None)
 
 
 def paired(records: list[dict], subset: str, method: str, baseline: str, value) -> dict[int, float]:
