@@ -108,8 +108,10 @@ def sum_gradients(parameters: Iterable[nn.Parameter]) -> None:
     (ExCB and MSN run several, plus an EMA teacher), so DDP's reducer would have to be told which parameters each
     step leaves unused; the cost is that communication does not overlap the backward pass.
     """
+    if not is_distributed():
+        return
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not (is_distributed() and grads):
+    if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)

@@ -61,6 +61,13 @@ class SSLMethod(TrainingTask):
         raise NotImplementedError(f"{self.name} learns no clusters")
 
 
+def weight_decay_groups(params: list[nn.Parameter]) -> list[dict]:
+    """Two optimizer groups: weights (>1-d) with the optimizer's decay, biases and normalisation weights (1-d)
+    without, as DINO's, ExCB's and MSN's code split them."""
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
 @torch.no_grad()
 def output_std(z: torch.Tensor) -> torch.Tensor:
     """Mean per-dimension std of l2-normalised outputs (SimSiam, Sec. 4.1).

@@ -30,7 +30,7 @@ from imbssl.config import ConfigError, MethodConfig
 from imbssl.engine.distributed import batch_mean, gather, sum_over_processes
 from imbssl.engine.optim import cosine_factor, ema_momentum, ema_update
 from imbssl.eval import cluster_statistics
-from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
+from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std, weight_decay_groups
 from imbssl.models.heads import mlp
 from imbssl.priors import cluster_prior, uniform_prior
 
@@ -236,11 +236,9 @@ class ExCB(SSLMethod):
         """No teacher parameter; biases and normalisation weights (1-d) without weight decay, as the official code
         (and DINO's) has it; the centroids in a group of their own, for their weight-decay schedule (Sec. 4.1)."""
         centroids = self.centroids.weight
-        others = [p for p in self.parameters() if p.requires_grad and p is not centroids]
-        decayed = [p for p in others if p.ndim > 1]
-        groups = [{"params": decayed}, {"params": [p for p in others if p.ndim <= 1], "weight_decay": 0.0}]
+        groups = weight_decay_groups([p for p in self.parameters() if p.requires_grad and p is not centroids])
         if self.cfg.centroid_weight_decay is None:
-            decayed.append(centroids)
+            groups[0]["params"].append(centroids)
             return groups
         start = self.cfg.centroid_weight_decay[0]  # on_step_end moves it along the schedule
         return groups + [{"params": [centroids], "name": CENTROID_GROUP, "weight_decay": start}]

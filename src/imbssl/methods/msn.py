@@ -25,7 +25,7 @@ from imbssl.augment.masking import kept_tokens, mask_patches
 from imbssl.config import MethodConfig
 from imbssl.engine.distributed import mean_over_processes_with_grad
 from imbssl.engine.optim import ema_momentum, ema_update
-from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
+from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std, weight_decay_groups
 from imbssl.methods.excb import CosineCentroids
 from imbssl.models.heads import mlp
 from imbssl.priors import cluster_prior
@@ -140,9 +140,9 @@ class MSN(SSLMethod):
         """No target parameter; biases, normalisation weights (1-d) and the prototypes without weight decay, as
         MSN's code (``init_opt``)."""
         prototypes = self.prototypes.weight
-        trainable = [p for p in self.parameters() if p.requires_grad and p is not prototypes]
-        return [{"params": [p for p in trainable if p.ndim > 1]},
-                {"params": [p for p in trainable if p.ndim <= 1] + [prototypes], "weight_decay": 0.0}]
+        groups = weight_decay_groups([p for p in self.parameters() if p.requires_grad and p is not prototypes])
+        groups[1]["params"].append(prototypes)
+        return groups
 
     def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
         """EMA of the target encoder, momentum m -> 1 on a cosine (as ExCB's teacher); the next step's masks."""

@@ -138,7 +138,7 @@ def error_table(exp: SemiSupervisedExperimentConfig, records: list[dict], paper:
     header = ["Loss", "SSP", "D_U"] + [f"ρ={rho:g}, ρ_U={rho_u_value(spec, rho):g}" for rho, spec in columns]
     if paper:
         header += [f"{PAPER_SETTING}: ρ={rho:g}, ρ_U={spec}" for rho, spec in columns]
-    rows = []
+    rows, size_factor = [], exp.self_training().unlabeled.size_factor
     for loss in exp.losses:
         for ssp in exp.ssp:
             for with_u, stage in ((False, "base"), (True, "final")):
@@ -151,10 +151,8 @@ def error_table(exp: SemiSupervisedExperimentConfig, records: list[dict], paper:
                               if int(rho) in PAPER_TABLE1 and spec in PAPER_TABLE1[int(rho)][(loss, with_u)] else ""
                               for rho, spec in columns]
                 rows.append([ROW_NAMES.get(loss, loss), SSP_NAMES.get(ssp, ssp),
-                             f"+ D_U @{exp.self_training().unlabeled.size_factor:g}x" if with_u else "none", *cells])
+                             f"+ D_U @{size_factor:g}x" if with_u else "none", *cells])
     return markdown_table(header, rows)
-
-
 
 
 def group_table(exp: SemiSupervisedExperimentConfig, records: list[dict], rho: float) -> str:
