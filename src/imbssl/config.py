@@ -38,14 +38,23 @@ class Section(BaseModel):
 class SubsetConfig(Section):
     """Which images of the training pool are used for pre-training (data/longtail.py)."""
 
-    profile: Literal["full", "exp", "step", "balanced"] = "full"
+    profile: Literal["full", "exp", "step", "balanced", "index_file"] = "full"
     imbalance: float = Field(10.0, ge=1.0, description="p (or rho): largest / smallest class count")
     minority_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="step profile: share of minority classes")
     total: int | None = Field(None, ge=1, description="balanced profile: total N (None = match the exp profile)")
     head_count: int | None = Field(None, ge=1, description="n_max, the head class's count (None = the pool's smallest "
                                                          "class count, Cao et al.'s CIFAR-LT)")
     permute_classes: bool = Field(False, description="draw which classes are the head at random")
+    index_file: str | None = Field(None, description="index_file profile: indices into the train split, as SDCLR's "
+                                                     "and BCL's split files (.npy, .txt one per line, or imbssl's "
+                                                     ".npz / .json); docs/longtail-ssl.md")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_index_file(self) -> "SubsetConfig":
+        if (self.profile == "index_file") != (self.index_file is not None):
+            raise ValueError("profile index_file and the index_file key go together: set both or neither")
+        return self
 
 
 class DataConfig(Section):
@@ -106,7 +115,7 @@ class PriorConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["simsiam", "simclr", "excb", "rotation", "moco", "msn"] = "simsiam"
+    name: Literal["simsiam", "simclr", "excb", "rotation", "moco", "msn", "sdclr", "bcl"] = "simsiam"
     proj_hidden: int = 512
     proj_dim: int = Field(512, description="output dimension d (Table 1)")
     pred_hidden: int = 128
@@ -114,7 +123,10 @@ class MethodConfig(Section):
                                                      "rest follows the cosine schedule, as both reference codes do "
                                                      "(PatrickHua/SimSiam constant_predictor_lr, "
                                                      "facebookresearch/simsiam --fix-pred-lr)")
-    temperature: float = Field(0.5, gt=0, description="SimCLR NT-Xent temperature")
+    temperature: float = Field(0.5, gt=0, description="SimCLR NT-Xent temperature (SDCLR and BCL too; their "
+                                                      "code's 0.2)")
+    prune_ratio: float = Field(0.9, ge=0, lt=1, description="SDCLR: the share of weights the pruned copy zeroes, "
+                                                           "by global magnitude (the paper's 90%)")
     # ExCB (methods/excb.py, docs/excb.md): the paper's values, except K (65,536 there, for 1.28M images).
     num_clusters: int = Field(512, ge=2, description="ExCB: K, the number of learned centroids (Eq. 1); "
                                                      "512 suits 10k-50k images (docs/excb.md)")
@@ -165,6 +177,21 @@ class MethodConfig(Section):
         return self
 
 
+class TemperatureScheduleConfig(Section):
+    """TS (Kukleva et al., ICLR 2023): the contrastive temperature on a cosine between tau_min and tau_max, an
+    engine-level schedule like the learning rate (engine/optim.cosine_temperature)."""
+
+    tau_min: float = Field(0.1, gt=0, description="tau-, the low end (the paper's 0.1)")
+    tau_max: float = Field(1.0, gt=0, description="tau+, the high end and the value at epoch 0 (the paper's 1.0)")
+    period_epochs: float = Field(200.0, gt=0, description="T, one full cycle in epochs (the paper's 200 of 2,000)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TemperatureScheduleConfig":
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min {self.tau_min} is above tau_max {self.tau_max}")
+        return self
+
+
 class OptimConfig(Section):
     name: Literal["sgd", "lars", "adamw"] | None = Field(None, description="None = the method's Table 1 choice")
     base_lr: float | None = Field(None, gt=0, description="lr = base_lr * batch_size / 256; None = Table 1")
@@ -173,6 +200,9 @@ class OptimConfig(Section):
     batch_size: int = Field(512, ge=2)
     epochs: int = Field(100, ge=1)
     warmup_epochs: float = Field(0.0, ge=0)
+    temperature_schedule: TemperatureScheduleConfig | None = Field(
+        None, description="TS: a cosine schedule of the contrastive temperature (SimCLR, MoCo, SDCLR, BCL); "
+                          "None = the method's fixed temperature")
 
 
 class TrainConfig(Section):
@@ -213,10 +243,21 @@ class LinearEvalConfig(Section):
 
 class EvalConfig(Section):
     labelled_size: int | None = Field(None, description="balanced labelled set size; None = N of pre-training")
+    few_shot: list[str] = Field([], description="more linear probes on balanced few-shot labelled sets, e.g. "
+                                                "['1%', '100-shot', '50-shot'] (SDCLR's and BCL's protocol): "
+                                                "per class, drawn outside the validation part that selects them")
     knn_k: list[int] = [20, 200]
     knn_temperature: float = 0.07
     linear: LinearEvalConfig = LinearEvalConfig()
     seed: int = 0
+
+    @field_validator("few_shot")
+    @classmethod
+    def _few_shot_specs(cls, specs: list[str]) -> list[str]:
+        for spec in specs:
+            if not re.fullmatch(r"(\d+(\.\d+)?%|\d+-shot)", spec) or spec in ("0%", "0-shot"):
+                raise ValueError(f"few_shot entry {spec!r} is neither a percentage ('1%') nor 'N-shot' ('100-shot')")
+        return specs
 
 
 class RunConfig(Section):

@@ -85,6 +85,8 @@ def subset_counts(cfg: SubsetConfig, available: np.ndarray) -> np.ndarray:
     available = np.asarray(available, dtype=np.int64)
     if cfg.profile == "full":
         return available.copy()
+    if cfg.profile == "index_file":
+        raise DataError(f"the index_file profile takes its images from {cfg.index_file}, not from per-class counts")
     n_max = cfg.head_count if cfg.head_count is not None else int(available.min())
     ranked = _rank_counts(cfg, n_max, len(available))
     counts = np.empty_like(available)
@@ -106,6 +108,8 @@ def select_subset(labels: np.ndarray, cfg: SubsetConfig) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64)
     if cfg.profile == "full":
         return np.arange(len(labels), dtype=np.int64)
+    if cfg.profile == "index_file":
+        return read_split_file(cfg.index_file, len(labels))
     available = np.bincount(labels, minlength=int(labels.max()) + 1 if labels.size else 0)
     counts = subset_counts(cfg, available)
     perm = _rng(cfg.seed, _SELECT_STREAM).permutation(len(labels))
@@ -113,6 +117,33 @@ def select_subset(labels: np.ndarray, cfg: SubsetConfig) -> np.ndarray:
     starts = np.concatenate([[0], np.cumsum(available)[:-1]])
     chosen = [grouped[s : s + k] for s, k in zip(starts, counts)]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def read_split_file(path: str | os.PathLike[str], pool_size: int) -> np.ndarray:
+    """Sorted indices into a train split of ``pool_size`` images from a split file: SDCLR's and BCL's ``.npy``
+    arrays, a text file of one index per line, or imbssl's own ``.npz`` / ``.json``. Indices out of range or
+    repeated are an error naming the first, so a split file of another dataset or order is not silently used."""
+    path = Path(path).expanduser()
+    if path.suffix in (".npz", ".json"):
+        indices = load_indices(path)
+    else:
+        if not path.is_file():
+            raise DataError(f"split file not found: {path}")
+        try:
+            indices = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64,
+                                                                                                   ndmin=1)
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"cannot read split file {path}: not an array of integer indices ({err})") from None
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or indices.size == 0 or indices.dtype.kind not in "iu":
+        raise DataError(f"split file {path} does not hold a non-empty 1-D array of integer indices")
+    if (bad := indices[(indices < 0) | (indices >= pool_size)]).size:
+        raise DataError(f"split file {path}: index {int(bad[0])} is outside the train split's {pool_size} images "
+                        f"(a split file of another dataset?)")
+    unique, counts = np.unique(indices, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"split file {path}: index {int(unique[counts > 1][0])} appears {int(counts.max())} times")
+    return unique.astype(np.int64)
 
 
 def unlabeled_counts(labeled_counts: np.ndarray, ranks: np.ndarray, cfg: UnlabeledConfig) -> np.ndarray:

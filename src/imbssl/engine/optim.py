@@ -83,6 +83,16 @@ def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def cosine_temperature(epoch: float, tau_min: float, tau_max: float, period: float) -> float:
+    """tau(t) = tau- + (tau+ - tau-) (1 + cos(2 pi t / T)) / 2         (TS, Kukleva et al. 2023)
+
+    ``epoch`` t counts fractional epochs (step / steps per epoch), so the value moves every step, like the lr.
+    High tau spreads the loss over many negatives (group-wise discrimination, which favours the tail's
+    semantic clusters), low tau sharpens it onto the hardest ones (instance discrimination).
+    """
+    return tau_min + (tau_max - tau_min) * (1 + math.cos(2 * math.pi * epoch / period)) / 2
+
+
 def ema_momentum(base: float, step: int, total_steps: int) -> float:
     """The EMA teacher's momentum at ``step``: ``base`` raised to 1 on a cosine (BYOL, DINO, ExCB, MSN)."""
     return 1 - (1 - base) * cosine_factor(step, total_steps)

@@ -57,6 +57,8 @@ class TrainSettings:
     collapse_warn_below: float = 0.1
     log_every: int = 10
     progress: bool = True
+    #: fractional epoch -> the method's contrastive temperature (TS), or None for its fixed one
+    temperature_at: Callable[[float], float] | None = None
 
 
 def _duration(seconds: float) -> str:
@@ -260,12 +262,16 @@ class Trainer:
     def _step(self, indices: torch.Tensor, gen: torch.Generator, global_step: int) -> dict[str, torch.Tensor]:
         """One step on this process's rows of the global batch ``indices``, with the views they get in the whole
         batch's (the generator advances as on one process)."""
+        if self.settings.temperature_at is not None:  # a pure function of the step: resumes exactly
+            self.method.temperature = self.settings.temperature_at(global_step / self.steps_per_epoch)
         rows = rank_rows(len(indices))
         views, mine = self.make_views(self.images[indices], gen, rows), indices[rows]
         out = optimizer_step(self.method, self.optimizer, views, mine, self.settings.precision,
                              self.settings.channels_last, share=len(mine) / len(indices))
         self.scheduler.step()
         self.method.on_step_end(global_step, self.total_steps, self.optimizer)
+        if self.settings.temperature_at is not None:
+            out.stats["temperature"] = torch.tensor(float(self.method.temperature), device=out.loss.device)
         return {"loss": out.loss, **out.stats}
 
     def _lr(self) -> float:

@@ -73,3 +73,29 @@ def held_out_validation(labels: np.ndarray, subset: np.ndarray, per_class: int,
         taken.append(inside[:missing])
     train = np.setdiff1d(subset, np.concatenate(taken))
     return np.sort(train), np.sort(np.concatenate(val))
+
+
+def shots_per_class(spec: str, pool_size: int, num_classes: int) -> int:
+    """'100-shot' -> 100; '1%' -> 1% of the training pool, spread evenly over the classes (SDCLR's 1% probe:
+    5 images per class on CIFAR-100's 50k, 50 on CIFAR-10's)."""
+    if spec.endswith("%"):
+        return max(1, round(float(spec[:-1]) / 100 * pool_size / num_classes))
+    return int(spec.removesuffix("-shot"))
+
+
+def few_shot_set(labels: np.ndarray, shots: int, exclude: np.ndarray, seed: int) -> np.ndarray:
+    """A balanced labelled set of ``shots`` images per class from the pool outside ``exclude`` (the validation
+    part that selects the probe), so few-shot figures are never selected on their own training images.
+    A class with fewer than ``shots`` images left is an error naming it, not a silently smaller class."""
+    labels = np.asarray(labels)
+    allowed = np.ones(len(labels), dtype=bool)
+    allowed[np.asarray(exclude, dtype=np.int64)] = False
+    rng = np.random.default_rng([3, seed])  # its own stream: the full-shot split's draws stay as they were
+    chosen = []
+    for cls in np.unique(labels):
+        candidates = np.flatnonzero((labels == cls) & allowed)
+        if len(candidates) < shots:
+            raise ValueError(f"a {shots}-shot labelled set needs {shots} images of class {cls}, but only "
+                             f"{len(candidates)} are outside the validation part")
+        chosen.append(rng.permutation(candidates)[:shots])
+    return np.sort(np.concatenate(chosen))

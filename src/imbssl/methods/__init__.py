@@ -10,13 +10,14 @@ from imbssl.methods.excb import ExCB
 from imbssl.methods.moco import MoCo, info_nce
 from imbssl.methods.msn import MSN, msn_loss, prior_matching
 from imbssl.methods.rotation import Rotation, rotate_four_ways
+from imbssl.methods.sdclr import SDCLR, global_magnitude_masks
 from imbssl.methods.simclr import SimCLR, nt_xent
 from imbssl.methods.simsiam import SimSiam, simsiam_loss
 
-METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimSiam, SimCLR, ExCB, Rotation, MoCo, MSN)}
+METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimSiam, SimCLR, ExCB, Rotation, MoCo, MSN, SDCLR)}
 
-__all__ = ["METHODS", "ExCB", "MSN", "MoCo", "OptimDefaults", "Rotation", "SSLMethod", "SimCLR", "SimSiam", "StepOutput",
-           "build_method", "info_nce", "msn_loss", "nt_xent", "prior_matching", "rotate_four_ways", "simsiam_loss"]
+__all__ = ["METHODS", "ExCB", "MSN", "MoCo", "OptimDefaults", "Rotation", "SDCLR", "SSLMethod", "SimCLR", "SimSiam", "StepOutput",
+           "build_method", "global_magnitude_masks", "info_nce", "msn_loss", "nt_xent", "prior_matching", "rotate_four_ways", "simsiam_loss"]
 
 
 def build_method(cfg: MethodConfig, backbone: nn.Module) -> SSLMethod:

@@ -20,8 +20,8 @@ from imbssl.data import DataError, load_indices, load_splits
 from imbssl.engine.checkpoint import CheckpointError, load_safe
 from imbssl.engine.divergence import divergence_signs, probe_disagreement, weight_norm
 from imbssl.engine.trainer import CHECKPOINT_FILE
-from imbssl.eval import (accuracy_report, balanced_labelled_split, cluster_statistics, extract_features, knn_predict,
-                         linear_probe, relative_sizes)
+from imbssl.eval import (accuracy_report, balanced_labelled_split, cluster_statistics, extract_features, few_shot_set,
+                         knn_predict, linear_probe, relative_sizes, shots_per_class)
 from imbssl.methods import METHODS, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import load_backbone, resolve_device
@@ -77,6 +77,14 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
         "linear": {**accuracy_report(probe.test_pred, test.labels, pretrain_counts, train.classes),
                    "val_top1": probe.val_acc, "selected": probe.best},
     }
+    for spec in eval_cfg.few_shot:
+        shots = shots_per_class(spec, len(train.labels), num_classes)
+        few_idx = few_shot_set(train.labels, shots, val_idx, eval_cfg.seed)
+        few = linear_probe(features(train.images[few_idx]), train.labels[few_idx], val_x, val_y, test_x, num_classes,
+                           eval_cfg.linear, eval_cfg.seed, device)
+        result.setdefault("few_shot", {})[spec] = {
+            **accuracy_report(few.test_pred, test.labels, pretrain_counts, train.classes), "shots_per_class": shots,
+            "labelled_train": len(few_idx), "val_top1": few.val_acc, "selected": few.best}
     for k in eval_cfg.knn_k:
         pred = knn_predict(train_x, train_y, test_x, num_classes, k, eval_cfg.knn_temperature)
         result[f"knn{k}"] = accuracy_report(pred, test.labels, pretrain_counts, train.classes)

@@ -1,10 +1,12 @@
 """Pre-train one method on one subset: the ``imbssl pretrain`` command."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ from imbssl.config import ConfigError, RunConfig
 from imbssl.data import save_indices
 from imbssl.engine.distributed import barrier, convert_sync_batchnorm, is_main, main_first, world_size
 from imbssl.engine.divergence import DivergenceWatch
-from imbssl.engine.optim import build_optimizer, cosine_schedule, resolve_optim
+from imbssl.engine.optim import build_optimizer, cosine_schedule, cosine_temperature, resolve_optim
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
 from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
@@ -80,9 +82,23 @@ def describe_subset(cfg: RunConfig, indices: np.ndarray | None) -> str:
         return "given"
     if subset.profile in ("exp", "step"):
         return f"{subset.profile} p={subset.imbalance:g}"
+    if subset.profile == "index_file":
+        return f"index file {Path(subset.index_file).name}"
     if subset.profile == "balanced":
         return f"balanced N={subset.total:,}" if subset.total else f"balanced (rs. of p={subset.imbalance:g})"
     return "full"
+
+
+def temperature_schedule(cfg: RunConfig, method: SSLMethod) -> Callable[[float], float] | None:
+    """``optim.temperature_schedule`` as a function of the fractional epoch, for a method with a contrastive
+    temperature; None when no schedule is set."""
+    ts = cfg.optim.temperature_schedule
+    if ts is None:
+        return None
+    if not hasattr(method, "temperature"):
+        raise ConfigError(f"optim.temperature_schedule: {cfg.method.name} has no contrastive temperature; the "
+                          f"schedule applies to simclr, moco, sdclr and bcl")
+    return functools.partial(cosine_temperature, tau_min=ts.tau_min, tau_max=ts.tau_max, period=ts.period_epochs)
 
 
 def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_views: MultiCrop,
@@ -101,7 +117,7 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
                              checkpoint_every=cfg.train.checkpoint_every,
                              checkpoint_every_s=cfg.train.checkpoint_every_s,
                              collapse_warn_below=cfg.train.collapse_warn_below, log_every=cfg.train.log_every,
-                             progress=cfg.train.progress)
+                             progress=cfg.train.progress, temperature_at=temperature_schedule(cfg, method))
     batch_size = min(settings.batch_size, len(images))
     optimizer = build_optimizer(method, cfg.optim, method.defaults, batch_size)
     steps = steps_per_epoch(len(images), batch_size)

@@ -1,0 +1,110 @@
+"""SDCLR, self-damaging contrastive learning (Jiang et al., ICML 2021): SimCLR between the network and a pruned
+copy of itself, so the views the pruned copy has forgotten (mostly the tail's) get the larger losses.
+
+    M = 1[|w| among the top (1 - r) of all pruned weights]     global magnitude pruning, r = 0.9    (Sec. 3.2)
+    f_p(x) = f(x; w * M, BN_p)                                  the pruned copy: the same weights, masked, with
+                                                                its own BatchNorm (affine and statistics)
+    z1 = g(f(x1)),  z2 = g_p(f_p(x2)),  L = NT-Xent(z1, z2)     (SimCLR Eq. 1)
+
+M covers every convolution of f (VITA-Group/SDCLR prunes its prune_conv2d layers, the stem included, and never the
+head's linear layers); g_p is g with its own BatchNorm. M is recomputed from the current dense weights at the start
+of every epoch; the gradient through w * M reaches the shared dense weights. Evaluation reads the dense network and
+its own BatchNorm, as SDCLR's fine-tuning (bnNameCnt 0).
+
+The reference code takes two backward passes per step, each branch's NT-Xent against the other's detached outputs,
+then one optimizer step. The gradient of NT-Xent with respect to z1 is the same whether z2 is detached or not (and
+the other way round), so one backward pass of the undetached loss gives the same update at half the backward cost;
+the pruned branch's BatchNorm statistics then move once per step, not twice.
+
+On the small CNN with PyTorch's default initialisation, global pruning at 90% empties its widest (last)
+convolution at the start (its weights are the smallest, 1/sqrt(fan_in)); SDCLR's ResNet-18 keeps some of every
+layer. ``pruned_output_std`` in the training log shows it: 0 while the pruned branch outputs a constant.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from imbssl.config import MethodConfig
+from imbssl.engine.distributed import gather_with_grad
+from imbssl.methods.base import OptimDefaults, StepOutput, output_std
+from imbssl.methods.simclr import SimCLR, nt_xent
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The convolution weights that pruning may zero, by name: every Conv2d, the stem and the shortcuts included,
+    as SDCLR's prune_conv2d layers (its projection head's linear layers are never pruned)."""
+    return {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+@torch.no_grad()
+def global_magnitude_masks(weights: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+    """Masks keeping exactly round((1 - ratio) * n) of the n weights: those of largest |w| over all layers at once
+    (global L1 pruning), so a layer of small weights loses more of them than a layer of large ones."""
+    magnitudes = torch.cat([w.detach().abs().flatten() for w in weights.values()])
+    keep = round((1 - ratio) * magnitudes.numel())
+    flat = torch.zeros_like(magnitudes, dtype=torch.bool)
+    flat[magnitudes.topk(keep).indices] = True
+    return {name: part.view_as(w) for (name, w), part in
+            zip(weights.items(), flat.split([w.numel() for w in weights.values()]))}
+
+
+class SDCLR(SimCLR):
+    name = "sdclr"
+    # SDCLR's CIFAR scripts: SGD with lr 0.5 at batch 512 (0.25 per 256 images), weight decay 1e-4; NT-Xent tau 0.2.
+    defaults = OptimDefaults(name="sgd", base_lr=0.25, weight_decay=1e-4)
+
+    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+        super().__init__(backbone, cfg)
+        self.prune_ratio = cfg.prune_ratio
+        # The pruned branch's own BatchNorm layers, keyed "part/layer" ("." is not allowed in a ModuleDict key);
+        # trained by its gradient alone, their statistics updated by its forward passes alone.
+        self.pruned_bn = nn.ModuleDict({f"{part}/{name}".replace(".", "/"): copy.deepcopy(m)
+                                        for part, module in self.parts().items()
+                                        for name, m in module.named_modules() if isinstance(m, BATCH_NORMS)})
+        for name, weight in self.prunable().items():
+            self.register_buffer(_mask_name(name), torch.ones_like(weight, dtype=torch.bool))
+
+    def parts(self) -> dict[str, nn.Module]:
+        """What the pruned copy shares with the dense network: f and g."""
+        return {"backbone": self.backbone, "projector": self.projector}
+
+    def prunable(self) -> dict[str, nn.Parameter]:
+        """The backbone's convolution weights, named "backbone.layer.weight"."""
+        return {f"backbone.{name}": w for name, w in prunable_weights(self.backbone).items()}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, _mask_name(name)) for name in self.prunable()}
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Re-prune from the current dense weights (SDCLR re-prunes every epoch); buffers, so a checkpoint holds them."""
+        for name, mask in global_magnitude_masks(self.prunable(), self.prune_ratio).items():
+            getattr(self, _mask_name(name)).copy_(mask)
+
+    def pruned_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """g_p(f_p(x)): the dense modules called with masked weights and the pruned branch's BatchNorm."""
+        weights = self.prunable()
+        swapped = {name: weights[name] * mask for name, mask in self.masks().items()}
+        for key, bn in self.pruned_bn.items():
+            prefix = key.replace("/", ".")
+            swapped |= {f"{prefix}.{n}": t for n, t in [*bn.named_parameters(), *bn.named_buffers()]}
+        for part, module in self.parts().items():
+            own = {name.removeprefix(part + "."): t for name, t in swapped.items() if name.startswith(part + ".")}
+            x = functional_call(module, own, (x,))
+        return x
+
+    def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
+        x1, x2 = views
+        z1, z2 = self.projector(self.backbone(x1)), self.pruned_forward(x2)
+        pairs, mine = gather_with_grad(torch.stack([z1, z2], dim=1).float())
+        loss = nt_xent(pairs[:, 0], pairs[:, 1], self.temperature, anchors=mine)
+        return StepOutput(loss, {"output_std": output_std(z1), "pruned_output_std": output_std(z2)})
+
+
+def _mask_name(weight_name: str) -> str:
+    return "mask_" + weight_name.replace(".", "_")

@@ -1,0 +1,161 @@
+"""The long-tailed SSL methods and their protocol (issue 14): temperature schedules, SDCLR, few-shot probes."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from imbssl.config import ConfigError, MethodConfig, ModelConfig
+from imbssl.engine.optim import cosine_temperature
+from imbssl.eval import few_shot_set, shots_per_class
+from imbssl.methods import SDCLR, SimCLR, build_method, global_magnitude_masks
+from imbssl.models import build_backbone
+from imbssl.pipelines.pretrain import pretrain
+
+
+def test_cosine_temperature_values():
+    """tau(0) = tau+, tau(T/2) = tau-, tau(T/4) halfway, tau(T) = tau+ again (one full period)."""
+    at = lambda t: cosine_temperature(t, tau_min=0.1, tau_max=1.0, period=200)  # noqa: E731
+    assert at(0) == pytest.approx(1.0)
+    assert at(50) == pytest.approx(0.55)
+    assert at(100) == pytest.approx(0.1)
+    assert at(200) == pytest.approx(1.0)
+    assert at(25) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_trainer_follows_the_temperature_schedule(tiny_cfg, tmp_path, monkeypatch):
+    """Each step contrasts at the schedule's temperature for its fractional epoch, not the method's fixed one."""
+    used, real_step = [], SimCLR.training_step
+    monkeypatch.setattr(SimCLR, "training_step", lambda self, views, indices: (used.append(self.temperature),
+                                                                               real_step(self, views, indices))[1])
+    cfg = tiny_cfg(method={"name": "simclr"}, optim={"batch_size": 256, "epochs": 2, "temperature_schedule":
+                                                     {"tau_min": 0.1, "tau_max": 0.9, "period_epochs": 2}})
+    pretrain(cfg, tmp_path / "r")
+    steps = len(used) // 2
+    expected = [cosine_temperature(s / steps, 0.1, 0.9, 2) for s in range(2 * steps)]
+    assert used == pytest.approx(expected)
+    assert used[0] == pytest.approx(0.9) and min(used) < 0.2
+
+
+def test_temperature_schedule_refuses_a_method_without_one(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(optim={"temperature_schedule": {"tau_min": 0.1, "tau_max": 1.0}})  # SimSiam
+    with pytest.raises(ConfigError, match="simsiam has no contrastive temperature"):
+        pretrain(cfg, tmp_path / "r")
+
+
+def test_global_magnitude_masks_keep_the_largest_share_over_all_layers():
+    gen = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(40, 30, generator=gen), "b": 0.1 * torch.randn(200, generator=gen)}
+    masks = global_magnitude_masks(weights, ratio=0.9)
+    kept = torch.cat([weights[k][masks[k]].abs().flatten() for k in weights])
+    dropped = torch.cat([weights[k][~masks[k]].abs().flatten() for k in weights])
+    assert len(kept) == round(0.1 * 1400)
+    assert kept.min() >= dropped.max()  # by magnitude, across layers at once
+    assert masks["b"].float().mean() < masks["a"].float().mean()  # the small-weight layer loses more
+
+
+def _sdclr() -> SDCLR:
+    return build_method(MethodConfig(name="sdclr", proj_hidden=32, proj_dim=16), build_backbone(ModelConfig(), 3))
+
+
+def test_sdclr_prunes_every_convolution_globally_each_epoch():
+    method = _sdclr()
+    method.on_epoch_start(0)
+    masks = method.masks()
+    convs = [n for n, m in method.backbone.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sorted(masks) == sorted(f"backbone.{n}.weight" for n in convs)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * total)
+    with torch.no_grad():  # re-pruning follows the current dense weights
+        method.backbone.body[0].weight.fill_(1.0)
+    method.on_epoch_start(1)
+    assert method.masks()["backbone.body.0.weight"].all()
+
+
+def test_sdclr_pruned_branch_has_its_own_batchnorm():
+    """The dense view moves only the dense BN statistics, the pruned view only the pruned branch's; the pruned
+    branch's BN affine parameters get gradient, and the dense weights get gradient through the mask."""
+    method = _sdclr()
+    method.on_epoch_start(0)
+    dense_bn, pruned_bn = method.backbone.body[1], method.pruned_bn["backbone/body/1"]
+    assert dense_bn is not pruned_bn
+    dense_stats, pruned_stats = dense_bn.running_mean.clone(), pruned_bn.running_mean.clone()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    method.projector(method.backbone(x))
+    assert not torch.equal(dense_bn.running_mean, dense_stats) and torch.equal(pruned_bn.running_mean, pruned_stats)
+    dense_stats = dense_bn.running_mean.clone()
+    out = method.training_step([x, x.flip(-1)], torch.arange(8))
+    out.loss.backward()
+    assert not torch.equal(pruned_bn.running_mean, pruned_stats)
+    assert pruned_bn.weight.grad is not None and pruned_bn.weight.grad.abs().sum() > 0
+    stem = method.backbone.body[0].weight
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
+
+
+def test_sdclr_resumes_with_its_masks(tiny_cfg, interrupted_then_resumed):
+    """Masks and the pruned BN are in the checkpoint: a run crashed after epoch 2 and resumed ends as a run
+    trained straight through."""
+    straight, resumed = interrupted_then_resumed(tiny_cfg(method={"name": "sdclr"}))
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["method"]
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["method"]
+    assert any(k.startswith("mask_") for k in a) and any(k.startswith("pruned_bn.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_few_shot_sets_are_balanced_and_outside_validation():
+    labels = np.repeat(np.arange(5), 40)
+    validation = np.flatnonzero(np.arange(200) % 40 < 4)  # 4 per class
+    chosen = few_shot_set(labels, shots=10, exclude=validation, seed=0)
+    assert np.bincount(labels[chosen]).tolist() == [10] * 5
+    assert not set(chosen) & set(validation)
+    assert shots_per_class("1%", 50_000, 100) == 5 and shots_per_class("100-shot", 50_000, 100) == 100
+    with pytest.raises(ValueError, match="37-shot .* class 0"):
+        few_shot_set(labels, shots=37, exclude=validation, seed=0)
+
+
+def test_evaluate_reports_few_shot_probes(tiny_cfg, tmp_path):
+    from imbssl.pipelines.evaluate import evaluate_run
+
+    cfg = tiny_cfg(optim={"epochs": 1}, eval={"few_shot": ["10-shot", "5%"]})
+    result = evaluate_run(pretrain(cfg, tmp_path / "r"))
+    assert set(result["few_shot"]) == {"10-shot", "5%"}
+    assert result["few_shot"]["10-shot"]["labelled_train"] == 100
+    five_percent = result["few_shot"]["5%"]
+    assert five_percent["labelled_train"] == 10 * five_percent["shots_per_class"]
+    assert 1 <= five_percent["shots_per_class"] < 10  # 5% of digits' train split, over 10 classes
+    assert 0 <= result["few_shot"]["10-shot"]["thirds_std"] <= 100
+
+
+def _sdclr_style_split(labels: np.ndarray, validation: np.ndarray, head: int, rho: float) -> np.ndarray:
+    """A split file as SDCLR's splitK_D_i: int(head * rho^(-c / (C - 1))) per class c, outside the validation list."""
+    rng, num_classes = np.random.default_rng(0), labels.max() + 1
+    pool = np.setdiff1d(np.arange(len(labels)), validation)
+    return np.concatenate([rng.permutation(pool[labels[pool] == c])[:int(head * rho ** (-c / (num_classes - 1)))]
+                           for c in range(num_classes)])
+
+
+def test_index_file_subsets_read_split_files(tmp_path):
+    from imbssl.config import SubsetConfig
+    from imbssl.data import DataError, select_subset
+
+    labels = np.repeat(np.arange(10), 50)
+    validation = np.flatnonzero(np.arange(500) % 50 < 5)
+    split = _sdclr_style_split(labels, validation, head=45, rho=10)
+    np.save(tmp_path / "split1_D_i.npy", split)
+    np.savetxt(tmp_path / "split1_D_i.txt", split, fmt="%d")
+    expected = sum(int(45 * 10 ** (-c / 9)) for c in range(10))
+    for name in ("split1_D_i.npy", "split1_D_i.txt"):
+        chosen = select_subset(labels, SubsetConfig(profile="index_file", index_file=str(tmp_path / name)))
+        assert len(chosen) == expected and np.array_equal(chosen, np.sort(split))
+        assert not set(chosen) & set(validation)
+    np.save(tmp_path / "other.npy", np.array([3, 700]))
+    with pytest.raises(DataError, match="index 700 is outside the train split's 500 images"):
+        select_subset(labels, SubsetConfig(profile="index_file", index_file=str(tmp_path / "other.npy")))
+    np.save(tmp_path / "twice.npy", np.array([3, 3]))
+    with pytest.raises(DataError, match="index 3 appears 2 times"):
+        select_subset(labels, SubsetConfig(profile="index_file", index_file=str(tmp_path / "twice.npy")))
+    with pytest.raises(ValueError, match="set both or neither"):
+        SubsetConfig(profile="index_file")
