@@ -115,7 +115,7 @@ class PriorConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["simsiam", "simclr", "excb", "rotation", "moco", "msn", "sdclr", "bcl"] = "simsiam"
+    name: Literal["simsiam", "simclr", "excb", "rotation", "moco", "msn", "sdclr"] = "simsiam"
     proj_hidden: int = 512
     proj_dim: int = Field(512, description="output dimension d (Table 1)")
     pred_hidden: int = 128
@@ -123,7 +123,7 @@ class MethodConfig(Section):
                                                      "rest follows the cosine schedule, as both reference codes do "
                                                      "(PatrickHua/SimSiam constant_predictor_lr, "
                                                      "facebookresearch/simsiam --fix-pred-lr)")
-    temperature: float = Field(0.5, gt=0, description="SimCLR NT-Xent temperature (SDCLR and BCL too; their "
+    temperature: float = Field(0.5, gt=0, description="SimCLR NT-Xent temperature (SDCLR too; its "
                                                       "code's 0.2)")
     prune_ratio: float = Field(0.9, ge=0, lt=1, description="SDCLR: the share of weights the pruned copy zeroes, "
                                                            "by global magnitude (the paper's 90%)")
@@ -201,7 +201,7 @@ class OptimConfig(Section):
     epochs: int = Field(100, ge=1)
     warmup_epochs: float = Field(0.0, ge=0)
     temperature_schedule: TemperatureScheduleConfig | None = Field(
-        None, description="TS: a cosine schedule of the contrastive temperature (SimCLR, MoCo, SDCLR, BCL); "
+        None, description="TS: a cosine schedule of the contrastive temperature (SimCLR, MoCo, SDCLR); "
                           "None = the method's fixed temperature")
 
 

@@ -16,8 +16,9 @@ from imbssl.methods.simsiam import SimSiam, simsiam_loss
 
 METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimSiam, SimCLR, ExCB, Rotation, MoCo, MSN, SDCLR)}
 
-__all__ = ["METHODS", "ExCB", "MSN", "MoCo", "OptimDefaults", "Rotation", "SDCLR", "SSLMethod", "SimCLR", "SimSiam", "StepOutput",
-           "build_method", "global_magnitude_masks", "info_nce", "msn_loss", "nt_xent", "prior_matching", "rotate_four_ways", "simsiam_loss"]
+__all__ = ["METHODS", "ExCB", "MSN", "MoCo", "OptimDefaults", "Rotation", "SDCLR", "SSLMethod", "SimCLR", "SimSiam",
+           "StepOutput", "build_method", "global_magnitude_masks", "info_nce", "msn_loss", "nt_xent", "prior_matching",
+           "rotate_four_ways", "simsiam_loss"]
 
 
 def build_method(cfg: MethodConfig, backbone: nn.Module) -> SSLMethod:

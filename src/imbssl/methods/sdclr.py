@@ -88,8 +88,7 @@ class SDCLR(SimCLR):
 
     def pruned_forward(self, x: torch.Tensor) -> torch.Tensor:
         """g_p(f_p(x)): the dense modules called with masked weights and the pruned branch's BatchNorm."""
-        weights = self.prunable()
-        swapped = {name: weights[name] * mask for name, mask in self.masks().items()}
+        swapped = {name: w * getattr(self, _mask_name(name)) for name, w in self.prunable().items()}
         for key, bn in self.pruned_bn.items():
             prefix = key.replace("/", ".")
             swapped |= {f"{prefix}.{n}": t for n, t in [*bn.named_parameters(), *bn.named_buffers()]}

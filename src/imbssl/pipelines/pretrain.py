@@ -97,7 +97,7 @@ def temperature_schedule(cfg: RunConfig, method: SSLMethod) -> Callable[[float],
         return None
     if not hasattr(method, "temperature"):
         raise ConfigError(f"optim.temperature_schedule: {cfg.method.name} has no contrastive temperature; the "
-                          f"schedule applies to simclr, moco, sdclr and bcl")
+                          f"schedule applies to simclr, moco and sdclr")
     return functools.partial(cosine_temperature, tau_min=ts.tau_min, tau_max=ts.tau_max, period=ts.period_epochs)
 
 
