@@ -35,6 +35,9 @@ METHODS = {
     # sizes count hard assignments: a rounding that flips one argmax shifts them, so over many steps its runs on 1
     # and 2 processes drift apart as any two roundings of it do; this config has no such near-tie.)
     "excb": {"name": "excb", "num_clusters": 16, "size_momentum": 0.99},
+    # SDCLR's pruned branch and BCL's memory: every image's loss of the global batch, and the boosted views of the
+    # second epoch drawn for the whole batch
+    "bcl-d": {"name": "bcl-d"},
 }
 
 

@@ -159,3 +159,82 @@ def test_index_file_subsets_read_split_files(tmp_path):
         select_subset(labels, SubsetConfig(profile="index_file", index_file=str(tmp_path / "twice.npy")))
     with pytest.raises(ValueError, match="set both or neither"):
         SubsetConfig(profile="index_file")
+
+
+def test_evaluate_under_the_split_files_protocol(tiny_cfg, tmp_path):
+    """BCL's protocol on digits with split files the test writes: pre-training on a D_i list, the full-shot probe
+    on the train list, every probe selected on the validation list, a few-shot probe on a few-shot list."""
+    from imbssl.data import DataError, load_splits
+    from imbssl.pipelines.evaluate import evaluate_run
+
+    labels = load_splits(tiny_cfg().data)["train"].labels  # 1,297 digits
+    rng = np.random.default_rng(0)
+    validation = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:10] for c in range(10)])
+    train_list = np.setdiff1d(np.arange(len(labels)), validation)
+    files = {"val": validation, "train": train_list, "D_i": _sdclr_style_split(labels, validation, head=100, rho=10),
+             "test_20shot": np.concatenate([rng.permutation(train_list[labels[train_list] == c])[:20]
+                                            for c in range(10)])}
+    for name, indices in files.items():
+        np.save(tmp_path / f"split1_{name}.npy", indices)
+    cfg = tiny_cfg(optim={"epochs": 1},
+                   data={"subset": {"profile": "index_file", "index_file": str(tmp_path / "split1_D_i.npy")}},
+                   eval={"labelled_index_file": str(tmp_path / "split1_train.npy"),
+                         "val_index_file": str(tmp_path / "split1_val.npy"),
+                         "few_shot": [str(tmp_path / "split1_test_20shot.npy"), "10-shot"]})
+    run = pretrain(cfg, tmp_path / "r")
+    result = evaluate_run(run)
+    assert result["labelled_train"] == len(train_list) and result["labelled_val"] == 100
+    assert set(result["few_shot"]) == {"split1_test_20shot", "10-shot"}
+    assert result["few_shot"]["split1_test_20shot"]["labelled_train"] == 200
+    assert result["few_shot"]["split1_test_20shot"]["shots_per_class"] == 20
+    assert sum(result["pretrain_class_counts"]) == len(files["D_i"])
+    np.save(tmp_path / "leaky.npy", validation[:3])
+    leaky = cfg.eval.model_copy(update={"few_shot": [str(tmp_path / "leaky.npy")]})
+    with pytest.raises(DataError, match="shares 3 images with the probes' validation part"):
+        evaluate_run(run, leaky)
+    with pytest.raises(ValueError, match="set labelled_index_file too"):
+        tiny_cfg(eval={"val_index_file": str(tmp_path / "split1_val.npy")})
+
+
+def _longtail_grid(**tree):
+    from imbssl.recipes import load_preset
+    from imbssl.recipes.longtail_ssl import LongtailSSLConfig
+
+    return LongtailSSLConfig.model_validate({**load_preset("longtail-ssl", "paper"), **tree})
+
+
+def test_longtail_ssl_variants_differ_in_the_method_alone():
+    """SimCLR, +TS, SDCLR and BCL share SDCLR's SGD settings; TS adds its schedule; a preset's variant keys merge
+    over the built-in ones (the paper preset's 6 local crops for ExCB and PMSN)."""
+    exp = _longtail_grid()
+    subset, runs = exp.subsets[0], {}
+    for m in ("simclr", "simclr-ts", "sdclr", "bcl-i", "bcl-d", "excb", "pmsn"):
+        runs[m] = exp.run_config(subset, m, 0)
+    family = [runs[m] for m in ("simclr", "simclr-ts", "sdclr", "bcl-i", "bcl-d")]
+    assert {(c.optim.name, c.optim.base_lr, c.optim.weight_decay, c.method.temperature) for c in family} == {
+        ("sgd", 0.25, 1e-4, 0.2)}
+    assert runs["simclr-ts"].optim.temperature_schedule.period_epochs == 200
+    assert runs["simclr"].optim.temperature_schedule is None and runs["bcl-d"].method.name == "bcl-d"
+    assert runs["excb"].augment.local_crops == 6 and runs["pmsn"].method.prior.kind == "power_law"
+    assert runs["simclr"].augment.local_crops == 0
+
+
+def test_longtail_ssl_refuses_an_unknown_method():
+    with pytest.raises(ValueError, match=r"methods \['mocov3'\] are neither variants"):
+        _longtail_grid(methods=["simclr", "mocov3"])
+
+
+def test_longtail_ssl_verdicts_name_the_leader_and_check_the_papers_order():
+    from imbssl.recipes.longtail_ssl import verdict_lines
+
+    exp = _longtail_grid(methods=["simclr", "sdclr", "bcl-i", "bcl-d"], base={"eval": {"few_shot": []}})
+    top1 = {"simclr": (40, 42), "sdclr": (45, 46), "bcl-i": (47, 47.5), "bcl-d": (50, 52)}  # leads 3 and 4.5
+    records = [{"subset": "imbalanced-p100", "method": m, "seed": s, "linear": {"top1": v}}
+               for m, values in top1.items() for s, v in enumerate(values)]
+    lines = verdict_lines(exp, records, "imbalanced-p100")
+    assert lines[0].startswith("- full-shot: BCL-D leads BCL-I by +3.75 ± 1.06 points (3.5 seed stds): holds")
+    assert lines[1].endswith("SimCLR < SDCLR < BCL-I < BCL-D, matches")
+    top1["sdclr"] = (30, 31)
+    records = [{"subset": "imbalanced-p100", "method": m, "seed": s, "linear": {"top1": v}}
+               for m, values in top1.items() for s, v in enumerate(values)]
+    assert verdict_lines(exp, records, "imbalanced-p100")[1].endswith("does not match")

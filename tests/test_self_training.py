@@ -14,7 +14,7 @@ from imbssl.data import DataError, exp_counts, labeled_unlabeled_split, load_spl
 from imbssl.data.sources import ImageSet
 from imbssl.engine.checkpoint import load_safe
 from imbssl.losses import cross_entropy, focal_loss
-from imbssl.pipelines.self_training import PSEUDO_FILE, REPORT_FILE, SPLIT_FILE, select_pseudo_labels, self_train
+from imbssl.pipelines.self_training import PSEUDO_FILE, REPORT_FILE, select_pseudo_labels, self_train
 from imbssl.pipelines.train import MODEL_FILE, TRAIN_FILE
 
 from conftest import Interrupt, crash_after

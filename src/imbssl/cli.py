@@ -456,6 +456,20 @@ def reproduce_priors(preset: str, overrides: tuple[str, ...], out: str | None, d
     click.echo(f"report: {table.parent}")
 
 
+@reproduce.command("longtail-ssl", short_help="SimCLR, +TS, SDCLR, BCL beside the seeds' methods.")
+@_grid_options("longtail-ssl")
+def reproduce_longtail_ssl(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
+    """The self-supervised methods for long-tailed data side by side at equal epochs: SimCLR, SimCLR+TS, SDCLR,
+    BCL-I and BCL-D beside SimSiam, ExCB, PMSN and offline clustering; full-shot and few-shot linear probes, the
+    thirds of the classes and their std (balancedness)."""
+    from imbssl.recipes.longtail_ssl import LongtailSSLConfig, run_experiment
+
+    exp = _load_grid("longtail-ssl", LongtailSSLConfig, preset, overrides, data_path)
+    table = run_experiment(exp, Path(out or f"reports/longtail-ssl-{preset}"), _command_line())
+    click.echo(table.read_text())
+    click.echo(f"report: {table.parent}")
+
+
 @reproduce.command("experiment-2", short_help="Table 3: offline clustering vs the baselines.")
 @_grid_options("experiment-2")
 @click.option("--baselines-from", type=click.Path(file_okay=False),

@@ -115,7 +115,7 @@ class PriorConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["simsiam", "simclr", "excb", "rotation", "moco", "msn", "sdclr"] = "simsiam"
+    name: Literal["simsiam", "simclr", "excb", "rotation", "moco", "msn", "sdclr", "bcl-i", "bcl-d"] = "simsiam"
     proj_hidden: int = 512
     proj_dim: int = Field(512, description="output dimension d (Table 1)")
     pred_hidden: int = 128
@@ -127,6 +127,8 @@ class MethodConfig(Section):
                                                       "code's 0.2)")
     prune_ratio: float = Field(0.9, ge=0, lt=1, description="SDCLR: the share of weights the pruned copy zeroes, "
                                                            "by global magnitude (the paper's 90%)")
+    bcl_beta: float = Field(0.97, ge=0, lt=1, description="BCL: beta of each image's momentum loss, "
+                                                       "M <- (1 - beta) l + beta M (BCL's code: 0.97)")
     # ExCB (methods/excb.py, docs/excb.md): the paper's values, except K (65,536 there, for 1.28M images).
     num_clusters: int = Field(512, ge=2, description="ExCB: K, the number of learned centroids (Eq. 1); "
                                                      "512 suits 10k-50k images (docs/excb.md)")
@@ -241,11 +243,34 @@ class LinearEvalConfig(Section):
     val_fraction: float = Field(0.1, gt=0, lt=1)
 
 
+#: the split files of indices that data/longtail.read_split_file reads
+SPLIT_FILE_SUFFIXES = (".npy", ".txt", ".npz", ".json")
+
+
+def is_split_file(spec: str) -> bool:
+    """Whether an ``eval.few_shot`` entry names a split file (BCL's ``*_test_100shot.npy``) rather than a size."""
+    return Path(spec).suffix in SPLIT_FILE_SUFFIXES
+
+
+def few_shot_name(spec: str) -> str:
+    """The key of an ``eval.few_shot`` entry in eval.json: the entry itself, or a split file's name without its
+    folder and suffix ('cifar100_split1_test_100shot')."""
+    return Path(spec).stem if is_split_file(spec) else spec
+
+
 class EvalConfig(Section):
     labelled_size: int | None = Field(None, description="balanced labelled set size; None = N of pre-training")
+    labelled_index_file: str | None = Field(None, description="the full-shot probe's labelled images as a split "
+                                                           "file of indices into the train split (BCL's "
+                                                           "cifar100_trainIdxList.npy); None = a balanced set of "
+                                                           "labelled_size images")
+    val_index_file: str | None = Field(None, description="the images that select every probe's lr, weight decay and "
+                                                      "epoch, as a split file (their valIdxList.npy); None = "
+                                                      "linear.val_fraction of the labelled set, per class")
     few_shot: list[str] = Field([], description="more linear probes on balanced few-shot labelled sets, e.g. "
                                                 "['1%', '100-shot', '50-shot'] (SDCLR's and BCL's protocol): "
-                                                "per class, drawn outside the validation part that selects them")
+                                                "per class, drawn outside the validation part that selects them; "
+                                                "or split files (BCL's cifar100_split1_test_100shot.npy)")
     knn_k: list[int] = [20, 200]
     knn_temperature: float = 0.07
     linear: LinearEvalConfig = LinearEvalConfig()
@@ -255,9 +280,26 @@ class EvalConfig(Section):
     @classmethod
     def _few_shot_specs(cls, specs: list[str]) -> list[str]:
         for spec in specs:
+            if is_split_file(spec):
+                continue  # a split file, read when the probe runs
             if not re.fullmatch(r"(\d+(\.\d+)?%|\d+-shot)", spec) or spec in ("0%", "0-shot"):
-                raise ValueError(f"few_shot entry {spec!r} is neither a percentage ('1%') nor 'N-shot' ('100-shot')")
+                raise ValueError(f"few_shot entry {spec!r} is neither a percentage ('1%'), 'N-shot' ('100-shot') nor "
+                                 f"a split file (.npy, .txt, .npz, .json)")
         return specs
+
+    @model_validator(mode="after")
+    def _check_index_files(self) -> "EvalConfig":
+        if self.val_index_file and not self.labelled_index_file:
+            raise ValueError("eval.val_index_file holds the validation part of eval.labelled_index_file's protocol: "
+                             "set labelled_index_file too")
+        if self.labelled_index_file and self.labelled_size is not None:
+            raise ValueError("eval.labelled_size and eval.labelled_index_file both say which images the probe "
+                             "trains on: set one")
+        names = [few_shot_name(s) for s in self.few_shot]
+        if len(set(names)) < len(names):
+            raise ValueError(f"eval.few_shot {self.few_shot}: two entries share a name in eval.json (a split file "
+                             f"is named by its stem)")
+        return self
 
 
 class RunConfig(Section):

@@ -33,6 +33,7 @@ ITU-R BT.601 weights.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,6 +51,8 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_ATTEMPTS = 10
 #: Gaussian blur sigma range of SimCLR (Appendix A) / MoCo v2.
 BLUR_SIGMA = (0.1, 2.0)
+#: a per-image augmentation on float [0, 1] views: (views, generator, rows) -> views
+Boost = Callable[[torch.Tensor, torch.Generator, slice], torch.Tensor]
 
 
 def channel_stats(images_uint8: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +102,7 @@ class Normalize:
         return images.float().div_(255.0).sub_(self.mean).div_(self.std)
 
 
-def _luma(x: torch.Tensor) -> torch.Tensor:
+def luma(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] RGB in [0, 1] -> [B, 1, H, W] ITU-R 601 luma (torchvision ``rgb_to_grayscale``)."""
     r, g, b = x.unbind(1)
     return (r * LUMA_601[0]).add_(g, alpha=LUMA_601[1]).add_(b, alpha=LUMA_601[2]).unsqueeze(1)
@@ -250,6 +253,8 @@ class ViewAugment:
 
     ``rows`` makes the views of ``images[rows]`` alone, each image with the random parameters it gets in the views
     of the whole batch: one process's part of a global batch (engine/distributed.py) costs that part's work only.
+    ``boost`` (float [0, 1] views, generator, rows) -> views runs last before normalisation: a method's per-image
+    augmentation on top of these (BCL's RandAugment, augment/randaugment.py).
     """
 
     def __init__(self, cfg: AugmentConfig, mean: torch.Tensor, std: torch.Tensor, out_size: int | None = None):
@@ -263,7 +268,8 @@ class ViewAugment:
         self.mean = _as_channel_param(mean, "mean")
         self.std = _as_channel_param(std, "std")
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice = slice(None),
+                 boost: Boost | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected uint8 [B, 1|3, H, W] images, got {images.dtype} {tuple(images.shape)}")
         bsz = images.shape[0]
@@ -278,6 +284,8 @@ class ViewAugment:
         if self.cfg.blur_prob > 0:
             sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 2 * k + 10]
             x = _gaussian_blur(x, sigma, u[:, 2 * k + 9] < self.cfg.blur_prob)
+        if boost is not None:
+            x = boost(x, generator, rows)
         if self.cfg.normalize:
             if self.mean.device != x.device:
                 self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
@@ -315,12 +323,12 @@ class ViewAugment:
                 x = x.mul_(f).clamp_(0.0, 1.0)
             if contrast > 0:
                 f = self._factor(u[:, 2], contrast, jit)
-                gray = _luma(x) if rgb else x
+                gray = luma(x) if rgb else x
                 ref = gray.mean(dim=(1, 2, 3), keepdim=True)
                 x = x.mul_(f).add_(ref * (1.0 - f)).clamp_(0.0, 1.0)
             if sat > 0 and rgb:
                 f = self._factor(u[:, 3], sat, jit)
-                gray = _luma(x)  # read before x is scaled in place: f x + (1 - f) luma(x), not luma(f x)
+                gray = luma(x)  # read before x is scaled in place: f x + (1 - f) luma(x), not luma(f x)
                 x = x.mul_(f).add_(gray.mul_(1.0 - f)).clamp_(0.0, 1.0)
             if hue > 0 and rgb:
                 shift = torch.where(jit, hue * (2.0 * u[:, 4] - 1.0), 0.0)
@@ -328,7 +336,7 @@ class ViewAugment:
         if cfg.gray_prob > 0 and rgb:
             # lerp with a 0/1 weight: exact selection, ~4x faster than torch.where on CPU.
             to_gray = (u[:, 5] < cfg.gray_prob).to(x.dtype).view(-1, 1, 1, 1)
-            x = torch.lerp(x, _luma(x), to_gray)
+            x = torch.lerp(x, luma(x), to_gray)
         return x
 
     @staticmethod
@@ -354,10 +362,11 @@ class MultiCrop:
             self.local_view = ViewAugment(local_cfg, mean, std, out_size=cfg.local_size or max(2, image_size // 2))
         self.num_local = cfg.local_crops
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator,
-                 rows: slice = slice(None)) -> list[torch.Tensor]:
-        """The views of ``images[rows]``, drawn as in the views of all ``images`` (``ViewAugment``)."""
-        views = [self.global_view(images, generator, rows) for _ in range(self.num_global)]
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice = slice(None),
+                 boost: Boost | None = None) -> list[torch.Tensor]:
+        """The views of ``images[rows]``, drawn as in the views of all ``images`` (``ViewAugment``); ``boost``
+        applies to the global views."""
+        views = [self.global_view(images, generator, rows, boost) for _ in range(self.num_global)]
         if self.local_view is not None:
             views += [self.local_view(images, generator, rows) for _ in range(self.num_local)]
         return views

@@ -43,6 +43,12 @@ class TrainingTask(nn.Module):
         statistics (or SimCLR's negatives) degenerate."""
         return list(torch.randperm(num_images, generator=generator, device=generator.device).tensor_split(num_batches))
 
+    def views(self, make_views: Callable[..., list[torch.Tensor]], images: torch.Tensor, generator: torch.Generator,
+              rows: slice, indices: torch.Tensor) -> list[torch.Tensor]:
+        """The step's training views of ``images`` (the global batch, at ``indices`` of the training images), this
+        process's ``rows`` of them: the engine's augmentation, unless a task boosts it per image (BCL)."""
+        return make_views(images, generator, rows)
+
     def on_train_start(self, images: torch.Tensor, make_view: MakeView, generator: torch.Generator) -> None:
         """Called once before the first step of a fresh run, not on resume: to initialise from the data."""
 

@@ -265,7 +265,7 @@ class Trainer:
         if self.settings.temperature_at is not None:  # a pure function of the step: resumes exactly
             self.method.temperature = self.settings.temperature_at(global_step / self.steps_per_epoch)
         rows = rank_rows(len(indices))
-        views, mine = self.make_views(self.images[indices], gen, rows), indices[rows]
+        views, mine = self.method.views(self.make_views, self.images[indices], gen, rows, indices), indices[rows]
         out = optimizer_step(self.method, self.optimizer, views, mine, self.settings.precision,
                              self.settings.channels_last, share=len(mine) / len(indices))
         self.scheduler.step()

@@ -2,7 +2,8 @@
 from imbssl.eval.clusters import cluster_report, cluster_statistics, nmi, purity, relative_sizes
 from imbssl.eval.features import extract_features
 from imbssl.eval.knn import knn_predict, knn_scores
-from imbssl.eval.labelled import balanced_labelled_split, few_shot_set, held_out_validation, shots_per_class
+from imbssl.eval.labelled import (balanced_labelled_split, few_shot_set, held_out_validation, shots_per_class,
+                                  split_per_class)
 from imbssl.eval.linear import LinearProbeResult, linear_probe
 from imbssl.eval.metrics import accuracy_report, balanced_accuracy
 
@@ -23,4 +24,5 @@ __all__ = [
     "purity",
     "relative_sizes",
     "shots_per_class",
+    "split_per_class",
 ]

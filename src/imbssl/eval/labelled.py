@@ -51,6 +51,24 @@ def balanced_labelled_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def split_per_class(labels: np.ndarray, labelled: np.ndarray, val_fraction: float,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A given labelled set (a split file's) cut per class into train / val as ``balanced_labelled_split`` cuts
+    the sets it draws: sorted, disjoint ``(train_idx, val_idx)`` indices into the pool."""
+    labels, labelled = np.asarray(labels), np.asarray(labelled, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in np.unique(labels[labelled]):
+        members = rng.permutation(labelled[labels[labelled] == cls])
+        if len(members) < 2:
+            raise ValueError(f"the labelled set holds {len(members)} image of class {cls}: a class needs one to "
+                             f"train the probe and one to validate it")
+        n_val = _val_count(len(members), val_fraction)
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
 def held_out_validation(labels: np.ndarray, subset: np.ndarray, per_class: int,
                         seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A balanced validation set of ``per_class`` images per class for supervised training on ``subset``.

@@ -39,7 +39,7 @@ def _shot_groups(train_counts: np.ndarray, many_threshold: int, few_threshold: i
     }
 
 
-def _thirds(train_counts: np.ndarray) -> dict[str, list[int]]:
+def thirds_of_classes(train_counts: np.ndarray) -> dict[str, list[int]]:
     """Classes by descending train count (ties: lower index first) cut into three near-equal groups.
 
     ``np.array_split`` gives the extra classes to the first groups (10 classes -> 4, 3, 3).
@@ -71,7 +71,7 @@ def accuracy_report(
     if len(train_counts) != len(class_names):
         raise ValueError(f"{len(train_counts)} train counts for {len(class_names)} class names")
     per_class = _per_class_accuracy(pred, target, len(class_names))
-    groups = {**_shot_groups(train_counts, many_threshold, few_threshold), **_thirds(train_counts)}
+    groups = {**_shot_groups(train_counts, many_threshold, few_threshold), **thirds_of_classes(train_counts)}
     group_acc = {name: _group_accuracy(per_class, members) for name, members in groups.items()}
     thirds = {name: group_acc[name] for name in THIRDS}
     present = [acc for acc in thirds.values() if acc is not None]

@@ -29,9 +29,8 @@ from torch import nn
 from torch.func import functional_call
 
 from imbssl.config import MethodConfig
-from imbssl.engine.distributed import gather_with_grad
-from imbssl.methods.base import OptimDefaults, StepOutput, output_std
-from imbssl.methods.simclr import SimCLR, nt_xent
+from imbssl.methods.base import OptimDefaults, output_std
+from imbssl.methods.simclr import SimCLR
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -97,12 +96,12 @@ class SDCLR(SimCLR):
             x = functional_call(module, own, (x,))
         return x
 
-    def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
-        x1, x2 = views
-        z1, z2 = self.projector(self.backbone(x1)), self.pruned_forward(x2)
-        pairs, mine = gather_with_grad(torch.stack([z1, z2], dim=1).float())
-        loss = nt_xent(pairs[:, 0], pairs[:, 1], self.temperature, anchors=mine)
-        return StepOutput(loss, {"output_std": output_std(z1), "pruned_output_std": output_std(z2)})
+    def projections(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z1 = g(f(x1)) from the dense network, z2 = g_p(f_p(x2)) from its pruned copy; SimCLR's step does the rest."""
+        return self.projector(self.backbone(x1)), self.pruned_forward(x2)
+
+    def stats(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"output_std": output_std(z1), "pruned_output_std": output_std(z2)}
 
 
 def _mask_name(weight_name: str) -> str:

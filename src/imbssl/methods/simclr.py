@@ -20,11 +20,13 @@ from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
 from imbssl.models.heads import mlp
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, anchors: slice = slice(None)) -> torch.Tensor:
-    """NT-Xent over the 2N views of a batch; row i's positive is its other view (SimCLR Eq. 1).
+def nt_xent_per_image(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
+                      anchors: slice = slice(None)) -> torch.Tensor:
+    """Each image's NT-Xent, the mean of l(2k-1, 2k) and l(2k, 2k-1) over its two views (SimCLR Eq. 1): what BCL
+    tracks per image.
 
-    ``anchors`` (images of the batch) restricts the average to their two views, still contrasted with all 2N:
-    one process's part of the loss of a global batch.
+    ``anchors`` (images of the batch) keeps only their losses, their views still contrasted with all 2N: one
+    process's part of the loss of a global batch.
     """
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
@@ -33,7 +35,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, anchors: sli
     logits = z[rows] @ z.T / temperature
     # A view is never its own negative: mask it out of its softmax denominator.
     logits = logits.masked_fill(rows[:, None] == torch.arange(2 * n, device=z.device), float("-inf"))
-    return F.cross_entropy(logits, (rows + n) % (2 * n))
+    return F.cross_entropy(logits, (rows + n) % (2 * n), reduction="none").view(2, -1).mean(dim=0)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, anchors: slice = slice(None)) -> torch.Tensor:
+    """NT-Xent over the 2N views of a batch; row i's positive is its other view (SimCLR Eq. 1). ``anchors``
+    averages over those images' views alone, still contrasted with all 2N (``nt_xent_per_image``)."""
+    return nt_xent_per_image(z1, z2, temperature, anchors).mean()
 
 
 class SimCLR(SSLMethod):
@@ -49,9 +57,15 @@ class SimCLR(SSLMethod):
     def eval_heads(self) -> dict[str, nn.Module]:
         return {"projector": self.projector}
 
+    def projections(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z1 = g(f(x1)), z2 = g(f(x2)): the two views' outputs that NT-Xent contrasts."""
+        return self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+
+    def stats(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"output_std": output_std(z1)}
+
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
-        x1, x2 = views
-        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        z1, z2 = self.projections(*views)
         pairs, mine = gather_with_grad(torch.stack([z1, z2], dim=1).float())  # [global batch, 2 views, d]
         loss = nt_xent(pairs[:, 0], pairs[:, 1], self.temperature, anchors=mine)
-        return StepOutput(loss, {"output_std": output_std(z1)})
+        return StepOutput(loss, self.stats(z1, z2))

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from imbssl.augment import Normalize
-from imbssl.config import EvalConfig, RunConfig
-from imbssl.data import DataError, load_indices, load_splits
+from imbssl.config import EvalConfig, RunConfig, few_shot_name, is_split_file
+from imbssl.data import DataError, load_indices, load_splits, read_split_file
 from imbssl.engine.checkpoint import CheckpointError, load_safe
 from imbssl.engine.divergence import divergence_signs, probe_disagreement, weight_norm
 from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.eval import (accuracy_report, balanced_labelled_split, cluster_statistics, extract_features, few_shot_set,
-                         knn_predict, linear_probe, relative_sizes, shots_per_class)
+                         knn_predict, linear_probe, relative_sizes, shots_per_class, split_per_class)
 from imbssl.methods import METHODS, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import load_backbone, resolve_device
@@ -60,8 +60,7 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
     pretrain_counts = np.bincount(train.labels[subset], minlength=len(train.classes))
     backbone.to(device)
 
-    size = eval_cfg.labelled_size or len(subset)
-    train_idx, val_idx = balanced_labelled_split(train.labels, size, eval_cfg.linear.val_fraction, eval_cfg.seed)
+    train_idx, val_idx = labelled_split(eval_cfg, train.labels, eval_cfg.labelled_size or len(subset))
 
     def features(images: np.ndarray) -> torch.Tensor:
         return extract_features(backbone, images, lambda x: normalize(x.to(device)), device=device)
@@ -78,11 +77,11 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
                    "val_top1": probe.val_acc, "selected": probe.best},
     }
     for spec in eval_cfg.few_shot:
-        shots = shots_per_class(spec, len(train.labels), num_classes)
-        few_idx = few_shot_set(train.labels, shots, val_idx, eval_cfg.seed)
+        few_idx = few_shot_indices(spec, train.labels, num_classes, val_idx, eval_cfg.seed)
+        shots = int(np.bincount(train.labels[few_idx], minlength=num_classes).min())
         few = linear_probe(features(train.images[few_idx]), train.labels[few_idx], val_x, val_y, test_x, num_classes,
                            eval_cfg.linear, eval_cfg.seed, device)
-        result.setdefault("few_shot", {})[spec] = {
+        result.setdefault("few_shot", {})[few_shot_name(spec)] = {
             **accuracy_report(few.test_pred, test.labels, pretrain_counts, train.classes), "shots_per_class": shots,
             "labelled_train": len(few_idx), "val_top1": few.val_acc, "selected": few.best}
     for k in eval_cfg.knn_k:
@@ -98,6 +97,36 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
     for warning in result["warnings"]:
         log.warning("%s: %s", run_dir.name, warning)
     return result
+
+
+def labelled_split(eval_cfg: EvalConfig, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The full-shot probe's (train, val) indices into the train split: a balanced set of ``size`` images cut per
+    class (the seeds' protocol), or split files (SDCLR's and BCL's: the labelled list, and their validation list
+    or a per-class cut of the labelled one)."""
+    if eval_cfg.labelled_index_file is None:
+        return balanced_labelled_split(labels, size, eval_cfg.linear.val_fraction, eval_cfg.seed)
+    labelled = read_split_file(eval_cfg.labelled_index_file, len(labels))
+    if eval_cfg.val_index_file is None:
+        return split_per_class(labels, labelled, eval_cfg.linear.val_fraction, eval_cfg.seed)
+    val = read_split_file(eval_cfg.val_index_file, len(labels))
+    _check_disjoint(labelled, val, f"eval.labelled_index_file {eval_cfg.labelled_index_file}")
+    return labelled, val
+
+
+def few_shot_indices(spec: str, labels: np.ndarray, num_classes: int, val_idx: np.ndarray, seed: int) -> np.ndarray:
+    """A few-shot probe's labelled images: a split file's, or a balanced set drawn outside the validation part."""
+    if is_split_file(spec):
+        few = read_split_file(spec, len(labels))
+        _check_disjoint(few, val_idx, f"the few-shot split file {spec}")
+        return few
+    return few_shot_set(labels, shots_per_class(spec, len(labels), num_classes), val_idx, seed)
+
+
+def _check_disjoint(labelled: np.ndarray, val: np.ndarray, what: str) -> None:
+    """A probe never selects its settings on its own training images."""
+    if (shared := np.intersect1d(labelled, val)).size:
+        raise DataError(f"{what} shares {shared.size} images with the probes' validation part (index "
+                        f"{int(shared[0])}): a probe would be selected on its own training images")
 
 
 def divergence_warnings(result: dict, backbone: torch.nn.Module, cfg: RunConfig, in_channels: int) -> list[str]:

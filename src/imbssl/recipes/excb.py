@@ -108,7 +108,7 @@ def write_report(exp: ExcbExperimentConfig, records: list[dict], ablation: ExcbE
     accuracy = [[titles[k], f"{sizes[k]:,}"] + [metric_cell(records, k, m, "linear.top1") for m in exp.methods]
                 for k in titles]
     lines = [f"# ExCB and its baselines on {describe_source(exp.base)}: mean ± std over {len(exp.seeds)} seed(s)", "",
-             f"Command: `{command}`", "", SIZES_NOTE, "",
+             f"Command: `{command}`", "", exp.protocol(), "", SIZES_NOTE, "",
              "## Linear top-1", "", markdown_table(["Subset", "N"] + exp.methods, accuracy), "",
              "## Linear top-1 by thirds of the classes (major / minor / rare by pre-training count)", "",
              thirds_table(records, titles, sizes, exp.methods, {}), ""]

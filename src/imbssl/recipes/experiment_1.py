@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from imbssl.config import ConfigError, RunConfig, SubsetConfig, build_config, deep_merge
+from imbssl.config import (ConfigError, EvalConfig, RunConfig, SubsetConfig, build_config, deep_merge,
+                           is_split_file)
 from imbssl.data import load_splits, select_subset
 from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
@@ -89,12 +90,24 @@ class Experiment1Config(BaseModel):
         """What a run of ``method`` sets over ``base.method``: the name; grids of variants of one method add more."""
         return {"name": method}
 
+    def run_section(self, method: str) -> dict:
+        """What a run of ``method`` sets over ``base``: its method section and optim keys; a grid whose variants
+        differ in more (the augmentation, an engine schedule) sets those too."""
+        return {"optim": self.method_optim.get(method, {}), "method": self.method_section(method)}
+
     def run_config(self, subset: NamedSubset, method: str, seed: int) -> RunConfig:
-        tree = deep_merge(self.base, {"name": f"{subset.key}/{method}/seed{seed}", "seed": seed,
-                                      "optim": self.method_optim.get(method, {}),
-                                      "method": self.method_section(method),
-                                      "data": {"subset": subset.subset.model_dump()}})
+        tree = deep_merge(deep_merge(self.base, self.run_section(method)),
+                          {"name": f"{subset.key}/{method}/seed{seed}", "seed": seed,
+                           "data": {"subset": subset.subset.model_dump()}})
         return build_config(tree, origin=f"experiment-1 run {subset.key}/{method}/seed{seed}")
+
+    def eval_settings(self) -> EvalConfig:
+        """The evaluation every run of the grid gets (``base.eval``)."""
+        return EvalConfig.model_validate(self.base.get("eval", {}))
+
+    def protocol(self) -> str:
+        """The CIFAR-LT protocol the grid follows, in words (``describe_protocol``), for its report."""
+        return describe_protocol(self.subsets[0].subset, self.eval_settings())
 
 
 def run_grid(exp: Experiment1Config, out_dir: Path) -> list[dict]:
@@ -191,6 +204,22 @@ def describe_source(base: dict) -> str:
     return data.get("source", "digits") + (f" ({Path(data['path']).name})" if data.get("path") else "")
 
 
+def describe_protocol(subset: SubsetConfig, ev: EvalConfig) -> str:
+    """Which CIFAR-LT protocol the runs follow, in words: mixing the two is a known source of unfair comparisons."""
+    if subset.profile == "index_file":
+        trained = f"SDCLR's and BCL's split files (pre-training on {Path(subset.index_file).name})"
+    else:
+        trained = "the seeds' (Cao et al.'s CIFAR-LT profiles, drawn from the whole training split)"
+    full = (f"the labelled list {Path(ev.labelled_index_file).name}" if ev.labelled_index_file
+            else "a balanced labelled set of N images")
+    val = (f"the validation list {Path(ev.val_index_file).name}" if ev.val_index_file
+           else f"{ev.linear.val_fraction:g} of the labelled set per class")
+    files = [Path(s).name for s in ev.few_shot if is_split_file(s)]
+    drawn = [s for s in ev.few_shot if not is_split_file(s)]
+    few = ", ".join(files + ([f"{', '.join(drawn)} (balanced, drawn outside the validation part)"] if drawn else []))
+    return f"Protocol: {trained}. Full-shot probe: {full}; few-shot probes: {few or 'none'}; probes selected on {val}."
+
+
 def describe_compute(records: list[dict]) -> str:
     """One line with the runs' summed pre-training and evaluation time and the hardware they ran on."""
     train_s = sum(r["pretrain_wall_s"] for r in records)
@@ -206,7 +235,7 @@ def write_report(exp: Experiment1Config, records: list[dict], out_dir: Path, com
     sizes, titles = subset_titles(exp.subsets, records)
     source = describe_source(exp.base)
     lines = [f"# Experiment I on {source}: linear top-1 (%), mean ± std over {seeds} seed(s)", "",
-             f"Command: `{command}`", ""]
+             f"Command: `{command}`", "", exp.protocol(), ""]
 
     header = ["Subset", "N"] + [METHOD_NAMES.get(m, m) for m in exp.methods]
     rows = [[titles[k], f"{sizes[k]:,}"] + [metric_cell(records, k, m, "linear.top1") for m in exp.methods]

@@ -71,12 +71,12 @@ def run_experiment(exp: Experiment2Config, out_dir: Path, baselines_dir: Path | 
     records = run_grid(exp, baselines_dir or out_dir)
     for subset in exp.subsets:
         if subset.key in exp.pipeline_subsets:
-            records += [_pipeline_record(exp, subset, variant, seed, out_dir) for variant in VARIANTS
+            records += [pipeline_record(exp, subset, variant, seed, out_dir) for variant in VARIANTS
                         for seed in exp.seeds]
     return records
 
 
-def _pipeline_record(exp: Experiment2Config, subset: NamedSubset, variant: str, seed: int, out_dir: Path) -> dict:
+def pipeline_record(exp: Experiment2Config, subset: NamedSubset, variant: str, seed: int, out_dir: Path) -> dict:
     """One pipeline's record for the tables, running (or resuming) it and evaluating its student first if needed."""
     cfg = exp.pipeline_config(subset, variant, seed)
     root = out_dir / "runs" / cfg.base.name
@@ -123,7 +123,7 @@ def write_report(exp: Experiment2Config, records: list[dict], out_dir: Path, com
     names = [METHOD_NAMES.get(m, m) for m in methods]
     paper = shows_paper_columns(exp.base, records)
     lines = [f"# Experiment II on {describe_source(exp.base)}: linear top-1 (%), mean ± std over "
-             f"{len(exp.seeds)} seed(s)", "", f"Command: `{command}`", ""]
+             f"{len(exp.seeds)} seed(s)", "", f"Command: `{command}`", "", exp.protocol(), ""]
     if not paper:
         lines += [PAPER_LEFT_OUT.format(source=describe_source(exp.base)), ""]
     rows = [[titles[k], f"{sizes[k]:,}"] + [metric_cell(records, k, m, "linear.top1") for m in methods]

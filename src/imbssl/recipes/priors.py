@@ -98,7 +98,7 @@ def write_report(exp: PriorsExperimentConfig, records: list[dict], out_dir: Path
                 for k in titles]
     clustering = [m for m in exp.methods if any("clusters" in r for r in records if r["method"] == m)]
     lines = [f"# Cluster priors on {describe_source(exp.base)}: mean ± std over {len(exp.seeds)} seed(s)", "",
-             f"Command: `{command}`", "", NOTE, "",
+             f"Command: `{command}`", "", exp.protocol(), "", NOTE, "",
              "## Linear top-1", "", markdown_table(["Subset", "N"] + exp.methods, accuracy), "",
              "## Linear top-1 by thirds of the classes (major / minor / rare by pre-training count)", "",
              thirds_table(records, titles, sizes, exp.methods, {}), "",
