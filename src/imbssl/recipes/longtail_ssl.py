@@ -47,11 +47,12 @@ NAMES = {"simclr": "SimCLR", "simclr-ts": "SimCLR+TS", "sdclr": "SDCLR", "bcl-i"
          "simsiam": "SimSiam", "excb": "ExCB", "pmsn": "PMSN", PIPELINE: "SimSiam+C+D"}
 
 #: BCL's README (MediaBrain-SJTU/BCL at a2342f8): linear top-1 (%) on CIFAR-100-LT split 1, ResNet-18, 2,000 epochs,
-#: BCL's protocol (a rho=100 tail of a 40k pool; full-shot on the 40k, 100/50-shot on its split files); one run
+#: BCL's protocol (a rho=100 tail drawn outside a 5k validation list; full-shot on the 40k train list, 100/50-shot on
+#: its split files); one run
 PUBLISHED = {"simclr": (50.7, 46.3, 42.4), "sdclr": (55.0, 49.7, 45.6), "bcl-i": (55.7, 50.1, 45.8),
              "bcl-d": (58.7, 52.6, 48.7)}
 PUBLISHED_SETTING = "BCL README, CIFAR-100-LT split 1, BCL's protocol, ResNet-18, 2,000 ep"
-#: the order the papers find, worst to best (SDCLR's and BCL's tables agree)
+#: the order the papers report, worst to best (SDCLR's paper: SDCLR over SimCLR; BCL's README: all four)
 PUBLISHED_ORDER = ("simclr", "sdclr", "bcl-i", "bcl-d")
 
 
