@@ -42,13 +42,16 @@ def balanced_labelled_split(
             "(need one for training and one for validation)"
         )
     rng = np.random.default_rng(seed)
-    train, val = [], []
-    for cls, n in zip(classes, quota):
-        chosen = rng.permutation(np.flatnonzero(labels == cls))[:n]
-        n_val = _val_count(int(n), val_fraction)
-        val.append(chosen[:n_val])
-        train.append(chosen[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    return _cut_per_class([rng.permutation(np.flatnonzero(labels == cls))[:n] for cls, n in zip(classes, quota)],
+                          val_fraction)
+
+
+def _cut_per_class(members: list[np.ndarray], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each class's shuffled labelled images: the first ``_val_count`` validate, the rest train; sorted
+    ``(train_idx, val_idx)``."""
+    cuts = [_val_count(len(m), val_fraction) for m in members]
+    return (np.sort(np.concatenate([m[n:] for m, n in zip(members, cuts)])),
+            np.sort(np.concatenate([m[:n] for m, n in zip(members, cuts)])))
 
 
 def split_per_class(labels: np.ndarray, labelled: np.ndarray, val_fraction: float,
@@ -56,17 +59,12 @@ def split_per_class(labels: np.ndarray, labelled: np.ndarray, val_fraction: floa
     """A given labelled set (a split file's) cut per class into train / val as ``balanced_labelled_split`` cuts
     the sets it draws: sorted, disjoint ``(train_idx, val_idx)`` indices into the pool."""
     labels, labelled = np.asarray(labels), np.asarray(labelled, dtype=np.int64)
+    classes, counts = np.unique(labels[labelled], return_counts=True)
+    if (counts < 2).any():
+        raise ValueError(f"the labelled set holds {counts.min()} image of class {classes[counts.argmin()]}: a class "
+                         f"needs one to train the probe and one to validate it")
     rng = np.random.default_rng(seed)
-    train, val = [], []
-    for cls in np.unique(labels[labelled]):
-        members = rng.permutation(labelled[labels[labelled] == cls])
-        if len(members) < 2:
-            raise ValueError(f"the labelled set holds {len(members)} image of class {cls}: a class needs one to "
-                             f"train the probe and one to validate it")
-        n_val = _val_count(len(members), val_fraction)
-        val.append(members[:n_val])
-        train.append(members[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    return _cut_per_class([rng.permutation(labelled[labels[labelled] == cls]) for cls in classes], val_fraction)
 
 
 def held_out_validation(labels: np.ndarray, subset: np.ndarray, per_class: int,

@@ -25,12 +25,12 @@ from torch import nn
 
 from imbssl.augment.randaugment import MAX_STRENGTH, RandAugment
 from imbssl.config import MethodConfig
-from imbssl.engine.distributed import gather, gather_with_grad
+from imbssl.engine.distributed import gather
 from imbssl.engine.task import MakeView
 from imbssl.eval.metrics import thirds_of_classes
-from imbssl.methods.base import OptimDefaults, StepOutput
+from imbssl.methods.base import OptimDefaults
 from imbssl.methods.sdclr import SDCLR
-from imbssl.methods.simclr import SimCLR, nt_xent_per_image
+from imbssl.methods.simclr import SimCLR
 
 
 @torch.no_grad()
@@ -52,15 +52,11 @@ def boost_weights(momentum_loss: torch.Tensor) -> torch.Tensor:
 
 
 class BoostedContrast:
-    """BCL's memory and boosted views over a contrastive method's ``projections`` (SimCLR's or SDCLR's)."""
+    """BCL's memory (SimCLR's ``remember`` hook) and boosted views, over SimCLR or SDCLR."""
 
     num_ops: ClassVar[int]
     min_strength: ClassVar[float]
     strength_drawn: ClassVar[bool]  # m = min + (30 - min) w u, u drawn per image (BCL-D), or without u (BCL-I)
-
-    projections: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    stats: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
-    temperature: float
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
         super().__init__(backbone, cfg)
@@ -98,15 +94,11 @@ class BoostedContrast:
         boost = RandAugment(self.num_ops, self.strength(weight, generator), prob=weight)
         return make_views(images, generator, rows, boost=boost)
 
-    def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
-        z1, z2 = self.projections(*views)
-        pairs, mine = gather_with_grad(torch.stack([z1, z2], dim=1).float())
-        per_image = nt_xent_per_image(pairs[:, 0], pairs[:, 1], self.temperature, anchors=mine)
-        # the whole global batch's losses, so every process keeps the same memory
+    def remember(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        """M of the step's images, from the whole global batch's losses, so every process keeps the same memory."""
         batch = gather(indices)
-        self.momentum_loss[batch] = momentum_loss_update(self.momentum_loss[batch], gather(per_image.detach()),
-                                                         self.beta, first_epoch=self.epoch == 0)
-        return StepOutput(per_image.mean(), self.stats(z1, z2))
+        self.momentum_loss[batch] = momentum_loss_update(self.momentum_loss[batch], gather(losses), self.beta,
+                                                         first_epoch=self.epoch == 0)
 
     def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
         """The mean w that the next epoch gives each third of the classes (labels watch, never train): does BCL

@@ -64,8 +64,12 @@ class SimCLR(SSLMethod):
     def stats(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"output_std": output_std(z1)}
 
+    def remember(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        """This process's images (``indices``) and their NT-Xent this step: for a method that tracks it (BCL)."""
+
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
         z1, z2 = self.projections(*views)
         pairs, mine = gather_with_grad(torch.stack([z1, z2], dim=1).float())  # [global batch, 2 views, d]
-        loss = nt_xent(pairs[:, 0], pairs[:, 1], self.temperature, anchors=mine)
-        return StepOutput(loss, self.stats(z1, z2))
+        losses = nt_xent_per_image(pairs[:, 0], pairs[:, 1], self.temperature, anchors=mine)
+        self.remember(indices, losses.detach())
+        return StepOutput(losses.mean(), self.stats(z1, z2))

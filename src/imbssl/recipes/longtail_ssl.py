@@ -23,6 +23,7 @@ from imbssl.config import OptimConfig, SubsetConfig, deep_merge, few_shot_name
 from imbssl.recipes.experiment_1 import (NamedSubset, describe_compute, describe_source, metric_cell,
                                          run_grid, subset_titles)
 from imbssl.recipes.experiment_2 import Experiment2Config, pipeline_record
+from imbssl.recipes.priors import paired
 from imbssl.recipes.ssp import verdict
 from imbssl.report import format_mean_std, markdown_table
 
@@ -133,13 +134,6 @@ def published_table(exp: LongtailSSLConfig) -> str:
     return markdown_table(["method", *(f"published: {p}" for p in ("full-shot", "100-shot", "50-shot"))], rows)
 
 
-def paired_lead(records: list[dict], subset: str, method: str, other: str, value) -> dict[int, float]:
-    """seed -> value(method) - value(other), the two runs at the same seed on ``subset``."""
-    runs = {(r["method"], r["seed"]): value(r) for r in records if r["subset"] == subset}
-    return {seed: v - runs[(other, seed)] for (m, seed), v in runs.items()
-            if m == method and runs.get((other, seed)) is not None and v is not None}
-
-
 def ranking(exp: LongtailSSLConfig, records: list[dict], subset: str, value) -> list[str]:
     """The methods, best first, by their mean over seeds."""
     means = {m: [v for r in records if r["subset"] == subset and r["method"] == m if (v := value(r)) is not None]
@@ -156,7 +150,7 @@ def verdict_lines(exp: LongtailSSLConfig, records: list[dict], subset: str) -> l
         order = ranking(exp, records, subset, value)
         if len(order) < 2:
             continue
-        lead = verdict(paired_lead(records, subset, order[0], order[1], value))
+        lead = verdict(paired(records, subset, order[0], order[1], value))
         lines.append(f"- {probe}: {NAMES.get(order[0], order[0])} leads {NAMES.get(order[1], order[1])} by {lead}; "
                      f"order {' > '.join(NAMES.get(m, m) for m in order)}")
         ours = [m for m in reversed(order) if m in PUBLISHED_ORDER]

@@ -62,10 +62,11 @@ class PriorsExperimentConfig(ExcbExperimentConfig):
 
 
 def paired(records: list[dict], subset: str, method: str, baseline: str, value) -> dict[int, float]:
-    """seed -> value(method's run) - value(baseline's run) on ``subset``."""
-    runs = {(r["method"], r["seed"]): r for r in records if r["subset"] == subset}
-    return {seed: value(runs[(method, seed)]) - value(runs[(baseline, seed)])
-            for (m, seed) in sorted(runs) if m == method and (baseline, seed) in runs}
+    """seed -> value(method's run) - value(baseline's run) on ``subset``; seeds where either lacks the value (None)
+    are left out."""
+    runs = {(r["method"], r["seed"]): value(r) for r in records if r["subset"] == subset}
+    return {seed: v - runs[(baseline, seed)] for (m, seed), v in sorted(runs.items())
+            if m == method and v is not None and runs.get((baseline, seed)) is not None}
 
 
 def verdict_lines(exp: PriorsExperimentConfig, records: list[dict], titles: dict[str, str]) -> list[str]:
