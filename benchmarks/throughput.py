@@ -57,7 +57,8 @@ class Bench:
 
     def step(self, views: list[torch.Tensor], indices: torch.Tensor) -> float:
         """The Trainer's optimizer step, without its LR schedule, NaN check and checkpoints."""
-        return optimizer_step(self.method, self.optimizer, views, indices, self.precision, self.channels_last).loss.item()
+        out = optimizer_step(self.method, self.optimizer, views, indices, self.precision, self.channels_last)
+        return out.loss.item()
 
 
 def sync(device: torch.device) -> None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from imbssl.config import build_config
+from imbssl.config import SupervisedConfig, build_config, validate_tree
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
 
 torch.set_num_threads(2)
@@ -27,6 +27,22 @@ def tiny_cfg(tmp_path):
             else:
                 tree[section] = values
         return build_config(tree)
+    return make
+
+
+@pytest.fixture
+def sup_cfg(tmp_path):
+    """A seconds-long supervised run on digits-LT (p=10) with the small CNN (ResNet-32 learns 8x8 digits slowly)."""
+    def make(**sections):
+        tree = {"name": "sup", "out_dir": str(tmp_path / "runs"),
+                "data": {"source": "digits", "cache_dir": str(tmp_path / "cache"),
+                         "subset": {"profile": "exp", "imbalance": 10}},
+                "model": {"backbone": "small_cnn", "width": 0.5},
+                "optim": {"batch_size": 64, "epochs": 6, "warmup_epochs": 1, "milestones": [5], "lr_factors": [0.1]},
+                "augment_pad": 0, "train": {"progress": False}, "eval": {"val_per_class": 5}}
+        for section, values in sections.items():
+            tree[section] = {**tree.get(section, {}), **values} if isinstance(values, dict) else values
+        return validate_tree(SupervisedConfig, tree)
     return make
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from imbssl.augment import PadCropFlip
-from imbssl.config import ConfigError, LossConfig, SupervisedConfig, validate_tree
+from imbssl.config import ConfigError, LossConfig
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.optim import step_factor
 from imbssl.engine.runlog import read_metrics
@@ -152,22 +152,6 @@ def test_validation_is_balanced_and_prefers_images_outside_the_subset():
 
 
 # -- imbssl train, end to end -----------------------------------------------------------------------
-@pytest.fixture
-def sup_cfg(tmp_path):
-    """A seconds-long supervised run on digits-LT (p=10) with the small CNN (ResNet-32 learns 8x8 digits slowly)."""
-    def make(**sections):
-        tree = {"name": "sup", "out_dir": str(tmp_path / "runs"),
-                "data": {"source": "digits", "cache_dir": str(tmp_path / "cache"),
-                         "subset": {"profile": "exp", "imbalance": 10}},
-                "model": {"backbone": "small_cnn", "width": 0.5},
-                "optim": {"batch_size": 64, "epochs": 6, "warmup_epochs": 1, "milestones": [5], "lr_factors": [0.1]},
-                "augment_pad": 0, "train": {"progress": False}, "eval": {"val_per_class": 5}}
-        for section, values in sections.items():
-            tree[section] = {**tree.get(section, {}), **values} if isinstance(values, dict) else values
-        return validate_tree(SupervisedConfig, tree)
-    return make
-
-
 def epoch_records(run_dir) -> list[dict]:
     return [r for r in read_metrics(run_dir) if "epoch/loss" in r]
 
@@ -254,3 +238,30 @@ def test_a_deferral_after_the_last_epoch_is_refused(sup_cfg):
         sup_cfg(loss={"deferral": "drs", "defer_epoch": 9})
     with pytest.raises(ConfigError, match="milestones"):
         sup_cfg(optim={"milestones": [2, 9], "lr_factors": [0.1, 0.01]})
+
+
+def test_ssp_runs_borrow_another_recipes_backbone_only_when_it_saw_the_same_images(tiny_cfg, tmp_path):
+    from imbssl.recipes.ssp import SSPExperimentConfig
+
+    def grid(width: float, subset: dict | None = None) -> SSPExperimentConfig:
+        data = {"source": "digits", "cache_dir": str(tmp_path / "cache"), **({"subset": subset} if subset else {})}
+        return SSPExperimentConfig(
+            seeds=[0, 1], imbalances=[10], rows=["ce"], ssp=["none", "simsiam"],
+            base={"data": data, "model": {"backbone": "small_cnn", "width": width},
+                  "optim": {"epochs": 2, "milestones": [], "lr_factors": []}, "augment_pad": 0},
+            ssp_runs={"simsiam": str(tmp_path / "experiment-1" / "p{rho:g}" / "seed{seed}")})
+
+    exp = grid(0.25)
+    other = tmp_path / "experiment-1" / "p10" / "seed0"
+    pretrain(tiny_cfg(data={"subset": {"profile": "exp", "imbalance": 10}}, optim={"epochs": 1}), other)
+    assert exp.ssp_backbone("simsiam", 10, 0, tmp_path / "runs") == other / BACKBONE_FILE
+    assert not (tmp_path / "runs").exists()  # used as it is, nothing re-trained
+    with pytest.raises(ConfigError, match="ssp_runs.simsiam: no backbone.pt in .*seed1"):
+        exp.ssp_backbone("simsiam", 10, 1, tmp_path / "runs")
+    with pytest.raises(ConfigError, match="differs from the classifier's run in model$"):
+        grid(0.5).ssp_backbone("simsiam", 10, 0, tmp_path / "runs")
+    with pytest.raises(ConfigError, match="in data.subset"):
+        grid(0.25, {"profile": "exp", "imbalance": 10, "seed": 3}).ssp_backbone("simsiam", 10, 0, tmp_path / "runs")
+    with pytest.raises(ValueError, match="ssp_runs \\['rotation'\\] name no pre-training method"):
+        SSPExperimentConfig(ssp=["none"], ssp_runs={"rotation": "x"}, seeds=[0], imbalances=[10], rows=["ce"],
+                            base={"data": {"source": "digits"}})

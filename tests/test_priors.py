@@ -84,9 +84,11 @@ def test_masking_drops_the_requested_share_of_tokens_seeded(ratio):
     assert kept.shape == (5, 16 - round(ratio * 16)) and torch.equal(kept, kept_tokens(5, 16, ratio, gen()))
     assert all(len(set(row.tolist())) == kept.shape[1] for row in kept)
     images = torch.ones(5, 3, 8, 8)
-    masked = mask_patches(images, ratio, 2, gen())  # a 4 x 4 grid of 2-pixel cells
+    masked = mask_patches(images, kept, 2)  # a 4 x 4 grid of 2-pixel cells, row-major
     dropped_cells = (masked[:, 0] == 0).float().sum((1, 2)) / 4
     assert dropped_cells.tolist() == [round(ratio * 16)] * 5
+    cells = masked[:, 0, ::2, ::2].flatten(1)  # one pixel of each cell
+    assert all(set(row.nonzero().flatten().tolist()) == set(k.tolist()) for row, k in zip(cells, kept))
 
 
 def tiny_msn(**method):

@@ -7,7 +7,8 @@ from matplotlib.figure import Figure
 
 from imbssl.eval import accuracy_report
 from imbssl.recipes.experiment_1 import Experiment1Config, paper_subsets, write_report
-from imbssl.report import format_mean_std, markdown_table, mean_std, plot_class_distributions, plot_per_class_accuracy
+from imbssl.report import (format_mean_std, markdown_table, mean_std, paired_difference, plot_class_distributions,
+                           plot_per_class_accuracy, verdict)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -17,6 +18,19 @@ def test_mean_std_uses_sample_std():
     assert mean_std([81.16]) == (81.16, 0.0)
     with pytest.raises(ValueError):
         mean_std([])
+
+
+def test_paired_difference_pairs_by_seed_and_skips_missing_sides():
+    ours, theirs = {0: 52.0, 1: 50.5, 2: None, 3: 49.0}, {0: 51.0, 1: 51.0, 2: 50.0, 4: 48.0}
+    assert paired_difference(ours, theirs) == {0: 1.0, 1: -0.5}  # seed 2 has no value of ours, 3 and 4 no pair
+
+
+def test_verdict_counts_seed_stds():
+    assert verdict({0: 2.0, 1: 2.2}) == "+2.10 ± 0.14 points (14.8 seed stds): holds"
+    assert verdict({0: -2.0, 1: -2.2}).endswith("the opposite holds")
+    assert verdict({0: 1.0, 1: -0.4}) == "+0.30 ± 0.99 points (0.3 seed stds): not shown at this scale"
+    assert verdict({0: 1.0}) == "+1.00 points (one seed: no std, not shown)"
+    assert verdict({}) == "not measured"
 
 
 def test_format_mean_std():

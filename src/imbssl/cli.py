@@ -87,7 +87,8 @@ class OneLineErrors(click.Group):
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-@click.option("--debug", is_flag=True, envvar="IMBSSL_DEBUG", help="show the traceback of a failure (or IMBSSL_DEBUG=1)")
+@click.option("--debug", is_flag=True, envvar="IMBSSL_DEBUG",
+              help="show the traceback of a failure (or IMBSSL_DEBUG=1)")
 def cli(verbose: bool, debug: bool) -> None:
     """Self-supervised pre-training on class-imbalanced image data."""
     _setup_logging(verbose)
@@ -273,10 +274,14 @@ def train(config: str, overrides: tuple[str, ...], data_path: str | None, init_f
     given = [f"data.path={json.dumps(data_path)}"] if data_path else []
     given += [f"init_from={json.dumps(init_from)}"] if init_from else []
     cfg = load_config(_config_file(config, folder=TRAIN_CONFIG_DIR), (*given, *overrides), schema=SupervisedConfig)
+    from imbssl.engine.distributed import is_main, process_group
     from imbssl.pipelines.train import TRAIN_FILE, train as run_train
 
     _offer_resume(add_flag=True)
-    out = run_train(cfg, Path(run_dir) if run_dir else None, resume=resume)
+    with process_group(cfg.train.device, cfg.train.dist_timeout_s):
+        out = run_train(cfg, Path(run_dir) if run_dir else None, resume=resume)
+        if not is_main():  # rank 0 reports
+            return
     result = json.loads((out / TRAIN_FILE).read_text())
     test = result["test"]
     click.echo(f"{result['reported']}: test top-1 {test['top1']:.2f} (error {test['error']:.2f}), epoch "

@@ -217,7 +217,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last epoch is always saved)")
     checkpoint_every_s: float = Field(300.0, gt=0, description="also checkpoint at the end of any epoch that ends "
                                                                "this many seconds after the last checkpoint")
-    collapse_warn_below: float = Field(0.1, ge=0, description="warn when std*sqrt(d) of l2-normalised outputs falls below")
+    collapse_warn_below: float = Field(0.1, ge=0,
+                                       description="warn when std*sqrt(d) of l2-normalised outputs falls below")
     log_every: int = Field(10, ge=1, description="steps between metric records (and NaN checks)")
     progress: bool = True
     sync_batchnorm: bool = Field(False, description="under torchrun: BatchNorm statistics over the global batch "

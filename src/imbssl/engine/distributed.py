@@ -7,7 +7,8 @@ How a step is shared (docs/scale-out.md): every process draws the same seeded gl
 rows of it (``rank_rows``) and weights its loss by its share of the batch; the gradients are then summed over
 processes (``sum_gradients``), which makes them the gradient of the loss of the whole global batch. Whatever couples
 the images of a batch crosses processes too: BatchNorm statistics (``convert_sync_batchnorm``), SimCLR's negatives
-(``gather_with_grad``), ExCB's cluster histogram (``sum_over_processes``), MoCo's keys (``gather``).
+(``gather_with_grad``), ExCB's cluster histogram (``sum_over_processes``), MoCo's keys (``gather``), MSN's mean
+prediction (``batch_mean_with_grad``) and masks (``place_in_global_batch``).
 """
 from __future__ import annotations
 
@@ -146,12 +147,30 @@ def batch_mean(x: torch.Tensor) -> torch.Tensor:
     return (total[:-1] / total[-1]).view(x.shape[1:])
 
 
-def mean_over_processes_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """The mean of ``x`` over all processes, the gradient flowing back to every process's ``x`` (MSN's mean
-    prediction); ``x`` itself on one process."""
-    if is_distributed():
-        return all_reduce(x) / dist.get_world_size()
-    return x
+def batch_mean_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean(0)`` over the rows of every process together, the gradient flowing back to every process's rows
+    (MSN's mean prediction p_bar): the global batch's mean however unevenly it is split."""
+    if not is_distributed():
+        return x.mean(0)
+    return all_reduce(x.sum(0)) / sum_over_processes(x.new_tensor(float(len(x))))
+
+
+def _row_counts(rows: int, device: torch.device) -> list[int]:
+    """How many rows each process holds, in rank order."""
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([rows], device=device))
+    return [int(c) for c in counts]
+
+
+def place_in_global_batch(rows: int, device: torch.device) -> tuple[int, slice]:
+    """(the global batch's size, where this process's ``rows`` lie in it) when each process holds contiguous rows
+    in rank order; ``(rows, all of them)`` on one process. For what a method draws per image itself (MSN's masks):
+    drawn for the global batch and sliced, it does not depend on how the batch is split."""
+    if not is_distributed():
+        return rows, slice(0, rows)
+    counts = _row_counts(rows, device)
+    start = sum(counts[:rank()])
+    return sum(counts), slice(start, start + rows)
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, slice]:
@@ -163,9 +182,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, slice]:
     """
     if not is_distributed():
         return x, slice(0, len(x))
-    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([len(x)], device=x.device))
-    counts = [int(c) for c in counts]
+    counts = _row_counts(len(x), x.device)
     padded = torch.cat([x, x.new_zeros(max(counts) - len(x), *x.shape[1:])])
     parts = [part[:count] for part, count in zip(all_gather(padded), counts)]
     start = sum(counts[:rank()])

@@ -7,7 +7,8 @@ re-balancing schedules of the LDAM-DRW recipe are its epoch hooks:
 - DRS (deferred re-sampling): class-balanced batches from ``defer_epoch`` on;
 - cRT (Kang et al. 2020): a frozen backbone and a new classifier, trained on class-balanced batches.
 
-Checkpoints, logs, schedules, NaN checks and resume are the SSL engine's, unchanged.
+Checkpoints, logs, schedules, NaN checks, resume and data-parallel training are the SSL engine's, unchanged; a
+class-weighted loss tells the engine its mean's weight (``StepOutput.weight``), so it splits over processes exactly.
 """
 from __future__ import annotations
 
@@ -107,11 +108,21 @@ class LongTailClassifier(TrainingTask):
             return logit_adjusted_loss(logits, target, self.prior, cfg.la_tau, weight, sample_weight)
         return cross_entropy(logits, target, weight, sample_weight)
 
+    def mean_weight(self, target: Tensor) -> Tensor | None:
+        """sum_i w_yi, the denominator of the class-weighted losses' mean (CE, LDAM, LA: PyTorch's weighted mean);
+        None where the loss is a plain mean over the images (no class weights, or focal, whose weights only scale
+        its terms)."""
+        if self.class_weight is None or self.cfg.name == "focal":
+            return None
+        return self.class_weight[target].sum()
+
     def training_step(self, views: list[Tensor], indices: Tensor) -> StepOutput:
         logits, target = self(views[0]), self.labels[indices]
         sample_weight = None if self.sample_weight is None else self.sample_weight[indices]
         loss = self.loss(logits.float(), target, sample_weight)
-        return StepOutput(loss, {"train_acc": (logits.argmax(1) == target).float().mean().detach() * 100})
+        return StepOutput(loss, {"train_acc": (logits.argmax(1) == target).float().mean().detach() * 100},
+                          weight=self.mean_weight(target))
 
     def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
-        return {"class_weighted": float(self.class_weight is not None), "class_balanced_sampling": float(self.balanced_now)}
+        return {"class_weighted": float(self.class_weight is not None),
+                "class_balanced_sampling": float(self.balanced_now)}

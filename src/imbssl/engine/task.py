@@ -15,8 +15,16 @@ MakeView = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 @dataclass
 class StepOutput:
+    """A step's loss, a mean over the task's rows, and its statistics.
+
+    ``weight`` is for a loss that is a weighted mean, sum_i w_i l_i / sum_i w_i (class-weighted CE): the sum of
+    this process's w_i. Under several processes the loss is then shared by its part of the global weight rather
+    than of the global rows, so that the gradient is the global batch's weighted mean's. None for a plain mean.
+    """
+
     loss: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars; the engine syncs them rarely
+    weight: torch.Tensor | None = None
 
 
 class TrainingTask(nn.Module):
@@ -37,7 +45,8 @@ class TrainingTask(nn.Module):
         """The optimizer's parameter groups: one of every trainable parameter unless a part needs its own settings."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
-    def epoch_batches(self, num_images: int, num_batches: int, epoch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    def epoch_batches(self, num_images: int, num_batches: int, epoch: int,
+                      generator: torch.Generator) -> list[torch.Tensor]:
         """The epoch's batches of indices into the training images: near-equal batches of a random permutation,
         which cover every image once, so none is dropped and no tail batch is so small that BatchNorm
         statistics (or SimCLR's negatives) degenerate."""

@@ -87,18 +87,21 @@ def optimizer_step(method: TrainingTask, optimizer: Optimizer, views: list[torch
     ``share`` is this process's part of the global batch (1 on one process). A method's loss is a mean over its
     rows, so weighting it by the share and summing the gradients over processes gives the gradient of the global
     batch's mean loss, whatever the split; the loss and statistics returned are the global batch's the same way.
+    A weighted mean (``StepOutput.weight``) is shared by its part of the global weight instead.
     """
     if channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = method.training_step(views, indices)
     loss = out.loss.float()
+    loss_share = share if out.weight is None else out.weight.float() / sum_over_processes(out.weight.float())
     optimizer.zero_grad(set_to_none=True)
-    (loss * share).backward()
+    (loss * loss_share).backward()
     sum_gradients(p for group in optimizer.param_groups for p in group["params"])
     optimizer.step()
     # One all-reduce for the figures together: every process then sees the same loss and stops together on a NaN.
-    figures = sum_over_processes(torch.stack([loss.detach(), *(v.float() for v in out.stats.values())]) * share)
+    figures = sum_over_processes(torch.stack([loss.detach() * loss_share,
+                                              *(v.float() * share for v in out.stats.values())]))
     return StepOutput(figures[0], dict(zip(out.stats, figures[1:])))
 
 

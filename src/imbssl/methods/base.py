@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imbssl.engine.task import StepOutput, TrainingTask  # StepOutput: what every method module returns
+from imbssl.engine.task import StepOutput, TrainingTask
+
+#: StepOutput is re-exported: what every method module's step returns
+__all__ = ["OptimDefaults", "SSLMethod", "StepOutput", "output_std", "weight_decay_groups"]
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
-from imbssl.augment.masking import kept_tokens, mask_patches
+from imbssl.augment.masking import grid_cells, kept_tokens, mask_patches
 from imbssl.config import MethodConfig
-from imbssl.engine.distributed import mean_over_processes_with_grad
+from imbssl.engine.distributed import batch_mean_with_grad, place_in_global_batch, sum_over_processes
 from imbssl.engine.optim import ema_momentum, ema_update
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std, weight_decay_groups
 from imbssl.methods.excb import CosineCentroids
@@ -46,11 +46,12 @@ def me_max(p_bar: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sinkhorn(p: torch.Tensor, iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
-    """[B, K] rows that sum to 1 whose columns sum to B/K: equal-sized clusters (Cuturi 2013, as SwAV and MSN)."""
-    q = p.T / p.sum()
-    num_clusters, batch = q.shape
+    """[B, K] rows that sum to 1 whose columns sum to B/K: equal-sized clusters (Cuturi 2013, as SwAV and MSN).
+    B and the column sums are the global batch's when several processes share it."""
+    q = p.T / sum_over_processes(p.sum())
+    num_clusters, batch = q.shape[0], sum_over_processes(p.new_tensor(float(len(p))))
     for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / num_clusters
+        q = q / sum_over_processes(q.sum(dim=1, keepdim=True)) / num_clusters
         q = q / q.sum(dim=0, keepdim=True) / batch
     return (q * batch).T
 
@@ -60,7 +61,7 @@ def msn_loss(p_target: torch.Tensor, logits_anchor: torch.Tensor, prior: torch.T
     """(H(p_t, p_a) + lambda KL(p_bar || pi), p_bar) for targets [B, K] and anchors [A, B, K] (A views each)."""
     log_p_anchor = F.log_softmax(logits_anchor, dim=-1)
     cross_entropy = -(p_target.unsqueeze(0) * log_p_anchor).sum(-1).mean()
-    p_bar = mean_over_processes_with_grad(log_p_anchor.exp().mean(dim=(0, 1)))
+    p_bar = batch_mean_with_grad(log_p_anchor.exp().flatten(0, 1))
     return cross_entropy + weight * prior_matching(p_bar, prior), p_bar
 
 
@@ -89,19 +90,33 @@ class MSN(SSLMethod):
         seed = (torch.initial_seed() * 1_000_003 + int(self.steps_done)) % 2**63
         return torch.Generator(device=device).manual_seed(seed)
 
-    def encode_anchor(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """f(mask(x)): a ViT drops a share of its tokens, any other backbone gets zeroed input patches."""
-        if getattr(self.backbone, "supports_token_drop", False):
-            patch = self.backbone.patch
-            num_tokens = (x.shape[2] // patch) * (x.shape[3] // patch)
-            return self.backbone(x, kept_tokens(len(x), num_tokens, self.cfg.mask_ratio, generator))
-        return self.backbone(mask_patches(x, self.cfg.mask_ratio, self.cfg.mask_patch, generator))
+    @property
+    def drops_tokens(self) -> bool:
+        return getattr(self.backbone, "supports_token_drop", False)
+
+    def num_patches(self, x: torch.Tensor) -> int:
+        """What the mask chooses among in view ``x``: a ViT's patch tokens, or the cells of a CNN's mask grid."""
+        if self.drops_tokens:
+            return (x.shape[2] // self.backbone.patch) * (x.shape[3] // self.backbone.patch)
+        return grid_cells(x.shape[2], x.shape[3], self.cfg.mask_patch)
+
+    def anchor_masks(self, anchor_views: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+        """The kept patches of each anchor view, this process's rows of masks drawn for the global batch: the
+        masks of an image do not depend on how many processes share its batch."""
+        batch, mine = place_in_global_batch(len(anchor_views[0]), anchor_views[0].device)
+        return [kept_tokens(batch, self.num_patches(x), self.cfg.mask_ratio, generator)[mine] for x in anchor_views]
+
+    def encode_anchor(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """f(mask(x)): a ViT encodes its ``kept`` tokens only, any other backbone gets the other patches zeroed."""
+        if self.drops_tokens:
+            return self.backbone(x, kept)
+        return self.backbone(mask_patches(x, kept, self.cfg.mask_patch))
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
         target_view, anchor_views, focal_views = views[0], views[1:self.num_views], views[self.num_views:]
         p_target = self.target_predictions(target_view)
-        generator = self.mask_generator(target_view.device)
-        anchors = [self.projector(self.encode_anchor(x, generator)) for x in anchor_views]
+        masks = self.anchor_masks(anchor_views, self.mask_generator(target_view.device))
+        anchors = [self.projector(self.encode_anchor(x, kept)) for x, kept in zip(anchor_views, masks, strict=True)]
         anchors += [self.projector(self.backbone(x)) for x in focal_views]
         logits = torch.stack([self.prototypes(z) for z in anchors]) / self.cfg.anchor_temperature
         loss, p_bar = msn_loss(p_target, logits, self.prior, self.cfg.regularization_weight)

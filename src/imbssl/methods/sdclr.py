@@ -81,7 +81,8 @@ class SDCLR(SimCLR):
         return {name: getattr(self, _mask_name(name)) for name in self.prunable()}
 
     def on_epoch_start(self, epoch: int) -> None:
-        """Re-prune from the current dense weights (SDCLR re-prunes every epoch); buffers, so a checkpoint holds them."""
+        """Re-prune from the current dense weights (SDCLR re-prunes every epoch); the masks are buffers, so a
+        checkpoint holds them."""
         for name, mask in global_magnitude_masks(self.prunable(), self.prune_ratio).items():
             getattr(self, _mask_name(name)).copy_(mask)
 

@@ -44,7 +44,8 @@ def describe_hardware(device: torch.device) -> str:
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
         model = names[0] if names else model
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
@@ -73,7 +74,8 @@ def set_determinism(deterministic: bool) -> None:
 def determinism() -> dict:
     """The settings ``set_determinism`` controls, as they are now."""
     return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-            "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
 
 
@@ -110,7 +112,8 @@ def load_pretrain_data(cfg: DataConfig, indices: np.ndarray | None = None) -> Pr
     return PretrainData(splits, np.asarray(indices, dtype=np.int64))
 
 
-def save_backbone(backbone: nn.Module, normalize: Normalize, path: Path, heads: dict[str, nn.Module] | None = None) -> None:
+def save_backbone(backbone: nn.Module, normalize: Normalize, path: Path,
+                  heads: dict[str, nn.Module] | None = None) -> None:
     """The pre-trained representation: backbone weights, the input normalisation they expect and the method's
     heads (``SSLMethod.eval_heads``), which the pipelines read and evaluation ignores."""
     save_atomic({"backbone": backbone.state_dict(), "mean": normalize.mean.cpu(), "std": normalize.std.cpu(),
@@ -127,7 +130,8 @@ def _backbone_from(cfg: ModelConfig, in_channels: int, state: dict) -> tuple[nn.
     return backbone, Normalize(state["mean"], state["std"])
 
 
-def load_encoder(cfg: RunConfig, in_channels: int, path: Path, space: Space) -> tuple[nn.Module, nn.ModuleDict, Normalize]:
+def load_encoder(cfg: RunConfig, in_channels: int, path: Path,
+                 space: Space) -> tuple[nn.Module, nn.ModuleDict, Normalize]:
     """A saved model up to ``space``: its backbone, the heads that follow it there ({} for "backbone",
     projector for "projector", projector then predictor for "predictor") and its input normalisation.
 

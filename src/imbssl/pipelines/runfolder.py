@@ -1,4 +1,5 @@
-"""The run folder: one process writes it at a time, it belongs to one config, and a failed attempt never blocks its retry.
+"""The run folder: one process writes it at a time, it belongs to one config, and a failed attempt never blocks its
+retry.
 
 - A lock file (``.lock``, an flock) keeps a second process out. The kernel drops an flock when its
   holder dies, so the file a killed run leaves behind is stale and simply taken over.

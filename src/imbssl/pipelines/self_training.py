@@ -126,7 +126,8 @@ def pseudo_labels(cfg: SelfTrainingConfig, base_dir: Path, pool: ImageSet, unlab
     kept = torch.as_tensor(select_pseudo_labels(confidence.numpy(), labels.numpy(), cfg.pseudo_labels,
                                                 len(pool.classes)))
     log.info("pseudo-labels: %d of %d images of D_U kept (threshold %g%s), per pseudo-class %s", int(kept.sum()),
-             len(unlabeled), cfg.pseudo_labels.threshold, ", class-balanced" if cfg.pseudo_labels.class_balanced else "",
+             len(unlabeled), cfg.pseudo_labels.threshold,
+             ", class-balanced" if cfg.pseudo_labels.class_balanced else "",
              np.bincount(labels[kept].numpy(), minlength=len(pool.classes)).tolist())
     pseudo = {"indices": torch.as_tensor(unlabeled), "labels": labels, "confidence": confidence, "kept": kept}
     save_atomic(pseudo, path)

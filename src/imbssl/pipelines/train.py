@@ -11,6 +11,9 @@ backbone (cRT). The run folder holds:
     crt/                    the cRT stage's own checkpoints and logs
     model.pt                the reported model (backbone, classifier, input normalisation)
     train.json              test top-1 / error, per-class, many/medium/few and thirds of each reported model
+
+Under torchrun every process trains its part of each global batch (engine/distributed.py); rank 0 alone writes
+the folder and tests the models.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from imbssl.augment import Normalize, PadCropFlip
 from imbssl.config import ConfigError, LossConfig, ModelConfig, SupervisedConfig
 from imbssl.data import ImageSet, load_splits, save_indices, select_subset
 from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.engine.distributed import barrier, convert_sync_batchnorm, is_main, main_first
 from imbssl.engine.optim import cosine_schedule, step_schedule
 from imbssl.engine.supervised import LongTailClassifier
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
@@ -98,12 +102,21 @@ def fit_and_report(cfg: SupervisedConfig, data: LabelledData, run_dir: Path, res
     model = LongTailClassifier(backbone, data.train_labels, len(data.classes), cfg.loss,
                                sample_weight=data.sample_weight).to(data.train_images.device)
     selected = fit_stage(cfg, model, data, normalize, run_dir, resume, callbacks, cfg.optim.epochs)
+    # cRT freezes the selected backbone as it is, so the main stage is tested as well afterwards
+    reported = retrain_classifier(cfg, selected, data, normalize, run_dir, resume) if cfg.crt.enabled else selected
+    if is_main():
+        write_results(cfg, data, normalize, model, selected, reported, run_dir, start)
+    barrier()  # no process returns before train.json is written
+
+
+def write_results(cfg: SupervisedConfig, data: LabelledData, normalize: Normalize, last: LongTailClassifier,
+                  selected: LongTailClassifier, reported: LongTailClassifier, run_dir: Path, start: float) -> None:
+    """model.pt (the reported model) and train.json: the test report of the selected model, the last epoch's,
+    with post-hoc logit adjustment, and of the cRT stage when there is one."""
     results = {"main": report_stage(selected, data, normalize, cfg),
-               "main_last_epoch": {"test": test_report(model, data, normalize, cfg)},
+               "main_last_epoch": {"test": test_report(last, data, normalize, cfg)},
                "posthoc_logit_adjusted": {"test": test_report(selected, data, normalize, cfg, adjust_prior=True)}}
-    reported = selected
     if cfg.crt.enabled:
-        reported = retrain_classifier(cfg, selected, data, normalize, run_dir, resume)
         results["crt"] = report_stage(reported, data, normalize, cfg)
     headline = "crt" if cfg.crt.enabled else "main"
     save_atomic({"model": reported.state_dict(), "loss": reported.cfg.model_dump(), "mean": normalize.mean.cpu(),
@@ -129,7 +142,8 @@ def load_classifier(model_cfg: ModelConfig, in_channels: int, num_classes: int, 
 def load_labelled_data(cfg: SupervisedConfig, run_dir: Path) -> LabelledData:
     """The configured long-tailed subset, less the validation images it gives up, on the device."""
     set_determinism(cfg.train.deterministic)
-    splits = load_splits(cfg.data)
+    with main_first():  # rank 0 decodes into the cache, the other processes then read it
+        splits = load_splits(cfg.data)
     pool = splits["train"]
     train_idx, val_idx = held_out_validation(pool.labels, select_subset(pool.labels, cfg.data.subset),
                                              cfg.eval.val_per_class, cfg.seed)
@@ -144,8 +158,10 @@ def labelled_data(cfg: SupervisedConfig, pool: ImageSet, test: ImageSet, train_i
     device = resolve_device(cfg.train.device)
     labels = pool.labels[train_idx] if train_labels is None else train_labels
     counts = np.bincount(labels, minlength=len(pool.classes))
-    save_indices(run_dir / "subset.npz", train_idx, {"profile": cfg.data.subset.profile, "class_counts": counts.tolist(),
-                                                      "classes": list(pool.classes), "val_indices": val_idx.tolist()})
+    if is_main():
+        save_indices(run_dir / "subset.npz", train_idx, {
+            "profile": cfg.data.subset.profile, "class_counts": counts.tolist(), "classes": list(pool.classes),
+            "val_indices": val_idx.tolist()})
     log.info("training %s: %s loss%s on %d images (class counts %s), validation %d images, seed %d, device %s",
              cfg.name, cfg.loss.name, f" with {cfg.loss.deferral.upper()}" if cfg.loss.deferral != "none" else "",
              len(train_idx), counts.tolist(), len(val_idx), cfg.seed, device)
@@ -168,7 +184,8 @@ def initial_backbone(cfg: SupervisedConfig, images: torch.Tensor) -> tuple[nn.Mo
         return load_backbone(cfg.model, in_channels, path)
     except RuntimeError as err:  # load_state_dict: missing, unexpected or differently shaped weights
         raise ConfigError(f"init_from={path} does not fit model.backbone={cfg.model.backbone} width {cfg.model.width}"
-                          f" ({str(err).splitlines()[0].rstrip(':')}); set model to the pre-trained backbone's") from None
+                          f" ({str(err).splitlines()[0].rstrip(':')}); set model to the pre-trained backbone's"
+                          ) from None
 
 
 def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledData, normalize: Normalize,
@@ -186,6 +203,8 @@ def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledDa
     steps = steps_per_epoch(len(data.train_images), batch_size)
     scheduler = cosine_schedule(optimizer, epochs * steps) if crt else \
         step_schedule(optimizer, steps, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.optim.lr_factors)
+    if cfg.train.sync_batchnorm:
+        model = convert_sync_batchnorm(model, data.train_images.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     selector = SelectOnValidation(model, data, normalize, run_dir / BEST_FILE, cfg.eval.batch_size)
@@ -200,6 +219,7 @@ class SelectOnValidation:
     """After each epoch: balanced accuracy on the validation set, and ``path`` <- the model when it is the best yet.
 
     The earliest epoch wins a tie. Called before the epoch's checkpoint, so a resumed run never lacks a candidate.
+    Every process selects (they hold the same model); rank 0 alone saves.
     """
 
     def __init__(self, model: LongTailClassifier, data: LabelledData, normalize: Normalize, path: Path,
@@ -214,7 +234,8 @@ class SelectOnValidation:
             # A copy: state_dict() shares memory with the weights, which the next optimizer steps change in place.
             weights = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
             self.best = {"val_acc": acc, "epoch": epoch, "model": weights}
-            save_atomic(self.best, self.path)
+            if is_main():
+                save_atomic(self.best, self.path)
         return {"val_acc": acc, "selected_epoch": self.best["epoch"]}
 
     def selected(self) -> LongTailClassifier:

@@ -123,10 +123,10 @@ def run_grid(exp: Experiment1Config, out_dir: Path) -> list[dict]:
                     if not (run_dir / BACKBONE_FILE).exists():
                         pretrain(cfg, run_dir, resume=True)
                     evaluate_run(run_dir)
-                trained = json.loads((run_dir / "pretrain.json").read_text())
+                trained, evaluated = (json.loads((run_dir / name).read_text()) for name in ("pretrain.json", EVAL_FILE))
                 records.append({"subset": subset.key, "title": subset.title, "method": method, "seed": seed,
                                 "run_dir": str(run_dir), "pretrain_wall_s": trained["wall_s_this_call"],
-                                "hardware": trained.get("hardware", "not recorded"), **json.loads((run_dir / EVAL_FILE).read_text())})
+                                "hardware": trained.get("hardware", "not recorded"), **evaluated})
     return records
 
 
@@ -173,6 +173,11 @@ def thirds_table(records: list[dict], titles: dict[str, str], sizes: dict[str, i
 def shows_paper_columns(base: dict, records: list[dict]) -> bool:
     """The paper's CIFAR-10 figures sit beside runs on 10-class image data, never beside digits (8x8, grey)."""
     return base.get("data", {}).get("source", "digits") != "digits" and len(records[0]["classes"]) == 10
+
+
+def by_seed(records: list[dict], subset: str, method: str, value) -> dict[int, float | None]:
+    """seed -> value(record) of ``method``'s runs on ``subset``, to pair with another method's by seed."""
+    return {r["seed"]: value(r) for r in records if r["subset"] == subset and r["method"] == method}
 
 
 def _metric(record: dict, metric: str) -> float | None:

@@ -25,10 +25,10 @@ from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
 from imbssl.pipelines.offline_clustering import BUDGET_FILE, run_pipeline
 from imbssl.pipelines.pretrain import BACKBONE_FILE, SUMMARY_FILE
 from imbssl.recipes.experiment_1 import METHOD_NAMES as EXPERIMENT_1_NAMES
-from imbssl.recipes.experiment_1 import (PAPER_LEFT_OUT, PAPER_SETTING, Experiment1Config, NamedSubset, describe_compute, describe_source,
-                                         metric_cell, paper_subsets, run_grid, shows_paper_columns, subset_titles,
-                                         thirds_table)
-from imbssl.report import format_mean_std, markdown_table, plot_per_class_accuracy
+from imbssl.recipes.experiment_1 import (PAPER_LEFT_OUT, PAPER_SETTING, Experiment1Config, NamedSubset, by_seed,
+                                         describe_compute, describe_source, metric_cell, paper_subsets, run_grid,
+                                         shows_paper_columns, subset_titles, thirds_table)
+from imbssl.report import format_mean_std, markdown_table, paired_difference, plot_per_class_accuracy
 
 # Table 3 of the paper: linear top-1 (%), 300 epochs in all, ResNet-18.
 PAPER_TABLE_3 = {
@@ -111,8 +111,8 @@ def _paper(subset: str, method: str) -> str:
 
 def _gain(records: list[dict], subset: str, method: str, over: str = "simsiam") -> str:
     """Mean ± std over seeds of the paired difference (pp) between ``method`` and ``over`` at the same seed."""
-    top1 = {(r["method"], r["seed"]): r["linear"]["top1"] for r in records if r["subset"] == subset}
-    diffs = [value - top1[over, seed] for (m, seed), value in top1.items() if m == method and (over, seed) in top1]
+    top1 = [by_seed(records, subset, m, lambda r: r["linear"]["top1"]) for m in (method, over)]
+    diffs = list(paired_difference(*top1).values())
     return format_mean_std(diffs) if diffs else "n/a"
 
 

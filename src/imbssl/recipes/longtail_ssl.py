@@ -20,12 +20,10 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from imbssl.config import OptimConfig, SubsetConfig, deep_merge, few_shot_name
-from imbssl.recipes.experiment_1 import (NamedSubset, describe_compute, describe_source, metric_cell,
+from imbssl.recipes.experiment_1 import (NamedSubset, by_seed, describe_compute, describe_source, metric_cell,
                                          run_grid, subset_titles)
 from imbssl.recipes.experiment_2 import Experiment2Config, pipeline_record
-from imbssl.recipes.priors import paired
-from imbssl.recipes.ssp import verdict
-from imbssl.report import format_mean_std, markdown_table
+from imbssl.report import format_mean_std, markdown_table, paired_difference, verdict
 
 #: each method's run settings over ``base``: the SimCLR family shares SDCLR's SGD settings (BCL's commands give
 #: SimCLR and BCL-I weight decay 5e-4, SDCLR and BCL-D 1e-4), so SimCLR, +TS, SDCLR and BCL differ in the method alone
@@ -113,8 +111,12 @@ def _few_shot(spec: str, figure: str = "top1"):
     return lambda record: record.get("few_shot", {}).get(spec, {}).get(figure)
 
 
+def _values(records: list[dict], subset: str, method: str, value) -> list[float]:
+    return [v for v in by_seed(records, subset, method, value).values() if v is not None]
+
+
 def _cell(records: list[dict], subset: str, method: str, value) -> str:
-    values = [v for r in records if r["subset"] == subset and r["method"] == method if (v := value(r)) is not None]
+    values = _values(records, subset, method, value)
     return format_mean_std(values) if values else "n/a"
 
 
@@ -136,8 +138,7 @@ def published_table(exp: LongtailSSLConfig) -> str:
 
 def ranking(exp: LongtailSSLConfig, records: list[dict], subset: str, value) -> list[str]:
     """The methods, best first, by their mean over seeds."""
-    means = {m: [v for r in records if r["subset"] == subset and r["method"] == m if (v := value(r)) is not None]
-             for m in exp.methods}
+    means = {m: _values(records, subset, m, value) for m in exp.methods}
     return sorted((m for m in means if means[m]), key=lambda m: -sum(means[m]) / len(means[m]))
 
 
@@ -150,7 +151,7 @@ def verdict_lines(exp: LongtailSSLConfig, records: list[dict], subset: str) -> l
         order = ranking(exp, records, subset, value)
         if len(order) < 2:
             continue
-        lead = verdict(paired(records, subset, order[0], order[1], value))
+        lead = verdict(paired_difference(*(by_seed(records, subset, m, value) for m in order[:2])))
         lines.append(f"- {probe}: {NAMES.get(order[0], order[0])} leads {NAMES.get(order[1], order[1])} by {lead}; "
                      f"order {' > '.join(NAMES.get(m, m) for m in order)}")
         ours = [m for m in reversed(order) if m in PUBLISHED_ORDER]

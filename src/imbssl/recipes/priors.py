@@ -18,9 +18,9 @@ from pathlib import Path
 from pydantic import Field
 
 from imbssl.recipes.excb import ExcbExperimentConfig
-from imbssl.recipes.experiment_1 import describe_compute, describe_source, metric_cell, subset_titles, thirds_table
-from imbssl.recipes.ssp import verdict
-from imbssl.report import markdown_table, plot_prior_fit
+from imbssl.recipes.experiment_1 import (by_seed, describe_compute, describe_source, metric_cell, subset_titles,
+                                        thirds_table)
+from imbssl.report import markdown_table, paired_difference, plot_prior_fit, verdict
 
 
 def _power_law(method: str, tau: float) -> dict:
@@ -61,14 +61,6 @@ class PriorsExperimentConfig(ExcbExperimentConfig):
                      and self.resolved_method(m).prior.kind == "uniform"), None)
 
 
-def paired(records: list[dict], subset: str, method: str, baseline: str, value) -> dict[int, float]:
-    """seed -> value(method's run) - value(baseline's run) on ``subset``; seeds where either lacks the value (None)
-    are left out."""
-    runs = {(r["method"], r["seed"]): value(r) for r in records if r["subset"] == subset}
-    return {seed: v - runs[(baseline, seed)] for (m, seed), v in sorted(runs.items())
-            if m == method and v is not None and runs.get((baseline, seed)) is not None}
-
-
 def verdict_lines(exp: PriorsExperimentConfig, records: list[dict], titles: dict[str, str]) -> list[str]:
     """Each non-uniform prior against its uniform counterpart, per subset: linear top-1 and the rare third."""
     lines = []
@@ -78,8 +70,9 @@ def verdict_lines(exp: PriorsExperimentConfig, records: list[dict], titles: dict
             continue
         lines.append(f"- {method} against {baseline} (paired by seed; + = the non-uniform prior does better):")
         for key, title in titles.items():
-            top1 = paired(records, key, method, baseline, lambda r: r["linear"]["top1"])
-            rare = paired(records, key, method, baseline, lambda r: r["linear"]["thirds"]["rare"])
+            top1, rare = (paired_difference(by_seed(records, key, method, value),
+                                            by_seed(records, key, baseline, value))
+                          for value in (lambda r: r["linear"]["top1"], lambda r: r["linear"]["thirds"]["rare"]))
             lines.append(f"  - {title}: linear top-1 {verdict(top1)}; rare third {verdict(rare)}")
     return lines
 

@@ -24,8 +24,8 @@ from pydantic import Field, field_validator, model_validator
 from imbssl.config import SelfTrainingConfig, deep_merge, validate_tree
 from imbssl.pipelines.self_training import REPORT_FILE, self_train
 from imbssl.recipes.experiment_1 import describe_source
-from imbssl.recipes.ssp import LOSSES, SSP_NAMES, PretrainingGrid, init_name, verdict
-from imbssl.report import format_mean_std, markdown_table
+from imbssl.recipes.ssp import LOSSES, SSP_NAMES, PretrainingGrid, init_name
+from imbssl.report import format_mean_std, markdown_table, paired_difference, verdict
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,9 @@ def tests_of(records: list[dict], loss: str, rho: float, spec: str, ssp: str, st
 
 def paired(records: list[dict], loss: str, rho: float, spec: str, ssp: str, value) -> dict[int, float]:
     """seed -> value(final) - value(base), for ``value`` of a test report (top-1, a group's accuracy)."""
-    base, final = (tests_of(records, loss, rho, spec, ssp, stage) for stage in ("base", "final"))
-    return {s: value(final[s]) - value(base[s]) for s in sorted(base.keys() & final.keys())}
+    base, final = ({seed: value(test) for seed, test in tests_of(records, loss, rho, spec, ssp, stage).items()}
+                   for stage in ("base", "final"))
+    return paired_difference(final, base)
 
 
 def error_table(exp: SemiSupervisedExperimentConfig, records: list[dict], paper: bool) -> str:
@@ -169,7 +170,8 @@ def group_table(exp: SemiSupervisedExperimentConfig, records: list[dict], rho: f
                     labels = [r["pseudo_labels"]["accuracy"] for r in runs_of(records, loss, rho, spec, ssp)]
                     rows.append([ROW_NAMES.get(loss, loss), SSP_NAMES.get(ssp, ssp), f"{rho_u_value(spec, rho):g}",
                                  stage, format_mean_std([t["top1"] for t in tests]),
-                                 *[format_mean_std([t["thirds"][g] for t in tests]) for g in ("major", "minor", "rare")],
+                                 *[format_mean_std([t["thirds"][g] for t in tests])
+                                   for g in ("major", "minor", "rare")],
                                  format_mean_std(labels) if stage == "final" else ""])
     return markdown_table(header, rows)
 
@@ -192,8 +194,7 @@ def verdict_lines(exp: SemiSupervisedExperimentConfig, records: list[dict]) -> l
                              f"{rho_u_value(low, rho):g} - gain at ρ_U={rho_u_value(high, rho):g}):")
                 for loss in exp.losses:
                     at_low, at_high = (paired(records, loss, rho, s, ssp, lambda t: t["top1"]) for s in (low, high))
-                    shrink = {s: at_low[s] - at_high[s] for s in at_low.keys() & at_high.keys()}
-                    lines.append(f"  - {ROW_NAMES.get(loss, loss)}: {verdict(shrink)}")
+                    lines.append(f"  - {ROW_NAMES.get(loss, loss)}: {verdict(paired_difference(at_low, at_high))}")
             lines.append(f"- What the rare third of classes gains, ρ={rho:g}, from {init} (its accuracy with D_U - "
                          f"without):")
             for loss in exp.losses:
@@ -218,7 +219,8 @@ def write_report(exp: SemiSupervisedExperimentConfig, records: list[dict], out_d
     if not paper:
         lines += [f"The seed's figures (CIFAR-10-LT, D_U from 80M Tiny Images) are left out: {source} is not "
                   f"comparable.", ""]
-    lines += [error_table(exp, records, paper), "", "## Verdicts (paired by seed)", "", *verdict_lines(exp, records), ""]
+    lines += [error_table(exp, records, paper), "", "## Verdicts (paired by seed)", "",
+              *verdict_lines(exp, records), ""]
     top = max(exp.imbalances)
     lines += [f"## Test accuracy by thirds of D_L at ρ={top:g}", "", group_table(exp, records, top), ""]
     train_s = sum(r["wall_s_this_call"] for r in records)

@@ -18,14 +18,15 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from imbssl.config import OfflineClusteringConfig, RunConfig, SupervisedConfig, deep_merge, validate_tree
+from imbssl.config import (ConfigError, OfflineClusteringConfig, RunConfig, SupervisedConfig, deep_merge, load_yaml,
+                           validate_tree)
 from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
 from imbssl.pipelines.offline_clustering import run_pipeline
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
+from imbssl.pipelines.runfolder import RUN_CONFIG
 from imbssl.pipelines.train import TRAIN_FILE, train
 from imbssl.recipes.experiment_1 import METHOD_NAMES, describe_source
-from imbssl.report import format_mean_std, markdown_table, plot_per_class_accuracy
-from imbssl.report.tables import mean_std
+from imbssl.report import format_mean_std, markdown_table, paired_difference, plot_per_class_accuracy, verdict
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ class PretrainingGrid(BaseModel):
                                                                                "views or SimSiam's lr")
     offline_clustering: dict = Field(default_factory=dict, description="OfflineClusteringSettings keys (k, epochs) "
                                                                        "of the 'offline-clustering' SSP")
+    ssp_runs: dict[str, str] = Field(default_factory=dict, description=(
+        "SSP runs another recipe already made, by method: a run-folder template with {rho} and {seed}, e.g. "
+        "{simclr: 'reports/experiment-1-cpu/runs/imbalanced-p{rho:g}/simclr/seed{seed}'}. Each must have "
+        "pre-trained on the classifier's images with its backbone; it is used as it is, not re-trained"))
 
     @model_validator(mode="after")
     def _check_ssp(self) -> "PretrainingGrid":
@@ -78,6 +83,8 @@ class PretrainingGrid(BaseModel):
 
         if unknown := [s for s in self.ssp if s not in ("none", "offline-clustering", *METHODS)]:
             raise ValueError(f"ssp {unknown} are not among none, offline-clustering, {', '.join(METHODS)}")
+        if unused := [m for m in self.ssp_runs if m not in self.ssp or m in ("none", "offline-clustering")]:
+            raise ValueError(f"ssp_runs {unused} name no pre-training method of ssp {self.ssp}")
         return self
 
     def pretraining_config(self, name: str, sup: SupervisedConfig, method: str, seed: int) -> RunConfig:
@@ -96,6 +103,9 @@ class PretrainingGrid(BaseModel):
         """The backbone.pt that SSP method ``ssp`` trains for (rho, seed) under ``runs``; None for "none"."""
         if ssp == "none":
             return None
+        if ssp in self.ssp_runs:
+            return borrowed_backbone(Path(self.ssp_runs[ssp].format(rho=rho, seed=seed)), ssp,
+                                     self.labeled_config(rho, seed))
         cfg = self.pretraining_config(f"rho{rho:g}/ssp-{ssp}/seed{seed}", self.labeled_config(rho, seed), ssp, seed)
         return self.pretrained_backbone(cfg, ssp, runs / cfg.name)
 
@@ -112,6 +122,28 @@ class PretrainingGrid(BaseModel):
         if not (run_dir / EVAL_FILE).exists():
             evaluate_run(run_dir)
         return run_dir / BACKBONE_FILE
+
+
+def borrowed_backbone(run_dir: Path, method: str, sup: SupervisedConfig) -> Path:
+    """``run_dir``'s backbone.pt, after checking that the run pre-trained ``method`` on ``sup``'s training images
+    (the same source, file, subset and image size) with ``sup``'s backbone: anything else would not be SSP."""
+    backbone = run_dir / BACKBONE_FILE
+    if not backbone.exists():
+        raise ConfigError(f"ssp_runs.{method}: no {BACKBONE_FILE} in {run_dir}: run that recipe first, or drop the key")
+    theirs = validate_tree(RunConfig, load_yaml(run_dir / RUN_CONFIG, empty_ok=False), origin=str(run_dir / RUN_CONFIG))
+    ours = sup.data
+    same = {"method.name": theirs.method.name == method, "data.source": theirs.data.source == ours.source,
+            "data.path": _resolved(theirs.data.path) == _resolved(ours.path),
+            "data.subset": theirs.data.subset == ours.subset,
+            "data.image_size": theirs.data.image_size == ours.image_size,
+            "model": theirs.model == sup.model}
+    if differ := [key for key, equal in same.items() if not equal]:
+        raise ConfigError(f"ssp_runs.{method}: {run_dir} differs from the classifier's run in {', '.join(differ)}")
+    return backbone
+
+
+def _resolved(path: str | None) -> Path | None:
+    return Path(path).expanduser().resolve() if path else None
 
 
 class SSPExperimentConfig(PretrainingGrid):
@@ -197,21 +229,7 @@ def paired_gain(records: list[dict], row: str, rho: float, ssp: str,
     """seed -> error(baseline) - error(row with ``ssp``): positive when the row does better. The baseline is the
     same row from scratch unless given as (row, ssp); seeds that lack either side are left out."""
     base_row, base_ssp = baseline or (row, "none")
-    ours, theirs = errors(records, row, rho, ssp), errors(records, base_row, rho, base_ssp)
-    return {s: theirs[s] - ours[s] for s in sorted(ours.keys() & theirs.keys())}
-
-
-def verdict(gains_by_seed: dict[int, float]) -> str:
-    """'2.10 ± 0.30 points (7.0 seed stds): holds', or 'not shown at this scale' inside one std."""
-    gains = list(gains_by_seed.values())
-    if not gains:
-        return "not measured"
-    mean, std = mean_std(gains)
-    if len(gains) < 2:
-        return f"{mean:+.2f} points (one seed: no std, not shown)"
-    ratio = abs(mean) / std if std > 0 else float("inf")
-    said = "holds" if mean > std else "the opposite holds" if -mean > std else "not shown at this scale"
-    return f"{mean:+.2f} ± {std:.2f} points ({ratio:.1f} seed stds): {said}"
+    return paired_difference(errors(records, base_row, rho, base_ssp), errors(records, row, rho, ssp))
 
 
 def paper_dataset(records: list[dict], base: dict) -> str | None:
@@ -268,7 +286,7 @@ def verdict_lines(exp: SSPExperimentConfig, records: list[dict]) -> list[str]:
                          f"ρ={bottom:g}):")
             for row in exp.rows:
                 high, low = paired_gain(records, row, top, ssp), paired_gain(records, row, bottom, ssp)
-                lines.append(f"  - {ROW_NAMES[row]}: {verdict({s: high[s] - low[s] for s in high.keys() & low.keys()})}")
+                lines.append(f"  - {ROW_NAMES[row]}: {verdict(paired_difference(high, low))}")
     if "ldam-drw" in exp.rows and "ce" in exp.rows:
         lines.append("- LDAM-DRW beats CE (error of CE - error of LDAM-DRW):")
         for ssp in exp.ssp:
@@ -289,7 +307,11 @@ def write_report(exp: SSPExperimentConfig, records: list[dict], out_dir: Path, c
              f"deferral at epoch {sup.loss.defer_epoch}; the epoch is selected on a held-out balanced validation set.",
              ""]
     if not dataset:
-        lines += [f"The paper's figures (CIFAR-LT, ResNet-32, 200 epochs) are left out: {source} is not comparable.", ""]
+        lines += [f"The paper's figures (CIFAR-LT, ResNet-32, 200 epochs) are left out: {source} is not comparable.",
+                  ""]
+    for method, template in exp.ssp_runs.items():
+        lines += [f"SSP from {SSP_NAMES.get(method, method)}: the runs `{template}` of another recipe, with their "
+                  f"settings.", ""]
     lines += [error_table(exp, records, dataset), "", "## Verdicts (paired by seed)", "", *verdict_lines(exp, records),
               ""]
     top = max(exp.imbalances)

@@ -26,6 +26,27 @@ def format_mean_std(values: Sequence[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def paired_difference(values: dict[int, float | None], baseline: dict[int, float | None]) -> dict[int, float]:
+    """seed -> values[seed] - baseline[seed], the difference at the same seed; seeds that lack either side (absent,
+    or None) are left out."""
+    return {seed: values[seed] - baseline[seed] for seed in sorted(values.keys() & baseline.keys())
+            if values[seed] is not None and baseline[seed] is not None}
+
+
+def verdict(gains_by_seed: dict[int, float]) -> str:
+    """'+2.10 ± 0.30 points (7.0 seed stds): holds' for paired-by-seed gains, or 'not shown at this scale' inside
+    one std; 'the opposite holds' when the mean is a loss of more than one std."""
+    gains = list(gains_by_seed.values())
+    if not gains:
+        return "not measured"
+    mean, std = mean_std(gains)
+    if len(gains) < 2:
+        return f"{mean:+.2f} points (one seed: no std, not shown)"
+    ratio = abs(mean) / std if std > 0 else float("inf")
+    said = "holds" if mean > std else "the opposite holds" if -mean > std else "not shown at this scale"
+    return f"{mean:+.2f} ± {std:.2f} points ({ratio:.1f} seed stds): {said}"
+
+
 def _row(cells: Sequence[str]) -> str:
     """One Markdown row; a literal ``|`` in a cell would otherwise split it."""
     return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
