@@ -203,6 +203,18 @@ def pretrain(config: str, overrides: tuple[str, ...], data_path: str | None, run
         _echo_eval(evaluate_run(out), out / EVAL_FILE)
 
 
+@cli.command(short_help="A run's backbone as safetensors (and torchvision) files.")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="the folder  [default: RUN_DIR/export]")
+def export(run_dir: str, out: str | None) -> None:
+    """RUN_DIR's backbone as backbone.safetensors (its architecture and input normalisation in the metadata) and,
+    for ResNet-18/34/50, as a torchvision state_dict (backbone-torchvision.pt); docs/export.md."""
+    from imbssl.pipelines.export import export_run
+
+    for path in export_run(Path(run_dir), Path(out) if out else None):
+        click.echo(f"wrote {path}")
+
+
 @cli.command(short_help="Linear probe and k-NN of a run -> eval.json.")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @set_option("eval.linear.epochs=20")

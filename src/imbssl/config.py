@@ -87,12 +87,20 @@ class AugmentConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["resnet18", "resnet32", "small_cnn", "vit"] = "small_cnn"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet32", "small_cnn", "vit"] = "small_cnn"
     width: float = Field(1.0, gt=0, description="channel width multiplier (ViT: of vit_dim)")
+    stem: Literal["cifar", "imagenet"] = Field("cifar", description="ResNet-18/34/50: a 3x3 stride-1 conv (cifar) or "
+                                                                   "a 7x7 stride-2 conv and a max-pool (imagenet)")
     vit_patch: int = Field(4, ge=1, description="ViT: the patch side in pixels (4 on 32x32 images: 64 tokens)")
     vit_dim: int = Field(192, ge=8, description="ViT: the token dimension before the width multiplier")
     vit_depth: int = Field(6, ge=1, description="ViT: transformer blocks")
     vit_heads: int = Field(3, ge=1, description="ViT: attention heads")
+
+    @model_validator(mode="after")
+    def _check_stem(self) -> "ModelConfig":
+        if self.stem == "imagenet" and self.backbone not in ("resnet18", "resnet34", "resnet50"):
+            raise ValueError(f"stem imagenet is for resnet18, resnet34 and resnet50, not {self.backbone}")
+        return self
 
 
 class PriorConfig(Section):

@@ -5,17 +5,18 @@ from torch import nn
 
 from imbssl.config import ModelConfig
 from imbssl.models.heads import mlp
-from imbssl.models.resnet import CifarResNet18, CifarResNet32
+from imbssl.models.resnet import RESNETS, CifarResNet32, ResNet, build_resnet, torchvision_state_dict
 from imbssl.models.small import SmallCNN
 from imbssl.models.vit import VisionTransformer
 
-__all__ = ["CifarResNet18", "CifarResNet32", "SmallCNN", "VisionTransformer", "build_backbone", "mlp"]
+__all__ = ["CifarResNet32", "ResNet", "SmallCNN", "VisionTransformer", "build_backbone", "mlp",
+           "build_resnet", "torchvision_state_dict"]
 
 
 def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
     """A backbone mapping [B, C, H, W] -> [B, feature_dim]; ``feature_dim`` is an attribute."""
-    if cfg.backbone == "resnet18":
-        return CifarResNet18(in_channels, cfg.width)
+    if cfg.backbone in RESNETS:
+        return build_resnet(cfg.backbone, in_channels, cfg.width, cfg.stem)
     if cfg.backbone == "resnet32":
         return CifarResNet32(in_channels, cfg.width)
     if cfg.backbone == "vit":

@@ -28,8 +28,8 @@ def _grouped_bars(ax: Axes, series: dict[str, Sequence[float | None]], class_nam
 
 
 def _legend(fig: Figure, handles: list, labels: list[str]) -> None:
-    """Legend above the axes, where it cannot hide bars."""
-    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 3), frameon=False)
+    """Legend below the axes, where it can hide neither bars nor the title (above, it overlapped the suptitle)."""
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), frameon=False)
 
 
 def _save(fig: Figure, path: str | Path, title: str) -> Path:
