@@ -3,7 +3,7 @@
 A ViT drops patch tokens (``kept_tokens`` lists the ones it encodes). A CNN has no tokens, so its input
 patches are zeroed instead (``mask_patches``, the cells of a grid outside the kept ones): a documented departure
 that lets PMSN run on the same CNN as every other method. Both drop exactly ``round(ratio * patches)`` patches of
-each image, drawn from ``generator``.
+each image, as ``kept_tokens`` draws them.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -15,8 +15,9 @@ class CheckpointError(ImbsslError, RuntimeError):
     """A checkpoint file that cannot be loaded; the message names the file and what is wrong with it."""
 
 
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename over the target.
+def save_atomic(obj: Any, path: str | Path, write: Callable[[Any, BinaryIO], None] = torch.save) -> Path:
+    """Write ``obj`` (``write(obj, file)``, torch.save by default) to a temporary file in the same folder, fsync,
+    then rename over the target.
 
     os.replace is atomic on POSIX, so a reader sees either the old or the new file, never half of one.
     A failed write (a full disk, an interrupt) removes the temporary file and leaves the old one as it was.
@@ -26,7 +27,7 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            write(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

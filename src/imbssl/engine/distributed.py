@@ -138,21 +138,20 @@ def sum_over_processes(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@torch.no_grad()
-def batch_mean(x: torch.Tensor) -> torch.Tensor:
-    """``x.mean(0)`` over the rows of every process together: the global batch's mean however it is split."""
+def batch_mean_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean(0)`` over the rows of every process together, the gradient flowing back to every process's rows
+    (MSN's mean prediction p_bar): the global batch's mean however unevenly it is split. One all-reduce of the
+    row sums and the row count together."""
     if not is_distributed():
         return x.mean(0)
-    total = sum_over_processes(torch.cat([x.sum(0).flatten(), x.new_tensor([len(x)])]))
+    total = all_reduce(torch.cat([x.sum(0).flatten(), x.new_tensor([len(x)])]))
     return (total[:-1] / total[-1]).view(x.shape[1:])
 
 
-def batch_mean_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """``x.mean(0)`` over the rows of every process together, the gradient flowing back to every process's rows
-    (MSN's mean prediction p_bar): the global batch's mean however unevenly it is split."""
-    if not is_distributed():
-        return x.mean(0)
-    return all_reduce(x.sum(0)) / sum_over_processes(x.new_tensor(float(len(x))))
+@torch.no_grad()
+def batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """``batch_mean_with_grad`` without the gradient (DINO's centre)."""
+    return batch_mean_with_grad(x)
 
 
 def _row_counts(rows: int, device: torch.device) -> list[int]:

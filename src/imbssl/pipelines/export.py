@@ -13,12 +13,11 @@ An SSL run exports its backbone.pt, a classifier run (``imbssl train``) the back
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from imbssl.augment import Normalize
@@ -61,23 +60,12 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
                 "feature_dim": str(backbone.feature_dim), "mean": json.dumps(normalize.mean.flatten().tolist()),
                 "std": json.dumps(normalize.std.flatten().tolist()), "run": str(run_dir)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [_save_safetensors({k: v.contiguous() for k, v in backbone.state_dict().items()}, metadata,
-                                 out_dir / SAFETENSORS_FILE)]
+    tensors = {key: value.contiguous() for key, value in backbone.state_dict().items()}
+    written = [save_atomic(tensors, out_dir / SAFETENSORS_FILE,
+                           write=lambda obj, fh: fh.write(safetensors_bytes(obj, metadata)))]
     if model_cfg.backbone in RESNETS:
         written.append(save_atomic(torchvision_state_dict(backbone), out_dir / TORCHVISION_FILE))
     return written
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Path:
-    """As save_atomic: a temporary file renamed over the target, so a failed write leaves no half file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load_exported(path: Path) -> tuple[nn.Module, Normalize]:
