@@ -5,6 +5,8 @@ Every figure is images per second, each image counted once (both of its views):
     step          forward + backward + optimizer step on two pre-made view batches
     epoch, ours   uint8 images on the device -> ViewAugment per batch (two calls, one generator) -> step,
                   as ``imbssl.engine.trainer.Trainer`` does
+    epoch, streamed  (``--stream``) the same, the images read batch by batch from a uint8 memory map on
+                  disk (``imbssl.data.StreamedImages``, ``train.data_on_device: false``)
     epoch, PIL    the same images, model, batch size and step fed by ``make_pil_loader`` (per-image PIL
                   in DataLoader workers, as the papers' code), once per ``--workers`` count
 
@@ -17,8 +19,8 @@ import argparse
 import datetime
 import itertools
 import json
-import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +29,10 @@ import torch
 
 from imbssl.augment import ViewAugment, channel_stats
 from imbssl.config import AugmentConfig, DataConfig, MethodConfig, ModelConfig, OptimConfig
-from imbssl.data import DataError, load_splits
+from imbssl.data import DataError, StreamedImages, load_splits
 from imbssl.engine.optim import build_optimizer
 from imbssl.engine.trainer import optimizer_step
+from imbssl.launcher import loaded as tcmalloc_loaded
 from imbssl.methods import build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import describe_hardware, resolve_device, to_tensor_nchw
@@ -136,6 +139,22 @@ def load_images(args: argparse.Namespace, count: int) -> tuple[np.ndarray, str]:
     return rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8), note
 
 
+def resized(host: np.ndarray, size: int) -> np.ndarray:
+    """uint8 NHWC images bilinearly resized to ``size`` x ``size`` (CIFAR at ImageNet-like sizes)."""
+    if host.shape[1] == size:
+        return host
+    x = torch.from_numpy(host).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def streamed(host: np.ndarray, path: Path, device: torch.device) -> StreamedImages:
+    """``host`` written as the .npy ``path`` and read back as the memory map the decode cache serves."""
+    np.save(path, host)
+    memmap = np.load(path, mmap_mode="r")
+    return StreamedImages(memmap, np.arange(len(memmap)), device)
+
+
 def images_per_model(spec: str, models: list[str]) -> dict[str, int]:
     """``"4096"`` for every model, or ``"small_cnn=16384,resnet18=4096"``; unnamed models use the defaults."""
     counts = {m: DEFAULT_IMAGES.get(m, 4096) for m in models}
@@ -147,17 +166,22 @@ def images_per_model(spec: str, models: list[str]) -> dict[str, int]:
 
 def environment(device: torch.device) -> dict:
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "hardware": describe_hardware(device),
-            "torch": torch.__version__, "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", ""),
+            "torch": torch.__version__, "tcmalloc": tcmalloc_loaded(),
             "device": str(device)}
 
 
 def markdown(rows: list[dict], workers: list[int]) -> str:
-    head = ["model", "precision", "images", "step img/s", "ours epoch img/s",
-            *[f"PIL w={w} img/s" for w in workers], "ours / best PIL"]
+    stream = "epoch_streamed" in rows[0]
+    head = ["model", "precision", "size", "images", "step img/s", "ours epoch img/s",
+            *(["streamed epoch img/s"] if stream else []), *[f"PIL w={w} img/s" for w in workers], "ours / best PIL",
+            *(["streamed / best PIL"] if stream else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], r["precision"], str(r["images"]), f"{r['step']:,.0f}", f"{r['epoch_ours']:,.0f}",
-                 *[f"{r['epoch_pil'][str(w)]:,.0f}" for w in workers], f"{r['ours_over_best_pil']:.2f}x"]
+        best_pil = max(r["epoch_pil"].values())
+        cells = [r["model"], r["precision"], f"{r['size']} px", str(r["images"]), f"{r['step']:,.0f}",
+                 f"{r['epoch_ours']:,.0f}", *([f"{r['epoch_streamed']:,.0f}"] if stream else []),
+                 *[f"{r['epoch_pil'][str(w)]:,.0f}" for w in workers], f"{r['ours_over_best_pil']:.2f}x",
+                 *([f"{r['epoch_streamed'] / best_pil:.2f}x"] if stream else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -170,6 +194,8 @@ def main() -> None:
     parser.add_argument("--images", default="", help="images per epoch: N, or model=N,... "
                         f"(default {','.join(f'{k}={v}' for k, v in DEFAULT_IMAGES.items())})")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--sizes", default="32", help="comma-separated image sizes (CIFAR resized bilinearly)")
+    parser.add_argument("--stream", action="store_true", help="also time the epoch streamed from a memory map")
     parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts for the baseline")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the step-alone measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
@@ -196,27 +222,34 @@ def main() -> None:
 
     host_all, source = load_images(args, max(counts.values()))
     rows = []
-    for model in models:
-        host = host_all[:counts[model]]
-        mean, std = channel_stats(host)
-        images = to_tensor_nchw(host, device)
-        augment = ViewAugment(AugmentConfig(), mean.to(device), std.to(device))
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        views = [augment(images[:args.batch_size], gen) for _ in range(2)]
-        for precision in precisions:
-            print(f"  {model} {precision}: step ...", file=sys.stderr, flush=True)
-            row = {"model": model, "precision": precision, "images": len(host),
-                   "step": time_step(Bench(args, model, precision, device), views, args.steps, args.warmup)}
-            print(f"  {model} {precision}: epoch, ours ...", file=sys.stderr, flush=True)
-            row["epoch_ours"] = time_epoch_ours(Bench(args, model, precision, device), images, augment,
-                                                args.batch_size, args.warmup, args.seed)
-            row["epoch_pil"] = {}
-            for w in workers:
-                print(f"  {model} {precision}: epoch, PIL, {w} workers ...", file=sys.stderr, flush=True)
-                row["epoch_pil"][str(w)] = time_epoch_pil(Bench(args, model, precision, device), host, mean, std,
-                                                          args.batch_size, w, args.warmup, args.seed)
-            row["ours_over_best_pil"] = row["epoch_ours"] / max(row["epoch_pil"].values())
-            rows.append(row)
+    with tempfile.TemporaryDirectory(prefix="imbssl-throughput-") as scratch:
+        for model, size in itertools.product(models, [int(v) for v in args.sizes.split(",")]):
+            host = resized(host_all[:counts[model]], size)
+            mean, std = channel_stats(host)
+            images = to_tensor_nchw(host, device)
+            augment = ViewAugment(AugmentConfig(), mean.to(device), std.to(device))
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            views = [augment(images[:args.batch_size], gen) for _ in range(2)]
+            from_disk = streamed(host, Path(scratch) / f"{model}-{size}px.npy", device) if args.stream else None
+            for precision in precisions:
+                label = f"  {model} {size}px {precision}:"
+                print(f"{label} step ...", file=sys.stderr, flush=True)
+                row = {"model": model, "precision": precision, "size": size, "images": len(host),
+                       "step": time_step(Bench(args, model, precision, device), views, args.steps, args.warmup)}
+                print(f"{label} epoch, ours ...", file=sys.stderr, flush=True)
+                row["epoch_ours"] = time_epoch_ours(Bench(args, model, precision, device), images, augment,
+                                                    args.batch_size, args.warmup, args.seed)
+                if args.stream:
+                    print(f"{label} epoch, streamed ...", file=sys.stderr, flush=True)
+                    row["epoch_streamed"] = time_epoch_ours(Bench(args, model, precision, device), from_disk,
+                                                            augment, args.batch_size, args.warmup, args.seed)
+                row["epoch_pil"] = {}
+                for w in workers:
+                    print(f"{label} epoch, PIL, {w} workers ...", file=sys.stderr, flush=True)
+                    row["epoch_pil"][str(w)] = time_epoch_pil(Bench(args, model, precision, device), host, mean, std,
+                                                              args.batch_size, w, args.warmup, args.seed)
+                row["ours_over_best_pil"] = row["epoch_ours"] / max(row["epoch_pil"].values())
+                rows.append(row)
 
     print(f"\nData: {source}. Images per second, each image counted once (two views); batch {args.batch_size}.\n")
     print(markdown(rows, workers))

@@ -309,3 +309,118 @@ def test_head_count_sets_the_head_of_a_profile_and_must_fit_the_pool():
     assert subset_counts(SubsetConfig(profile="exp", imbalance=4), available).tolist() == [450, 225, 112]
     with pytest.raises(DataError, match="asks for 600 images of class 0, but the pool has only 500"):
         subset_counts(SubsetConfig(profile="exp", imbalance=4, head_count=600), available)
+
+
+# ------------------------------------------------------------------ file lists and iNaturalist JSON
+
+
+def _listed_cfg(tmp_path: Path, source: str, train: str, test: str, **kw) -> DataConfig:
+    return DataConfig(source=source, path=str(tmp_path / "tree"), train_list=train, test_list=test,
+                      cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def _write_lists(tmp_path: Path, rows: dict[str, list[str]]) -> None:
+    for name, lines in rows.items():
+        (tmp_path / "tree" / name).write_text("\n".join(lines) + "\n")
+
+
+def test_file_list_source_reads_paths_and_labels_in_list_order(tmp_path):
+    tree = _write_tree(tmp_path / "tree")
+    (tree / "train" / "cat" / "3.png").rename(tree / "train" / "cat" / "with space.png")
+    train = ["train/cat/with space.png 2", "train/ant/1.png 0", "train/bee/0.png 1", "train/ant/0.png 0"]
+    _write_lists(tmp_path, {"LT_train.txt": train, "LT_test.txt": ["test/bee/2.png 1", "test/ant/0.png 0",
+                                                                   "", "test/cat/1.png 2"]})
+    splits = load_splits(_listed_cfg(tmp_path, "filelist", "LT_train.txt", "LT_test.txt"))
+    assert splits["train"].classes == ("0", "1", "2")
+    assert splits["train"].labels.tolist() == [2, 0, 1, 0] and splits["test"].labels.tolist() == [1, 0, 2]
+    assert tuple(splits["train"].images[0, 0, 0]) == _pixel("train", 2, 3)
+    assert tuple(splits["train"].images[2, 0, 0]) == _pixel("train", 1, 0)
+    assert tuple(splits["test"].images[2, 0, 0]) == _pixel("test", 2, 1)
+
+
+def test_inat_json_source_maps_category_ids_to_sorted_indices(tmp_path):
+    """Classes in category-id order (not by name), images in image-id order (not as listed)."""
+    _write_tree(tmp_path / "tree")
+    categories = [{"id": 9, "name": "ant"}, {"id": 2, "name": "cat"}, {"id": 5, "name": "bee"}]
+    ids = {"ant": 9, "bee": 5, "cat": 2}
+
+    def annotations(split: str, files: list[str]) -> dict:
+        return {"images": [{"id": 200 - i, "file_name": f"{split}/{f}"} for i, f in enumerate(files)],
+                "annotations": [{"id": i, "image_id": 200 - i, "category_id": ids[f.split("/")[0]]}
+                                for i, f in enumerate(files)],
+                "categories": categories}
+
+    import json
+    (tmp_path / "tree" / "train2018.json").write_text(json.dumps(annotations("train", ["cat/0.png", "ant/2.png",
+                                                                                       "bee/1.png"])))
+    (tmp_path / "tree" / "val2018.json").write_text(json.dumps(annotations("test", ["bee/3.png", "ant/1.png",
+                                                                                    "cat/2.png"])))
+    splits = load_splits(_listed_cfg(tmp_path, "inat", "train2018.json", "val2018.json"))
+    assert splits["train"].classes == ("cat", "bee", "ant")
+    # train lists cat, ant, bee as image ids 200, 199, 198: read as bee, ant, cat
+    assert splits["train"].labels.tolist() == [1, 2, 0] and splits["test"].labels.tolist() == [0, 2, 1]
+    assert tuple(splits["test"].images[0, 0, 0]) == _pixel("test", 2, 2)  # cat/2.png, the tree's class 2
+
+    doc = annotations("test", ["bee/3.png", "ant/1.png", "cat/2.png"])
+    doc["annotations"].pop()
+    (tmp_path / "tree" / "val2018.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"val2018\.json: image id\(s\) \[198\] have no annotation"):
+        load_splits(_listed_cfg(tmp_path, "inat", "train2018.json", "val2018.json"))
+    doc["annotations"] += [{"id": 7, "image_id": 198, "category_id": 2}, {"id": 8, "image_id": 198, "category_id": 5}]
+    (tmp_path / "tree" / "val2018.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"image id\(s\) \[198\] have more than one annotation"):
+        load_splits(_listed_cfg(tmp_path, "inat", "train2018.json", "val2018.json"))
+
+
+@pytest.mark.parametrize("line, message", [
+    ("train/ant/0.png", r"LT_train\.txt line 2: expected 'relative/path label'"),
+    ("train/ant/9.png 0", r"LT_train\.txt: image train/ant/9\.png not found under"),
+    ("../outside.png 0", r"refusing .*outside\.png.*path traversal"),
+    ("train/ant/0.png 3", r"LT_test\.txt: class id\(s\) \[0\] are not among the train list's classes"),
+    ("train/ant/0.png ²", r"LT_train\.txt line 2: expected 'relative/path label'"),
+])
+def test_file_list_bad_lines_are_named(tmp_path, line, message):
+    _write_tree(tmp_path / "tree")
+    (tmp_path / "outside.png").write_bytes(b"")
+    _write_lists(tmp_path, {"LT_train.txt": ["train/bee/0.png 1", line, "train/cat/0.png 2"],
+                            "LT_test.txt": ["test/ant/0.png 0", "test/bee/0.png 1", "test/cat/0.png 2"]})
+    with pytest.raises(DataError, match=message):
+        load_splits(_listed_cfg(tmp_path, "filelist", "LT_train.txt", "LT_test.txt"))
+
+
+def test_listed_sources_need_both_lists_and_a_root():
+    with pytest.raises(ValueError, match="set both"):
+        DataConfig(source="filelist", path="x", train_list="a.txt")
+    with pytest.raises(ValueError, match="belong to the filelist and inat sources"):
+        DataConfig(source="imagefolder", path="x", train_list="a.txt")
+    with pytest.raises(ValueError, match="root folder"):
+        DataConfig(source="inat", train_list="a.json", test_list="b.json").require_path()
+
+
+def test_center_crop_resize_keeps_the_centre_square(tmp_path):
+    tree = _write_tree(tmp_path / "tree", size=16)
+    wide = np.zeros((8, 16, 3), dtype=np.uint8)
+    wide[:, 4:12] = 200  # the centre square; the sides (4 columns each) stay black
+    Image.fromarray(wide).save(tree / "train" / "ant" / "0.png")
+    # The shorter side is already 8, so the crop is exact: the centre columns 4..11, nothing of the sides.
+    cropped = load_splits(_cfg(tmp_path, tree, image_size=8, resize="center_crop"))["train"].images[0]
+    stretched = load_splits(_cfg(tmp_path, tree, image_size=8))["train"].images[0]
+    assert (cropped == 200).all()
+    assert (stretched[:, [0, -1]] < 100).all() and (stretched[:, 3:5] == 200).all()
+
+
+def test_resize_enters_the_cache_key_only_where_it_acts(tmp_path):
+    """A cache decoded before data.resize existed keeps its key: stretch, or no image_size, change nothing."""
+    from imbssl.data.cache import cache_key
+    from imbssl.data.sources import _imagefolder_source, folder_digest
+
+    tree = _write_tree(tmp_path / "tree")
+    key = lambda **kw: _imagefolder_source(_cfg(tmp_path, tree, **kw), tmp_path)[0]  # noqa: E731
+    assert key() == cache_key("imagefolder", folder_digest(tree), image_size=None)  # the key before data.resize
+    assert key(resize="center_crop") == key() and key(image_size=8) == key(image_size=8, resize="stretch")
+    assert key(image_size=8, resize="center_crop") != key(image_size=8)
+
+
+def test_listed_sources_without_a_root_are_named():
+    with pytest.raises(DataError, match="data.path \\(the root the lists are relative to\\) is required"):
+        load_splits(DataConfig(source="filelist", train_list="a.txt", test_list="b.txt"))

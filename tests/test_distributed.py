@@ -26,6 +26,7 @@ from imbssl.engine import distributed
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.distributed import GlobalBatchNorm, convert_sync_batchnorm, gather_with_grad, process_group
 from imbssl.engine.trainer import CHECKPOINT_FILE
+from imbssl.errors import ImbsslError
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
 from imbssl.pipelines.train import CRT_DIR, MODEL_FILE, TRAIN_FILE, train
 
@@ -314,3 +315,41 @@ def test_torchrun_launches_imbssl_train(sup_cfg, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1  # rank 0 alone reports
     assert (tmp_path / "run" / TRAIN_FILE).exists()
+
+
+def _reproduce(out: Path, processes: int) -> subprocess.CompletedProcess:
+    """``imbssl reproduce experiment-1`` on digits: one SimSiam run of 2 epochs (BatchNorm over the global batch),
+    under torchrun or on its own."""
+    launcher = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+                if processes > 1 else [])
+    grid = ["--set", "seeds=[0]", "--set", "methods=[simsiam]", "--set", "subset_keys=[imbalanced-p10]",
+            "--set", "base.optim.epochs=2", "--set", "base.eval.linear.epochs=5", "--set", "base.train.sync_batchnorm=true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets for each process: the same kernels
+    return subprocess.run([sys.executable, *launcher, "-m", "imbssl", "reproduce", "experiment-1", "--preset", "demo",
+                           "--out", str(out), *grid], capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_a_recipe_under_torchrun_trains_data_parallel_and_reports_once(tmp_path):
+    runs = {n: _reproduce(tmp_path / f"{n}proc", n) for n in (1, 2)}
+    for done in runs.values():
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert runs[2].stdout.count("report:") == 1  # rank 0 alone evaluates and reports
+    run = Path("runs/imbalanced-p10/simsiam/seed0")
+    assert json.loads((tmp_path / "2proc" / run / "pretrain.json").read_text())["processes"] == 2
+    one, two = (load_safe(tmp_path / f"{n}proc" / run / BACKBONE_FILE)["backbone"] for n in (1, 2))
+    for key, value in one.items():
+        assert torch.allclose(two[key].double(), value.double(), rtol=0, atol=1e-4), key
+    assert (tmp_path / "2proc" / run / "eval.json").exists() and (tmp_path / "2proc" / "table.md").exists()
+
+
+@pytest.mark.parametrize("recipe", ["experiment-2", "semi-supervised"])
+def test_recipes_that_are_not_data_parallel_refuse_torchrun(monkeypatch, recipe):
+    from imbssl.recipes import experiment_2, semi_supervised
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    run = {"experiment-2": lambda: experiment_2.run_experiment(experiment_2.Experiment2Config(), Path("unused")),
+           "semi-supervised": lambda: semi_supervised.run_grid(semi_supervised.SemiSupervisedExperimentConfig(),
+                                                               Path("unused"))}[recipe]
+    with pytest.raises(ImbsslError, match="runs on one process only; start it without torchrun"):
+        run()

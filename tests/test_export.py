@@ -96,3 +96,17 @@ def test_the_imagenet_stem_is_for_resnets_only():
 
     with pytest.raises(ValueError, match="stem imagenet is for resnet18, resnet34 and resnet50, not small_cnn"):
         ModelConfig(backbone="small_cnn", stem="imagenet")
+
+
+def test_vit_s16_has_the_size_of_deits_vit_small_at_224px():
+    from imbssl.config import ModelConfig
+    from imbssl.models import build_backbone
+
+    vit = build_backbone(ModelConfig(backbone="vit_s16"), 3)
+    # timm's vit_small_patch16_224 has 22,050,664 parameters: ours less its 1000-class head (384 x 1000 + 1000)
+    # and its learned position embedding (197 x 384), which the fixed sine-cosine positions replace.
+    assert sum(p.numel() for p in vit.parameters()) == 22_050_664 - 385_000 - 197 * 384
+    images = torch.randn(2, 3, 224, 224)
+    assert vit.tokens(images).shape == (2, 196, 384)
+    keep = torch.stack([torch.randperm(196)[:49] for _ in range(2)])  # MSN's masking drops 3 of 4 tokens
+    assert vit(images).shape == vit(images, keep).shape == (2, 384)

@@ -10,8 +10,9 @@ import logging
 import shlex
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import click
 from pydantic import BaseModel
@@ -413,6 +414,24 @@ def _load_grid(experiment: str, schema: type[BaseModel], preset: str, overrides:
     return validate_tree(schema, tree, origin=f"the {experiment} preset {preset!r}", overrides=overrides)
 
 
+@contextmanager
+def _grid_processes(exp: BaseModel) -> Iterator[None]:
+    """Under torchrun every process trains the grid's runs data-parallel, and rank 0 alone evaluates and reports
+    (docs/scale-out.md); the process group is ``base.train``'s."""
+    from imbssl.config import TrainConfig
+    from imbssl.engine.distributed import process_group
+
+    train = TrainConfig.model_validate(exp.base.get("train", {}))
+    with process_group(train.device, train.dist_timeout_s):
+        yield
+
+
+def _echo_report(table: Path | None) -> None:
+    if table is not None:  # None on the processes other than rank 0
+        click.echo(table.read_text())
+        click.echo(f"report: {table.parent}")
+
+
 def _grid_options(experiment: str) -> Callable[[Callable], Callable]:
     """--preset, --set, --out and --data of a ``reproduce`` command; reports go to reports/EXPERIMENT-PRESET."""
     options = [
@@ -430,22 +449,21 @@ def _grid_options(experiment: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def _experiment_1(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> Path:
+def _experiment_1(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> Path | None:
     from imbssl.recipes.experiment_1 import Experiment1Config, run_grid, write_report
 
     exp = _load_grid("experiment-1", Experiment1Config, preset, overrides, data_path)
     out_dir = Path(out or f"reports/experiment-1-{preset}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    return write_report(exp, run_grid(exp, out_dir), out_dir, _command_line())
+    with _grid_processes(exp):
+        return write_report(exp, run_grid(exp, out_dir), out_dir, _command_line())
 
 
 @reproduce.command("experiment-1", short_help="Table 2: SimCLR and SimSiam, imbalanced vs balanced.")
 @_grid_options("experiment-1")
 def reproduce_experiment_1(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
     """Table 2: SimCLR and SimSiam on imbalanced vs balanced CIFAR-10 subsets."""
-    table = _experiment_1(preset, overrides, out, data_path)
-    click.echo(table.read_text())
-    click.echo(f"report: {table.parent}")
+    _echo_report(_experiment_1(preset, overrides, out, data_path))
 
 
 @reproduce.command("excb", short_help="ExCB beside its baselines; a K ablation.")
@@ -455,9 +473,8 @@ def reproduce_excb(preset: str, overrides: tuple[str, ...], out: str | None, dat
     from imbssl.recipes.excb import ExcbExperimentConfig, run_experiment
 
     exp = _load_grid("experiment-excb", ExcbExperimentConfig, preset, overrides, data_path)
-    table = run_experiment(exp, Path(out or f"reports/excb-{preset}"), _command_line())
-    click.echo(table.read_text())
-    click.echo(f"report: {table.parent}")
+    with _grid_processes(exp):
+        _echo_report(run_experiment(exp, Path(out or f"reports/excb-{preset}"), _command_line()))
 
 
 @reproduce.command("priors", short_help="Uniform vs power-law cluster priors: MSN/PMSN, ExCB.")
@@ -468,9 +485,8 @@ def reproduce_priors(preset: str, overrides: tuple[str, ...], out: str | None, d
     from imbssl.recipes.priors import PriorsExperimentConfig, run_experiment
 
     exp = _load_grid("priors", PriorsExperimentConfig, preset, overrides, data_path)
-    table = run_experiment(exp, Path(out or f"reports/priors-{preset}"), _command_line())
-    click.echo(table.read_text())
-    click.echo(f"report: {table.parent}")
+    with _grid_processes(exp):
+        _echo_report(run_experiment(exp, Path(out or f"reports/priors-{preset}"), _command_line()))
 
 
 @reproduce.command("longtail-ssl", short_help="SimCLR, +TS, SDCLR, BCL beside the seeds' methods.")
@@ -482,9 +498,8 @@ def reproduce_longtail_ssl(preset: str, overrides: tuple[str, ...], out: str | N
     from imbssl.recipes.longtail_ssl import LongtailSSLConfig, run_experiment
 
     exp = _load_grid("longtail-ssl", LongtailSSLConfig, preset, overrides, data_path)
-    table = run_experiment(exp, Path(out or f"reports/longtail-ssl-{preset}"), _command_line())
-    click.echo(table.read_text())
-    click.echo(f"report: {table.parent}")
+    with _grid_processes(exp):
+        _echo_report(run_experiment(exp, Path(out or f"reports/longtail-ssl-{preset}"), _command_line()))
 
 
 @reproduce.command("experiment-2", short_help="Table 3: offline clustering vs the baselines.")
@@ -500,10 +515,9 @@ def reproduce_experiment_2(preset: str, overrides: tuple[str, ...], out: str | N
     exp = _load_grid("experiment-2", Experiment2Config, preset, overrides, data_path)
     out_dir = Path(out or f"reports/experiment-2-{preset}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = run_experiment(exp, out_dir, Path(baselines_from) if baselines_from else None)
-    table = write_report(exp, records, out_dir, _command_line())
-    click.echo(table.read_text())
-    click.echo(f"report: {out_dir}")
+    with _grid_processes(exp):  # to refuse it under torchrun: the pipeline shares out its experts instead
+        records = run_experiment(exp, out_dir, Path(baselines_from) if baselines_from else None)
+    _echo_report(write_report(exp, records, out_dir, _command_line()))
 
 
 @reproduce.command("ssp", short_help="Rethinking's Table 2: LT losses, scratch vs SSP.")
@@ -516,9 +530,8 @@ def reproduce_ssp(preset: str, overrides: tuple[str, ...], out: str | None, data
     exp = _load_grid("ssp", SSPExperimentConfig, preset, overrides, data_path)
     out_dir = Path(out or f"reports/ssp-{preset}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = write_report(exp, run_grid(exp, out_dir), out_dir, _command_line())
-    click.echo(table.read_text())
-    click.echo(f"report: {out_dir}")
+    with _grid_processes(exp):
+        _echo_report(write_report(exp, run_grid(exp, out_dir), out_dir, _command_line()))
 
 
 @reproduce.command("semi-supervised", short_help="Rethinking's Table 1: LT losses with self-training on D_U.")
@@ -531,9 +544,9 @@ def reproduce_semi_supervised(preset: str, overrides: tuple[str, ...], out: str 
     exp = _load_grid("semi-supervised", SemiSupervisedExperimentConfig, preset, overrides, data_path)
     out_dir = Path(out or f"reports/semi-supervised-{preset}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = write_report(exp, run_grid(exp, out_dir), out_dir, _command_line())
-    click.echo(table.read_text())
-    click.echo(f"report: {out_dir}")
+    with _grid_processes(exp):  # to refuse it under torchrun
+        records = run_grid(exp, out_dir)
+    _echo_report(write_report(exp, records, out_dir, _command_line()))
 
 
 @cli.command(short_help="Experiment I on digits, in minutes on a CPU.")
@@ -541,10 +554,13 @@ def reproduce_semi_supervised(preset: str, overrides: tuple[str, ...], out: str 
 @click.option("--out", type=click.Path(file_okay=False), default="reports/demo", show_default=True)
 def demo(overrides: tuple[str, ...], out: str) -> None:
     """Experiment I on scikit-learn's digits: a few minutes on a laptop CPU."""
-    table = _experiment_1("demo", overrides, out, None)
-    click.echo(table.read_text())
-    click.echo(f"report: {table.parent} (table.md, distributions.png, per_class_accuracy-*.png, runs/)")
+    if (table := _experiment_1("demo", overrides, out, None)) is not None:
+        click.echo(table.read_text())
+        click.echo(f"report: {table.parent} (table.md, distributions.png, per_class_accuracy-*.png, runs/)")
 
 
 def main() -> None:
+    from imbssl.launcher import relaunch_with_tcmalloc
+
+    relaunch_with_tcmalloc()
     cli(prog_name="imbssl")

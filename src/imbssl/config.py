@@ -57,18 +57,45 @@ class SubsetConfig(Section):
         return self
 
 
+#: sources whose images are files under data.path, listed by data.train_list and data.test_list
+LISTED_SOURCES = ("filelist", "inat")
+
+
 class DataConfig(Section):
-    source: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
-    path: str | None = Field(None, description="archive or folder; CIFAR archives are downloaded when absent")
+    source: Literal["digits", "cifar10", "cifar100", "imagefolder", "filelist", "inat"] = "digits"
+    path: str | None = Field(None, description="archive or folder; CIFAR archives are downloaded when absent; for "
+                                               "filelist and inat, the root the listed paths are relative to")
+    train_list: str | None = Field(None, description="filelist: `relative/path label` lines (ImageNet_LT_train.txt); "
+                                                     "inat: an annotation JSON (train2018.json); relative to data.path")
+    test_list: str | None = Field(None, description="the evaluation split's list, as train_list (ImageNet_LT_test.txt, "
+                                                    "val2018.json)")
     cache_dir: str = Field("~/.cache/imbssl", description="where decoded uint8 arrays are kept")
     download: bool = True
-    image_size: int | None = Field(None, ge=4, description="resize ImageFolder images to this square size")
+    image_size: int | None = Field(None, ge=4, description="store ImageFolder, filelist and inat images at this "
+                                                         "square size (see resize)")
+    resize: Literal["stretch", "center_crop"] = Field(
+        "stretch", description="how image_size is reached: stretch both sides to it, or scale the shorter side to it "
+                               "and keep the centre square (ImageNet-size storage, aspect kept)")
     subset: SubsetConfig = SubsetConfig()
 
+    @model_validator(mode="after")
+    def _check_lists(self) -> "DataConfig":
+        listed = self.source in LISTED_SOURCES
+        if not listed and (self.train_list or self.test_list):
+            raise ValueError(f"data.train_list and data.test_list belong to the filelist and inat sources, not "
+                             f"{self.source!r}")
+        if listed and not (self.train_list and self.test_list):
+            raise ValueError(f"data.source {self.source!r} reads its splits from data.train_list and data.test_list: "
+                             f"set both")
+        return self
+
     def require_path(self) -> None:
-        """An ImageFolder has no default location: a run config must name it (the data section alone may not)."""
+        """Image files have no default location: a run config must name it (the data section alone may not)."""
         if self.source == "imagefolder" and not self.path:
             raise ValueError(MISSING_DATA_PATH)
+        if self.source in LISTED_SOURCES and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}: the root folder its lists' "
+                             f"paths are relative to")
 
 
 class AugmentConfig(Section):
@@ -87,7 +114,9 @@ class AugmentConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet32", "small_cnn", "vit"] = "small_cnn"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet32", "small_cnn", "vit", "vit_s16", "vit_b16"] = Field(
+        "small_cnn", description="vit: the vit_* settings below; vit_s16 and vit_b16: ViT-S/16 and ViT-B/16 (DeiT's "
+                                 "sizes, for 224 px images), which fix patch, dim, depth and heads")
     width: float = Field(1.0, gt=0, description="channel width multiplier (ViT: of vit_dim)")
     stem: Literal["cifar", "imagenet"] = Field("cifar", description="ResNet-18/34/50: a 3x3 stride-1 conv (cifar) or "
                                                                    "a 7x7 stride-2 conv and a max-pool (imagenet)")
@@ -219,7 +248,10 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
-    data_on_device: bool = True
+    data_on_device: bool | Literal["auto"] = Field(
+        "auto", description="true: the training images live on the device; false: they stay a memory map on disk "
+                            "and each batch is read into pinned memory and copied (data/stream.py); auto: on the "
+                            "device when they fill at most a quarter of its free memory")
     deterministic: bool = Field(True, description="cuDNN without autotuning and deterministic kernels where torch "
                                                   "has them (torch.use_deterministic_algorithms, warn_only)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last epoch is always saved)")

@@ -14,10 +14,12 @@ from imbssl.data.longtail import (
     unlabeled_counts,
 )
 from imbssl.data.sources import DataError, ImageSet, load_splits
+from imbssl.data.stream import StreamedImages, training_images
 
 __all__ = [
     "DataError",
     "ImageSet",
+    "StreamedImages",
     "balanced_counts",
     "class_ranks",
     "exp_counts",
@@ -30,5 +32,6 @@ __all__ = [
     "select_subset",
     "step_counts",
     "subset_counts",
+    "training_images",
     "unlabeled_counts",
 ]

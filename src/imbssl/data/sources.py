@@ -1,4 +1,5 @@
-"""Image sources: scikit-learn digits, CIFAR-10/100 python archives and ImageFolder trees or tars.
+"""Image sources: scikit-learn digits, CIFAR-10/100 python archives, ImageFolder trees or tars, and
+the long-tailed benchmarks' file lists (ImageNet-LT, Places-LT) and iNaturalist's annotation JSON.
 
 Every source yields the full "train" and "test" pools as uint8 ``[N, H, W, C]`` images with
 int64 labels. CIFAR and ImageFolder sources are decoded once and then served as read-only
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -17,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from imbssl.config import DataConfig
+from imbssl.config import LISTED_SOURCES, DataConfig
 from imbssl.data.cache import cache_key, file_digest, folder_digest, load_or_build
 from imbssl.errors import ImbsslError
 
@@ -80,6 +83,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     cache_dir = Path(cfg.cache_dir).expanduser()
     if cfg.source == "imagefolder":
         key, build = _imagefolder_source(cfg, cache_dir)
+    elif cfg.source in LISTED_SOURCES:
+        key, build = _listed_source(cfg, cache_dir)
     else:
         key, build = _cifar_source(cfg, cache_dir)
     return _cached(cache_dir, key, build)
@@ -297,8 +302,15 @@ def _imagefolder_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable
         content = file_digest(root, cache_dir)
     else:
         raise DataError(f"imagefolder path not found: {root}")
-    key = cache_key("imagefolder", content, image_size=cfg.image_size)
-    return key, lambda: _decode_imagefolder(root, cfg.image_size)
+    key = cache_key("imagefolder", content, **_size_options(cfg))
+    return key, lambda: _decode_imagefolder(root, cfg.image_size, cfg.resize)
+
+
+def _size_options(cfg: DataConfig) -> dict:
+    """The options that shape the decoded images; ``resize`` only where it acts, so that older caches keep
+    their keys."""
+    resizes = cfg.image_size is not None and cfg.resize != "stretch"
+    return {"image_size": cfg.image_size, **({"resize": cfg.resize} if resizes else {})}
 
 
 def _is_image(parts: tuple[str, ...]) -> bool:
@@ -306,11 +318,11 @@ def _is_image(parts: tuple[str, ...]) -> bool:
     return not any(p.startswith(".") for p in parts) and PurePosixPath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _safe_parts(name: str, archive: Path) -> tuple[str, ...]:
-    """Member path components; absolute paths and ``..`` are refused as path traversal."""
+def _safe_parts(name: str, source: Path) -> tuple[str, ...]:
+    """The components of a tar member's or a list's path; absolute paths and ``..`` are refused as path traversal."""
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts:
-        raise DataError(f"{archive}: refusing tar member {name!r} (absolute path or '..': path traversal)")
+        raise DataError(f"{source}: refusing path {name!r} (absolute or with '..': path traversal)")
     return path.parts
 
 
@@ -393,7 +405,17 @@ def _open_image(f: _File) -> Image.Image:
     return img
 
 
-def _decode_images(files: list[_File], image_size: int | None) -> np.ndarray:
+def _resized(img: Image.Image, size: int, resize: str) -> Image.Image:
+    """``size`` x ``size``: both sides stretched, or the shorter side scaled to ``size`` and the centre kept."""
+    if resize == "stretch":
+        return img.resize((size, size), Image.Resampling.BILINEAR)
+    scale = size / min(img.size)
+    width, height = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    left, top = (width - size) // 2, (height - size) // 2
+    return img.resize((width, height), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
+
+
+def _decode_images(files: list[_File], image_size: int | None, resize: str = "stretch") -> np.ndarray:
     """Decode into one preallocated array; RGB unless every image is mode L, then one channel."""
     out = np.empty(0, dtype=np.uint8)
     first = ""
@@ -404,7 +426,7 @@ def _decode_images(files: list[_File], image_size: int | None) -> np.ndarray:
         if img.mode not in ("L", "RGB"):
             img = img.convert("RGB")
         if image_size is not None and img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            img = _resized(img, image_size, resize)
         if i == 0:
             out, first = np.empty((len(files), img.height, img.width, 3), dtype=np.uint8), f.name
         elif img.size != (out.shape[2], out.shape[1]):
@@ -415,12 +437,125 @@ def _decode_images(files: list[_File], image_size: int | None) -> np.ndarray:
     return np.ascontiguousarray(out[..., :1]) if grey else out
 
 
-def _decode_imagefolder(root: Path, image_size: int | None) -> Splits:
+def _decode_imagefolder(root: Path, image_size: int | None, resize: str) -> Splits:
     """Both splits decoded together, so they share one image size and channel count."""
     classes, splits = _by_split(_tar_files(root) if root.is_file() else _folder_files(root), root)
     pairs = splits["train"] + splits["test"]
-    images = _decode_images([f for _, f in pairs], image_size)
+    images = _decode_images([f for _, f in pairs], image_size, resize)
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[c] for c, _ in pairs], dtype=np.int64)
     n = len(splits["train"])
     return {"train": ImageSet(images[:n], labels[:n], classes), "test": ImageSet(images[n:], labels[n:], classes)}
+
+
+# ------------------------------------------------------------------ file lists and iNaturalist JSON
+
+
+class _Listed(NamedTuple):
+    """One split's list: image paths relative to the root, each with the list's own class id."""
+
+    paths: list[str]
+    class_ids: list[int]
+    names: dict[int, str]  # class id -> name, for the ids the list defines
+
+
+def _read_file_list(path: Path) -> _Listed:
+    """``relative/path label`` lines, as ImageNet-LT and Places-LT ship them (the path may hold spaces)."""
+    paths, ids = [], []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.rsplit(maxsplit=1)
+        if len(fields) != 2 or not (fields[1].isascii() and fields[1].isdecimal()):
+            raise DataError(f"{path} line {number}: expected 'relative/path label' with a label >= 0, got {line!r}")
+        paths.append(fields[0])
+        ids.append(int(fields[1]))
+    if not paths:
+        raise DataError(f"{path}: no 'relative/path label' lines")
+    return _Listed(paths, ids, {i: str(i) for i in sorted(set(ids))})
+
+
+def _read_inat_json(path: Path) -> _Listed:
+    """iNaturalist's COCO-style annotations: images {id, file_name}, annotations {image_id, category_id},
+    categories {id, name}; one annotation per image."""
+    try:
+        doc = json.loads(_read_text(path))
+        files = {image["id"]: image["file_name"] for image in doc["images"]}
+        labelled = [note["image_id"] for note in doc["annotations"]]
+        labels = {note["image_id"]: note["category_id"] for note in doc["annotations"]}
+        names = {category["id"]: str(category.get("name", category["id"])) for category in doc["categories"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not an iNaturalist annotation file (images, annotations, categories): "
+                        f"{type(err).__name__} {err}") from None
+    if len(labelled) != len(labels):
+        repeated = sorted(i for i, n in Counter(labelled).items() if n > 1)[:3]
+        raise DataError(f"{path}: image id(s) {repeated} have more than one annotation; imbssl takes one label per "
+                        f"image")
+    if unlabelled := sorted(files.keys() - labels.keys())[:3]:
+        raise DataError(f"{path}: image id(s) {unlabelled} have no annotation (iNat's test2018.json is unlabelled: "
+                        f"evaluate on val2018.json)")
+    if stray := sorted(set(labels.values()) - names.keys())[:3]:
+        raise DataError(f"{path}: annotations name category id(s) {stray} that are not in its categories")
+    ids = sorted(files)
+    return _Listed([files[i] for i in ids], [labels[i] for i in ids], names)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read list {path}: {err}") from None
+
+
+def _listed_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[], Splits]]:
+    if not cfg.path:
+        raise DataError(f"data.path (the root the lists are relative to) is required when data.source is "
+                        f"{cfg.source!r}")
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{cfg.source} root folder not found: {root}")
+    read = _read_file_list if cfg.source == "filelist" else _read_inat_json
+    lists = {split: root / Path(name).expanduser() for split, name in zip(SPLITS, (cfg.train_list, cfg.test_list))}
+    listed = {split: read(path) for split, path in lists.items()}
+    files = {split: _listed_files(root, lists[split], listed[split].paths) for split in SPLITS}
+    # The key hashes the lists and the listed files' (size, mtime), not a walk of the whole root.
+    stamps = hashlib.sha256()
+    for split in SPLITS:
+        stamps.update(file_digest(lists[split], cache_dir).encode())
+        for f in files[split]:
+            st = f.data.stat()
+            stamps.update(f"{'/'.join(f.parts)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # moves keep the key
+    key = cache_key(cfg.source, stamps.hexdigest(), **_size_options(cfg))
+    return key, lambda: _decode_listed(listed, files, lists, cfg.image_size, cfg.resize)
+
+
+def _listed_files(root: Path, listing: Path, paths: list[str]) -> list[_File]:
+    """The listed images under ``root``; a path outside it (absolute, '..') or a missing file is refused."""
+    files = []
+    for rel in paths:
+        full = root.joinpath(*_safe_parts(rel, listing))
+        if not full.is_file():
+            raise DataError(f"{listing}: image {rel} not found under {root}")
+        files.append(_File(tuple(PurePosixPath(rel).parts), full, str(full)))
+    return files
+
+
+def _decode_listed(listed: dict[str, _Listed], files: dict[str, list[_File]], lists: dict[str, Path],
+                   image_size: int | None, resize: str) -> Splits:
+    """Class ids -> indices in sorted id order; every class needs images in both splits, as in an ImageFolder."""
+    names = listed["train"].names
+    ids = sorted(names)
+    index = {class_id: i for i, class_id in enumerate(ids)}
+    for split in SPLITS:
+        present = set(listed[split].class_ids)
+        if stray := sorted(present - names.keys())[:3]:
+            raise DataError(f"{lists[split]}: class id(s) {stray} are not among the train list's classes")
+        if empty := [i for i in ids if i not in present][:3]:
+            raise DataError(f"{lists[split]}: class id(s) {empty} have no image; every class needs images in the "
+                            f"train and test lists")
+    images = _decode_images(files["train"] + files["test"], image_size, resize)
+    classes = tuple(names[i] for i in ids)
+    n = len(files["train"])
+    labels = {split: np.array([index[i] for i in listed[split].class_ids], dtype=np.int64) for split in SPLITS}
+    return {"train": ImageSet(images[:n], labels["train"], classes),
+            "test": ImageSet(images[n:], labels["test"], classes)}

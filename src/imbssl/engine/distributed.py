@@ -12,17 +12,20 @@ prediction (``batch_mean_with_grad``) and masks (``place_in_global_batch``).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_gather, all_reduce
+
+from imbssl.errors import ImbsslError
 
 # torch 2.13 deprecates these differentiable collectives in favour of a private module
 # (torch.distributed._functional_collectives); the public ones are kept until they go, without the warning.
@@ -91,6 +94,30 @@ def main_first() -> Iterator[None]:
     finally:
         if is_main():
             barrier()
+
+
+T = TypeVar("T")
+
+
+def main_only(work: Callable[..., T]) -> Callable[..., T | None]:
+    """``work`` (an evaluation, a report) run by rank 0 alone while the other processes wait for it; they get None.
+
+    A recipe under torchrun trains every run data-parallel and evaluates and reports on rank 0: the others must not
+    race ahead to the next run's collectives while rank 0 still writes this one's files, which they read next.
+    """
+    @functools.wraps(work)
+    def on_main(*args, **kwargs) -> T | None:
+        try:
+            return work(*args, **kwargs) if is_main() else None
+        finally:
+            barrier()
+    return on_main
+
+
+def require_one_process(what: str) -> None:
+    """Refuse ``what`` under torchrun: parts that are not data-parallel would deadlock in the process group."""
+    if world_size() > 1:
+        raise ImbsslError(f"{what} runs on one process only; start it without torchrun (docs/scale-out.md)")
 
 
 # -- sharing the global batch ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ from imbssl.config import ModelConfig
 from imbssl.models.heads import mlp
 from imbssl.models.resnet import RESNETS, CifarResNet32, ResNet, build_resnet, torchvision_state_dict
 from imbssl.models.small import SmallCNN
-from imbssl.models.vit import VisionTransformer
+from imbssl.models.vit import VIT_SIZES, VisionTransformer
 
 __all__ = ["CifarResNet32", "ResNet", "SmallCNN", "VisionTransformer", "build_backbone", "mlp",
            "build_resnet", "torchvision_state_dict"]
@@ -19,7 +19,9 @@ def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
         return build_resnet(cfg.backbone, in_channels, cfg.width, cfg.stem)
     if cfg.backbone == "resnet32":
         return CifarResNet32(in_channels, cfg.width)
-    if cfg.backbone == "vit":
-        dim = max(1, round(cfg.vit_dim * cfg.width / cfg.vit_heads)) * cfg.vit_heads
-        return VisionTransformer(in_channels, cfg.vit_patch, dim, cfg.vit_depth, cfg.vit_heads)
+    if cfg.backbone.startswith("vit"):
+        own_size = (cfg.vit_patch, cfg.vit_dim, cfg.vit_depth, cfg.vit_heads)
+        patch, dim, depth, heads = VIT_SIZES.get(cfg.backbone, own_size)
+        dim = max(1, round(dim * cfg.width / heads)) * heads
+        return VisionTransformer(in_channels, patch, dim, depth, heads)
     return SmallCNN(in_channels, cfg.width)

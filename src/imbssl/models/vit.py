@@ -1,4 +1,5 @@
-"""A Vision Transformer for CIFAR-size images (Dosovitskiy et al. 2021), whose patch tokens can be dropped.
+"""A Vision Transformer (Dosovitskiy et al. 2021), whose patch tokens can be dropped: small for CIFAR-size images,
+or ViT-S/16 and ViT-B/16 at 224 px.
 
 MSN masks an anchor view by dropping a random share of its patch tokens before the encoder (Assran et al.
 2022, Sec. 3): ``forward(x, keep)`` encodes only the tokens listed in ``keep``. Positions are fixed 2-D
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+#: (patch, dim, depth, heads) of the named sizes: ViT-S/16 and ViT-B/16 as in DeiT (Touvron et al. 2021) and MSN
+VIT_SIZES: dict[str, tuple[int, int, int, int]] = {"vit_s16": (16, 384, 12, 6), "vit_b16": (16, 768, 12, 12)}
 
 
 def sincos_positions(height: int, width: int, dim: int) -> torch.Tensor:

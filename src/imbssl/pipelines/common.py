@@ -12,10 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from imbssl.augment import Normalize, channel_stats
+from imbssl.augment import Normalize, channel_histogram, stats_from_histogram
 from imbssl.config import SPACES, ConfigError, DataConfig, ModelConfig, RunConfig, Space
-from imbssl.data import ImageSet, load_splits, select_subset
+from imbssl.data import ImageSet, StreamedImages, load_splits, select_subset
+from imbssl.data.stream import CHUNK_ROWS
 from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.launcher import loaded as tcmalloc_loaded
 from imbssl.methods import build_method
 from imbssl.models import build_backbone
 
@@ -38,7 +40,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def describe_hardware(device: torch.device) -> str:
-    """'NVIDIA H100 80GB HBM3' or 'AMD EPYC ... (2 cores)': recorded with every run's figures."""
+    """'NVIDIA H100 80GB HBM3' or 'AMD EPYC ... (2 cores, 2 torch threads, tcmalloc)': recorded with every run's
+    figures."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
@@ -47,7 +50,8 @@ def describe_hardware(device: torch.device) -> str:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         model = names[0] if names else model
-    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    allocator = ", tcmalloc" if tcmalloc_loaded() else ""
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads{allocator})"
 
 
 def seed_everything(seed: int) -> None:
@@ -161,6 +165,8 @@ def space_dim(cfg: RunConfig, backbone: nn.Module, space: Space) -> int:
     return backbone.feature_dim if space == "backbone" else cfg.method.proj_dim
 
 
-def normalizer_for(images: np.ndarray) -> Normalize:
-    mean, std = channel_stats(images)
-    return Normalize(mean, std)
+def normalizer_for(images: torch.Tensor | StreamedImages) -> Normalize:
+    """Standardisation by the training images' own channel statistics (uint8 NCHW, or streamed from disk)."""
+    chunks = (images.host_chunks() if isinstance(images, StreamedImages)
+              else (chunk.permute(0, 2, 3, 1) for chunk in images.split(CHUNK_ROWS)))
+    return Normalize(*stats_from_histogram(sum(channel_histogram(chunk) for chunk in chunks)))

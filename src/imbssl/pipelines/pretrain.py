@@ -13,7 +13,7 @@ import torch
 
 from imbssl.augment import MultiCrop, Normalize
 from imbssl.config import ConfigError, RunConfig
-from imbssl.data import save_indices
+from imbssl.data import StreamedImages, save_indices, training_images
 from imbssl.engine.distributed import barrier, convert_sync_batchnorm, is_main, main_first, world_size
 from imbssl.engine.divergence import DivergenceWatch
 from imbssl.engine.optim import build_optimizer, cosine_schedule, cosine_temperature, resolve_optim
@@ -21,8 +21,7 @@ from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_p
 from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (PretrainData, describe_hardware, determinism, load_backbone, load_pretrain_data,
-                                     normalizer_for, resolve_device, save_backbone, seed_everything, set_determinism,
-                                     to_tensor_nchw)
+                                     normalizer_for, resolve_device, save_backbone, seed_everything, set_determinism)
 from imbssl.pipelines.runfolder import run_folder
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
     with run_folder(cfg, run_dir, resume):
         data, images = load_run_images(cfg, run_dir, indices)
         if init_from is None:
-            backbone, normalize = build_backbone(cfg.model, images.shape[1]), normalizer_for(data.images)
+            backbone, normalize = build_backbone(cfg.model, images.shape[1]), normalizer_for(images)
         else:  # weights that were trained on inputs standardised one way keep being fed them that way
             backbone, normalize = load_backbone(cfg.model, images.shape[1], init_from)
         method = build_method(cfg.method, backbone).to(images.device)
@@ -56,8 +55,10 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
     return run_dir
 
 
-def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None) -> tuple[PretrainData, torch.Tensor]:
-    """Seed everything, record the training subset in run_dir/subset.npz and put its images on the device."""
+def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None
+                    ) -> tuple[PretrainData, torch.Tensor | StreamedImages]:
+    """Seed everything, record the training subset in run_dir/subset.npz and put its images on the device (or
+    stream them from disk, ``train.data_on_device``)."""
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     set_determinism(cfg.train.deterministic)
@@ -68,7 +69,7 @@ def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None) -
         save_indices(run_dir / "subset.npz", data.indices, {"profile": profile,
                                                              "class_counts": data.class_counts.tolist(),
                                                              "classes": list(data.train.classes)})
-    images = to_tensor_nchw(data.images, device)
+    images = training_images(data.train.images, data.indices, device, cfg.train.data_on_device)
     log.info("training %s: %s on the %s subset (%d images %s, class counts %s), seed %d, device %s", cfg.name,
              cfg.method.name, describe_subset(cfg, indices), len(images), tuple(images.shape[1:]),
              data.class_counts.tolist(), cfg.seed, device)

@@ -30,7 +30,7 @@ from torch import nn
 
 from imbssl.augment import Normalize, PadCropFlip
 from imbssl.config import ConfigError, LossConfig, ModelConfig, SupervisedConfig
-from imbssl.data import ImageSet, load_splits, save_indices, select_subset
+from imbssl.data import ImageSet, StreamedImages, load_splits, save_indices, select_subset, training_images
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.distributed import barrier, convert_sync_batchnorm, is_main, main_first
 from imbssl.engine.optim import cosine_schedule, step_schedule
@@ -59,7 +59,7 @@ class LabelledData:
     1), and ``labeled_counts`` the per-class counts of the truly labelled ones, which define head and tail.
     """
 
-    train_images: torch.Tensor
+    train_images: torch.Tensor | StreamedImages
     train_labels: torch.Tensor
     val_images: torch.Tensor
     val_labels: np.ndarray
@@ -165,7 +165,7 @@ def labelled_data(cfg: SupervisedConfig, pool: ImageSet, test: ImageSet, train_i
     log.info("training %s: %s loss%s on %d images (class counts %s), validation %d images, seed %d, device %s",
              cfg.name, cfg.loss.name, f" with {cfg.loss.deferral.upper()}" if cfg.loss.deferral != "none" else "",
              len(train_idx), counts.tolist(), len(val_idx), cfg.seed, device)
-    return LabelledData(train_images=to_tensor_nchw(pool.images[train_idx], device),
+    return LabelledData(train_images=training_images(pool.images, train_idx, device, cfg.train.data_on_device),
                         train_labels=torch.as_tensor(labels, device=device),
                         val_images=to_tensor_nchw(pool.images[val_idx], device), val_labels=pool.labels[val_idx],
                         test=test, classes=pool.classes,
@@ -173,12 +173,12 @@ def labelled_data(cfg: SupervisedConfig, pool: ImageSet, test: ImageSet, train_i
                         labeled_counts=labeled_counts)
 
 
-def initial_backbone(cfg: SupervisedConfig, images: torch.Tensor) -> tuple[nn.Module, Normalize]:
+def initial_backbone(cfg: SupervisedConfig, images: torch.Tensor | StreamedImages) -> tuple[nn.Module, Normalize]:
     """A random backbone fed ``images`` standardised by their own channel statistics, or ``init_from``'s weights
     with the input normalisation they were trained with."""
     in_channels = images.shape[1]
     if cfg.init_from is None:
-        return build_backbone(cfg.model, in_channels), normalizer_for(images.permute(0, 2, 3, 1))
+        return build_backbone(cfg.model, in_channels), normalizer_for(images)
     path = Path(cfg.init_from)
     try:
         return load_backbone(cfg.model, in_channels, path)

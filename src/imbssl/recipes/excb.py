@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from imbssl.engine.distributed import main_only
 from imbssl.pipelines.pretrain import SUMMARY_FILE
 from imbssl.recipes.experiment_1 import (Experiment1Config, NamedSubset, describe_compute, describe_source,
                                          metric_cell, paper_subsets, run_grid, subset_titles, thirds_table)
@@ -101,6 +102,7 @@ def _size_curves(records: list[dict], subset: str, methods: list[str]) -> dict[s
     return {m: run["clusters"]["sorted_relative_sizes"] for m, run in first_runs.items()}
 
 
+@main_only
 def write_report(exp: ExcbExperimentConfig, records: list[dict], ablation: ExcbExperimentConfig | None,
                  ablation_records: list[dict], out_dir: Path, command: str) -> Path:
     """table.md (accuracy, cluster statistics per subset, K ablation), Fig.-5-style size plots, results.json."""

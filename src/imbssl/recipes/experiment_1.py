@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from imbssl.config import (ConfigError, EvalConfig, RunConfig, SubsetConfig, build_config, deep_merge,
                            is_split_file)
 from imbssl.data import load_splits, select_subset
+from imbssl.engine.distributed import main_only
 from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
 from imbssl.pipelines.runfolder import RUN_CONFIG, changed_keys, read_saved_config
@@ -122,7 +123,7 @@ def run_grid(exp: Experiment1Config, out_dir: Path) -> list[dict]:
                 if not (run_dir / EVAL_FILE).exists():
                     if not (run_dir / BACKBONE_FILE).exists():
                         pretrain(cfg, run_dir, resume=True)
-                    evaluate_run(run_dir)
+                    main_only(evaluate_run)(run_dir)
                 trained, evaluated = (json.loads((run_dir / name).read_text()) for name in ("pretrain.json", EVAL_FILE))
                 records.append({"subset": subset.key, "title": subset.title, "method": method, "seed": seed,
                                 "run_dir": str(run_dir), "pretrain_wall_s": trained["wall_s_this_call"],
@@ -234,6 +235,7 @@ def describe_compute(records: list[dict]) -> str:
             f"(sum over runs) on {'; '.join(hardware)}.")
 
 
+@main_only
 def write_report(exp: Experiment1Config, records: list[dict], out_dir: Path, command: str) -> Path:
     """table.md shaped like Table 2, more tables per protocol, and the two figures."""
     seeds = len(exp.seeds)

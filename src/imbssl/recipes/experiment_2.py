@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from imbssl.config import OfflineClusteringConfig, OfflineClusteringSettings
+from imbssl.engine.distributed import require_one_process
 from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
 from imbssl.pipelines.offline_clustering import BUDGET_FILE, run_pipeline
 from imbssl.pipelines.pretrain import BACKBONE_FILE, SUMMARY_FILE
@@ -68,6 +69,7 @@ class Experiment2Config(Experiment1Config):
 
 def run_experiment(exp: Experiment2Config, out_dir: Path, baselines_dir: Path | None = None) -> list[dict]:
     """Records of every evaluated model; finished runs and pipelines are reused, interrupted ones resumed."""
+    require_one_process("imbssl reproduce experiment-2 (the offline-clustering pipeline)")
     records = run_grid(exp, baselines_dir or out_dir)
     for subset in exp.subsets:
         if subset.key in exp.pipeline_subsets:

@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from imbssl.config import OptimConfig, SubsetConfig, deep_merge, few_shot_name
+from imbssl.engine.distributed import main_only, require_one_process
 from imbssl.recipes.experiment_1 import (NamedSubset, by_seed, describe_compute, describe_source, metric_cell,
                                          run_grid, subset_titles)
 from imbssl.recipes.experiment_2 import Experiment2Config, pipeline_record
@@ -99,6 +100,8 @@ class LongtailSSLConfig(Experiment2Config):
 
 def run_experiment(exp: LongtailSSLConfig, out_dir: Path, command: str) -> Path:
     """Train and evaluate every method (finished runs are reused, unfinished ones resumed); returns table.md."""
+    if PIPELINE in exp.methods:
+        require_one_process(f"the {PIPELINE} pipeline of longtail-ssl (leave it out of methods)")
     out_dir.mkdir(parents=True, exist_ok=True)
     records = run_grid(exp.grid(), out_dir)
     if PIPELINE in exp.methods:
@@ -162,6 +165,7 @@ def verdict_lines(exp: LongtailSSLConfig, records: list[dict], subset: str) -> l
     return lines
 
 
+@main_only
 def write_report(exp: LongtailSSLConfig, records: list[dict], out_dir: Path, command: str) -> Path:
     """table.md: the probes, thirds and balancedness per subset, the verdicts, the published figures apart."""
     sizes, titles = subset_titles(exp.subsets, records)

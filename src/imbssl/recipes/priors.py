@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from imbssl.engine.distributed import main_only
 from imbssl.recipes.excb import ExcbExperimentConfig
 from imbssl.recipes.experiment_1 import (by_seed, describe_compute, describe_source, metric_cell, subset_titles,
                                         thirds_table)
@@ -85,6 +86,7 @@ def run_experiment(exp: PriorsExperimentConfig, out_dir: Path, command: str) -> 
     return write_report(exp, run_grid(exp, out_dir), out_dir, command)
 
 
+@main_only
 def write_report(exp: PriorsExperimentConfig, records: list[dict], out_dir: Path, command: str) -> Path:
     """table.md (accuracy, thirds, cluster fit to the prior, verdicts), one prior-fit figure per subset."""
     sizes, titles = subset_titles(exp.subsets, records)

@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from imbssl.config import SelfTrainingConfig, deep_merge, validate_tree
+from imbssl.engine.distributed import require_one_process
 from imbssl.pipelines.self_training import REPORT_FILE, self_train
 from imbssl.recipes.experiment_1 import describe_source
 from imbssl.recipes.ssp import LOSSES, SSP_NAMES, PretrainingGrid, init_name
@@ -100,6 +101,7 @@ class SemiSupervisedExperimentConfig(PretrainingGrid):
 
 def run_grid(exp: SemiSupervisedExperimentConfig, out_dir: Path) -> list[dict]:
     """Every (rho, SSP, seed, loss, rho_U); finished runs are reused, interrupted ones resumed."""
+    require_one_process("imbssl reproduce semi-supervised")
     runs, records = out_dir / "runs", []
     for rho in exp.imbalances:
         for ssp in exp.ssp:

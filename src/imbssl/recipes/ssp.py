@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imbssl.config import (ConfigError, OfflineClusteringConfig, RunConfig, SupervisedConfig, deep_merge, load_yaml,
                            validate_tree)
+from imbssl.engine.distributed import main_only, require_one_process
 from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
 from imbssl.pipelines.offline_clustering import run_pipeline
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
@@ -120,7 +121,7 @@ class PretrainingGrid(BaseModel):
             else:
                 pretrain(cfg, run_dir, resume=True)
         if not (run_dir / EVAL_FILE).exists():
-            evaluate_run(run_dir)
+            main_only(evaluate_run)(run_dir)
         return run_dir / BACKBONE_FILE
 
 
@@ -194,6 +195,8 @@ def init_name(ssp: str) -> str:
 
 def run_grid(exp: SSPExperimentConfig, out_dir: Path) -> list[dict]:
     """Every (rho, SSP, loss, seed); finished runs are reused, interrupted ones resumed."""
+    if "offline-clustering" in exp.ssp:
+        require_one_process("the offline-clustering SSP (leave it out of ssp)")
     runs, records = out_dir / "runs", []
     for rho in exp.imbalances:
         for ssp in exp.ssp:
@@ -296,6 +299,7 @@ def verdict_lines(exp: SSPExperimentConfig, records: list[dict]) -> list[str]:
     return lines
 
 
+@main_only
 def write_report(exp: SSPExperimentConfig, records: list[dict], out_dir: Path, command: str) -> Path:
     """table.md (Table 2's layout: test error by loss x SSP x rho), thirds, verdicts, the per-class figure."""
     sup, source = exp.supervised(), describe_source(exp.base)
