@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one command (issue 13; docs/benchmarks.md and docs/scale-out.md get the figures):
-#   1. SimSiam ResNet-18 img/s at 32 px, bf16 and fp32: our on-device pipeline against the PIL + DataLoader one;
+#   1. SimSiam ResNet-18 img/s at 32 px, bf16 and fp32: our on-device pipeline against the PIL + DataLoader one,
+#      and with train.compile (torch.compile);
 #   2. with 2+ GPUs, the data-parallel equivalence on NCCL: 2 processes at global batch B against 1 at B,
 #      SimCLR (gathered negatives, SyncBN), SimSiam (SyncBN) and ExCB (all-reduced sizes), final weights compared;
 #   3. one paper-preset run: SimSiam on CIFAR-10-LT p=100, ResNet-18, batch 1,024, $EPOCHS epochs (300 = Table 1).
@@ -23,6 +24,9 @@ echo "== 1. throughput: ours vs PIL + DataLoader, ResNet-18 and the small CNN, 3
 $PY benchmarks/throughput.py --device cuda --data-path "$DATA" --models resnet18,small_cnn \
     --images resnet18=32768,small_cnn=65536 --precision bf16,fp32 --batch-size 512 --workers 0,4,8 \
     --stream --out "$OUT/throughput.json" | tee "$OUT/throughput.md"
+$PY benchmarks/throughput.py --device cuda --data-path "$DATA" --models resnet18 --images resnet18=32768 \
+    --precision bf16 --batch-size 512 --workers 0 --warmup 10 --compile --out "$OUT/throughput-compiled.json" \
+    | tee "$OUT/throughput-compiled.md"
 [ "$STEPS" = only-throughput ] && exit 0
 
 if [ "$GPUS" -ge 2 ]; then

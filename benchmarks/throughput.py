@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from imbssl.augment import ViewAugment, channel_stats
-from imbssl.config import AugmentConfig, DataConfig, MethodConfig, ModelConfig, OptimConfig
+from imbssl.config import AugmentConfig, DataConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig
 from imbssl.data import DataError, StreamedImages, load_splits
 from imbssl.engine.optim import build_optimizer
 from imbssl.engine.trainer import optimizer_step
 from imbssl.launcher import loaded as tcmalloc_loaded
 from imbssl.methods import build_method
 from imbssl.models import build_backbone
-from imbssl.pipelines.common import describe_hardware, resolve_device, to_tensor_nchw
+from imbssl.pipelines.common import describe_hardware, ready_for_training, resolve_device, to_tensor_nchw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pil_baseline import make_pil_loader  # noqa: E402
@@ -53,8 +53,8 @@ class Bench:
         backbone = build_backbone(ModelConfig(backbone=model, width=width), in_channels=3)
         self.method = build_method(MethodConfig(name="simsiam"), backbone).to(device).train()
         self.channels_last = precision == "bf16"
-        if self.channels_last:
-            self.method = self.method.to(memory_format=torch.channels_last)
+        train = TrainConfig(channels_last=self.channels_last, compile=args.compile)
+        self.method = ready_for_training(self.method, train, device)
         self.optimizer = build_optimizer(self.method, OptimConfig(), self.method.defaults, args.batch_size)
         self.precision, self.device = precision, device
 
@@ -196,6 +196,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--sizes", default="32", help="comma-separated image sizes (CIFAR resized bilinearly)")
     parser.add_argument("--stream", action="store_true", help="also time the epoch streamed from a memory map")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model's parts (train.compile); "
+                                                                 "the warm-up steps absorb the compilation")
     parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts for the baseline")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of the step-alone measurement")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")

@@ -314,7 +314,7 @@ def test_torchrun_launches_imbssl_train(sup_cfg, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1  # rank 0 alone reports
-    assert (tmp_path / "run" / TRAIN_FILE).exists()
+    assert json.loads((tmp_path / "run" / TRAIN_FILE).read_text())["processes"] == 2
 
 
 def _reproduce(out: Path, processes: int) -> subprocess.CompletedProcess:

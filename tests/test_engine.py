@@ -9,7 +9,7 @@ from imbssl.engine.runlog import read_metrics
 from imbssl.engine.trainer import NonFiniteLossError, check_collapse
 from imbssl.methods.base import output_std
 from imbssl.methods.simsiam import SimSiam
-from imbssl.pipelines.pretrain import pretrain
+from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
 
 
 def weights(run_dir):
@@ -137,3 +137,19 @@ def test_run_sets_and_records_determinism(tiny_cfg, tmp_path):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, False
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_keeps_the_parameter_names(tiny_cfg, tmp_path, monkeypatch):
+    """train.compile compiles each part in place: the same checkpoint keys, and the same model up to the fused
+    kernels' rounding."""
+    compiled_parts, compile_part = [], torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled_parts.append(type(self).__name__)
+                        or compile_part(self, *a, **k))
+    runs = [pretrain(tiny_cfg(optim={"epochs": 1}, train={"compile": compiled}), tmp_path / str(compiled))
+            for compiled in (False, True)]
+    assert "SmallCNN" in compiled_parts
+    eager, compiled = (load_safe(run / BACKBONE_FILE)["backbone"] for run in runs)
+    assert list(compiled) == list(eager)
+    for key, value in eager.items():
+        assert torch.allclose(compiled[key], value, rtol=0, atol=1e-4), key

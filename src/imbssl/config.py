@@ -248,6 +248,8 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile each part of the model (backbone, heads) in place; "
+                                             "the first steps then take a while (docs/benchmarks.md)")
     data_on_device: bool | Literal["auto"] = Field(
         "auto", description="true: the training images live on the device; false: they stay a memory map on disk "
                             "and each batch is read into pinned memory and copied (data/stream.py); auto: on the "

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from imbssl.augment import Normalize, channel_histogram, stats_from_histogram
-from imbssl.config import SPACES, ConfigError, DataConfig, ModelConfig, RunConfig, Space
+from imbssl.config import SPACES, ConfigError, DataConfig, ModelConfig, RunConfig, Space, TrainConfig
 from imbssl.data import ImageSet, StreamedImages, load_splits, select_subset
 from imbssl.data.stream import CHUNK_ROWS
 from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.engine.distributed import convert_sync_batchnorm
 from imbssl.launcher import loaded as tcmalloc_loaded
 from imbssl.methods import build_method
 from imbssl.models import build_backbone
@@ -52,6 +53,22 @@ def describe_hardware(device: torch.device) -> str:
         model = names[0] if names else model
     allocator = ", tcmalloc" if tcmalloc_loaded() else ""
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads{allocator})"
+
+
+def ready_for_training(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
+    """``train``'s SyncBatchNorm, channels_last and torch.compile, applied to a method or a classifier.
+
+    Compiling each child in place (``nn.Module.compile``) keeps the parameter names, so checkpoints, resume and
+    backbone.pt are the same with it or without it.
+    """
+    if train.sync_batchnorm:
+        model = convert_sync_batchnorm(model, device)
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if train.compile:
+        for part in model.children():
+            part.compile()
+    return model
 
 
 def seed_everything(seed: int) -> None:

@@ -14,14 +14,15 @@ import torch
 from imbssl.augment import MultiCrop, Normalize
 from imbssl.config import ConfigError, RunConfig
 from imbssl.data import StreamedImages, save_indices, training_images
-from imbssl.engine.distributed import barrier, convert_sync_batchnorm, is_main, main_first, world_size
+from imbssl.engine.distributed import barrier, is_main, main_first, world_size
 from imbssl.engine.divergence import DivergenceWatch
 from imbssl.engine.optim import build_optimizer, cosine_schedule, cosine_temperature, resolve_optim
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
 from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (PretrainData, describe_hardware, determinism, load_backbone, load_pretrain_data,
-                                     normalizer_for, resolve_device, save_backbone, seed_everything, set_determinism)
+                                     normalizer_for, ready_for_training, resolve_device, save_backbone, seed_everything,
+                                     set_determinism)
 from imbssl.pipelines.runfolder import run_folder
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,7 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
 
     ``labels`` of ``images``, when known, only feed the method's epoch statistics (e.g. cluster purity).
     """
-    if cfg.train.sync_batchnorm:
-        method = convert_sync_batchnorm(method, images.device)
-    if cfg.train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
+    method = ready_for_training(method, cfg.train, images.device)
     settings = TrainSettings(epochs=cfg.optim.epochs, batch_size=cfg.optim.batch_size, seed=cfg.seed,
                              precision=cfg.train.precision, channels_last=cfg.train.channels_last,
                              checkpoint_every=cfg.train.checkpoint_every,

@@ -32,7 +32,7 @@ from imbssl.augment import Normalize, PadCropFlip
 from imbssl.config import ConfigError, LossConfig, ModelConfig, SupervisedConfig
 from imbssl.data import ImageSet, StreamedImages, load_splits, save_indices, select_subset, training_images
 from imbssl.engine.checkpoint import load_safe, save_atomic
-from imbssl.engine.distributed import barrier, convert_sync_batchnorm, is_main, main_first
+from imbssl.engine.distributed import barrier, is_main, main_first, world_size
 from imbssl.engine.optim import cosine_schedule, step_schedule
 from imbssl.engine.supervised import LongTailClassifier
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
@@ -40,7 +40,7 @@ from imbssl.eval import accuracy_report, balanced_accuracy, extract_features, he
 from imbssl.losses import posthoc_logit_adjustment
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (describe_hardware, determinism, load_backbone, normalizer_for, resolve_device,
-                                     seed_everything, set_determinism, to_tensor_nchw)
+                                     ready_for_training, seed_everything, set_determinism, to_tensor_nchw)
 from imbssl.pipelines.runfolder import run_folder
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def write_results(cfg: SupervisedConfig, data: LabelledData, normalize: Normaliz
     (run_dir / TRAIN_FILE).write_text(json.dumps({
         "test": results[headline]["test"], "reported": headline, **results,
         "train_class_counts": data.class_counts.tolist(), "labeled_class_counts": data.head_tail_counts.tolist(),
-        "val_images": len(data.val_labels), "init_from": cfg.init_from,
+        "val_images": len(data.val_labels), "init_from": cfg.init_from, "processes": world_size(),
         "wall_s_this_call": time.perf_counter() - start, "hardware": describe_hardware(data.train_images.device),
         "torch": torch.__version__, "determinism": determinism()}, indent=2))
 
@@ -203,10 +203,7 @@ def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledDa
     steps = steps_per_epoch(len(data.train_images), batch_size)
     scheduler = cosine_schedule(optimizer, epochs * steps) if crt else \
         step_schedule(optimizer, steps, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.optim.lr_factors)
-    if cfg.train.sync_batchnorm:
-        model = convert_sync_batchnorm(model, data.train_images.device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = ready_for_training(model, cfg.train, data.train_images.device)
     selector = SelectOnValidation(model, data, normalize, run_dir / BEST_FILE, cfg.eval.batch_size)
     trainer = Trainer(model, optimizer, scheduler, data.train_images, PadCropFlip(normalize.mean, normalize.std,
                                                                                    cfg.augment_pad),
