@@ -152,10 +152,12 @@ def test_reproduce_priors_demo_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr
     records = json.loads((out / "results.json").read_text())
     assert sorted((r["subset"], r["method"]) for r in records) == sorted(
-        (s, m) for s in ("imbalanced-p100", "balanced-rs-p100") for m in ("msn", "pmsn-0.25", "excb", "excb-power-0.25"))
+        (s, m) for s in ("imbalanced-p100", "balanced-rs-p100")
+        for m in ("msn", "pmsn-0.25", "excb", "excb-power-0.25"))
     by_method = {r["method"]: r for r in records if r["subset"] == "imbalanced-p100"}
     assert by_method["msn"]["clusters"]["sorted_prior"] == pytest.approx([1 / 32] * 32)
-    assert by_method["pmsn-0.25"]["clusters"]["sorted_prior"][0] > by_method["pmsn-0.25"]["clusters"]["sorted_prior"][-1]
+    pmsn_prior = by_method["pmsn-0.25"]["clusters"]["sorted_prior"]
+    assert pmsn_prior[0] > pmsn_prior[-1]
     table = (out / "table.md").read_text()
     assert "- pmsn-0.25 against msn" in table and "- excb-power-0.25 against excb" in table
     assert (out / "prior_fit-imbalanced-p100.png").stat().st_size > 0

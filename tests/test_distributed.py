@@ -323,7 +323,8 @@ def _reproduce(out: Path, processes: int) -> subprocess.CompletedProcess:
     launcher = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
                 if processes > 1 else [])
     grid = ["--set", "seeds=[0]", "--set", "methods=[simsiam]", "--set", "subset_keys=[imbalanced-p10]",
-            "--set", "base.optim.epochs=2", "--set", "base.eval.linear.epochs=5", "--set", "base.train.sync_batchnorm=true"]
+            "--set", "base.optim.epochs=2", "--set", "base.eval.linear.epochs=5",
+            "--set", "base.train.sync_batchnorm=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets for each process: the same kernels
     return subprocess.run([sys.executable, *launcher, "-m", "imbssl", "reproduce", "experiment-1", "--preset", "demo",
                            "--out", str(out), *grid], capture_output=True, text=True, timeout=600, env=env)

@@ -131,8 +131,8 @@ def test_run_sets_and_records_determinism(tiny_cfg, tmp_path):
         assert recorded == {"deterministic_algorithms": True, "cudnn_benchmark": False, "cudnn_deterministic": True,
                             "cublas_workspace_config": ":4096:8"}
         assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
-        recorded = json.loads((pretrain(tiny_cfg(optim={"epochs": 1}, train={"progress": False, "deterministic": False}),
-                                        tmp_path / "fast") / "pretrain.json").read_text())["determinism"]
+        fast = tiny_cfg(optim={"epochs": 1}, train={"progress": False, "deterministic": False})
+        recorded = json.loads((pretrain(fast, tmp_path / "fast") / "pretrain.json").read_text())["determinism"]
         assert not recorded["deterministic_algorithms"] and recorded["cudnn_benchmark"]
     finally:
         torch.use_deterministic_algorithms(False)

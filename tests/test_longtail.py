@@ -30,7 +30,8 @@ def test_class_balanced_weights_by_hand():
     # their sum is 1.2535366, so scaled to sum to 3 they are 0.2393292, 0.3674420, 2.3932288.
     weights = class_balanced_weights(torch.tensor([100, 10, 1]), beta=0.9)
     assert torch.allclose(weights, torch.tensor([0.2393292, 0.3674420, 2.3932288]), atol=1e-6)
-    assert torch.allclose(class_balanced_weights(torch.tensor([5, 50, 500]), beta=0.0), torch.ones(3))  # no re-weighting
+    # beta = 0: no re-weighting
+    assert torch.allclose(class_balanced_weights(torch.tensor([5, 50, 500]), beta=0.0), torch.ones(3))
     default = class_balanced_weights(torch.tensor([5000, 50]))  # beta = 0.9999, normalised to sum to C = 2
     assert math.isclose(default.sum().item(), 2.0, rel_tol=1e-6) and default[1] > 10 * default[0]
 

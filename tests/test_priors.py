@@ -21,7 +21,8 @@ from imbssl.priors import check_prior, cluster_prior, estimated_prior, power_law
 
 
 def test_priors_sum_to_one_with_k_positive_entries():
-    for cfg in (PriorConfig(), PriorConfig(kind="power_law", tau=0.5), PriorConfig(kind="given", values=[0.5, 0.3, 0.2])):
+    for cfg in (PriorConfig(), PriorConfig(kind="power_law", tau=0.5),
+                PriorConfig(kind="given", values=[0.5, 0.3, 0.2])):
         k = 3
         prior = cluster_prior(cfg, k)
         assert prior.shape == (k,) and (prior > 0).all() and prior.sum().item() == pytest.approx(1.0)
@@ -153,7 +154,8 @@ def test_msn_resumes_exactly_with_its_prototypes_target_encoder_and_masks(tiny_c
                                                                          backbone):
     straight, resumed = interrupted_then_resumed(msn_cfg(tiny_cfg, backbone, prior={"kind": "power_law"}))
     a, b = (load_safe(run / CHECKPOINT_FILE)["method"] for run in (straight, resumed))
-    assert {"prototypes.weight", "target.backbone.patch_embed.weight" if backbone == "vit" else "steps_done"} <= a.keys()
+    kept = "target.backbone.patch_embed.weight" if backbone == "vit" else "steps_done"
+    assert {"prototypes.weight", kept} <= a.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -454,7 +454,8 @@ def test_evaluate_says_where_eval_json_went_the_labelled_size_and_what_na_means(
     assert res.returncode == 0, res.stderr
     result = json.loads((run / "eval.json").read_text())
     assert f"eval: {run / 'eval.json'}" in res.stdout
-    assert f"labelled set: {result['labelled_train']} images to train the probe + {result['labelled_val']}" in res.stdout
+    labelled = f"labelled set: {result['labelled_train']} images to train the probe + {result['labelled_val']}"
+    assert labelled in res.stdout
     assert "many/medium/few: " in res.stdout and "n/a: no class of the pre-training subset falls in" in res.stdout
     assert result["warnings"] == []  # a healthy run
 
