@@ -6,7 +6,9 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,50 @@ def test_imagefolder_grey_and_resize(tmp_path):
     assert splits["train"].images.shape == (12, 8, 8, 1)
     assert splits["test"].images[5, 0, 0, 0] == _pixel("test", 1, 1)[0]
     assert load_splits(_cfg(tmp_path, tree, image_size=4))["train"].images.shape == (12, 4, 4, 1)
+
+
+def test_imagefolder_decodes_straight_into_the_cache_memory_map(tmp_path):
+    """A dataset larger than host memory never has to fit in it: no array of the decoded size is allocated."""
+    tree = _write_tree(tmp_path / "tree", n=100, size=64)  # 600 images, 7.4 MB decoded
+    tracemalloc.start()
+    try:
+        splits = load_splits(_cfg(tmp_path, tree))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    decoded = sum(s.images.nbytes for s in splits.values())
+    assert decoded == 600 * 64 * 64 * 3 and peak < decoded / 4
+    assert isinstance(splits["train"].images, np.memmap)
+    assert tuple(splits["test"].images[101, 3, 3]) == _pixel("test", 1, 1)  # "1.png" sorts second
+
+
+@pytest.mark.parametrize("where", ["relative", "symlinked"])
+def test_decode_cache_under_a_relative_or_symlinked_folder(tmp_path, monkeypatch, where):
+    """The cache keeps the map it decoded into, wherever the folder's path leads (a map opened through a symlink
+    reports the resolved path)."""
+    tree = _write_tree(tmp_path / "tree")
+    monkeypatch.chdir(tmp_path)
+    if where == "symlinked":
+        (tmp_path / "real-cache").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "real-cache")
+    cfg = DataConfig(source="imagefolder", path=str(tree), cache_dir="cache" if where == "relative" else "link/c")
+    _check_tree_splits(load_splits(cfg))
+    _check_tree_splits(load_splits(cfg))  # from the cache
+
+
+def test_a_killed_decode_leaves_nothing_behind_the_next_one(tmp_path):
+    """A decode's temp folder names its process; the next build of that key removes the folders of dead ones."""
+    tree = _write_tree(tmp_path / "tree")
+    load_splits(_cfg(tmp_path, tree))
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.name != "file-hashes"]
+    shutil.rmtree(entry)
+    dead = tmp_path / "cache" / f".tmp-{entry.name}-999999999-abc"
+    alive = tmp_path / "cache" / f".tmp-{entry.name}-{os.getpid()}-abc"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "images.npy").write_bytes(b"half")
+    _check_tree_splits(load_splits(_cfg(tmp_path, tree)))
+    assert not dead.exists() and alive.exists()
 
 
 def test_imagefolder_second_load_hits_cache(tmp_path, monkeypatch):

@@ -358,6 +358,26 @@ def test_disk_full_while_writing_the_decode_cache(tmp_path):
     assert imbssl(*source, cwd=tmp_path).returncode == 0
 
 
+NO_SPACE_FOR_THE_MAP = """
+import errno, os
+def full_disk(fd, offset, length):
+    raise OSError(errno.ENOSPC, "No space left on device")
+os.posix_fallocate = full_disk
+"""
+
+
+def test_disk_full_when_reserving_the_decode_memory_map(tmp_path):
+    """The images are decoded into a memory map; its space is reserved first, so a full disk is one clear line
+    (a write through an unbacked map would be SIGBUS)."""
+    image_tree(tmp_path / "tree", {"cat": 3, "dog": 3}, {"cat": 2, "dog": 2})
+    source = ("data", "describe", "--set", "data.source=imagefolder", "--set", f"data.path={tmp_path / 'tree'}",
+              "--set", f"data.cache_dir={tmp_path / 'cache'}")
+    error_line(imbssl(*source, cwd=tmp_path, prelude=NO_SPACE_FOR_THE_MAP), 1,
+               f"{tmp_path / 'cache'}: cannot write the decode cache", "No space left on device")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name != "file-hashes"]
+    assert imbssl(*source, cwd=tmp_path).returncode == 0
+
+
 def test_ctrl_c_exits_130_and_says_how_to_continue(tmp_path):
     config = write_config(tmp_path, optim={"epochs": 500}, train={"progress": False})
     run = tmp_path / "run"

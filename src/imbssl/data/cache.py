@@ -1,18 +1,22 @@
 """Decode once, then memory-map: a content-keyed, atomically written cache of uint8 arrays.
 
 Decoding 60,000 JPEGs costs seconds on every run; a ``.npy`` memory map costs milliseconds and
-shares pages between processes. The cache key hashes what was decoded (file bytes or a folder
-listing) together with the decode options and ``FORMAT_VERSION``, so a changed archive, a new
-``image_size`` or a changed on-disk layout never serves stale arrays.
+shares pages between processes. A builder may decode straight into memory maps of the entry being
+written (``allocate``), so a dataset larger than host memory never has to fit in it. The cache key
+hashes what was decoded (file bytes or a folder listing) together with the decode options and
+``FORMAT_VERSION``, so a changed archive, a new ``image_size`` or a changed on-disk layout never
+serves stale arrays.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,12 +26,15 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 #: Bump whenever the decoded content or the cache layout changes for the same input.
-FORMAT_VERSION = 1
+#: 2: both splits in one ``images`` array, train rows first.
+FORMAT_VERSION = 2
 _CHUNK = 1 << 20
 _META = "meta.json"
+_TMP = ".tmp-"
 
 Arrays = dict[str, np.ndarray]
-Build = Callable[[], tuple[Arrays, dict[str, Any]]]
+Allocate = Callable[[str, tuple[int, ...]], np.ndarray]
+Build = Callable[[Allocate], tuple[Arrays, dict[str, Any]]]
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -95,15 +102,88 @@ def _read(folder: Path) -> tuple[Arrays, dict[str, Any]]:
     return arrays, meta["meta"]
 
 
-def _write(tmp: Path, arrays: Arrays, meta: dict[str, Any]) -> None:
-    """Arrays first, ``meta.json`` last: its presence marks a complete entry."""
-    for name, array in arrays.items():
-        np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
-    (tmp / _META).write_text(json.dumps({"arrays": sorted(arrays), "meta": meta}))
+class _Entry:
+    """A cache entry being assembled in a temp folder; ``allocate`` hands out writable uint8 memory maps in it.
+
+    The folder's name carries the process id, so that a later build can remove the folders of builds that
+    were killed (a decode into a reserved map can hold tens of GB)."""
+
+    def __init__(self, cache_dir: Path, key: str) -> None:
+        self.cache_dir = cache_dir
+        self.folder = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f"{_TMP}{key}-{os.getpid()}-")).resolve()
+        self.maps: dict[str, np.ndarray] = {}
+        self.nbytes = 0
+
+    def allocate(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """``name.npy`` of ``shape``, its disk space reserved now: a full disk fails here with ENOSPC, not
+        later with SIGBUS on a write through the map (best effort: where the file system cannot reserve,
+        the map stays sparse)."""
+        path = self.folder / f"{name}.npy"
+        self.nbytes += int(np.prod(shape))
+        try:
+            self.maps[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+            _reserve(path)
+        except OSError as err:
+            raise self.cannot_write(err) from err
+        return self.maps[name]
+
+    def write(self, arrays: Arrays, meta: dict[str, Any]) -> None:
+        """Arrays first (the maps allocated here are only flushed), ``meta.json`` last: its presence marks a
+        complete entry."""
+        try:
+            for name, array in arrays.items():
+                if name in self.maps:
+                    if array is not self.maps[name]:  # np.save would truncate the file the map points into
+                        raise ValueError(f"cache array {name!r} must be the memory map allocated for it")
+                    array.flush()
+                else:
+                    self.nbytes += array.nbytes
+                    np.save(self.folder / f"{name}.npy", np.ascontiguousarray(array))
+            (self.folder / _META).write_text(json.dumps({"arrays": sorted(arrays), "meta": meta}))
+            os.chmod(self.folder, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        except OSError as err:
+            raise self.cannot_write(err) from err
+        self.maps.clear()
+
+    def cannot_write(self, err: OSError) -> OSError:
+        return OSError(err.errno, f"cannot write the decode cache ({self.nbytes / 1e6:,.0f} MB): {err.strerror}; "
+                                  f"free space or move the cache with --set data.cache_dir=PATH", str(self.cache_dir))
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the file's blocks now (posix_fallocate); a file system that cannot do so is left sparse."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            log.debug("cannot reserve %s (%s): the map stays sparse", path, err.strerror)
+
+
+def _remove_abandoned(cache_dir: Path, key: str) -> None:
+    """Temp folders of ``key`` whose builder process is gone (killed mid-decode) are removed."""
+    for folder in cache_dir.glob(f"{_TMP}{key}-*"):
+        pid = folder.name[len(f"{_TMP}{key}-"):].split("-")[0]
+        if pid.isdecimal() and not _alive(int(pid)):
+            log.warning("removing %s, left by a decode that did not finish (process %s)", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def load_or_build(cache_dir: Path, key: str, build: Build) -> tuple[Arrays, dict[str, Any]]:
-    """Return the cached arrays (read-only memmaps) for ``key``, calling ``build`` only on a miss.
+    """Return the cached arrays (read-only memmaps) for ``key``, calling ``build(allocate)`` only on a miss.
 
     The entry is assembled in a temp folder inside ``cache_dir`` and renamed into place, so a
     crash or a concurrent reader never sees a partial entry; when two processes race, the
@@ -116,20 +196,24 @@ def load_or_build(cache_dir: Path, key: str, build: Build) -> tuple[Arrays, dict
     if final.exists():
         log.warning("removing incomplete cache entry %s", final)
         shutil.rmtree(final)
-    arrays, meta = build()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".tmp-{key}-"))
+    _remove_abandoned(cache_dir, key)
+    entry = _Entry(cache_dir, key)
     try:
-        _write(tmp, arrays, meta)
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        os.rename(tmp, final)
-    except OSError as err:
-        if not (final / _META).is_file():
-            megabytes = sum(a.nbytes for a in arrays.values()) / 1e6
-            raise OSError(err.errno, f"cannot write the decode cache ({megabytes:,.0f} MB): {err.strerror}; free "
-                                     f"space or move the cache with --set data.cache_dir=PATH", str(cache_dir)) from err
-        log.debug("another process cached %s first", final)
+        arrays, meta = build(entry.allocate)
+        entry.write(arrays, meta)
+        del arrays  # the maps into the temp folder, before it is renamed or removed
+        os.rename(entry.folder, final)
+    except BaseException as err:
+        entry.maps.clear()
+        traceback.clear_frames(err.__traceback__)  # the builder's maps too, so the reserved space is freed now
+        if isinstance(err, OSError) and (final / _META).is_file():
+            log.debug("another process cached %s first", final)  # the loser reads the winner's copy
+        elif isinstance(err, OSError) and err.filename != str(cache_dir):  # the rename (the rest name the cache)
+            raise entry.cannot_write(err) from err
+        else:
+            raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(entry.folder, ignore_errors=True)
     log.info("cached %s", final)
     return _read(final)

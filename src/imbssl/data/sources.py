@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from imbssl.config import LISTED_SOURCES, DataConfig
-from imbssl.data.cache import cache_key, file_digest, folder_digest, load_or_build
+from imbssl.data.cache import Allocate, cache_key, file_digest, folder_digest, load_or_build
 from imbssl.errors import ImbsslError
 
 try:
@@ -90,19 +90,29 @@ def load_splits(cfg: DataConfig) -> Splits:
     return _cached(cache_dir, key, build)
 
 
-def _cached(cache_dir: Path, key: str, build: Callable[[], Splits]) -> Splits:
-    """Splits <-> flat arrays for ``load_or_build``; labels are copied into memory (they are small)."""
+class _Decoded(NamedTuple):
+    """Both splits of a source in one array, as the cache stores them: the first ``n_train`` rows are "train"."""
 
-    def build_arrays() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    images: np.ndarray
+    labels: np.ndarray
+    n_train: int
+    classes: tuple[str, ...]
+
+
+def _cached(cache_dir: Path, key: str, build: Callable[[Allocate], _Decoded]) -> Splits:
+    """A source's decode, cached: ``images`` and ``labels`` arrays, split by ``n_train``; labels are copied into
+    memory (they are small)."""
+
+    def build_arrays(allocate: Allocate) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         start = time.perf_counter()
-        splits = build()
+        decoded = build(allocate)
         log.info("decoded %s in %.1f s", key, time.perf_counter() - start)
-        arrays = {f"{s}_{field}": getattr(splits[s], field) for s in SPLITS for field in ("images", "labels")}
-        return arrays, {"classes": list(splits["train"].classes)}
+        return ({"images": decoded.images, "labels": decoded.labels},
+                {"classes": list(decoded.classes), "n_train": decoded.n_train})
 
     arrays, meta = load_or_build(cache_dir, key, build_arrays)
-    classes = tuple(meta["classes"])
-    return {s: ImageSet(arrays[f"{s}_images"], np.array(arrays[f"{s}_labels"]), classes) for s in SPLITS}
+    images, labels, n, classes = arrays["images"], np.array(arrays["labels"]), meta["n_train"], tuple(meta["classes"])
+    return {"train": ImageSet(images[:n], labels[:n], classes), "test": ImageSet(images[n:], labels[n:], classes)}
 
 
 # ---------------------------------------------------------------------------------------- digits
@@ -231,11 +241,11 @@ def _cifar_archive_path(cfg: DataConfig, spec: CifarArchive, cache_dir: Path) ->
     return path
 
 
-def _cifar_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[], Splits]]:
+def _cifar_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[Allocate], _Decoded]]:
     spec = CIFAR_ARCHIVES[cfg.source]
     archive = _cifar_archive_path(cfg, spec, cache_dir)
     key = cache_key(cfg.source, file_digest(archive, cache_dir))
-    return key, lambda: _decode_cifar(archive, spec)
+    return key, lambda allocate: _decode_cifar(archive, spec)
 
 
 def _read_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
@@ -267,20 +277,18 @@ def _cifar_batch(batch: dict[str, Any], source: str, label_key: str, num_classes
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def _decode_cifar(archive: Path, spec: CifarArchive) -> Splits:
+def _decode_cifar(archive: Path, spec: CifarArchive) -> _Decoded:
+    """The pickled batches, train then test (180 MB at most: decoded in memory)."""
     members = _read_members(archive, {*spec.train_members, spec.test_member, spec.meta_member})
     meta_src = f"{archive}:{spec.meta_member}"
     meta = _unpickle(members[spec.meta_member], meta_src)
     if spec.names_key not in meta:
         raise DataError(f"{meta_src}: no {spec.names_key!r}")
     classes = tuple(str(_text(n)) for n in meta[spec.names_key])
-
-    def split(names: tuple[str, ...]) -> ImageSet:
-        parts = [_cifar_batch(_unpickle(members[n], f"{archive}:{n}"), f"{archive}:{n}", spec.label_key, len(classes))
-                 for n in names]
-        return ImageSet(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), classes)
-
-    return {"train": split(spec.train_members), "test": split((spec.test_member,))}
+    parts = [_cifar_batch(_unpickle(members[n], f"{archive}:{n}"), f"{archive}:{n}", spec.label_key, len(classes))
+             for n in (*spec.train_members, spec.test_member)]
+    n_train = sum(len(labels) for _, labels in parts[:-1])
+    return _Decoded(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), n_train, classes)
 
 
 # ----------------------------------------------------------------------------------- ImageFolder
@@ -292,7 +300,7 @@ class _File(NamedTuple):
     name: str  # for error messages
 
 
-def _imagefolder_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[], Splits]]:
+def _imagefolder_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[Allocate], _Decoded]]:
     if not cfg.path:
         raise DataError("data.path is required when data.source is 'imagefolder'")
     root = Path(cfg.path).expanduser()
@@ -303,7 +311,7 @@ def _imagefolder_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable
     else:
         raise DataError(f"imagefolder path not found: {root}")
     key = cache_key("imagefolder", content, **_size_options(cfg))
-    return key, lambda: _decode_imagefolder(root, cfg.image_size, cfg.resize)
+    return key, lambda allocate: _decode_imagefolder(root, cfg.image_size, cfg.resize, allocate)
 
 
 def _size_options(cfg: DataConfig) -> dict:
@@ -393,11 +401,14 @@ def _by_split(listing: _Listing, source: Path) -> tuple[tuple[str, ...], dict[st
     return classes, {"train": under["train"], "test": under[test_name]}
 
 
-def _open_image(f: _File) -> Image.Image:
+def _open_image(f: _File, load: bool = True) -> Image.Image:
+    """The image, decoded; with ``load=False`` only its header is read (mode and size)."""
     try:
-        data = f.data if isinstance(f.data, bytes) else f.data.read_bytes()
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        if isinstance(f.data, Path) and not load:
+            return Image.open(f.data)
+        img = Image.open(io.BytesIO(f.data if isinstance(f.data, bytes) else f.data.read_bytes()))
+        if load:
+            img.load()
     except Image.UnidentifiedImageError:  # its message names the in-memory buffer, not the file
         raise DataError(f"cannot decode image {f.name}: not in an image format PIL reads (corrupt?)") from None
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
@@ -415,37 +426,49 @@ def _resized(img: Image.Image, size: int, resize: str) -> Image.Image:
     return img.resize((width, height), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
 
 
-def _decode_images(files: list[_File], image_size: int | None, resize: str = "stretch") -> np.ndarray:
-    """Decode into one preallocated array; RGB unless every image is mode L, then one channel."""
-    out = np.empty(0, dtype=np.uint8)
-    first = ""
-    grey = True
+def _stored_shape(files: list[_File], image_size: int | None) -> tuple[int, int, int]:
+    """(height, width, channels) of the stored images, from the headers alone: one channel if every image is
+    mode L, else RGB; without ``image_size`` every image must have the first one's size."""
+    if not files:
+        raise DataError("no images to decode")
+    grey, size, first = True, None, files[0].name
+    for f in files:
+        with _open_image(f, load=False) as img:
+            grey = grey and img.mode == "L"
+            size = size or img.size
+            if image_size is None and img.size != size:
+                raise DataError(f"image {f.name} is {img.width}x{img.height} but {first} is {size[0]}x{size[1]}; "
+                                f"set data.image_size to resize")
+    width, height = (image_size, image_size) if image_size is not None else size
+    return height, width, 1 if grey else 3
+
+
+def _decode_images(files: list[_File], image_size: int | None, resize: str, allocate: Allocate) -> np.ndarray:
+    """Decode straight into ``allocate("images", ...)`` (a memory map of the cache entry), one image at a time."""
+    height, width, channels = _stored_shape(files, image_size)
+    mode = "L" if channels == 1 else "RGB"
+    out = allocate("images", (len(files), height, width, channels))
     for i, f in enumerate(files):
         img = _open_image(f)
-        grey = grey and img.mode == "L"
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGB")
-        if image_size is not None and img.size != (image_size, image_size):
+        if img.mode != mode:
+            img = img.convert(mode)
+        if image_size is not None and img.size != (width, height):
             img = _resized(img, image_size, resize)
-        if i == 0:
-            out, first = np.empty((len(files), img.height, img.width, 3), dtype=np.uint8), f.name
-        elif img.size != (out.shape[2], out.shape[1]):
-            raise DataError(f"image {f.name} is {img.width}x{img.height} but {first} is "
-                            f"{out.shape[2]}x{out.shape[1]}; set data.image_size to resize")
-        pixels = np.asarray(img)
-        out[i] = pixels[..., None] if pixels.ndim == 2 else pixels
-    return np.ascontiguousarray(out[..., :1]) if grey else out
+        if img.size != (width, height):
+            raise DataError(f"cannot decode image {f.name}: it decodes to {img.width}x{img.height}, its header "
+                            f"said {width}x{height}")
+        out[i] = np.asarray(img).reshape(height, width, channels)
+    return out
 
 
-def _decode_imagefolder(root: Path, image_size: int | None, resize: str) -> Splits:
+def _decode_imagefolder(root: Path, image_size: int | None, resize: str, allocate: Allocate) -> _Decoded:
     """Both splits decoded together, so they share one image size and channel count."""
     classes, splits = _by_split(_tar_files(root) if root.is_file() else _folder_files(root), root)
     pairs = splits["train"] + splits["test"]
-    images = _decode_images([f for _, f in pairs], image_size, resize)
+    images = _decode_images([f for _, f in pairs], image_size, resize, allocate)
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[c] for c, _ in pairs], dtype=np.int64)
-    n = len(splits["train"])
-    return {"train": ImageSet(images[:n], labels[:n], classes), "test": ImageSet(images[n:], labels[n:], classes)}
+    return _Decoded(images, labels, len(splits["train"]), classes)
 
 
 # ------------------------------------------------------------------ file lists and iNaturalist JSON
@@ -507,7 +530,7 @@ def _read_text(path: Path) -> str:
         raise DataError(f"cannot read list {path}: {err}") from None
 
 
-def _listed_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[], Splits]]:
+def _listed_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[Allocate], _Decoded]]:
     if not cfg.path:
         raise DataError(f"data.path (the root the lists are relative to) is required when data.source is "
                         f"{cfg.source!r}")
@@ -526,7 +549,7 @@ def _listed_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[], 
             st = f.data.stat()
             stamps.update(f"{'/'.join(f.parts)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # moves keep the key
     key = cache_key(cfg.source, stamps.hexdigest(), **_size_options(cfg))
-    return key, lambda: _decode_listed(listed, files, lists, cfg.image_size, cfg.resize)
+    return key, lambda allocate: _decode_listed(listed, files, lists, cfg.image_size, cfg.resize, allocate)
 
 
 def _listed_files(root: Path, listing: Path, paths: list[str]) -> list[_File]:
@@ -541,7 +564,7 @@ def _listed_files(root: Path, listing: Path, paths: list[str]) -> list[_File]:
 
 
 def _decode_listed(listed: dict[str, _Listed], files: dict[str, list[_File]], lists: dict[str, Path],
-                   image_size: int | None, resize: str) -> Splits:
+                   image_size: int | None, resize: str, allocate: Allocate) -> _Decoded:
     """Class ids -> indices in sorted id order; every class needs images in both splits, as in an ImageFolder."""
     names = listed["train"].names
     ids = sorted(names)
@@ -553,9 +576,6 @@ def _decode_listed(listed: dict[str, _Listed], files: dict[str, list[_File]], li
         if empty := [i for i in ids if i not in present][:3]:
             raise DataError(f"{lists[split]}: class id(s) {empty} have no image; every class needs images in the "
                             f"train and test lists")
-    images = _decode_images(files["train"] + files["test"], image_size, resize)
-    classes = tuple(names[i] for i in ids)
-    n = len(files["train"])
-    labels = {split: np.array([index[i] for i in listed[split].class_ids], dtype=np.int64) for split in SPLITS}
-    return {"train": ImageSet(images[:n], labels["train"], classes),
-            "test": ImageSet(images[n:], labels["test"], classes)}
+    images = _decode_images(files["train"] + files["test"], image_size, resize, allocate)
+    labels = np.array([index[i] for split in SPLITS for i in listed[split].class_ids], dtype=np.int64)
+    return _Decoded(images, labels, len(files["train"]), tuple(names[i] for i in ids))
