@@ -178,7 +178,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
-        return True
+        pass
     return True
 
 
@@ -203,16 +203,16 @@ def load_or_build(cache_dir: Path, key: str, build: Build) -> tuple[Arrays, dict
         arrays, meta = build(entry.allocate)
         entry.write(arrays, meta)
         del arrays  # the maps into the temp folder, before it is renamed or removed
-        os.rename(entry.folder, final)
+        try:
+            os.rename(entry.folder, final)
+        except OSError as err:
+            raise entry.cannot_write(err) from err
     except BaseException as err:
         entry.maps.clear()
         traceback.clear_frames(err.__traceback__)  # the builder's maps too, so the reserved space is freed now
-        if isinstance(err, OSError) and (final / _META).is_file():
-            log.debug("another process cached %s first", final)  # the loser reads the winner's copy
-        elif isinstance(err, OSError) and err.filename != str(cache_dir):  # the rename (the rest name the cache)
-            raise entry.cannot_write(err) from err
-        else:
+        if not (isinstance(err, OSError) and (final / _META).is_file()):
             raise
+        log.debug("another process cached %s first", final)  # the loser reads the winner's copy
     finally:
         shutil.rmtree(entry.folder, ignore_errors=True)
     log.info("cached %s", final)
