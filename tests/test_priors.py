@@ -186,3 +186,22 @@ def test_a_grid_refuses_a_finished_run_trained_with_other_settings(tiny_cfg, tmp
     check_same_run(run_dir, cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": "/elsewhere"})}))
     with pytest.raises(ConfigError, match=r"trained with other settings: model.backbone \('small_cnn' -> 'vit'\)"):
         check_same_run(run_dir, tiny_cfg(method={"name": "msn"}, model={"backbone": "vit"}))
+
+
+def test_the_vit_sizes_tell_runs_apart_only_on_the_vit(tiny_cfg, tmp_path):
+    """A CNN run saved when the ViT's default sizes were others is still the same run; a ViT run is not."""
+    from imbssl.config import save_config
+    from imbssl.recipes.experiment_1 import check_same_run
+
+    for backbone in ("small_cnn", "vit"):
+        run_dir = tmp_path / backbone
+        run_dir.mkdir()
+        saved = tiny_cfg(method={"name": "msn"}, model={"backbone": backbone, "vit_dim": 192, "vit_depth": 6})
+        save_config(saved, run_dir / "config.yaml")
+        (run_dir / "eval.json").write_text("{}")
+        now = tiny_cfg(method={"name": "msn"}, model={"backbone": backbone, "vit_dim": 128, "vit_depth": 4})
+        if backbone == "vit":
+            with pytest.raises(ConfigError, match=r"model.vit_depth \(6 -> 4\), model.vit_dim \(192 -> 128\)"):
+                check_same_run(run_dir, now)
+        else:
+            check_same_run(run_dir, now)

@@ -33,7 +33,7 @@ class VisionTransformer(nn.Module):
 
     supports_token_drop = True
 
-    def __init__(self, in_channels: int, patch: int = 4, dim: int = 192, depth: int = 6, heads: int = 3,
+    def __init__(self, in_channels: int, patch: int = 4, dim: int = 128, depth: int = 4, heads: int = 4,
                  mlp_ratio: float = 4.0) -> None:
         super().__init__()
         if dim % heads:

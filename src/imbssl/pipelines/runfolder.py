@@ -97,10 +97,21 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _unused_keys(config: BaseModel, prefix: str = "") -> set[str]:
+    """The dotted keys of every section's ``unused_keys`` (a CNN's ViT sizes), nested sections included."""
+    unused = {f"{prefix}{key}" for key in getattr(config, "unused_keys", set)()}
+    for name in type(config).model_fields:
+        if isinstance(value := getattr(config, name), BaseModel):
+            unused |= _unused_keys(value, f"{prefix}{name}.")
+    return unused
+
+
 def changed_keys(old: BaseModel, new: BaseModel) -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (old, new) for every value that differs."""
+    """Dotted key -> (old, new) for every value that differs, but for keys that neither config reads."""
     a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
-    return {key: (a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)}
+    unread = _unused_keys(old) & _unused_keys(new)
+    return {key: (a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys())
+            if a.get(key) != b.get(key) and key not in unread}
 
 
 def check_resumable(saved: BaseModel, cfg: BaseModel, path: Path) -> None:
