@@ -158,7 +158,9 @@ def test_reproduce_priors_demo_end_to_end(tmp_path):
     assert by_method["msn"]["clusters"]["sorted_prior"] == pytest.approx([1 / 32] * 32)
     pmsn_prior = by_method["pmsn-0.25"]["clusters"]["sorted_prior"]
     assert pmsn_prior[0] > pmsn_prior[-1]
+    assert by_method["msn"]["pretrain"]["prior_kl"] >= 0 and "prior_kl" not in by_method["excb"]["pretrain"]
     table = (out / "table.md").read_text()
+    assert "| KL(p̄ ‖ prior), training |" in table
     assert "- pmsn-0.25 against msn" in table and "- excb-power-0.25 against excb" in table
     assert (out / "prior_fit-imbalanced-p100.png").stat().st_size > 0
 

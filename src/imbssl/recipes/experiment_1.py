@@ -127,7 +127,8 @@ def run_grid(exp: Experiment1Config, out_dir: Path) -> list[dict]:
                 trained, evaluated = (json.loads((run_dir / name).read_text()) for name in ("pretrain.json", EVAL_FILE))
                 records.append({"subset": subset.key, "title": subset.title, "method": method, "seed": seed,
                                 "run_dir": str(run_dir), "pretrain_wall_s": trained["wall_s_this_call"],
-                                "hardware": trained.get("hardware", "not recorded"), **evaluated})
+                                "hardware": trained.get("hardware", "not recorded"), "pretrain": trained,
+                                **evaluated})
     return records
 
 

@@ -33,12 +33,15 @@ VARIANTS = {"simsiam": {"name": "simsiam"}, "simclr": {"name": "simclr"}, "msn":
             **{f"pmsn-{tau:g}": _power_law("msn", tau) for tau in TAUS}, "excb": {"name": "excb"},
             **{f"excb-power-{tau:g}": _power_law("excb", tau) for tau in TAUS}}
 #: (metric in a run's record, column title) for the methods that learn clusters
-PRIOR_COLUMNS = [("linear.top1", "linear top-1"), ("clusters.kl_to_prior", "KL(sizes ‖ prior)"),
+PRIOR_COLUMNS = [("linear.top1", "linear top-1"), ("pretrain.prior_kl", "KL(p̄ ‖ prior), training"),
+                 ("clusters.kl_to_prior", "KL(sizes ‖ prior)"),
                  ("clusters.empty_clusters", "empty"), ("clusters.cluster_size_max", "largest / its target"),
                  ("clusters.purity", "purity"), ("clusters.nmi", "NMI")]
 NOTE = ("Sizes are the final clustering of the pre-training images (each image's most similar centroid or prototype, "
         "no balancing); KL(sizes ‖ prior) is 0 when they follow the prior exactly, and 'largest' is the largest "
-        "cluster's share over its own target share.")
+        "cluster's share over its own target share. KL(p̄ ‖ prior), training, is MSN's regulariser itself, the last "
+        "epoch's mean: p̄ is a batch's mean soft prediction of the anchors, so it can sit near the prior while the "
+        "hard assignments crowd into a few prototypes (ExCB has no such term: n/a).")
 
 
 class PriorsExperimentConfig(ExcbExperimentConfig):
