@@ -105,6 +105,8 @@ def test_msn_target_encoder_gets_no_gradient_and_a_vit_encodes_only_the_kept_tok
     out.loss.backward()
     assert all(p.grad is None for p in method.target.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.backbone.parameters())
+    hard = method.target_predictions(views[0]).argmax(-1)  # the soft p_bar can hide few hard clusters
+    assert out.stats["target_clusters"] == len(set(hard.tolist()))
     assert torch.allclose(method.prior, power_law_prior(8, 0.25))
     no_decay = next(g for g in method.param_groups() if g.get("weight_decay") == 0.0)["params"]
     assert any(p is method.prototypes.weight for p in no_decay)  # as MSN's code

@@ -120,11 +120,14 @@ class MSN(SSLMethod):
         anchors += [self.projector(self.backbone(x)) for x in focal_views]
         logits = torch.stack([self.prototypes(z) for z in anchors]) / self.cfg.anchor_temperature
         loss, p_bar = msn_loss(p_target, logits, self.prior, self.cfg.regularization_weight)
+        target_counts = p_target.argmax(-1).bincount(minlength=len(self.prior))
         return StepOutput(loss, {"output_std": output_std(anchors[0]),
                                  "target_confidence": p_target.amax(-1).mean(),
                                  "prior_kl": prior_matching(p_bar.detach(), self.prior),
-                                 # prototypes holding at least half their prior share (1/(2K) for MSN)
-                                 "prototypes_used": (p_bar.detach() > 0.5 * self.prior).float().mean()})
+                                 # p_bar is soft: it can cover every prototype while the targets' argmax
+                                 # picks a few, so both are logged
+                                 "p_bar_support": (p_bar.detach() > 0.5 * self.prior).float().mean(),
+                                 "target_clusters": (target_counts > 0).sum().float()})
 
     @torch.no_grad()
     def target_predictions(self, x: torch.Tensor) -> torch.Tensor:
