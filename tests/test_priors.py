@@ -207,3 +207,16 @@ def test_the_vit_sizes_tell_runs_apart_only_on_the_vit(tiny_cfg, tmp_path):
                 check_same_run(run_dir, now)
         else:
             check_same_run(run_dir, now)
+
+
+def test_pmsn_is_compared_with_msn_without_sinkhorn_even_when_msn_sinkhorn_is_listed_first():
+    from imbssl.config import deep_merge
+    from imbssl.recipes import load_preset
+    from imbssl.recipes.priors import PriorsExperimentConfig
+
+    exp = PriorsExperimentConfig.model_validate(deep_merge(load_preset("priors", "demo"), {
+        "methods": ["msn-sinkhorn", "msn", "pmsn-0.25", "excb", "excb-power-0.25"]}))
+    assert exp.resolved_method("msn-sinkhorn").sinkhorn and exp.resolved_method("msn-sinkhorn").prior.kind == "uniform"
+    assert exp.uniform_counterpart("pmsn-0.25") == "msn"  # the prior alone differs
+    assert exp.uniform_counterpart("excb-power-0.25") == "excb"
+    assert exp.uniform_counterpart("msn-sinkhorn") is None

@@ -29,7 +29,10 @@ def _power_law(method: str, tau: float) -> dict:
 
 
 TAUS = (0.25, 0.5, 1.0)
+#: msn-sinkhorn is MSN as its published config runs it (use_sinkhorn: true): Sinkhorn balances the targets,
+#: which a non-uniform prior cannot have, so PMSN's counterpart is msn, which differs from it in the prior alone.
 VARIANTS = {"simsiam": {"name": "simsiam"}, "simclr": {"name": "simclr"}, "msn": {"name": "msn"},
+            "msn-sinkhorn": {"name": "msn", "sinkhorn": True},
             **{f"pmsn-{tau:g}": _power_law("msn", tau) for tau in TAUS}, "excb": {"name": "excb"},
             **{f"excb-power-{tau:g}": _power_law("excb", tau) for tau in TAUS}}
 #: (metric in a run's record, column title) for the methods that learn clusters
@@ -62,7 +65,8 @@ class PriorsExperimentConfig(ExcbExperimentConfig):
         if resolved.prior.kind == "uniform":
             return None
         return next((m for m in self.methods if self.resolved_method(m).name == resolved.name
-                     and self.resolved_method(m).prior.kind == "uniform"), None)
+                     and self.resolved_method(m).prior.kind == "uniform"
+                     and not self.resolved_method(m).sinkhorn), None)
 
 
 def verdict_lines(exp: PriorsExperimentConfig, records: list[dict], titles: dict[str, str]) -> list[str]:
