@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from imbssl.augment.masking import kept_tokens, mask_patches
-from imbssl.config import ConfigError, MethodConfig, ModelConfig, PriorConfig
+from imbssl.config import ConfigError, MethodConfig, ModelConfig, PriorConfig, deep_merge
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.methods import build_method
@@ -18,6 +18,8 @@ from imbssl.models import build_backbone
 from imbssl.pipelines.evaluate import evaluate_run
 from imbssl.pipelines.pretrain import pretrain
 from imbssl.priors import check_prior, cluster_prior, estimated_prior, power_law_prior
+from imbssl.recipes import load_preset
+from imbssl.recipes.priors import PriorsExperimentConfig
 
 
 def test_priors_sum_to_one_with_k_positive_entries():
@@ -210,10 +212,6 @@ def test_the_vit_sizes_tell_runs_apart_only_on_the_vit(tiny_cfg, tmp_path):
 
 
 def test_pmsn_is_compared_with_msn_without_sinkhorn_even_when_msn_sinkhorn_is_listed_first():
-    from imbssl.config import deep_merge
-    from imbssl.recipes import load_preset
-    from imbssl.recipes.priors import PriorsExperimentConfig
-
     exp = PriorsExperimentConfig.model_validate(deep_merge(load_preset("priors", "demo"), {
         "methods": ["msn-sinkhorn", "msn", "pmsn-0.25", "excb", "excb-power-0.25"]}))
     assert exp.resolved_method("msn-sinkhorn").sinkhorn and exp.resolved_method("msn-sinkhorn").prior.kind == "uniform"

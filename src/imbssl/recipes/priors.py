@@ -64,9 +64,9 @@ class PriorsExperimentConfig(ExcbExperimentConfig):
         resolved = self.resolved_method(method)
         if resolved.prior.kind == "uniform":
             return None
-        return next((m for m in self.methods if self.resolved_method(m).name == resolved.name
-                     and self.resolved_method(m).prior.kind == "uniform"
-                     and not self.resolved_method(m).sinkhorn), None)
+        listed = ((m, self.resolved_method(m)) for m in self.methods)
+        return next((m for m, other in listed if other.name == resolved.name
+                     and other.prior.kind == "uniform" and not other.sinkhorn), None)
 
 
 def verdict_lines(exp: PriorsExperimentConfig, records: list[dict], titles: dict[str, str]) -> list[str]:
