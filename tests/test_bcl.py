@@ -133,6 +133,23 @@ def _bcl(name: str):
                         build_backbone(ModelConfig(width=0.25), 3))
 
 
+@pytest.mark.parametrize("name", ["bcl-i", "bcl-d"])
+def test_bcl_has_bcls_two_layer_head_with_batchnorm_on_both_layers(name):
+    """MediaBrain-SJTU/BCL's proj_head (models/simclr.py; models/sdclr.py with twoLayerProj=True): f -> f -> d, a
+    bias on the first Linear only, each Linear followed by an affine BatchNorm; BCL-D's pruned branch has its own
+    copy of both (SDCLR's dual BN)."""
+    method = _bcl(name)
+    feature = method.backbone.feature_dim
+    linears = [m for m in method.projector if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in method.projector if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [(m.in_features, m.out_features, m.bias is not None) for m in linears] == [
+        (feature, feature, True), (feature, 16, False)]
+    assert [(m.num_features, m.affine) for m in norms] == [(feature, True), (16, True)]
+    assert isinstance(method.projector[-1], torch.nn.BatchNorm1d)
+    if name == "bcl-d":
+        assert {k for k in method.pruned_bn if k.startswith("projector/")} == {"projector/1", "projector/4"}
+
+
 @pytest.mark.parametrize("name, base", [("bcl-i", BCLI), ("bcl-d", BCLD)])
 def test_bcl_remembers_each_images_loss_and_boosts_from_the_next_epoch(name, base):
     method = _bcl(name)

@@ -44,13 +44,19 @@ METHODS = {
     # Sinkhorn-balanced targets with the global batch's marginals
     "msn": {"name": "msn", "num_clusters": 16},
     "msn-sinkhorn": {"name": "msn", "num_clusters": 16, "sinkhorn": True},
+    # MoCo's keys: the key encoder's global batch shuffled across the processes (parts of 42 and 41) and put back
+    # in order before the queue takes them; one BatchNorm group (moco_bn_splits 1) so that sync_batchnorm's global
+    # statistics make the split irrelevant: with groups, the processes' parts are groups of their own
+    "moco": {"name": "moco", "queue_size": 200, "moco_bn_splits": 1},
 }
 #: the methods that train on multi-crop views
 LOCAL_CROPS = {"excb", "msn", "msn-sinkhorn"}
 #: SimSiam at its default lr (0.03) amplifies a rounding difference about tenfold a step on these 503 digits: the
 #: parts' sums round otherwise than the whole batch's (3e-8 in the first loss), which grew to 2e-4 by step 9 on one
 #: 2-core AMD EPYC and stayed below 1e-6 on another CPU. At 0.02 it stays at 5e-8, so the test sees the split only.
-OPTIM = {"simsiam": {"base_lr": 0.02}}
+#: SimCLR, with both views in one forward (as SimCLR's, SDCLR's and BCL's code), does the same at its LARS lr of 0.3:
+#: equal for 4 steps, 1e-4 apart by step 12; at 0.1 the two stay within one ulp.
+OPTIM = {"simsiam": {"base_lr": 0.02}, "simclr": {"base_lr": 0.1}}
 
 
 def _free_port() -> int:
@@ -354,3 +360,74 @@ def test_recipes_that_are_not_data_parallel_refuse_torchrun(monkeypatch, recipe)
                                                                Path("unused"))}[recipe]
     with pytest.raises(ImbsslError, match="runs on one process only; start it without torchrun"):
         run()
+
+
+# -- MoCo's shuffling BN across processes (moco/builder.py _batch_shuffle_ddp / _batch_unshuffle_ddp) -------------
+def _reference_fixture(name: str):
+    sys.path.insert(0, str(Path(__file__).parent / "reference"))
+    import fixture_io
+
+    return fixture_io.load(name)
+
+
+def row_function(x: torch.Tensor) -> torch.Tensor:
+    """The key encoder's stand-in in fixtures/moco-shuffle_ddp (make_moco.py): a function of each row alone."""
+    return 2 * x.flatten(1) + 1
+
+
+def _shuffle_and_unshuffle(folder: Path, x: torch.Tensor, order: torch.Tensor | None) -> None:
+    """This process's rows of ``x`` shuffled with its ``order`` (rank 0's wins), mapped row by row, unshuffled."""
+    mine = x[distributed.rank_rows(len(x))]
+    shuffled, used, where = distributed.shuffle_global_batch(mine, order)
+    back = distributed.unshuffle_global_batch(row_function(shuffled), used)
+    torch.save({"shuffled": shuffled, "order": used, "where": (where.start, where.stop), "back": back},
+               folder / f"rank{distributed.rank()}.pt")
+
+
+def _shuffle_as_builder(folder: Path) -> None:
+    fixture = _reference_fixture("moco-shuffle_ddp")
+    x, theirs = fixture["input.x"], fixture["order"]
+    # rank 1 brings a permutation of its own: builder.py broadcasts rank 0's, and so must we
+    order = theirs.clone() if distributed.rank() == 0 else torch.flip(theirs, [0])
+    _shuffle_and_unshuffle(folder, x, order)
+
+
+def test_moco_shuffle_across_processes_is_builders_and_is_undone_exactly(tmp_path):
+    fixture = _reference_fixture("moco-shuffle_ddp")
+    run_processes(_shuffle_as_builder, tmp_path)
+    x = fixture["input.x"]
+    for r in (0, 1):
+        part = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert torch.equal(part["order"], fixture["order"])  # rank 0's permutation on both
+        assert torch.equal(part["shuffled"], fixture[f"rank{r}.shuffled"])  # the rows builder.py gave this process
+        where = slice(*part["where"])
+        assert torch.equal(part["back"][where], fixture[f"rank{r}.unshuffled"])  # builder.py's own rows back
+        assert torch.equal(part["back"], row_function(x))  # and every row of the global batch, in its order
+
+
+def _shuffle_uneven(folder: Path) -> None:
+    torch.manual_seed(distributed.rank())  # each draws its own permutation; rank 0's is used
+    x = torch.arange(9 * 2, dtype=torch.float32).view(9, 2)
+    _shuffle_and_unshuffle(folder, x, None)
+
+
+def test_moco_shuffle_of_uneven_parts_is_a_permutation_undone_exactly(tmp_path):
+    """Parts of 5 and 4 rows, which builder.py refuses: each process gets as many shuffled rows as it holds, all
+    of them together are the permuted global batch, and unshuffling returns it in order, bit for bit."""
+    run_processes(_shuffle_uneven, tmp_path)
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    x = torch.arange(9 * 2, dtype=torch.float32).view(9, 2)
+    order = parts[0]["order"]
+    assert torch.equal(parts[1]["order"], order) and sorted(order.tolist()) == list(range(9))
+    assert [len(p["shuffled"]) for p in parts] == [5, 4]
+    assert torch.equal(torch.cat([p["shuffled"] for p in parts]), x[order])
+    assert all(torch.equal(p["back"], row_function(x)) for p in parts)
+
+
+def test_moco_shuffle_on_one_process_is_indexing_alone():
+    x, order = torch.randn(6, 3), torch.tensor([3, 0, 5, 1, 4, 2])
+    shuffled, used, where = distributed.shuffle_global_batch(x, order)
+    assert torch.equal(shuffled, x[order]) and used is order and where == slice(0, 6)
+    assert torch.equal(distributed.unshuffle_global_batch(shuffled, order), x)
+    with pytest.raises(ValueError, match="a permutation of 5 rows for a global batch of 6"):
+        distributed.shuffle_global_batch(x, order[:5])

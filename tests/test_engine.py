@@ -6,7 +6,8 @@ import torch
 
 from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
 from imbssl.engine.runlog import read_metrics
-from imbssl.engine.trainer import NonFiniteLossError, check_collapse
+from imbssl.engine.task import StepOutput, TrainingTask
+from imbssl.engine.trainer import NonFiniteLossError, check_collapse, optimizer_step
 from imbssl.methods.base import output_std
 from imbssl.methods.simsiam import SimSiam
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
@@ -80,6 +81,46 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path, monke
     state = load_safe(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+
+
+class PartlyClipped(TrainingTask):
+    """Two layers; the task names the first one's parameters for clipping at ``max_norm`` (None: no clipping)."""
+
+    def __init__(self, max_norm: float | None) -> None:
+        super().__init__()
+        self.clipped, self.free, self.max_norm = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1), max_norm
+
+    def training_step(self, views, indices):
+        return StepOutput(100 * self.free(self.clipped(views[0])).pow(2).mean())
+
+    def gradient_clipping(self):
+        return None if self.max_norm is None else (list(self.clipped.parameters()), self.max_norm)
+
+
+def test_optimizer_step_clips_the_gradient_norm_of_the_parameters_the_task_names():
+    """MSN's code clips its encoder's gradient norm before the step (method.msn_clip_grad_norm): the engine scales
+    the named parameters' gradients together to the norm and leaves the others as the backward pass left them."""
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    grads, weights = {}, {}
+    for max_norm in (None, 0.1):
+        torch.manual_seed(0)
+        task = PartlyClipped(max_norm)
+        optimizer_step(task, torch.optim.SGD(task.parameters(), lr=1.0), [x], torch.arange(8))
+        grads[max_norm] = {n: p.grad.clone() for n, p in task.named_parameters()}
+        weights[max_norm] = {n: p.detach().clone() for n, p in task.named_parameters()}
+
+    def clipped_norm(g):
+        return torch.linalg.vector_norm(torch.stack([g[n].norm() for n in g if n.startswith("clipped.")])).item()
+    raw, clipped = grads[None], grads[0.1]
+    assert clipped_norm(raw) > 1.0  # well above the norm: the clipping is at work
+    assert clipped_norm(clipped) == pytest.approx(0.1, rel=1e-5)
+    for name in raw:
+        if name.startswith("clipped."):
+            assert torch.allclose(clipped[name], raw[name] * 0.1 / clipped_norm(raw), rtol=1e-5, atol=0)
+        else:
+            assert torch.equal(clipped[name], raw[name])
+    # the optimizer stepped with the clipped gradients
+    assert not torch.allclose(weights[None]["clipped.weight"], weights[0.1]["clipped.weight"])
 
 
 class Evil:

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from imbssl.config import MethodConfig, deep_merge
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.runlog import read_metrics
 from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.methods import build_method
-from imbssl.methods.excb import CENTROID_GROUP, CosineCentroids, balance, balance_by_cases, excb_loss, view_agreement
+from imbssl.methods.excb import (CENTROID_GROUP, CosineCentroids, balance, balance_by_cases, excb_loss,
+                                 excb_loss_as_code, view_agreement)
 from imbssl.models import SmallCNN
 from imbssl.pipelines.evaluate import CLUSTER_FIGURE, evaluate_run
 from imbssl.pipelines.pretrain import pretrain
@@ -97,6 +99,62 @@ def test_loss_is_eq_7_averaged_over_view_pairs():
     pred = [h(p_teacher[i], z_pred[j]) for i in range(2) for j in range(3)]
     expected = torch.stack(proj).mean() / 2 + torch.stack(pred).mean() / 2
     assert torch.allclose(excb_loss(p_teacher, z_proj, z_pred, 0.1), expected)
+
+
+def test_the_code_pairing_is_the_official_loss_by_hand_and_the_method_uses_it():
+    """excb_pairing code (the official ClusteringLoss): teacher view i against the projector output of each other
+    GLOBAL view and the predictor output of every view, one mean over all these pairs; not Eq. 7's loss."""
+    gen = torch.Generator().manual_seed(0)
+    p_teacher = F.softmax(torch.randn(2, 5, K, generator=gen), dim=-1)
+    z_proj, z_pred = torch.randn(4, 5, K, generator=gen), torch.randn(4, 5, K, generator=gen)  # 2 global, 2 local
+
+    def h(p, z):
+        return -(p * F.log_softmax(z / 0.1, dim=-1)).sum(-1).mean()
+
+    proj = [h(p_teacher[i], z_proj[j]) for i in range(2) for j in range(2) if j != i]
+    pred = [h(p_teacher[i], z_pred[j]) for i in range(2) for j in range(4)]
+    expected = torch.stack(proj + pred).mean()
+    assert torch.allclose(excb_loss(p_teacher, z_proj, z_pred, 0.1, pairing="code"), expected)
+    assert not torch.allclose(excb_loss(p_teacher, z_proj, z_pred, 0.1), expected, atol=1e-3)
+
+    method = tiny_excb(excb_pairing="code")
+    twin, step_views = copy.deepcopy(method), views(local=2)
+    loss = method.training_step(step_views, torch.arange(6)).loss
+    p_teacher = twin.teacher_assignments(step_views[:2])
+    _, z_proj, z_pred = twin.student_outputs(step_views[:2], step_views[2:])
+    assert torch.allclose(loss, excb_loss_as_code(p_teacher, z_proj, z_pred, twin.cfg.student_temperature))
+
+
+def test_heads_on_all_views_normalise_global_and_local_views_together():
+    """excb_head_batches all (the official Classifier): the backbone on each crop size, then the heads on all views
+    as one batch; imbssl's default runs the heads on each group alone. Without local crops the two agree."""
+    by_size, together = tiny_excb(), tiny_excb(excb_head_batches="all")  # the same weights (seeded)
+    step_views = views(local=2)
+    global_views, local_views = step_views[:2], step_views[2:]
+    projections, z_proj, z_pred = together.student_outputs(global_views, local_views)
+    features = torch.cat([together.backbone(torch.cat(global_views)), together.backbone(torch.cat(local_views))])
+    expected = together.projector(features)
+    assert torch.allclose(projections, expected[:12], atol=1e-6)
+    assert torch.allclose(z_proj, together.centroids(expected).unflatten(0, (4, -1)), atol=1e-6)
+    assert torch.allclose(z_pred, together.centroids(together.predictor(expected)).unflatten(0, (4, -1)), atol=1e-6)
+    _, z_proj_by_size, _ = by_size.student_outputs(global_views, local_views)
+    assert not torch.allclose(z_proj_by_size, z_proj, atol=1e-3)
+    assert torch.allclose(by_size.student_outputs(global_views, [])[1], together.student_outputs(global_views, [])[1])
+
+
+@pytest.mark.parametrize("preset,hidden_layers", [("paper", 2), ("cpu", 1), ("demo", 1)])
+def test_the_paper_preset_builds_the_official_projector_and_the_others_as_before(preset, hidden_layers):
+    """The paper preset runs ExCB in the official code's form (docs/excb.md): two hidden layers in the projector of
+    student and teacher, the heads on all views together, the code's loss pairs; cpu and demo keep imbssl's."""
+    tree = deep_merge(load_preset("experiment-excb", preset), {"base": {"data": {"path": "unused"}}})
+    exp = ExcbExperimentConfig.model_validate(tree)
+    cfg = exp.run_config(exp.subsets[0], "excb", exp.seeds[0]).method
+    method = build_method(cfg, SmallCNN(1, width=0.25))
+    block = [nn.Linear, nn.BatchNorm1d, nn.ReLU]
+    for projector in (method.projector, method.teacher.projector):
+        assert [type(m) for m in projector] == block * hidden_layers + [nn.Linear]
+    paper = preset == "paper"
+    assert (cfg.excb_head_batches, cfg.excb_pairing) == (("all", "code") if paper else ("by_size", "paper"))
 
 
 def test_view_agreement_by_hand():

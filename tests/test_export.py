@@ -7,10 +7,14 @@ import sys
 import pytest
 import torch
 
-from imbssl.config import ConfigError
+from imbssl.augment import Normalize
+from imbssl.config import ConfigError, save_config
 from imbssl.engine.checkpoint import load_safe
-from imbssl.models import build_resnet, torchvision_state_dict
-from imbssl.pipelines.export import SAFETENSORS_FILE, TORCHVISION_FILE, load_exported, run_backbone
+from imbssl.models import build_backbone, build_resnet, torchvision_state_dict
+from imbssl.pipelines.common import save_backbone
+from imbssl.pipelines.export import SAFETENSORS_FILE, TORCHVISION_FILE, export_run, load_exported, run_backbone
+from imbssl.pipelines.pretrain import BACKBONE_FILE
+from imbssl.pipelines.runfolder import RUN_CONFIG
 
 #: torchvision.models.resnet18 / resnet50 parameter counts (fc included), as its model cards give them
 TORCHVISION_PARAMETERS = {"resnet18": 11_689_512, "resnet50": 25_557_032}
@@ -78,6 +82,25 @@ def test_export_round_trip_reproduces_the_features(tiny_cfg, tmp_path):
     shapes["conv1.weight"] = (16, 1, 7, 7)  # digits have one channel
     assert {k: tuple(v.shape) for k, v in torchvision.items()} == shapes
     assert torch.equal(torchvision["layer4.1.conv2.weight"], trained.state_dict()["layers.7.conv2.weight"])
+
+
+def test_exported_normalize_takes_uint8_and_float_unit_images(tiny_cfg, tmp_path):
+    """Float [0, 1] images (what ToTensor gives) get the features of the same uint8 images, not those of images 255
+    times darker; float images in [0, 255] are refused in one line. A run folder as pre-training leaves it."""
+    cfg = tiny_cfg()
+    (tmp_path / "run").mkdir()
+    save_config(cfg, tmp_path / "run" / RUN_CONFIG)
+    save_backbone(build_backbone(cfg.model, 1), Normalize(torch.tensor([0.3]), torch.tensor([0.2])),
+                  tmp_path / "run" / BACKBONE_FILE)
+    export_run(tmp_path / "run", tmp_path / "out")
+    exported, normalize = load_exported(tmp_path / "out" / SAFETENSORS_FILE)
+    images = torch.randint(0, 256, (5, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    unit = images.float() / 255
+    with torch.no_grad():
+        assert torch.equal(exported(normalize(unit)), exported(normalize(images)))
+    assert torch.equal(unit, images.float() / 255)  # the caller's tensor is not normalised in place
+    with pytest.raises(ValueError, match=r"Normalize takes float images in \[0, 1\] .*: divide them by 255"):
+        normalize(images.float())
 
 
 def test_export_names_what_is_missing(tmp_path, tiny_cfg):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from imbssl.config import ConfigError, MethodConfig, ModelConfig
-from imbssl.engine.optim import cosine_temperature
+from imbssl.config import ConfigError, MethodConfig, ModelConfig, TemperatureScheduleConfig
+from imbssl.engine.optim import cosine_temperature, scheduled_temperature
 from imbssl.eval import few_shot_set, shots_per_class
 from imbssl.methods import SDCLR, SimCLR, build_method, global_magnitude_masks
 from imbssl.models import build_backbone
@@ -16,27 +16,48 @@ from imbssl.pipelines.pretrain import pretrain
 
 
 def test_cosine_temperature_values():
-    """tau(0) = tau+, tau(T/2) = tau-, tau(T/4) halfway, tau(T) = tau+ again (one full period)."""
-    at = lambda t: cosine_temperature(t, tau_min=0.1, tau_max=1.0, period=200)  # noqa: E731
+    """The reference's t_max = 200 is half the period: tau(0) = tau+, tau(100) halfway (0.55, where a 200-epoch
+    period would sit at tau-), tau(200) = tau-, tau(400) = tau+ again, 5 cycles in 2,000 epochs."""
+    at = lambda t: cosine_temperature(t, 0.1, 1.0, 200)  # noqa: E731
     assert at(0) == pytest.approx(1.0)
-    assert at(50) == pytest.approx(0.55)
-    assert at(100) == pytest.approx(0.1)
-    assert at(200) == pytest.approx(1.0)
-    assert at(25) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+    assert at(100) == pytest.approx(0.55)
+    assert at(200) == pytest.approx(0.1)
+    assert at(400) == pytest.approx(1.0)
+    assert at(50) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+    assert [t for t in range(1, 2001) if at(t) == pytest.approx(0.1)] == [200, 600, 1000, 1400, 1800]
+
+
+def test_scheduled_temperature_clocks():
+    """Per epoch (the reference): t is the 1-based epoch number, held for the whole epoch; per step: t is the
+    fractional epoch from 0. The two differ by exactly that clock."""
+    per_epoch = lambda e: scheduled_temperature(e, 0.1, 1.0, 200, per_epoch=True)  # noqa: E731
+    per_step = lambda e: scheduled_temperature(e, 0.1, 1.0, 200, per_epoch=False)  # noqa: E731
+    assert per_epoch(0.0) == per_epoch(0.999) == cosine_temperature(1, 0.1, 1.0, 200) < 1.0
+    assert per_epoch(99.0) == per_epoch(99.5) == pytest.approx(0.55)
+    assert per_step(0.0) == 1.0 and per_step(99.5) == cosine_temperature(99.5, 0.1, 1.0, 200)
+    for epoch in (0.0, 0.25, 7.5, 99.0, 1234.75):
+        assert per_epoch(epoch) == per_step(math.floor(epoch) + 1)
+
+
+def test_temperature_schedule_config_names_the_half_period():
+    with pytest.raises(ValueError, match="t_max_epochs = T / 2"):
+        TemperatureScheduleConfig(tau_min=0.1, tau_max=1.0, period_epochs=200)
+    with pytest.raises(ValueError, match="use update: step"):
+        TemperatureScheduleConfig(t_max_epochs=0.5)
+    assert TemperatureScheduleConfig(t_max_epochs=0.5, update="step").t_max_epochs == 0.5
 
 
 def test_trainer_follows_the_temperature_schedule(tiny_cfg, tmp_path, monkeypatch):
-    """Each step contrasts at the schedule's temperature for its fractional epoch, not the method's fixed one."""
+    """Each step contrasts at the schedule's temperature, not the method's fixed one: per epoch, from the 1-based
+    epoch number as the reference (t_max 1: epoch 1 at tau-, epoch 2 back at tau+)."""
     used, real_step = [], SimCLR.training_step
     monkeypatch.setattr(SimCLR, "training_step", lambda self, views, indices: (used.append(self.temperature),
                                                                                real_step(self, views, indices))[1])
     cfg = tiny_cfg(method={"name": "simclr"}, optim={"batch_size": 256, "epochs": 2, "temperature_schedule":
-                                                     {"tau_min": 0.1, "tau_max": 0.9, "period_epochs": 2}})
+                                                     {"tau_min": 0.1, "tau_max": 0.9, "t_max_epochs": 1}})
     pretrain(cfg, tmp_path / "r")
     steps = len(used) // 2
-    expected = [cosine_temperature(s / steps, 0.1, 0.9, 2) for s in range(2 * steps)]
-    assert used == pytest.approx(expected)
-    assert used[0] == pytest.approx(0.9) and min(used) < 0.2
+    assert steps > 1 and used == pytest.approx([0.1] * steps + [0.9] * steps)
 
 
 def test_temperature_schedule_refuses_a_method_without_one(tiny_cfg, tmp_path):
@@ -56,6 +77,20 @@ def test_global_magnitude_masks_keep_the_largest_share_over_all_layers():
     assert masks["b"].float().mean() < masks["a"].float().mean()  # the small-weight layer loses more
 
 
+def test_global_magnitude_masks_prune_the_ceiling_of_the_ratio_as_sdclrs_mask():
+    """SDCLR's Mask.magnitudePruning zeroes ceil(r n) weights (its threshold is the sorted magnitudes at that
+    index): 1,266 of 1,406 at r = 0.9, keeping 140, where round(0.1 n) would keep 141."""
+    weights = {"w": torch.randn(1406, generator=torch.Generator().manual_seed(0))}
+    assert int(global_magnitude_masks(weights, ratio=0.9)["w"].sum()) == 1406 - math.ceil(0.9 * 1406) == 140
+
+
+def test_global_magnitude_masks_keep_every_weight_tied_at_the_threshold():
+    """SDCLR's mask is |w| >= t, t the sorted magnitudes at index ceil(r n): weights tied at t are all kept (a
+    float32 ResNet-18 has such ties; one decided a mask of the BCL-D reference fixture)."""
+    masks = global_magnitude_masks({"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([2.0, 3.0])}, ratio=0.5)
+    assert masks["a"].tolist() == [False, True] and masks["b"].tolist() == [True, True]
+
+
 def _sdclr() -> SDCLR:
     return build_method(MethodConfig(name="sdclr", proj_hidden=32, proj_dim=16), build_backbone(ModelConfig(), 3))
 
@@ -67,11 +102,33 @@ def test_sdclr_prunes_every_convolution_globally_each_epoch():
     convs = [n for n, m in method.backbone.named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert sorted(masks) == sorted(f"backbone.{n}.weight" for n in convs)
     total = sum(m.numel() for m in masks.values())
-    assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * total)
+    magnitudes = torch.cat([w.detach().abs().flatten() for w in method.prunable().values()]).sort().values
+    # SDCLR's rule: |w| >= the sorted magnitudes at ceil(0.9 n), so ceil(0.9 n) zeroed unless weights tie there
+    assert sum(int(m.sum()) for m in masks.values()) == int((magnitudes >= magnitudes[math.ceil(0.9 * total)]).sum())
     with torch.no_grad():  # re-pruning follows the current dense weights
         method.backbone.body[0].weight.fill_(1.0)
     method.on_epoch_start(1)
     assert method.masks()["backbone.body.0.weight"].all()
+
+
+def test_sdclr_has_sdclrs_three_layer_head_with_batchnorm_on_every_layer():
+    """VITA-Group/SDCLR's proj_head (twoLayerProj off in its CIFAR commands): f -> f -> f -> d, a bias on the first
+    Linear only, every Linear followed by an affine BatchNorm, the output's included; the pruned branch has its own
+    copy of each (dual BN). method.reference_head=false gives SimCLR's 2-layer head instead."""
+    method = _sdclr()
+    feature = method.backbone.feature_dim
+    linears = [m for m in method.projector if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in method.projector if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [(m.in_features, m.out_features, m.bias is not None) for m in linears] == [
+        (feature, feature, True), (feature, feature, False), (feature, 16, False)]
+    assert [(m.num_features, m.affine) for m in norms] == [(feature, True), (feature, True), (16, True)]
+    assert isinstance(method.projector[-1], torch.nn.BatchNorm1d)
+    assert {k for k in method.pruned_bn if k.startswith("projector/")} == {"projector/1", "projector/4",
+                                                                          "projector/7"}
+    simclr_head = build_method(MethodConfig(name="sdclr", proj_hidden=32, proj_dim=16, reference_head=False),
+                               build_backbone(ModelConfig(), 3)).projector
+    assert [type(m) for m in simclr_head] == [type(m) for m in SimCLR(build_backbone(ModelConfig(), 3),
+                                                                      MethodConfig(proj_hidden=32)).projector]
 
 
 def test_sdclr_pruned_branch_has_its_own_batchnorm():
@@ -213,10 +270,18 @@ def test_longtail_ssl_variants_differ_in_the_method_alone():
     family = [runs[m] for m in ("simclr", "simclr-ts", "sdclr", "bcl-i", "bcl-d")]
     assert {(c.optim.name, c.optim.base_lr, c.optim.weight_decay, c.method.temperature) for c in family} == {
         ("sgd", 0.25, 1e-4, 0.2)}
-    assert runs["simclr-ts"].optim.temperature_schedule.period_epochs == 200
+    assert runs["simclr-ts"].optim.temperature_schedule.t_max_epochs == 200
+    assert runs["simclr-ts"].optim.temperature_schedule.update == "epoch"
     assert runs["simclr"].optim.temperature_schedule is None and runs["bcl-d"].method.name == "bcl-d"
     assert runs["excb"].augment.local_crops == 6 and runs["pmsn"].method.prior.kind == "power_law"
     assert runs["simclr"].augment.local_crops == 0
+    # SimCLR and +TS take the head of BCL's SimCLR baseline, the one BCL-I takes
+    heads = {m: build_method(runs[m].method, build_backbone(ModelConfig(), 3)).projector for m in
+             ("simclr", "simclr-ts", "bcl-i")}
+    layouts = {m: [(type(layer), tuple(p.shape for p in layer.parameters())) for layer in head]
+               for m, head in heads.items()}
+    assert layouts["simclr"] == layouts["simclr-ts"] == layouts["bcl-i"]
+    assert isinstance(heads["simclr"][-1], torch.nn.BatchNorm1d)
 
 
 def test_longtail_ssl_refuses_an_unknown_method():

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from imbssl.augment.masking import kept_tokens, mask_patches
 from imbssl.config import ConfigError, MethodConfig, ModelConfig, PriorConfig, deep_merge
@@ -121,6 +122,68 @@ def test_msn_target_encoder_gets_no_gradient_and_a_vit_encodes_only_the_kept_tok
     assert not torch.allclose(backbone(x), backbone(changed), atol=1e-3)
 
 
+def test_msn_views_of_one_size_go_through_the_projector_as_one_batch():
+    """msn_view_batches by_size (MSN's code): the focal views are one batch, so the projector's BatchNorm normalises
+    them together; imbssl's default normalises each alone. With one anchor view the two forms agree on it."""
+    each = tiny_msn()
+    by_size = tiny_msn(msn_view_batches="by_size")
+    by_size.load_state_dict(each.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    anchors = [torch.randn(4, 1, 8, 8, generator=gen)]
+    focal = [torch.randn(4, 1, 4, 4, generator=gen) for _ in range(2)]
+    masks = each.anchor_masks(anchors, torch.Generator().manual_seed(1))
+    together = by_size.projector(by_size.backbone(torch.cat(focal)))
+    got, default = by_size.anchor_projections(anchors, masks, focal), each.anchor_projections(anchors, masks, focal)
+    assert len(got) == len(default) == 3
+    assert torch.allclose(torch.cat(got[1:]), together, atol=1e-6)
+    assert torch.allclose(got[0], default[0], atol=1e-6)
+    assert not torch.allclose(torch.cat(default[1:]), together, atol=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["paper", "cpu", "demo"])
+def test_the_paper_preset_builds_msn_as_its_code_and_the_others_as_before(preset):
+    """The priors paper preset runs MSN in the form of MSN's code (docs/priors.md): GELU in the projector, DeiT's
+    LayerNorm eps on the ViT, the views of one size together, the encoder (not the prototypes) clipped at 3.0. The
+    cpu and demo presets, whose results are published, keep imbssl's defaults."""
+    tree = deep_merge(load_preset("priors", preset), {"base": {"data": {"path": "unused"},
+                                                               "model": {"backbone": "vit"}}})
+    exp = PriorsExperimentConfig.model_validate(tree)
+    for variant in ("msn", "pmsn-0.25"):
+        cfg = exp.run_config(exp.subsets[0], variant, exp.seeds[0])
+        method = build_method(cfg.method, build_backbone(cfg.model, 3))
+        paper = preset == "paper"
+        for projector in (method.projector, method.target.projector):
+            assert {type(m) for m in projector if isinstance(m, (nn.ReLU, nn.GELU))} == {nn.GELU if paper else nn.ReLU}
+        eps = {m.eps for m in method.modules() if isinstance(m, nn.LayerNorm)}
+        assert eps == {1e-6 if paper else 1e-5}
+        assert method.cfg.msn_view_batches == ("by_size" if paper else "each")
+        clipping = method.gradient_clipping()
+        if not paper:
+            assert clipping is None
+            continue
+        clipped, max_norm = clipping
+        encoder = [*method.backbone.parameters(), *method.projector.parameters()]
+        assert max_norm == 3.0 and {id(p) for p in clipped} == {id(p) for p in encoder}
+        assert all(p is not method.prototypes.weight for p in clipped)
+
+
+def test_the_msn_and_excb_forms_and_the_vit_eps_tell_runs_apart_only_where_they_are_read(tiny_cfg):
+    """A run folder saved before these options existed, or with another method's options, is still the same run
+    (``unused_keys``): MSN's options are read by MSN alone, ExCB's by ExCB, the LayerNorm eps by a ViT."""
+    from imbssl.pipelines.runfolder import changed_keys
+
+    msn_form = {"msn_proj_activation": "gelu", "msn_view_batches": "by_size", "msn_clip_grad_norm": 3.0}
+    excb_form = {"excb_proj_hidden_layers": 2, "excb_head_batches": "all", "excb_pairing": "code"}
+    for name, own, other in (("msn", msn_form, excb_form), ("excb", excb_form, msn_form), ("simsiam", {}, msn_form)):
+        today = tiny_cfg(method={"name": name})
+        assert changed_keys(today, tiny_cfg(method={"name": name, **other})) == {}
+        assert set(changed_keys(today, tiny_cfg(method={"name": name, **own}))) == {f"method.{k}" for k in own}
+    assert changed_keys(tiny_cfg(), tiny_cfg(model={"vit_ln_eps": 1e-6})) == {}
+    for vit in ("vit", "vit_s16"):
+        assert changed_keys(tiny_cfg(model={"backbone": vit}), tiny_cfg(model={"backbone": vit, "vit_ln_eps": 1e-6})
+                            ) == {"model.vit_ln_eps": (1e-5, 1e-6)}
+
+
 def test_excb_balancing_toward_a_non_uniform_target():
     target = power_law_prior(6, 1.0)
     z = torch.rand(10, 6) * 2 - 1
@@ -151,6 +214,24 @@ def msn_cfg(tiny_cfg, backbone="small_cnn", **method):
         {"backbone": "vit", "vit_dim": 16, "vit_depth": 1, "vit_heads": 2, "vit_patch": 2}
     return tiny_cfg(method={"name": "msn", "num_clusters": 16, "mask_patch": 2, **method}, model=model,
                     eval={"knn_k": [5]})
+
+
+def test_msn_in_its_codes_form_resumes_exactly_with_its_gradients_clipped(tiny_cfg, interrupted_then_resumed,
+                                                                         monkeypatch):
+    """Every option of MSN's code's form at once, with focal views: the clipping keeps no state, so a resumed run is
+    the uninterrupted one; and it is at work (the encoder's norm before clipping is above msn_clip_grad_norm)."""
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: norms.append(float(clip(*a, **k))))
+    cfg = tiny_cfg(method={"name": "msn", "num_clusters": 16, "msn_proj_activation": "gelu",
+                           "msn_view_batches": "by_size", "msn_clip_grad_norm": 0.05},
+                   model={"backbone": "vit", "vit_dim": 16, "vit_depth": 1, "vit_heads": 2, "vit_patch": 2,
+                          "vit_ln_eps": 1e-6},
+                   augment={"local_crops": 2}, eval={"knn_k": [5]},
+                   data={"subset": {"profile": "exp", "imbalance": 10}})  # 503 images, for speed
+    straight, resumed = interrupted_then_resumed(cfg)
+    a, b = (load_safe(run / CHECKPOINT_FILE)["method"] for run in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert norms and max(norms) > 0.05
 
 
 @pytest.mark.parametrize("backbone", ["small_cnn", "vit"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +15,11 @@ from imbssl.data import DataError, exp_counts, labeled_unlabeled_split, load_spl
 from imbssl.data.sources import ImageSet
 from imbssl.engine.checkpoint import load_safe
 from imbssl.losses import cross_entropy, focal_loss
-from imbssl.pipelines.self_training import PSEUDO_FILE, REPORT_FILE, select_pseudo_labels, self_train
+from imbssl.pipelines.self_training import (LABELLER_DIR, PSEUDO_FILE, REPORT_FILE, hard_labels, select_pseudo_labels,
+                                           self_train)
 from imbssl.pipelines.train import MODEL_FILE, TRAIN_FILE
+from imbssl.recipes import load_preset
+from imbssl.recipes.semi_supervised import SemiSupervisedExperimentConfig
 
 from conftest import Interrupt, crash_after
 
@@ -186,3 +190,61 @@ def test_base_epochs_stretch_the_base_classifiers_schedule(st_cfg):
     assert (base.optim.epochs, base.optim.warmup_epochs, base.optim.milestones) == (40, 4, [32, 36])
     assert base.loss.defer_epoch == 32
     assert (final.optim.epochs, final.optim.milestones, final.loss.defer_epoch) == (10, [8, 9], 8)
+
+
+def test_pseudo_labels_are_the_argmax_of_the_logits_even_one_float_apart():
+    """gen_pseudolabels.py takes torch.max of the logits; a softmax first rounds logits one float apart to one
+    probability and then picks the first of them (tests/reference/test_ref_semi_self.py has the seed's own)."""
+    logits = torch.full((2, 4), -1.0)
+    logits[0, 1] = 0.1
+    logits[0, 2] = torch.nextafter(torch.tensor(0.1), torch.tensor(1.0))  # larger by one float
+    logits[1, :2] = 0.5  # a tie: the first
+    for scale in (1.0, 30.0):
+        confidence, labels = hard_labels(logits, scale)
+        assert labels.tolist() == [2, 0]
+        assert torch.equal(confidence, torch.softmax(logits * scale, 1)[[0, 1], [2, 0]])
+
+
+def test_the_final_stage_trains_at_final_batch_size(st_cfg):
+    cfg = st_cfg(final_batch_size=256)
+    assert (cfg.stage("base").optim.batch_size, cfg.stage("final").optim.batch_size) == (64, 256)
+    assert st_cfg().stage("final").optim.batch_size == 64  # unset: the base's
+
+
+def test_the_ce_labeller_is_the_ce_runs_base_classifier(st_cfg):
+    ldam = st_cfg(loss={"name": "ldam", "deferral": "drw", "defer_epoch": 3}, pseudo_labels={"labeller": "ce"},
+                  base_epochs=8)
+    labeller = ldam.stage("labeller")
+    assert labeller == st_cfg(loss={"defer_epoch": 3}, base_epochs=8).stage("base") and labeller.loss.name == "ce"
+    assert (labeller.optim.epochs, labeller.loss.defer_epoch) == (8, 6)  # stretched as the base
+    assert not ldam.labels_with_base() and st_cfg(pseudo_labels={"labeller": "ce"}).labels_with_base()
+    assert ldam.model_copy(update={"pseudo_labels": PseudoLabelConfig()}).labels_with_base()  # labeller base
+
+
+def test_a_ce_labeller_gives_an_ldam_drw_run_the_ce_runs_pseudo_labels(st_cfg, tmp_path):
+    """pseudo_labels.labeller ce: the LDAM-DRW run trains a CE base classifier beside its own f_B, or uses a shared
+    one, and labels D_U with it: bit for bit the pseudo-labels of the CE run."""
+    ce = self_train(st_cfg(loss={"defer_epoch": 3}), tmp_path / "ce")  # a grid's rows share the loss settings
+    ldam_cfg = st_cfg(loss={"name": "ldam", "deferral": "drw", "defer_epoch": 3}, pseudo_labels={"labeller": "ce"})
+    own = self_train(ldam_cfg, tmp_path / "own")
+    shared = self_train(ldam_cfg, tmp_path / "shared", labeller_dir=ce / "base")
+    assert not (shared / LABELLER_DIR).exists()
+    for run in (own, shared):
+        assert torch.equal(load_safe(run / PSEUDO_FILE)["labels"], load_safe(ce / PSEUDO_FILE)["labels"])
+    report = json.loads((own / REPORT_FILE).read_text())
+    assert report["labeller"]["test"] == json.loads((own / LABELLER_DIR / TRAIN_FILE).read_text())["test"]
+    assert json.loads((ce / REPORT_FILE).read_text())["labeller"] == "base"
+    assert load_safe(own / "base" / MODEL_FILE)["loss"]["name"] == "ldam"  # f_B is still the LDAM-DRW classifier
+
+
+def test_the_paper_preset_follows_the_seeds_code():
+    """Deviation 4: the final model at train_semi.py's batch of 256 (f_B at train.py's 128), and every row's D_U
+    labelled by the CE run's base classifier, which the grid shares."""
+    tree = load_preset("semi-supervised", "paper")
+    exp = SemiSupervisedExperimentConfig.model_validate(
+        {**tree, "base": {**tree["base"], "data": {**tree["base"]["data"], "path": "cifar10-jpg.tar.gz"}}})
+    ldam, ce = (exp.run_config(100, "rho", loss, "none", 0) for loss in ("ldam-drw", "ce"))
+    assert (ldam.stage("base").optim.batch_size, ldam.stage("final").optim.batch_size) == (128, 256)
+    assert ldam.stage("base").optim.lr == ldam.stage("final").optim.lr == 0.1
+    assert ldam.pseudo_labels.labeller == "ce" and ldam.stage("labeller") == ce.stage("base")
+    assert exp.ce_base_dir(100, "rho", "none", 0, None, Path("runs")) == Path("runs", ce.name).parent / "base"

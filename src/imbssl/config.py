@@ -104,8 +104,14 @@ class DataConfig(Section):
 
 
 class AugmentConfig(Section):
-    """SimSiam/SimCLR views for small images (augment/views.py)."""
+    """SimSiam/SimCLR views for small images (augment/views.py), or the supervised pad-crop-flip (``crop: pad``,
+    augment/supervised.py), which Yang & Xu's pretrain_rot.py feeds its Rotation pre-training."""
 
+    crop: Literal["resized", "pad"] = Field(
+        "resized", description="resized: a random resized crop of crop_scale of the image, then the colour "
+                               "operations below (SimSiam, SimCLR); pad: RandomCrop(size, padding=crop_pad) + flip "
+                               "and nothing else, the CIFAR crop of pretrain_rot.py (Rotation's reference form)")
+    crop_pad: int = Field(4, ge=0, description="crop pad: the zero padding in pixels (pretrain_rot.py: 4)")
     crop_scale: tuple[float, float] = (0.2, 1.0)
     flip_prob: float = Field(0.5, ge=0, le=1)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
@@ -116,6 +122,20 @@ class AugmentConfig(Section):
     local_crops: int = Field(0, ge=0, description="multi-crop: small views per image besides the global ones")
     local_size: int | None = Field(None, ge=2, description="local view side (None = half the image side)")
     local_scale: tuple[float, float] = (0.05, 0.2)
+
+    def unused_keys(self) -> set[str]:
+        if self.crop == "pad":
+            return {"crop_scale", "jitter", "local_size", "local_scale"}
+        return {"crop_pad"}
+
+    @model_validator(mode="after")
+    def _check_pad_crop(self) -> "AugmentConfig":
+        colour = {"jitter_prob": self.jitter_prob, "gray_prob": self.gray_prob, "blur_prob": self.blur_prob,
+                  "local_crops": self.local_crops}
+        if self.crop == "pad" and (ignored := [f"{key}={value:g}" for key, value in colour.items() if value]):
+            raise ValueError(f"crop pad is pretrain_rot.py's crop and flip alone; {', '.join(ignored)} would not be "
+                             f"applied: set them to 0")
+        return self
 
 
 class ModelConfig(Section):
@@ -130,9 +150,13 @@ class ModelConfig(Section):
     vit_dim: int = Field(128, ge=8, description="ViT: the token dimension before the width multiplier")
     vit_depth: int = Field(4, ge=1, description="ViT: transformer blocks")
     vit_heads: int = Field(4, ge=1, description="ViT: attention heads")
+    vit_ln_eps: float = Field(1e-5, gt=0, description="every ViT (vit, vit_s16, vit_b16): the LayerNorms' eps; 1e-5 "
+                                                      "is torch's default, 1e-6 DeiT's, which MSN's and ExCB's "
+                                                      "code use (docs/priors.md)")
 
     def unused_keys(self) -> set[str]:
-        return set() if self.backbone == "vit" else {"vit_patch", "vit_dim", "vit_depth", "vit_heads"}
+        own_size = set() if self.backbone == "vit" else {"vit_patch", "vit_dim", "vit_depth", "vit_heads"}
+        return own_size | (set() if self.backbone.startswith("vit") else {"vit_ln_eps"})
 
     @model_validator(mode="after")
     def _check_stem(self) -> "ModelConfig":
@@ -175,6 +199,16 @@ class MethodConfig(Section):
                                                            "by global magnitude (the paper's 90%)")
     bcl_beta: float = Field(0.97, ge=0, lt=1, description="BCL: beta of each image's momentum loss, "
                                                        "M <- (1 - beta) l + beta M (BCL's code: 0.97)")
+    simclr_head: Literal["simclr", "bcl"] = Field(
+        "simclr", description="SimCLR: simclr = its 2-layer MLP of proj_hidden (Table 1 of the offline-clustering "
+                              "paper); bcl = the head of BCL's SimCLR baseline (models/simclr.py, heads.bn_projector "
+                              "with 2 layers), which the longtail-ssl grid gives SimCLR and SimCLR+TS so that the "
+                              "SimCLR family differs in the method alone")
+    reference_head: bool = Field(True, description="SDCLR, BCL-I, BCL-D: the authors' projection head, every "
+                                                   "Linear followed by BatchNorm, hidden width = the backbone's "
+                                                   "feature size (SDCLR's code: 3 layers; BCL's: 2); false = "
+                                                   "SimCLR's 2-layer head of proj_hidden, as the other SimCLR-family "
+                                                   "methods")
     # ExCB (methods/excb.py, docs/excb.md): the paper's values, except K (65,536 there, for 1.28M images).
     num_clusters: int = Field(512, ge=2, description="ExCB: K, the number of learned centroids (Eq. 1); "
                                                      "512 suits 10k-50k images (docs/excb.md)")
@@ -193,6 +227,24 @@ class MethodConfig(Section):
     centroid_weight_decay: tuple[float, float] | None = Field(
         (1e-3, 1e-4), description="ExCB: the centroids' weight decay, cosine from the first to the second value; "
                                   "None = the optimizer's weight decay")
+    # ExCB in the official code's form (ManiadisG/ExCB; docs/excb.md, "What differs"): the defaults are imbssl's.
+    excb_proj_hidden_layers: int = Field(1, ge=1, description="ExCB: hidden Linear-BN-ReLU layers of the projector "
+                                                              "h before its last Linear; 2 = the official code's "
+                                                              "mlp_hidden_layers: 2 (the paper's '2-layer MLP')")
+    excb_head_batches: Literal["by_size", "all"] = Field(
+        "by_size", description="ExCB: by_size = the global views through the backbone and the heads as one batch, "
+                               "the local views as another; all = the backbone on each crop size, then the heads on "
+                               "all views together (the official code), so the heads' BatchNorm normalises the "
+                               "global and local views as one batch. The same without local crops")
+    excb_pairing: Literal["paper", "code"] = Field(
+        "paper", description="ExCB: the loss's view pairs: paper = Eq. 7, teacher view x' against the projector "
+                             "output of every other view, local ones included, and the predictor output of every "
+                             "view, each sum averaged over its own pairs; code = the official ClusteringLoss, the "
+                             "projector outputs of the other global views only, one mean over all pairs")
+    rotations: Literal["all", "one"] = Field(
+        "all", description="Rotation: all = each view in all four rotations, 4B images a step (RotNet's loader); "
+                           "one = each image in one rotation, drawn as Yang & Xu's pretrain_rot.py (utils.rotation: "
+                           "a shuffled list of 0-3 repeated over the batch), B images a step")
     # MoCo v2 (methods/moco.py, docs/ssp-methods.md): CIFAR-sized defaults, as the MoCo CIFAR-10 demo has them.
     # Its MLP head is sized by proj_hidden and proj_dim (the papers: the feature size, then 128).
     queue_size: int = Field(4096, ge=1, description="MoCo: K, negative keys in the queue; 4096 suits CIFAR-sized "
@@ -200,6 +252,16 @@ class MethodConfig(Section):
     key_momentum: float = Field(0.99, ge=0, lt=1, description="MoCo: m of the key encoder, k <- m k + (1 - m) q; "
                                                               "0.99 for CIFAR-sized sets, 0.999 is the ImageNet value")
     moco_temperature: float = Field(0.2, gt=0, description="MoCo: tau of the InfoNCE loss (v2: 0.2, v1: 0.07)")
+    moco_shuffle_bn: bool = Field(True, description="MoCo: shuffling BN (MoCo Sec. 3.3): the key encoder sees the "
+                                                    "global batch in a random order, so an image's key and query are "
+                                                    "normalised with different images (across processes as "
+                                                    "moco/builder.py, within moco_bn_splits groups as the CIFAR-10 "
+                                                    "demo); false = keys in the batch's own order")
+    moco_bn_splits: int = Field(8, ge=1, description="MoCo: BatchNorm groups of the global batch in both encoders, "
+                                                     "the GPUs emulated (the CIFAR-10 demo's --bn-splits 8); under "
+                                                     "torchrun each process splits its rows into moco_bn_splits / "
+                                                     "processes groups (a multiple of the process count); 1 = plain "
+                                                     "BatchNorm")
     # The cluster prior (priors.py): ExCB's target sizes t of Eq. 10 and MSN's prior pi (PMSN when not uniform).
     prior: PriorConfig = PriorConfig()
     # MSN / PMSN (methods/msn.py, docs/priors.md): K = num_clusters prototypes; the target encoder is an EMA
@@ -213,6 +275,27 @@ class MethodConfig(Section):
     mask_patch: int = Field(4, ge=1, description="MSN on a CNN: the side of the zeroed input patches (ViT: its patch)")
     sinkhorn: bool = Field(False, description="MSN: Sinkhorn-Knopp on the targets (uniform marginals); refused "
                                               "with a non-uniform prior")
+    # MSN in its code's form (facebookresearch/msn; docs/priors.md, "Differences from MSN's code"): the defaults are
+    # imbssl's. The ViT's LayerNorm eps is model.vit_ln_eps.
+    msn_proj_activation: Literal["relu", "gelu"] = Field(
+        "relu", description="MSN: the projector's activation after each Linear-BN: relu (heads.mlp's) or gelu "
+                            "(MSN's code, msn_train.init_model)")
+    msn_view_batches: Literal["each", "by_size"] = Field(
+        "each", description="MSN: each = every anchor and focal view through the encoder and projector as a batch "
+                            "of its own; by_size = the anchor views as one batch and the focal views as another, as "
+                            "MSN's code batches the views of each size, so the projector's BatchNorm normalises the "
+                            "focal views together. The same with one anchor and at most one focal view")
+    msn_clip_grad_norm: float | None = Field(
+        None, gt=0, description="MSN: clip the encoder's gradient norm (backbone and projector together, not the "
+                                "prototypes') at this before each optimizer step, as msn_train.py's clip_grad (3.0 in "
+                                "its config); None = no clipping")
+
+    def unused_keys(self) -> set[str]:
+        # The MSN and ExCB forms above are read by their own method alone.
+        msn = {"msn_proj_activation", "msn_view_batches", "msn_clip_grad_norm"}
+        excb = {"excb_proj_hidden_layers", "excb_head_batches", "excb_pairing"}
+        simclr = set() if self.name == "simclr" else {"simclr_head"}
+        return (set() if self.name == "msn" else msn) | (set() if self.name == "excb" else excb) | simclr
 
     @model_validator(mode="after")
     def _check_prior(self) -> "MethodConfig":
@@ -227,16 +310,33 @@ class MethodConfig(Section):
 
 class TemperatureScheduleConfig(Section):
     """TS (Kukleva et al., ICLR 2023): the contrastive temperature on a cosine between tau_min and tau_max, an
-    engine-level schedule like the learning rate (engine/optim.cosine_temperature)."""
+    engine-level schedule like the learning rate (engine/optim.cosine_temperature), in the form of the authors'
+    code: tau = tau_min + (tau_max - tau_min) (1 + cos(pi t / t_max)) / 2, the paper's cos(2 pi t / T) with
+    T = 2 t_max."""
 
     tau_min: float = Field(0.1, gt=0, description="tau-, the low end (the paper's 0.1)")
-    tau_max: float = Field(1.0, gt=0, description="tau+, the high end and the value at epoch 0 (the paper's 1.0)")
-    period_epochs: float = Field(200.0, gt=0, description="T, one full cycle in epochs (the paper's 200 of 2,000)")
+    tau_max: float = Field(1.0, gt=0, description="tau+, the high end, where the cosine starts (the paper's 1.0)")
+    t_max_epochs: float = Field(200.0, gt=0, description="t_max, the epochs from tau_max down to tau_min: half the "
+                                                         "period (the reference's --t_max 200, 5 cycles in 2,000)")
+    update: Literal["epoch", "step"] = Field(
+        "epoch", description="epoch: t is the 1-based epoch number, tau held for the epoch (the reference's code); "
+                             "step: t is step / steps per epoch from 0, for half periods of about an epoch or less")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "period_epochs" in data:
+            raise ValueError("period_epochs was the full period T; the schedule now takes t_max_epochs = T / 2, the "
+                             "reference's --t_max (its 200 is a 400-epoch period)")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "TemperatureScheduleConfig":
         if self.tau_min > self.tau_max:
             raise ValueError(f"tau_min {self.tau_min} is above tau_max {self.tau_max}")
+        if self.update == "epoch" and self.t_max_epochs < 1:
+            raise ValueError(f"t_max_epochs {self.t_max_epochs:g} is under an epoch, which update: epoch cannot "
+                             f"follow (tau is set once per epoch): use update: step")
         return self
 
 
@@ -248,9 +348,30 @@ class OptimConfig(Section):
     batch_size: int = Field(512, ge=2)
     epochs: int = Field(100, ge=1)
     warmup_epochs: float = Field(0.0, ge=0)
+    lr_schedule: Literal["cosine", "step"] = Field(
+        "cosine", description="after the warm-up: cosine = half a cosine down to 0; step = lr x lr_factors[i] from "
+                              "epoch milestones[i] on, as pretrain_rot.py trains Rotation (x0.01 at 160, x0.0001 at "
+                              "180 of 200)")
+    milestones: list[int] = Field([160, 180], description="lr_schedule step: the epochs at which the lr drops")
+    lr_factors: list[float] = Field([0.01, 0.0001], description="lr_schedule step: the lr's factor from each "
+                                                                "milestone on")
     temperature_schedule: TemperatureScheduleConfig | None = Field(
         None, description="TS: a cosine schedule of the contrastive temperature (SimCLR, MoCo, SDCLR); "
                           "None = the method's fixed temperature")
+
+    def unused_keys(self) -> set[str]:
+        return {"milestones", "lr_factors"} if self.lr_schedule == "cosine" else set()
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> "OptimConfig":
+        if self.lr_schedule == "step":
+            if len(self.milestones) != len(self.lr_factors):
+                raise ValueError(f"{len(self.milestones)} milestones but {len(self.lr_factors)} lr_factors")
+            if self.milestones != sorted(self.milestones):
+                raise ValueError(f"milestones {self.milestones} must increase")
+            if late := [m for m in self.milestones if m >= self.epochs]:
+                raise ValueError(f"milestones {late} are not before epochs={self.epochs}")
+        return self
 
 
 class TrainConfig(Section):
@@ -434,6 +555,10 @@ class LossConfig(Section):
     defer_epoch: int = Field(160, ge=1, description="the deferral epoch (160 of 200 in the LDAM recipe)")
     beta: float = Field(0.9999, ge=0, lt=1, description="beta of the effective number (1 - beta^n) / (1 - beta)")
     focal_gamma: float = Field(1.0, ge=0, description="focal loss gamma (1 in the LDAM code)")
+    focal_form: Literal["cui", "ldam_code"] = Field(
+        "cui", description="focal with class weights: cui = w_y (1 - p_t)^gamma CE (Cui et al. 2019, Sec. 4), "
+                           "ldam_code = (1 - exp(-w_y CE))^gamma w_y CE (the LDAM-DRW code's losses.py, which "
+                           "Yang & Xu's Table 2 ran); the same without class weights")
     ldam_max_margin: float = Field(0.5, gt=0, description="LDAM: the largest margin, the rarest class's")
     ldam_scale: float = Field(30.0, gt=0, description="LDAM: s, the scale of the cosine logits")
     la_tau: float = Field(1.0, ge=0, description="logit adjustment tau (Menon et al. 2021), as a loss and post hoc")
@@ -444,6 +569,11 @@ class LossConfig(Section):
             raise ValueError(f"reweight=cb re-weights from the start; deferral={self.deferral} would re-balance it "
                              f"again at defer_epoch: choose one")
         return self
+
+    def unused_keys(self) -> set[str]:
+        # The two focal forms are one loss unless focal meets class weights (CB from the start, or DRW's later).
+        class_weighted = self.reweight == "cb" or self.deferral == "drw"
+        return set() if self.name == "focal" and class_weighted else {"focal_form"}
 
 
 class SupervisedOptimConfig(Section):
@@ -530,6 +660,11 @@ class PseudoLabelConfig(Section):
                                                     "pseudo-class, its most confident ones (beyond the seed)")
     weight: float = Field(1.0, gt=0, description="omega of L(D_L) + omega L(D_U): each pseudo-labelled image's "
                                                  "loss weight (1 in the seed's code, which concatenates the sets)")
+    labeller: Literal["base", "ce"] = Field(
+        "base", description="the classifier whose argmax labels D_U: base = f_B itself, trained with this config's "
+                            "loss (an LDAM-DRW run labels with an LDAM-DRW f_B); ce = a base classifier trained as "
+                            "f_B but with plain cross-entropy, as the seed's released pseudo-labels (README: 'base "
+                            "models trained with standard cross-entropy'); the two are one when the loss is plain CE")
 
 
 class SelfTrainingConfig(SupervisedConfig):
@@ -543,17 +678,33 @@ class SelfTrainingConfig(SupervisedConfig):
     base_epochs: int | None = Field(None, ge=1, description="the base classifier's epochs, when they differ from "
                                                             "optim.epochs (the final model's): its warm-up, milestones "
                                                             "and defer_epoch stretch by base_epochs / optim.epochs")
+    final_batch_size: int | None = Field(None, ge=2, description="the final model's batch size, when it differs "
+                                                                 "from optim.batch_size (the base classifier's): the "
+                                                                 "seed trains f_B with train.py at 128 and the final "
+                                                                 "model with train_semi.py at 256, both at lr 0.1")
 
     def stage(self, name: str) -> SupervisedConfig:
-        """The config of one classifier stage, named by it alone ("base", "final"): this one without the
-        self-training keys, so the grids' rho_U columns can share one base."""
-        tree = self.model_dump(exclude={"unlabeled", "pseudo_labels", "base_epochs"})
-        if name == "base" and self.base_epochs is not None:
+        """The config of one classifier stage ("base", "final", "labeller"): this one without the self-training
+        keys, so the grids' rho_U columns can share one base, and named by the stage alone.
+
+        The labeller (``pseudo_labels.labeller: ce``) is f_B's config with a plain CE loss, named "base": it is
+        the base classifier of the CE run of the same grid, which it shares."""
+        tree = self.model_dump(exclude={"unlabeled", "pseudo_labels", "base_epochs", "final_batch_size"})
+        if name in ("base", "labeller") and self.base_epochs is not None:
             stretch = self.base_epochs / self.optim.epochs
             tree["optim"].update(epochs=self.base_epochs, warmup_epochs=self.optim.warmup_epochs * stretch,
                                  milestones=[round(m * stretch) for m in self.optim.milestones])
             tree["loss"]["defer_epoch"] = round(self.loss.defer_epoch * stretch)
+        if name == "final" and self.final_batch_size is not None:
+            tree["optim"]["batch_size"] = self.final_batch_size
+        if name == "labeller":
+            tree["loss"].update(name="ce", reweight="none", deferral="none")
+            name = "base"
         return SupervisedConfig.model_validate({**tree, "name": name})
+
+    def labels_with_base(self) -> bool:
+        """Whether f_B itself labels D_U: ``pseudo_labels.labeller`` base, or a loss that is plain CE already."""
+        return self.pseudo_labels.labeller == "base" or self.stage("labeller") == self.stage("base")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, pair: str) -> None:

@@ -16,14 +16,18 @@ from imbssl.augment.views import Normalize
 
 
 class PadCropFlip:
-    """uint8 NCHW -> normalised float views: pad by ``pad`` zeros, crop back to the input size, flip with p=1/2."""
+    """uint8 NCHW -> normalised float views: pad by ``pad`` zeros, crop back to the input size, flip with p=1/2.
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, pad: int = 4, flip_prob: float = 0.5) -> None:
-        self.normalize, self.pad, self.flip_prob = Normalize(mean, std), pad, flip_prob
+    ``num_views`` views a call, each drawn anew: 1 for a classifier, or an SSL method's views with ``augment.crop:
+    pad`` (Rotation as pretrain_rot.py feeds it)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, pad: int = 4, flip_prob: float = 0.5,
+                 num_views: int = 1) -> None:
+        self.normalize, self.pad, self.flip_prob, self.num_views = Normalize(mean, std), pad, flip_prob, num_views
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator,
                  rows: slice = slice(None)) -> list[torch.Tensor]:
-        return [self.global_view(images, generator, rows)]
+        return [self.global_view(images, generator, rows) for _ in range(self.num_views)]
 
     def global_view(self, images: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)) -> torch.Tensor:
         """The view of ``images[rows]``, each image cropped and flipped as in the view of all ``images``."""

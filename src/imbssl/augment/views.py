@@ -41,9 +41,10 @@ import torch.nn.functional as F
 
 from imbssl.config import AugmentConfig
 
-__all__ = ["channel_histogram", "channel_stats", "stats_from_histogram", "MultiCrop", "Normalize", "ViewAugment"]
+__all__ = ["channel_histogram", "channel_stats", "stats_from_histogram", "MultiCrop", "Normalize", "ViewAugment",
+           "solarize"]
 
-#: ITU-R BT.601 luma weights, as in PIL ``convert("L")`` and torchvision ``rgb_to_grayscale``.
+#: ITU-R BT.601 luma weights, as in PIL ``convert("L")`` (torchvision's tensor ``rgb_to_grayscale`` has 0.2989 for R).
 LUMA_601 = (0.299, 0.587, 0.114)
 #: aspect-ratio range (w/h) of torchvision's RandomResizedCrop.
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -101,7 +102,15 @@ def _as_channel_param(value: torch.Tensor, name: str) -> torch.Tensor:
 
 
 class Normalize:
-    """Eval-time transform: uint8 NCHW -> float32 ``(x / 255 - mean) / std``, on the input's device."""
+    """Eval-time transform: NCHW images -> float32 ``(x - mean) / std`` with x in [0, 1], on the input's device.
+
+    Integer images (uint8) are levels in [0, 255] and divided by 255; float images are taken as [0, 1] already
+    (what ``ToTensor`` and most pipelines give) and left unscaled. A float batch with a value above
+    ``FLOAT_INPUT_MAX`` holds [0, 255] levels, which would silently give wrong features: it is refused.
+    """
+
+    #: the largest value a float [0, 1] batch may hold; above 1 to let a resampling overshoot (bicubic) pass
+    FLOAT_INPUT_MAX = 2.0
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor):
         self.mean = _as_channel_param(mean, "mean")
@@ -110,7 +119,14 @@ class Normalize:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.mean.device != images.device:
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
-        return images.float().div_(255.0).sub_(self.mean).div_(self.std)
+        if not images.is_floating_point():
+            return images.float().div_(255.0).sub_(self.mean).div_(self.std)
+        # A check only on this path: the pipelines pass uint8, whose path needs no host-device sync.
+        top = float(images.amax()) if images.numel() else 0.0
+        if top > self.FLOAT_INPUT_MAX:
+            raise ValueError(f"Normalize takes float images in [0, 1] (or uint8 in [0, 255]); got float values up to "
+                             f"{top:g}: divide them by 255 or pass uint8")
+        return (images.float() - self.mean).div_(self.std)  # out of place: the caller's tensor is left as it is
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:
@@ -250,6 +266,16 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) ->
     for t in range(1, ksize):
         out.addcmul_(rows[..., t : t + height, :], weights[t])
     return out
+
+
+def solarize(x: torch.Tensor, threshold: float, apply: torch.Tensor) -> torch.Tensor:
+    """Values at or above ``threshold`` inverted (x -> 1 - x) in the samples where ``apply`` ([B] bool) is set.
+
+    BYOL's second view is solarized with probability 0.2 (Grill et al. 2020, Appendix B, Table 6), as are DINO's
+    and ExCB's (torchvision ``RandomSolarize(threshold=128)`` on PIL images: threshold 128/255 here). On float
+    [0, 1] views this is torchvision's tensor ``solarize``: ``where(x >= threshold, 1 - x, x)``.
+    """
+    return torch.where((x >= threshold) & apply.view(-1, 1, 1, 1), 1.0 - x, x)
 
 
 class ViewAugment:

@@ -221,6 +221,37 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return gather_with_grad(x)[0]
 
 
+@torch.no_grad()
+def shuffle_global_batch(x: torch.Tensor,
+                         order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, slice]:
+    """MoCo's shuffling BN, first half (moco/builder.py ``_batch_shuffle_ddp``): every process's rows of ``x``
+    gathered into the global batch, permuted by rank 0's ``order`` (broadcast, so every process uses the same; None:
+    a fresh ``torch.randperm``, as builder.py draws it), and this process's part of the permuted batch, as many rows
+    as it holds itself. Returns (those rows, the order, where this process's own rows lie in the global batch).
+
+    builder.py needs equal parts; here processes may hold one row more or less, as ``gather_with_grad`` allows. On
+    one process: ``(x[order], order, all of x)``, without communication.
+    """
+    everything, mine = gather_with_grad(x)
+    if order is None:
+        order = torch.randperm(len(everything), device=x.device)
+    if len(order) != len(everything):
+        raise ValueError(f"a permutation of {len(order)} rows for a global batch of {len(everything)}")
+    if is_distributed():
+        order = order.to(x.device, copy=True)
+        dist.broadcast(order, 0)
+    return everything[order[mine]], order, mine
+
+
+@torch.no_grad()
+def unshuffle_global_batch(y: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """MoCo's shuffling BN, second half (builder.py ``_batch_unshuffle_ddp``): the rows each process computed from its
+    part of the batch that ``shuffle_global_batch`` permuted by ``order``, gathered and put back in the global
+    batch's order. All of them: builder.py keeps this process's own, ``[mine]`` of this; MoCo's queue takes every
+    key. On one process: ``y[argsort(order)]``."""
+    return gather(y)[torch.argsort(order.to(y.device))]
+
+
 # -- BatchNorm over the global batch ---------------------------------------------------------------
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose statistics are those of the global batch, for CPU processes (gloo), where torch's

@@ -83,14 +83,28 @@ def cosine_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def cosine_temperature(epoch: float, tau_min: float, tau_max: float, period: float) -> float:
-    """tau(t) = tau- + (tau+ - tau-) (1 + cos(2 pi t / T)) / 2         (TS, Kukleva et al. 2023)
+def cosine_temperature(t: float, tau_min: float, tau_max: float, t_max: float) -> float:
+    """tau(t) = tau- + (tau+ - tau-) (1 + cos(pi t / t_max)) / 2         (TS, Kukleva et al. 2023)
 
-    ``epoch`` t counts fractional epochs (step / steps per epoch), so the value moves every step, like the lr.
+    The form of the authors' code (Annusha/temperature_schedules, train_simCLR.py, ``--t_max``): tau falls from
+    tau+ at t = 0 to tau- at t = t_max and climbs back at 2 t_max. The paper writes cos(2 pi t / T): the same curve
+    with the period T = 2 t_max, so the code's t_max = 200 is one cycle per 400 epochs, 5 in 2,000.
     High tau spreads the loss over many negatives (group-wise discrimination, which favours the tail's
     semantic clusters), low tau sharpens it onto the hardest ones (instance discrimination).
     """
-    return tau_min + (tau_max - tau_min) * (1 + math.cos(2 * math.pi * epoch / period)) / 2
+    return tau_min + 0.5 * (tau_max - tau_min) * (1 + math.cos(math.pi * t / t_max))
+
+
+def scheduled_temperature(epoch: float, tau_min: float, tau_max: float, t_max: float, per_epoch: bool) -> float:
+    """TS's temperature at ``epoch``, the trainer's fractional epoch (step / steps per epoch, from 0).
+
+    ``per_epoch``: as the reference, t is the 1-based epoch number (its loop runs ``for epoch in range(1, epochs +
+    1)`` and sets tau once per step from it), so tau holds for a whole epoch and the first epoch already sits one
+    epoch into the cosine. Otherwise t is the fractional epoch itself, moving every step from tau+ at step 0: for
+    runs so short that a half period (t_max) is under an epoch or a few.
+    """
+    t = math.floor(epoch) + 1 if per_epoch else epoch
+    return cosine_temperature(t, tau_min, tau_max, t_max)
 
 
 def ema_momentum(base: float, step: int, total_steps: int) -> float:

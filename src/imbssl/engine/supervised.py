@@ -101,7 +101,7 @@ class LongTailClassifier(TrainingTask):
     def loss(self, logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         cfg, weight = self.cfg, self.class_weight
         if cfg.name == "focal":
-            return focal_loss(logits, target, cfg.focal_gamma, weight, sample_weight)
+            return focal_loss(logits, target, cfg.focal_gamma, weight, sample_weight, cfg.focal_form)
         if cfg.name == "ldam":
             return ldam_loss(logits, target, self.margins, cfg.ldam_scale, weight, sample_weight)
         if cfg.name == "logit_adjusted":

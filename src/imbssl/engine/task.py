@@ -64,6 +64,11 @@ class TrainingTask(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each epoch (0-based), on resume too: for settings that change at an epoch (DRW)."""
 
+    def gradient_clipping(self) -> tuple[list[nn.Parameter], float] | None:
+        """The parameters whose gradient norm the engine clips before each optimizer step, and that norm; None (the
+        default) clips nothing. MSN clips its encoder as msn_train.py does."""
+        return None
+
     def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
         """Called after each optimizer step, ``step`` counting from 0 over the whole run: EMA updates and
         per-step schedules the learning-rate scheduler does not cover."""

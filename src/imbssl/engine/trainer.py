@@ -98,11 +98,22 @@ def optimizer_step(method: TrainingTask, optimizer: Optimizer, views: list[torch
     optimizer.zero_grad(set_to_none=True)
     (loss * loss_share).backward()
     sum_gradients(p for group in optimizer.param_groups for p in group["params"])
+    clip_gradients(method)
     optimizer.step()
     # One all-reduce for the figures together: every process then sees the same loss and stops together on a NaN.
     figures = sum_over_processes(torch.stack([loss.detach() * loss_share,
                                               *(v.float() * share for v in out.stats.values())]))
     return StepOutput(figures[0], dict(zip(out.stats, figures[1:])))
+
+
+def clip_gradients(method: TrainingTask) -> None:
+    """Clip the gradient norm of the parameters the task names, if it names any: ``method.gradient_clipping()``
+    returns (parameters, max norm) or None (MSN: its encoder at ``method.msn_clip_grad_norm``, as msn_train.py).
+    The gradients are summed over processes by then, so the norm is the global batch's and every process scales
+    alike; the clipping keeps no state, so a resumed run clips as an uninterrupted one."""
+    if (clipped := method.gradient_clipping()) is not None:
+        parameters, max_norm = clipped
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:

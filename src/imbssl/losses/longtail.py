@@ -7,9 +7,14 @@ but not the mean's denominator. Logits are [B, C], targets [B] class indices.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+#: how focal loss meets class weights (``focal_loss``): Cui et al.'s w_y FL, or the LDAM code's focal of w_y CE
+FocalForm = Literal["cui", "ldam_code"]
 
 
 def class_balanced_weights(counts: Tensor, beta: float = 0.9999) -> Tensor:
@@ -35,13 +40,27 @@ def cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None = None,
 
 
 def focal_loss(logits: Tensor, target: Tensor, gamma: float = 1.0, weight: Tensor | None = None,
-               sample_weight: Tensor | None = None) -> Tensor:
-    """FL = -(1 - p_t)^gamma log p_t (Lin et al. 2017, Eq. 4), times w_y when weighted (CB-Focal, Cui et al.
-    2019, Sec. 4), averaged over the batch. gamma = 0 is cross-entropy. gamma = 1 is the LDAM code's default."""
-    log_p_t = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
-    loss = -(1 - log_p_t.exp()) ** gamma * log_p_t
-    if weight is not None:
-        loss = loss * weight[target]
+               sample_weight: Tensor | None = None, form: FocalForm = "cui") -> Tensor:
+    """FL = -(1 - p_t)^gamma log p_t (Lin et al. 2017, Eq. 4), averaged over the batch. gamma = 0 is
+    cross-entropy; gamma = 1 is the LDAM code's default.
+
+    With class weights w (CB-Focal) the two ``form``s differ; without, both are FL:
+
+    - ``"cui"``: w_y FL, the class-balanced focal loss as Cui et al. 2019 define it (Sec. 4): the weight scales
+      the term, the modulating factor is (1 - p_t)^gamma.
+    - ``"ldam_code"``: (1 - e^(-w_y CE))^gamma w_y CE with CE = -log p_t, the focal of the LDAM-DRW code
+      (losses.py: ``focal_loss`` of ``F.cross_entropy(..., weight=w, reduction='none')``), which Yang & Xu's
+      Table 2 ran: the modulating factor sees the weighted CE, so a tail class (w_y > 1) is modulated less and a
+      head class (w_y < 1) more than by (1 - p_t)^gamma.
+    """
+    if form == "ldam_code":
+        weighted_ce = F.cross_entropy(logits.float(), target, weight=weight, reduction="none")  # w_y CE
+        loss = (1 - torch.exp(-weighted_ce)) ** gamma * weighted_ce
+    else:
+        log_p_t = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+        loss = -(1 - log_p_t.exp()) ** gamma * log_p_t
+        if weight is not None:
+            loss = loss * weight[target]
     if sample_weight is not None:
         loss = loss * sample_weight
     return loss.mean()

@@ -12,7 +12,10 @@ tail's.
 
 as MediaBrain-SJTU/BCL (train.py, train_sdclr.py, data/memoboosted_cifar100.py). The first epoch has no w yet
 (w = 0: no RandAugment). The high-loss images are the least memorised ones, so both variants boost the same
-images; they differ in the base method and the augmentation's shape. M lives in a buffer, so a checkpoint holds it,
+images; they differ in the base method and the augmentation's shape. BCL-D's l is SDCLR's: each image's NT-Xent
+between its dense view and its pruned view. Both take BCL's projection head (``method.reference_head``): two Linear
+layers of the feature width, each followed by BatchNorm (models/simclr.py; models/sdclr.py's ``twoLayerProj=True``
+with dual BN for BCL-D), not SimCLR's, nor SDCLR's three layers. M lives in a buffer, so a checkpoint holds it,
 and w is a function of M, recomputed at each epoch start: a resumed run boosts exactly as an uninterrupted one.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ from imbssl.eval.metrics import thirds_of_classes
 from imbssl.methods.base import OptimDefaults
 from imbssl.methods.sdclr import SDCLR
 from imbssl.methods.simclr import SimCLR
+from imbssl.models.heads import bn_projector
 
 
 @torch.no_grad()
@@ -81,17 +85,23 @@ class BoostedContrast:
         self.boost_weight = (boost_weights(self.momentum_loss) if epoch > 0
                              else torch.zeros_like(self.momentum_loss))
 
-    def strength(self, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """m = min + (30 - min) w, times u ~ U(0, 1) per image for BCL-D."""
+    def strength(self, weight: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """m = min + (30 - min) w u, in BCL's order of operations (memoboosted_cifar100.py); u = 1 for BCL-I."""
+        return self.min_strength + (MAX_STRENGTH - self.min_strength) * weight * uniform
+
+    def strength_uniforms(self, num_images: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """BCL-D's u ~ U(0, 1), one per image, shared by its views (BCL's ``np.random.rand(1)`` per __getitem__);
+        ones for BCL-I."""
         if self.strength_drawn:
-            weight = weight * torch.rand(len(weight), generator=generator, device=weight.device)
-        return self.min_strength + (MAX_STRENGTH - self.min_strength) * weight
+            return torch.rand(num_images, generator=generator, device=device)
+        return torch.ones(num_images, device=device)
 
     def views(self, make_views: Callable[..., list[torch.Tensor]], images: torch.Tensor, generator: torch.Generator,
               rows: slice, indices: torch.Tensor) -> list[torch.Tensor]:
         """SimCLR's views of the batch, each boosted by RandAugment at its image's w (both views the same w and m)."""
         weight = self.boost_weight[indices]
-        boost = RandAugment(self.num_ops, self.strength(weight, generator), prob=weight)
+        uniform = self.strength_uniforms(len(weight), generator, weight.device)
+        boost = RandAugment(self.num_ops, self.strength(weight, uniform), prob=weight)
         return make_views(images, generator, rows, boost=boost)
 
     def remember(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
@@ -117,9 +127,15 @@ class BCLI(BoostedContrast, SimCLR):
     defaults = OptimDefaults(name="sgd", base_lr=0.25, weight_decay=5e-4)
     num_ops, min_strength, strength_drawn = 1, 10.0, False
 
+    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+        super().__init__(backbone, cfg)
+        if cfg.reference_head:  # BCL's models/simclr.py proj_head, not SimCLR's
+            self.projector = bn_projector(backbone.feature_dim, cfg.proj_dim, num_layers=2)
+
 
 class BCLD(BoostedContrast, SDCLR):
     name = "bcl-d"
     # BCL's CIFAR command for BCL-D: SDCLR's, SGD lr 0.5 at batch 512, weight decay 1e-4, tau 0.2.
     defaults = OptimDefaults(name="sgd", base_lr=0.25, weight_decay=1e-4)
     num_ops, min_strength, strength_drawn = 2, 5.0, True
+    head_layers = 2  # BCL's models/sdclr.py: proj_head(..., twoLayerProj=True), SDCLR's dual BN

@@ -11,7 +11,9 @@ s, the relative size of each cluster, is an EMA of the teacher's hard-assignment
 B raises the similarities to undersized clusters and lowers those to oversized ones (Eq. 10), so the
 teacher spreads its assignments without needing a large batch. "Undersized" is relative to a target t,
 the paper's 1/K or any cluster prior (``method.prior``, priors.py; docs/priors.md). ``MethodConfig.balancing`` swaps B
-for DINO's centring or for nothing: the two baselines are this module with one setting changed.
+for DINO's centring or for nothing: the two baselines are this module with one setting changed. Where imbssl's
+defaults differ from the official code, ``excb_proj_hidden_layers``, ``excb_head_batches`` and ``excb_pairing``
+give the code's form, which the paper presets set (docs/excb.md, "What differs").
 """
 from __future__ import annotations
 
@@ -95,17 +97,33 @@ def cross_entropies(p_teacher: torch.Tensor, logits_student: torch.Tensor) -> to
 
 
 def excb_loss(p_teacher: torch.Tensor, z_proj: torch.Tensor, z_pred: torch.Tensor,
-              student_temperature: float) -> torch.Tensor:
+              student_temperature: float, pairing: str = "paper") -> torch.Tensor:
     """Eq. 7 with each double sum averaged over its view pairs, so the loss does not scale with G and L.
 
     ``p_teacher`` [G, B, K] are the teacher's assignments of the global views; ``z_proj``, ``z_pred`` [V, B, K]
     the student's similarities for all V views, global ones first. The projector term skips x'' = x'.
+    ``pairing`` "code" is the official code's instead (``excb_loss_as_code``).
     """
+    if pairing == "code":
+        return excb_loss_as_code(p_teacher, z_proj, z_pred, student_temperature)
     num_global, num_views = p_teacher.shape[0], z_proj.shape[0]
     other_view = ~torch.eye(num_global, num_views, dtype=torch.bool, device=z_proj.device)
     proj_terms = cross_entropies(p_teacher, z_proj / student_temperature)[other_view]
     pred_terms = cross_entropies(p_teacher, z_pred / student_temperature)
     return proj_terms.mean() / 2 + pred_terms.mean() / 2
+
+
+def excb_loss_as_code(p_teacher: torch.Tensor, z_proj: torch.Tensor, z_pred: torch.Tensor,
+                      student_temperature: float) -> torch.Tensor:
+    """The loss of the official code (ManiadisG/ExCB, ClusteringLoss with its ``training_match``): teacher view x'
+    against the projector output of each OTHER GLOBAL view and the predictor output of every view, one mean over
+    all these G (G - 1) + G V pairs. The local views meet the teacher through the predictor alone, where Eq. 7 and
+    Algorithm 1 pair their projector outputs too (``method.excb_pairing``; docs/excb.md, "What differs")."""
+    num_global = p_teacher.shape[0]
+    other_global = ~torch.eye(num_global, dtype=torch.bool, device=z_proj.device)
+    proj_terms = cross_entropies(p_teacher, z_proj[:num_global] / student_temperature)[other_global]
+    pred_terms = cross_entropies(p_teacher, z_pred / student_temperature).flatten()
+    return torch.cat([proj_terms, pred_terms]).mean()
 
 
 def view_agreement(assignments: torch.Tensor) -> torch.Tensor:
@@ -127,7 +145,8 @@ class ExCB(SSLMethod):
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
         super().__init__(backbone, cfg.proj_dim)
-        self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
+        self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim,
+                             num_layers=cfg.excb_proj_hidden_layers + 1, last_bn=False)
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
         self.centroids = CosineCentroids(cfg.proj_dim, cfg.num_clusters)
         # The teacher starts as a copy of the student without the predictor and only moves by EMA.
@@ -165,11 +184,8 @@ class ExCB(SSLMethod):
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
         global_views, local_views = views[:self.num_views], views[self.num_views:]
         p_teacher = self.teacher_assignments(global_views)
-        projections, z_proj, z_pred = self.student_similarities(global_views, detach_centroids=False)
-        if local_views:  # the centroids learn from global views only (Sec. 4.1, Algorithm 2)
-            _, z_proj_local, z_pred_local = self.student_similarities(local_views, detach_centroids=True)
-            z_proj, z_pred = torch.cat([z_proj, z_proj_local]), torch.cat([z_pred, z_pred_local])
-        loss = excb_loss(p_teacher, z_proj, z_pred, self.cfg.student_temperature)
+        projections, z_proj, z_pred = self.student_outputs(global_views, local_views)
+        loss = excb_loss(p_teacher, z_proj, z_pred, self.cfg.student_temperature, self.cfg.excb_pairing)
 
         # [G, B] of the global batch (gathered when several processes share it): the statistics are all of it.
         assignments = gather(p_teacher.argmax(-1).T).T
@@ -178,6 +194,32 @@ class ExCB(SSLMethod):
         return StepOutput(loss, {"output_std": output_std(projections),
                                  "teacher_confidence": p_teacher.amax(-1).mean(),  # c_avg, Eq. 11
                                  "view_agreement": view_agreement(assignments)})
+
+    def student_outputs(self, global_views: list[torch.Tensor],
+                        local_views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The global views' projections, and z_s^h, z_s^g [V, B, K] of all V views, global ones first. The global
+        views go through the backbone and the heads as one batch, the local views as another, so the heads'
+        BatchNorm normalises each group with its own statistics; ``excb_head_batches`` all runs the heads on both
+        groups together, as the official code (``heads_on_all_views``; docs/excb.md, "What differs")."""
+        if local_views and self.cfg.excb_head_batches == "all":
+            return self.heads_on_all_views(global_views, local_views)
+        projections, z_proj, z_pred = self.student_similarities(global_views, detach_centroids=False)
+        if local_views:  # the centroids learn from global views only (Sec. 4.1, Algorithm 2)
+            _, z_proj_local, z_pred_local = self.student_similarities(local_views, detach_centroids=True)
+            z_proj, z_pred = torch.cat([z_proj, z_proj_local]), torch.cat([z_pred, z_pred_local])
+        return projections, z_proj, z_pred
+
+    def heads_on_all_views(self, global_views: list[torch.Tensor],
+                           local_views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``student_outputs`` as the official code computes them: the backbone on each crop size, then the
+        projector and the predictor on the features of all views as one batch (its Classifier), so their BatchNorm
+        normalises the global and local views together. The local views' z_s^h still see the centroids detached."""
+        features = torch.cat([self.backbone(torch.cat(views)) for views in (global_views, local_views)])
+        projections = self.projector(features)
+        rows, num_views = len(global_views) * len(global_views[0]), len(global_views) + len(local_views)
+        z_proj = torch.cat([self.centroids(projections[:rows]), self.centroids(projections[rows:], detach=True)])
+        z_pred = self.centroids(self.predictor(projections), detach=True)
+        return projections[:rows], z_proj.unflatten(0, (num_views, -1)), z_pred.unflatten(0, (num_views, -1))
 
     def student_similarities(self, views: list[torch.Tensor],
                              detach_centroids: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,8 @@ R is MSN's ME-MAX, -H(p_bar), for a uniform prior, and PMSN's KL(p_bar || pi) ot
 KL(p_bar || U) = log K - H(p_bar): PMSN with a uniform prior is MSN up to a constant, so one loss serves both
 (``prior_matching``). The KL's direction matters: KL(pi || p_bar), which some libraries compute, is not ME-MAX.
 Sinkhorn on the targets forces uniform marginals, so it is refused with a non-uniform prior (config).
+``msn_proj_activation``, ``msn_view_batches``, ``msn_clip_grad_norm`` and ``model.vit_ln_eps`` give the form of
+MSN's code where imbssl's default differs from it; the paper presets set it (docs/priors.md).
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ class MSN(SSLMethod):
     def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
         super().__init__(backbone, cfg.proj_dim)
         self.cfg = cfg
-        self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=3, last_bn=False)
+        self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=3, last_bn=False,
+                             activation=cfg.msn_proj_activation)
         self.prototypes = CosineCentroids(cfg.proj_dim, cfg.num_clusters)
         # The target encoder starts as a copy and only moves by EMA; the prototypes are shared, as in MSN.
         self.target = nn.Sequential(OrderedDict(
@@ -116,8 +119,7 @@ class MSN(SSLMethod):
         target_view, anchor_views, focal_views = views[0], views[1:self.num_views], views[self.num_views:]
         p_target = self.target_predictions(target_view)
         masks = self.anchor_masks(anchor_views, self.mask_generator(target_view.device))
-        anchors = [self.projector(self.encode_anchor(x, kept)) for x, kept in zip(anchor_views, masks, strict=True)]
-        anchors += [self.projector(self.backbone(x)) for x in focal_views]
+        anchors = self.anchor_projections(anchor_views, masks, focal_views)
         logits = torch.stack([self.prototypes(z) for z in anchors]) / self.cfg.anchor_temperature
         loss, p_bar = msn_loss(p_target, logits, self.prior, self.cfg.regularization_weight)
         target_counts = p_target.argmax(-1).bincount(minlength=len(self.prior))
@@ -128,6 +130,20 @@ class MSN(SSLMethod):
                                  # picks a few, so both are logged
                                  "p_bar_support": (p_bar.detach() > 0.5 * self.prior).float().mean(),
                                  "target_clusters": (target_counts > 0).sum().float()})
+
+    def anchor_projections(self, anchor_views: list[torch.Tensor], masks: list[torch.Tensor],
+                           focal_views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """g(f(mask(x))) of each anchor view, then g(f(x)) of each focal view. ``msn_view_batches`` each: each view
+        a batch of its own, so the projector's BatchNorm normalises each view with its own statistics; by_size: the
+        anchor views as one batch and the focal views as another, as MSN's code (deit.VisionTransformer.forward
+        takes the views of one size together; docs/priors.md, "Differences from MSN's code")."""
+        if self.cfg.msn_view_batches == "each":
+            anchors = [self.projector(self.encode_anchor(x, kept))
+                       for x, kept in zip(anchor_views, masks, strict=True)]
+            return anchors + [self.projector(self.backbone(x)) for x in focal_views]
+        anchors = self.projector(self.encode_anchor(torch.cat(anchor_views), torch.cat(masks)))
+        focal = self.projector(self.backbone(torch.cat(focal_views))).chunk(len(focal_views)) if focal_views else ()
+        return [*anchors.chunk(len(anchor_views)), *focal]
 
     @torch.no_grad()
     def target_predictions(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,6 +177,15 @@ class MSN(SSLMethod):
         groups = weight_decay_groups([p for p in self.parameters() if p.requires_grad and p is not prototypes])
         groups[1]["params"].append(prototypes)
         return groups
+
+    def gradient_clipping(self) -> tuple[list[nn.Parameter], float] | None:
+        """The parameters whose gradient norm the engine clips before the optimizer step, and the norm
+        (engine/trainer.clip_gradients): the encoder, backbone and projector together, at ``msn_clip_grad_norm``, as
+        msn_train.py clips ``encoder.parameters()`` (the prototypes are not part of it); None = no clipping."""
+        if self.cfg.msn_clip_grad_norm is None:
+            return None
+        encoder = [p for part in (self.backbone, self.projector) for p in part.parameters() if p.requires_grad]
+        return encoder, self.cfg.msn_clip_grad_norm
 
     def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
         """EMA of the target encoder, momentum m -> 1 on a cosine (as ExCB's teacher); the next step's masks."""

@@ -7,9 +7,11 @@ copy of itself, so the views the pruned copy has forgotten (mostly the tail's) g
     z1 = g(f(x1)),  z2 = g_p(f_p(x2)),  L = NT-Xent(z1, z2)     (SimCLR Eq. 1)
 
 M covers every convolution of f (VITA-Group/SDCLR prunes its prune_conv2d layers, the stem included, and never the
-head's linear layers); g_p is g with its own BatchNorm. M is recomputed from the current dense weights at the start
-of every epoch; the gradient through w * M reaches the shared dense weights. Evaluation reads the dense network and
-its own BatchNorm, as SDCLR's fine-tuning (bnNameCnt 0).
+head's linear layers); g_p is g with its own BatchNorm. g is SDCLR's head, not SimCLR's: three Linear layers of the
+feature width, each followed by BatchNorm (512-512-512-128 on ResNet-18; ``method.reference_head``). M is
+recomputed from the current dense weights at the start of every epoch; the gradient through w * M reaches the
+shared dense weights. Evaluation reads the dense network and its own BatchNorm, as SDCLR's fine-tuning
+(bnNameCnt 0).
 
 The reference code takes two backward passes per step, each branch's NT-Xent against the other's detached outputs,
 then one optimizer step. The gradient of NT-Xent with respect to z1 is the same whether z2 is detached or not (and
@@ -23,6 +25,8 @@ them by 1/sqrt(fan_in)): the small CNN's last convolution keeps 2.1% of its weig
 from __future__ import annotations
 
 import copy
+import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +35,7 @@ from torch.func import functional_call
 from imbssl.config import MethodConfig
 from imbssl.methods.base import OptimDefaults, output_std
 from imbssl.methods.simclr import SimCLR
+from imbssl.models.heads import bn_projector
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -43,23 +48,26 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 @torch.no_grad()
 def global_magnitude_masks(weights: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
-    """Masks keeping exactly round((1 - ratio) * n) of the n weights: those of largest |w| over all layers at once
-    (global L1 pruning), so a layer of small weights loses more of them than a layer of large ones."""
+    """Masks keeping |w| >= t over all layers at once (global L1 pruning), t the magnitude that ceil(ratio * n) of
+    the n weights lie below in sorted order, as SDCLR's ``Mask.magnitudePruning``: ceil(ratio * n) zeroed, fewer
+    where weights tie at t (all of them are kept). A layer of small weights loses more of them than one of large."""
     magnitudes = torch.cat([w.detach().abs().flatten() for w in weights.values()])
-    keep = round((1 - ratio) * magnitudes.numel())
-    flat = torch.zeros_like(magnitudes, dtype=torch.bool)
-    flat[magnitudes.topk(keep).indices] = True
-    return {name: part.view_as(w) for (name, w), part in
-            zip(weights.items(), flat.split([w.numel() for w in weights.values()]))}
+    below = min(math.ceil(ratio * magnitudes.numel()), magnitudes.numel() - 1)  # SDCLR's index into the sorted |w|
+    threshold = magnitudes.topk(magnitudes.numel() - below).values.min()
+    return {name: w.detach().abs() >= threshold for name, w in weights.items()}
 
 
 class SDCLR(SimCLR):
     name = "sdclr"
     # SDCLR's CIFAR scripts: SGD with lr 0.5 at batch 512 (0.25 per 256 images), weight decay 1e-4; NT-Xent tau 0.2.
     defaults = OptimDefaults(name="sgd", base_lr=0.25, weight_decay=1e-4)
+    # SDCLR's proj_head: train_simCLR.py builds it with twoLayerProj at its default False (no flag sets it)
+    head_layers: ClassVar[int] = 3
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
         super().__init__(backbone, cfg)
+        if cfg.reference_head:  # before the pruned branch copies the head's BatchNorms
+            self.projector = bn_projector(backbone.feature_dim, cfg.proj_dim, self.head_layers)
         self.prune_ratio = cfg.prune_ratio
         # The pruned branch's own BatchNorm layers, keyed "part/layer" ("." is not allowed in a ModuleDict key);
         # trained by its gradient alone, their statistics updated by its forward passes alone.

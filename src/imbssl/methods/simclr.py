@@ -17,7 +17,7 @@ from torch import nn
 from imbssl.config import MethodConfig
 from imbssl.engine.distributed import gather_with_grad
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
-from imbssl.models.heads import mlp
+from imbssl.models.heads import bn_projector, mlp
 
 
 def nt_xent_per_image(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
@@ -50,7 +50,10 @@ class SimCLR(SSLMethod):
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
         super().__init__(backbone, cfg.proj_dim)
-        self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
+        if cfg.simclr_head == "bcl":
+            self.projector = bn_projector(backbone.feature_dim, cfg.proj_dim, num_layers=2)
+        else:
+            self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
         self.temperature = cfg.temperature
 
     @property
@@ -58,8 +61,13 @@ class SimCLR(SSLMethod):
         return {"projector": self.projector}
 
     def projections(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z1 = g(f(x1)), z2 = g(f(x2)): the two views' outputs that NT-Xent contrasts."""
-        return self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        """z1 = g(f(x1)), z2 = g(f(x2)): the two views' outputs that NT-Xent contrasts, computed as one batch of 2N,
+        so that every BatchNorm normalises both views together, as SimCLR's code does and SDCLR's, BCL's and TS's
+        ``train_simCLR.py`` do (one forward of the [2N] batch; tests/reference/test_ref_simclr.py). Two forwards
+        would give each view its own batch statistics: a different loss (1.36 against their 1.81 on that test's
+        batch)."""
+        z = self.projector(self.backbone(torch.cat([x1, x2])))
+        return z[:len(x1)], z[len(x1):]
 
     def stats(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"output_std": output_std(z1)}

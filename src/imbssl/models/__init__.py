@@ -23,5 +23,5 @@ def build_backbone(cfg: ModelConfig, in_channels: int) -> nn.Module:
         own_size = (cfg.vit_patch, cfg.vit_dim, cfg.vit_depth, cfg.vit_heads)
         patch, dim, depth, heads = VIT_SIZES.get(cfg.backbone, own_size)
         dim = max(1, round(dim * cfg.width / heads)) * heads
-        return VisionTransformer(in_channels, patch, dim, depth, heads)
+        return VisionTransformer(in_channels, patch, dim, depth, heads, ln_eps=cfg.vit_ln_eps)
     return SmallCNN(in_channels, cfg.width)

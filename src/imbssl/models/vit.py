@@ -4,7 +4,8 @@ or ViT-S/16 and ViT-B/16 at 224 px.
 MSN masks an anchor view by dropping a random share of its patch tokens before the encoder (Assran et al.
 2022, Sec. 3): ``forward(x, keep)`` encodes only the tokens listed in ``keep``. Positions are fixed 2-D
 sine-cosine embeddings (as MAE's), computed for the patch grid of each input, so global and local views of
-any size share the encoder. The feature is the class token after the final LayerNorm.
+any size share the encoder. The feature is the class token after the final LayerNorm. Every LayerNorm takes
+``ln_eps``: torch's default 1e-5, or DeiT's 1e-6, which MSN's and ExCB's code use (``model.vit_ln_eps``).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class VisionTransformer(nn.Module):
     supports_token_drop = True
 
     def __init__(self, in_channels: int, patch: int = 4, dim: int = 128, depth: int = 4, heads: int = 4,
-                 mlp_ratio: float = 4.0) -> None:
+                 mlp_ratio: float = 4.0, ln_eps: float = 1e-5) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"the ViT token dimension {dim} is not a multiple of its {heads} heads")
@@ -42,9 +43,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
+                                           batch_first=True, norm_first=True, layer_norm_eps=ln_eps)
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
         self.feature_dim = dim
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 

@@ -69,7 +69,10 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
 
 def load_exported(path: Path) -> tuple[nn.Module, Normalize]:
-    """The backbone (in eval mode) and the input normalisation of a backbone.safetensors that ``export_run`` wrote."""
+    """The backbone (in eval mode) and the input normalisation of a backbone.safetensors that ``export_run`` wrote.
+
+    The ``Normalize`` takes uint8 [0, 255] or float [0, 1] NCHW images (docs/export.md); it refuses float [0, 255].
+    """
     with safe_open(str(path), framework="pt") as exported:
         metadata = exported.metadata() or {}
         if metadata.get("format") != FORMAT:

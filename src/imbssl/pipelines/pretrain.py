@@ -11,12 +11,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from imbssl.augment import MultiCrop, Normalize
-from imbssl.config import ConfigError, RunConfig
+from imbssl.augment import MultiCrop, Normalize, PadCropFlip
+from imbssl.config import ConfigError, OptimConfig, RunConfig
 from imbssl.data import StreamedImages, save_indices, training_images
 from imbssl.engine.distributed import barrier, is_main, main_first, world_size
 from imbssl.engine.divergence import DivergenceWatch
-from imbssl.engine.optim import build_optimizer, cosine_schedule, cosine_temperature, resolve_optim
+from imbssl.engine.optim import build_optimizer, cosine_schedule, resolve_optim, scheduled_temperature, step_schedule
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
 from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
@@ -49,11 +49,31 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
         method = build_method(cfg.method, backbone).to(images.device)
         if cfg.augment.local_crops and not method.uses_local_crops:
             raise ConfigError(f"method {cfg.method.name!r} takes no local crops; set augment.local_crops=0")
-        make_views = MultiCrop(cfg.augment, normalize.mean.to(images.device), normalize.std.to(images.device),
-                               image_size=images.shape[-1], num_global=method.num_views)
+        make_views = view_maker(cfg, method, normalize, images)
         train_method(cfg, method, images, make_views, normalize, run_dir, resume, callbacks,
                      labels=data.train.labels[data.indices])
     return run_dir
+
+
+def view_maker(cfg: RunConfig, method: SSLMethod, normalize: Normalize, images: torch.Tensor
+               ) -> MultiCrop | PadCropFlip:
+    """The method's training views, by ``augment.crop``: resized crops with the colour operations (MultiCrop), or
+    pad: the zero-padded random crop and flip of supervised CIFAR training, with which pretrain_rot.py trains
+    Rotation (PadCropFlip)."""
+    mean, std = normalize.mean.to(images.device), normalize.std.to(images.device)
+    if cfg.augment.crop == "resized":
+        return MultiCrop(cfg.augment, mean, std, image_size=images.shape[-1], num_global=method.num_views)
+    if cfg.method.name in ("bcl-i", "bcl-d"):  # its views() boosts each resized view (RandAugment)
+        raise ConfigError(f"augment.crop=pad: {cfg.method.name} boosts its resized views itself; use crop resized")
+    return PadCropFlip(mean, std, cfg.augment.crop_pad, cfg.augment.flip_prob, num_views=method.num_views)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``optim.lr_schedule`` over ``steps`` steps an epoch, after ``optim.warmup_epochs``: the cosine of SSL
+    pre-training, or step, pretrain_rot.py's decays at ``optim.milestones`` (engine/optim.step_factor)."""
+    if optim.lr_schedule == "step":
+        return step_schedule(optimizer, steps, optim.warmup_epochs, optim.milestones, optim.lr_factors)
+    return cosine_schedule(optimizer, optim.epochs * steps, round(optim.warmup_epochs * steps))
 
 
 def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None
@@ -93,20 +113,21 @@ def describe_subset(cfg: RunConfig, indices: np.ndarray | None) -> str:
 
 def temperature_schedule(cfg: RunConfig, method: SSLMethod) -> Callable[[float], float] | None:
     """``optim.temperature_schedule`` as a function of the fractional epoch, for a method with a contrastive
-    temperature; None when no schedule is set."""
+    temperature; None when no schedule is set. Per epoch from the 1-based epoch number unless ``update: step``."""
     ts = cfg.optim.temperature_schedule
     if ts is None:
         return None
     if not hasattr(method, "temperature"):
         raise ConfigError(f"optim.temperature_schedule: {cfg.method.name} has no contrastive temperature; the "
                           f"schedule applies to simclr, moco and sdclr")
-    return functools.partial(cosine_temperature, tau_min=ts.tau_min, tau_max=ts.tau_max, period=ts.period_epochs)
+    return functools.partial(scheduled_temperature, tau_min=ts.tau_min, tau_max=ts.tau_max, t_max=ts.t_max_epochs,
+                             per_epoch=ts.update == "epoch")
 
 
 def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_views: MultiCrop,
                  normalize: Normalize, run_dir: Path, resume: bool, callbacks: list[EpochCallback],
                  labels: np.ndarray | None = None) -> None:
-    """``cfg.optim``'s optimizer and cosine schedule, the Trainer loop, then backbone.pt and pretrain.json.
+    """``cfg.optim``'s optimizer and lr schedule, the Trainer loop, then backbone.pt and pretrain.json.
 
     ``labels`` of ``images``, when known, only feed the method's epoch statistics (e.g. cluster purity).
     """
@@ -120,7 +141,7 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
     batch_size = min(settings.batch_size, len(images))
     optimizer = build_optimizer(method, cfg.optim, method.defaults, batch_size)
     steps = steps_per_epoch(len(images), batch_size)
-    scheduler = cosine_schedule(optimizer, cfg.optim.epochs * steps, round(cfg.optim.warmup_epochs * steps))
+    scheduler = lr_schedule(optimizer, cfg.optim, steps)
     trainer = Trainer(method, optimizer, scheduler, images, make_views, run_dir, settings,
                       [DivergenceWatch(method), *callbacks], labels)
     start = time.perf_counter()

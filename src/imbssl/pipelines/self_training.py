@@ -5,13 +5,18 @@
     pseudo   f_B's hard labels on D_U with their confidences, and which are kept                  pseudo_labels.pt
     final    a classifier on D_L + the kept D_U, trained on L(D_L) + omega L(D_U)                 final/train.json
 
+With ``pseudo_labels.labeller: ce`` and a loss other than plain CE, a CE classifier trained on D_L as f_B is
+(labeller/train.json, or the CE run's base when a grid shares it) gives the pseudo-labels instead of f_B: the seed's
+released pseudo-labels come from a CE base model (its README), whatever the loss of the final model.
+
 and then self_training.json: both classifiers' test reports and the pseudo-labels' accuracy per class against
 D_U's true labels, with pseudo_label_confusion.png. That report is the one place D_U's labels are read; the
 split reads them only to give D_U its class profile, as the seed selects its 80M Tiny Images per class.
 
 Each stage is finished when its file exists, and the classifier stages resume from their last epoch, so a run
 killed anywhere continues where it stopped. D_L and the validation set do not depend on D_U's settings, so runs
-that differ only in rho_U may share one base classifier (``base_dir``).
+that differ only in rho_U may share one base classifier (``base_dir``), and runs that differ only in the loss one
+CE labeller (``labeller_dir``).
 """
 from __future__ import annotations
 
@@ -38,17 +43,22 @@ log = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.npz"
 PSEUDO_FILE = "pseudo_labels.pt"
+LABELLER_DIR = "labeller"
 REPORT_FILE = "self_training.json"
 CONFUSION_PLOT = "pseudo_label_confusion.png"
 
 
 def self_train(cfg: SelfTrainingConfig, run_dir: Path | None = None, resume: bool = False,
-               base_dir: Path | None = None, callbacks: Mapping[str, list[EpochCallback]] = {}) -> Path:
+               base_dir: Path | None = None, callbacks: Mapping[str, list[EpochCallback]] = {},
+               labeller_dir: Path | None = None) -> Path:
     """Run (or continue) the stages in ``run_dir``; returns it. ``base_dir``: the base classifier's folder when
-    it is shared (default run_dir/base); ``callbacks``: epoch callbacks by stage ("base", "final")."""
+    it is shared (default run_dir/base); ``labeller_dir``: the CE labeller's, when it is shared (default
+    run_dir/labeller; unused when f_B labels D_U); ``callbacks``: epoch callbacks by stage ("base", "labeller",
+    "final")."""
     check_init_from(cfg)
     root = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     base_dir = Path(base_dir or root / "base")
+    labeller_dir = base_dir if cfg.labels_with_base() else Path(labeller_dir or root / LABELLER_DIR)
     with run_folder(cfg, root, resume, config_file=PIPELINE_CONFIG):
         start = time.perf_counter()
         set_determinism(cfg.train.deterministic)
@@ -59,11 +69,15 @@ def self_train(cfg: SelfTrainingConfig, run_dir: Path | None = None, resume: boo
         if not finished(base, base_dir):
             train_stage(base, base_dir, labelled_data(base, pool, test, labeled, val, base_dir),
                         callbacks.get("base", []))
-        pseudo = pseudo_labels(cfg, base_dir, pool, unlabeled, root / PSEUDO_FILE)
+        labeller = cfg.stage("labeller")
+        if not cfg.labels_with_base() and not finished(labeller, labeller_dir):
+            train_stage(labeller, labeller_dir, labelled_data(labeller, pool, test, labeled, val, labeller_dir),
+                        callbacks.get("labeller", []))
+        pseudo = pseudo_labels(cfg, labeller_dir, pool, unlabeled, root / PSEUDO_FILE)
         if not finished(final, final_dir):
             train_stage(final, final_dir, final_data(cfg, pool, test, (labeled, unlabeled, val), pseudo, final_dir),
                         callbacks.get("final", []))
-        write_report(root, base_dir, final_dir, pool, unlabeled, pseudo, time.perf_counter() - start)
+        write_report(root, (base_dir, labeller_dir, final_dir), pool, unlabeled, pseudo, time.perf_counter() - start)
     return root
 
 
@@ -114,15 +128,17 @@ def final_data(cfg: SelfTrainingConfig, pool: ImageSet, test: ImageSet, parts: t
                          omega.astype(np.float32), labeled_counts)
 
 
-def pseudo_labels(cfg: SelfTrainingConfig, base_dir: Path, pool: ImageSet, unlabeled: np.ndarray,
+def pseudo_labels(cfg: SelfTrainingConfig, labeller_dir: Path, pool: ImageSet, unlabeled: np.ndarray,
                   path: Path) -> dict[str, torch.Tensor]:
-    """f_B's hard labels on D_U, their confidences (largest softmax probability) and which are kept; saved."""
+    """The labeller's (f_B's, or the CE labeller's) hard labels on D_U, their confidences and which are kept;
+    saved."""
     if path.exists():
         return load_safe(path)
     device = resolve_device(cfg.train.device)
-    model, normalize = load_classifier(cfg.model, pool.images.shape[-1], len(pool.classes), base_dir / MODEL_FILE)
+    model, normalize = load_classifier(cfg.model, pool.images.shape[-1], len(pool.classes),
+                                       labeller_dir / MODEL_FILE)
     logits = predict(model.to(device), pool.images[unlabeled], normalize, cfg.eval.batch_size)
-    confidence, labels = torch.softmax(logits.float() * model.logit_scale, dim=1).max(dim=1)
+    confidence, labels = hard_labels(logits, model.logit_scale)
     kept = torch.as_tensor(select_pseudo_labels(confidence.numpy(), labels.numpy(), cfg.pseudo_labels,
                                                 len(pool.classes)))
     log.info("pseudo-labels: %d of %d images of D_U kept (threshold %g%s), per pseudo-class %s", int(kept.sum()),
@@ -132,6 +148,18 @@ def pseudo_labels(cfg: SelfTrainingConfig, base_dir: Path, pool: ImageSet, unlab
     pseudo = {"indices": torch.as_tensor(unlabeled), "labels": labels, "confidence": confidence, "kept": kept}
     save_atomic(pseudo, path)
     return pseudo
+
+
+def hard_labels(logits: torch.Tensor, logit_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, label) of each row of ``logits``: the label is the logits' argmax, as gen_pseudolabels.py takes
+    it (``torch.max(model(batch), dim=1)``, the first of tied maxima), and its confidence the softmax probability of
+    ``logit_scale`` x logits there (LDAM's cosines times its scale s, as in training).
+
+    The argmax is taken on the logits, not on the probabilities: a softmax rounds logits one float apart to one
+    probability (exp(x - y) is 1.0 in float32 for |x - y| < 3e-8), whose first maximum may then be the smaller."""
+    _, labels = torch.max(logits, dim=1)
+    probabilities = torch.softmax(logits.float() * logit_scale, dim=1)
+    return probabilities.gather(1, labels[:, None]).squeeze(1), labels
 
 
 def select_pseudo_labels(confidence: np.ndarray, labels: np.ndarray, cfg: PseudoLabelConfig,
@@ -168,9 +196,10 @@ def pseudo_label_report(true: np.ndarray, pseudo: np.ndarray, kept: np.ndarray, 
             "confusion": confusion.tolist()}
 
 
-def write_report(root: Path, base_dir: Path, final_dir: Path, pool: ImageSet, unlabeled: np.ndarray,
+def write_report(root: Path, stage_dirs: tuple[Path, Path, Path], pool: ImageSet, unlabeled: np.ndarray,
                  pseudo: dict[str, torch.Tensor], wall_s: float) -> None:
-    base, final = (json.loads((d / TRAIN_FILE).read_text()) for d in (base_dir, final_dir))
+    """self_training.json from the (base, labeller, final) folders; "labeller" is "base" when f_B labels D_U."""
+    base, labeller, final = (json.loads((d / TRAIN_FILE).read_text()) for d in stage_dirs)
     true = pool.labels[unlabeled]
     labels_report = pseudo_label_report(true, pseudo["labels"].numpy(), pseudo["kept"].numpy(), pool.classes)
     plot_confusion(np.asarray(labels_report["confusion"]), pool.classes, root / CONFUSION_PLOT,
@@ -178,6 +207,7 @@ def write_report(root: Path, base_dir: Path, final_dir: Path, pool: ImageSet, un
                          f"{labels_report['accuracy']:.1f}% right")
     (root / REPORT_FILE).write_text(json.dumps({
         "base": base["test"], "final": final["test"], "gain_top1": final["test"]["top1"] - base["test"]["top1"],
+        "labeller": "base" if stage_dirs[1] == stage_dirs[0] else {"dir": str(stage_dirs[1]), "test": labeller["test"]},
         "pseudo_labels": labels_report, "labeled_class_counts": base["train_class_counts"],
         "unlabeled_class_counts": np.bincount(true, minlength=len(pool.classes)).tolist(),
         "final_class_counts": final["train_class_counts"], "hardware": final["hardware"],

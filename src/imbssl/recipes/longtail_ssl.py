@@ -27,13 +27,14 @@ from imbssl.recipes.experiment_2 import Experiment2Config, pipeline_record
 from imbssl.report import format_mean_std, markdown_table, paired_difference, verdict
 
 #: each method's run settings over ``base``: the SimCLR family shares SDCLR's SGD settings (BCL's commands give
-#: SimCLR and BCL-I weight decay 5e-4, SDCLR and BCL-D 1e-4), so SimCLR, +TS, SDCLR and BCL differ in the method alone
+#: SimCLR and BCL-I weight decay 5e-4, SDCLR and BCL-D 1e-4), and SimCLR the head of BCL's SimCLR baseline, so SimCLR,
+#: +TS and BCL-I differ in the method alone; SDCLR keeps its own code's 3-layer head, BCL-D its 2-layer dual-BN one
 SIMCLR_OPTIM = {"name": "sgd", "base_lr": 0.25, "weight_decay": 1e-4}
 VARIANTS = {
-    "simclr": {"method": {"name": "simclr"}, "optim": SIMCLR_OPTIM},
-    "simclr-ts": {"method": {"name": "simclr"},
+    "simclr": {"method": {"name": "simclr", "simclr_head": "bcl"}, "optim": SIMCLR_OPTIM},
+    "simclr-ts": {"method": {"name": "simclr", "simclr_head": "bcl"},
                   "optim": {**SIMCLR_OPTIM, "temperature_schedule": {"tau_min": 0.1, "tau_max": 1.0,
-                                                                     "period_epochs": 200}}},
+                                                                     "t_max_epochs": 200}}},
     "sdclr": {"method": {"name": "sdclr"}, "optim": SIMCLR_OPTIM},
     "bcl-i": {"method": {"name": "bcl-i"}, "optim": SIMCLR_OPTIM},
     "bcl-d": {"method": {"name": "bcl-d"}, "optim": SIMCLR_OPTIM},

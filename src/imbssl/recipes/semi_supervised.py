@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 #: the seed's unlabeled imbalance ratios, relative to rho
 RELATIVE_RHO_U = {"rho/2": 0.5, "rho": 1.0, "2rho": 2.0}
 ROW_NAMES = {"ce": "CE", "ldam-drw": "LDAM-DRW"}
-PAPER_SETTING = "seed (D_U from 80M Tiny Images), ResNet-32, 200 ep"
+#: the seed's figures are the best test accuracy over the epochs (train_semi.py and train.py keep max(acc1, best_acc1))
+PAPER_SETTING = "seed (D_U from 80M Tiny Images), ResNet-32, 200 ep, best test epoch"
 #: Table 1(a), CIFAR-10-LT: top-1 test error (%) by rho, then (loss, with D_U) and rho_U as in RELATIVE_RHO_U or 1
 PAPER_TABLE1: dict[int, dict[tuple[str, bool], dict[str, float]]] = {}
 for _rho, _ce, _ce_u, _ldam, _ldam_u in [(100, 29.64, "17.48 18.42 18.74 20.06", 22.97, "14.96 15.18 15.33 15.55"),
@@ -92,6 +93,11 @@ class SemiSupervisedExperimentConfig(PretrainingGrid):
                                       "init_from": str(init_from) if init_from else None})
         return validate_tree(SelfTrainingConfig, tree, origin=f"semi-supervised run {tree['name']}")
 
+    def ce_base_dir(self, rho: float, spec: str, ssp: str, seed: int, init_from: Path | None, runs: Path) -> Path:
+        """The CE run's base classifier folder of (rho, ssp, seed): the CE labeller of every loss's run
+        (``pseudo_labels.labeller: ce``), trained once, by whichever run needs it first."""
+        return runs / Path(self.run_config(rho, spec, "ce", ssp, seed, init_from).name).parent / "base"
+
     def self_training(self) -> SelfTrainingConfig:
         return validate_tree(SelfTrainingConfig, self.base, origin="semi-supervised preset base")
 
@@ -112,7 +118,8 @@ def run_grid(exp: SemiSupervisedExperimentConfig, out_dir: Path) -> list[dict]:
                         cfg = exp.run_config(rho, spec, loss, ssp, seed, init_from)
                         run_dir = runs / cfg.name
                         if not (run_dir / REPORT_FILE).exists():
-                            self_train(cfg, run_dir, resume=True, base_dir=run_dir.parent / "base")
+                            self_train(cfg, run_dir, resume=True, base_dir=run_dir.parent / "base",
+                                       labeller_dir=exp.ce_base_dir(rho, spec, ssp, seed, init_from, runs))
                         records.append({"rho": rho, "rho_u": spec, "ssp": ssp, "loss": loss, "seed": seed,
                                         "run_dir": str(run_dir), **json.loads((run_dir / REPORT_FILE).read_text())})
     return records
