@@ -27,7 +27,6 @@ BCL-D also the masks (``state.mask.``).
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -50,14 +49,6 @@ VARIANTS = {
 }
 COMMON = dict(lr=0.5, momentum=0.9, temperature=0.2, momentum_loss_beta=0.97, rand_strength=30, epoch=EPOCH,
               num_class=100, model="resnet18", scheduler="constant at lr (their cosine after warm-up)")
-
-
-def checkout_at_pinned_commit(checkout: Path) -> None:
-    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    if commit != PINNED:
-        sys.exit(f"{checkout} is at {commit}, not the pinned {PINNED}")
-    sys.path.insert(0, str(checkout))
 
 
 def patch_for_this_torch() -> None:
@@ -299,7 +290,8 @@ def cutout_rectangles(randaug, fields: dict[str, torch.Tensor], size: int = 32) 
 
 
 def main(checkout: Path) -> None:
-    checkout_at_pinned_commit(checkout)
+    fixture_io.pinned_checkout(checkout, PINNED)
+    sys.path.insert(0, str(checkout))
     patch_for_this_torch()
     for name in VARIANTS:
         make(name, checkout)

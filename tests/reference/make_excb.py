@@ -35,7 +35,6 @@ resnet50_ep400.yaml with a small model: ResNet-18 (their torchvision-based backb
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -68,7 +67,7 @@ ARGS = {
 }
 #: Linear biases that feed a BatchNorm (imbssl's heads have none there): held at 0
 ZEROED = ("classifier.projector.mlp.0.bias", "classifier.projector.mlp.3.bias", "classifier.predictor.mlp.0.bias")
-#: tensors above this many elements are stored as fingerprints (ResNet-18's convolutions), the inputs whole
+#: tensors above this many elements are stored as fingerprints (ResNet-18's convolutions); the inputs ("input.") whole
 WHOLE_LIMIT = 4096
 
 
@@ -100,14 +99,6 @@ class Logger:
         pass
 
 
-def check_commit(checkout: Path) -> str:
-    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    if commit != PINNED:
-        sys.exit(f"{checkout} is at {commit}, not the pinned {PINNED}: check out the pinned commit")
-    return commit
-
-
 def stub_logging_modules() -> None:
     """wandb, matplotlib, termcolor, sklearn, scipy: imported for logs, plots, NMI and k-means only."""
     stubs = {"wandb": {}, "matplotlib": {"use": lambda *a, **k: None}, "matplotlib.pyplot": {},
@@ -119,14 +110,6 @@ def stub_logging_modules() -> None:
             module = types.ModuleType(name)
             module.__dict__.update(attributes)
             sys.modules[name] = module
-
-
-def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors above WHOLE_LIMIT elements as fingerprints, under fixture_io's key for them; the inputs whole."""
-    def printed(key: str, t: torch.Tensor) -> bool:
-        return t.numel() > WHOLE_LIMIT and not key.startswith("input.")
-    return {key + fixture_io._PRINT_SUFFIX if printed(key, t) else key:
-            fixture_io.fingerprint(t) if printed(key, t) else t for key, t in tensors.items()}
 
 
 def initial_sizes(seed: int) -> torch.Tensor:
@@ -148,7 +131,7 @@ def batch(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 def main() -> None:
     checkout = Path(sys.argv[1]).resolve()
-    commit = check_commit(checkout)
+    commit = fixture_io.pinned_checkout(checkout, PINNED)
     sys.path.insert(0, str(checkout))
     import torchvision.models.resnet  # noqa: F401  (theirs builds on it; torch._dynamo, which it imports, looks up
     # sklearn and scipy by their module spec, which the stubs below do not have: imported first)
@@ -226,7 +209,7 @@ def main() -> None:
             "views": {"global": GLOBAL_VIEWS, "local": LOCAL_VIEWS, "batch": BATCH}}
     print(f"excb: loss {seen['loss'].item():.6f}, lr {groups[0]['lr']:.6g}, wd {[g['weight_decay'] for g in groups]}, "
           f"assignments {criterion.cluster_count.nonzero().flatten().tolist()}, matches {seen['match']['matches']}")
-    path = fixture_io.save("excb", compact(tensors), meta)
+    path = fixture_io.save("excb", tensors, meta, whole_limit=WHOLE_LIMIT, whole_prefixes=("input.",))
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 

@@ -21,7 +21,6 @@ BatchNorm statistics after the step). Their code is imported from the checkout, 
 from __future__ import annotations
 
 import importlib.machinery
-import subprocess
 import sys
 import types
 from contextlib import contextmanager
@@ -46,18 +45,9 @@ TARGETS = [0, 9, 4, 7, 1, 8, 2, 9]
 CASES = {"ce": ("CE", "None", 0), "ce_drw": ("CE", "DRW", 160), "focal": ("Focal", "None", 0),
          "cb_focal": ("Focal", "Reweight", 0), "ldam": ("LDAM", "None", 0), "ldam_drw": ("LDAM", "DRW", 160)}
 #: tensors above this many elements are kept as fingerprints (fixture_io.fingerprint), so that the six fixtures
-#: stay small: every BatchNorm, the stem conv and the classifier whole, the 3 x 3 convs of the stages as prints
+#: stay small: every BatchNorm, the stem conv and the classifier whole, the 3 x 3 convs of the stages as prints; the
+#: input images whole
 WHOLE_LIMIT = 1024
-
-
-def check_commit(checkout: Path) -> str:
-    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if found.returncode != 0:
-        sys.exit(f"{checkout} is not a git checkout of {REPO}: {found.stderr.strip()}")
-    commit = found.stdout.strip()
-    if commit != PINNED:
-        sys.exit(f"{checkout} is at {commit}, not the pinned {PINNED}: check out the pinned commit")
-    return commit
 
 
 def stub_logging_modules() -> None:
@@ -145,17 +135,6 @@ def write_recipe(cifar_train, losses, args, cls_num_list: list[int], commit: str
     print(fixture_io.save("ldam_drw-recipe", tensors, meta))
 
 
-def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Parameters and their gradients above WHOLE_LIMIT elements as fingerprints, under fixture_io's key for them."""
-    kept = {}
-    for key, tensor in tensors.items():
-        if tensor.numel() > WHOLE_LIMIT:
-            kept[key + fixture_io._PRINT_SUFFIX] = fixture_io.fingerprint(tensor)
-        else:
-            kept[key] = tensor
-    return kept
-
-
 def write_case(case: str, models, losses, args, cls_num_list: list[int], commit: str) -> None:
     """One step of cifar_train.py's train(): output = model(input); loss = criterion(output, target); zero_grad;
     backward; step, with their SGD at args.lr (the lr their optimizer is built with, before any schedule)."""
@@ -181,21 +160,21 @@ def write_case(case: str, models, losses, args, cls_num_list: list[int], commit:
     if loss_type == "Focal":  # the weighted per-image CE their focal_loss modulates: what 6b of issue 29 is about
         tensors["ref.weighted_ce"] = nn.functional.cross_entropy(output.detach(), target, reduction="none",
                                                                  weight=per_cls_weights)
-    tensors |= compact({f"init.{n}": value for n, value in initial.items()})  # the draw the test must repeat
-    tensors |= compact({f"grad.{n}": p.grad for n, p in model.named_parameters()})
-    tensors |= compact({f"after.{n}": p.detach() for n, p in model.named_parameters()})
-    tensors |= compact({f"state.{n}": b for n, b in model.named_buffers()})
+    tensors |= {f"init.{n}": value for n, value in initial.items()}  # the draw the test must repeat
+    tensors |= {f"grad.{n}": p.grad for n, p in model.named_parameters()}
+    tensors |= {f"after.{n}": p.detach() for n, p in model.named_parameters()}
+    tensors |= {f"state.{n}": b for n, b in model.named_buffers()}
     meta = {"repo": REPO, "commit": commit, "seed": SEED, "shapes": shapes, "case": case, "loss_type": loss_type,
             "train_rule": train_rule, "epoch": epoch, "cls_num_list": cls_num_list, "targets": TARGETS,
             "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
             "per_cls_weights": None if per_cls_weights is None else per_cls_weights.tolist(),
             "what": "one SGD step of models.resnet32 (use_norm for LDAM) with cifar_train.py's criterion; inputs "
                     "randn(8, 3, 16, 16); weights fixture_io.seeded_weights(shapes, seed); BatchNorm in train mode"}
-    print(fixture_io.save(f"ldam_drw-{case}", tensors, meta))
+    print(fixture_io.save(f"ldam_drw-{case}", tensors, meta, whole_limit=WHOLE_LIMIT, whole_prefixes=("input",)))
 
 
 def main(checkout: Path) -> None:
-    commit = check_commit(checkout)
+    commit = fixture_io.pinned_checkout(checkout, PINNED)
     sys.path.insert(0, str(checkout))
     stub_logging_modules()
     import cifar_train  # noqa: E402  (their modules, from the checkout)

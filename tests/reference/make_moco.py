@@ -69,16 +69,6 @@ def git(checkout: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, check=True).stdout
 
 
-def check_commits(checkout: Path) -> tuple[str, str]:
-    commit = git(checkout, "rev-parse", "HEAD").strip()
-    if commit != PINNED:
-        sys.exit(f"{checkout} is at {commit}, not the pinned {PINNED}: check out the pinned commit")
-    demo = git(checkout, "rev-parse", "origin/colab-notebook").strip()
-    if demo != PINNED_DEMO:
-        sys.exit(f"{checkout}'s origin/colab-notebook is at {demo}, not the pinned {PINNED_DEMO}")
-    return commit, demo
-
-
 # -- the CIFAR-10 demo's one step ------------------------------------------------------------------
 def their_demo_classes(checkout: Path) -> dict:
     """SplitBatchNorm, ModelBase and ModelMoCo, from the notebook's own cells (patched as the module says)."""
@@ -206,7 +196,8 @@ def their_shuffle(checkout: Path) -> tuple[dict, dict]:
 
 
 def main(checkout: Path) -> None:
-    commit, demo_commit = check_commits(checkout)
+    commit = fixture_io.pinned_checkout(checkout, PINNED)
+    demo_commit = fixture_io.pinned_checkout(checkout, PINNED_DEMO, ref="origin/colab-notebook")
     torch.set_num_threads(1)
     common = {"repo": REPO, "commit": commit, "demo_commit": demo_commit, "seed": SEED,
               "torch": torch.__version__}

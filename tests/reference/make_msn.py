@@ -37,7 +37,6 @@ weight-decay schedules as at 800 epochs of 1,251 steps. Patches, all here:
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 import tempfile
 from functools import partial
@@ -76,28 +75,13 @@ CONFIG = {
 CASES = {"msn-sinkhorn": True, "msn-plain": False}
 #: the projector's Linear biases that feed a BatchNorm (imbssl's heads have none there): held at 0
 ZEROED = ("fc.fc1.bias", "fc.fc2.bias")
-#: tensors above this many elements are stored as fingerprints, so that each fixture stays near 200 KiB
+#: tensors above this many elements are stored as fingerprints, so that each fixture stays near 200 KiB; the inputs
+#: ("input.") whole
 WHOLE_LIMIT = 4096
 
 
 class FirstStepDone(Exception):
     """Raised by the one-batch loader when their loop asks for a second batch."""
-
-
-def compact(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors above WHOLE_LIMIT elements as fingerprints, under fixture_io's key for them; the inputs whole."""
-    def printed(key: str, t: torch.Tensor) -> bool:
-        return t.numel() > WHOLE_LIMIT and not key.startswith("input.")
-    return {key + fixture_io._PRINT_SUFFIX if printed(key, t) else key:
-            fixture_io.fingerprint(t) if printed(key, t) else t for key, t in tensors.items()}
-
-
-def check_commit(checkout: Path) -> str:
-    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    if commit != PINNED:
-        sys.exit(f"{checkout} is at {commit}, not the pinned {PINNED}: check out the pinned commit")
-    return commit
 
 
 def fixed_positions(height: int, width: int, dim: int) -> torch.Tensor:
@@ -283,12 +267,12 @@ def run_case(checkout: Path, commit: str, name: str, sinkhorn: bool) -> Path:
     print(f"{name}: loss {loss.item():.6f} (ce {ploss.item():.6f}, me-max {float(me_max):.6f}), grad norm "
           f"{recorder.grad_norm:.4f} (clip at {config['optimization']['clip_grad']}), lr {groups[0]['lr']:.6g}, "
           f"wd {groups[0]['weight_decay']:.6g}, kept {kept.tolist()}")
-    return fixture_io.save(name, compact(tensors), meta)
+    return fixture_io.save(name, tensors, meta, whole_limit=WHOLE_LIMIT, whole_prefixes=("input.",))
 
 
 def main() -> None:
     checkout = Path(sys.argv[1]).resolve()
-    commit = check_commit(checkout)
+    commit = fixture_io.pinned_checkout(checkout, PINNED)
     sys.path.insert(0, str(checkout))
     torch.set_num_threads(1)
     for name, sinkhorn in CASES.items():

@@ -19,7 +19,6 @@ every gradient, every weight and buffer after the step (``after.``), the head's 
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -37,14 +36,6 @@ BATCH, SIZE = 8, 16  # two views of 8 x 3 x 16 x 16 stay under FULL_LIMIT: store
 CONFIG = dict(model="res18", output_ch=128, prune_percent=0.9, random_prune_percent=0.0, prune_dual_bn=True,
               temperature=0.2, optimizer="sgd", lr=0.5, weight_decay=1e-4, momentum=0.9, scheduler="constant",
               epoch=1, world_size=1, dataset="cifar (imagenet=False stem)", num_classes=10)
-
-
-def checkout_at_pinned_commit(checkout: Path) -> None:
-    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    if commit != PINNED:
-        sys.exit(f"{checkout} is at {commit}, not the pinned {PINNED}")
-    sys.path.insert(0, str(checkout))
 
 
 def patch_for_this_torch() -> None:
@@ -86,7 +77,8 @@ class Log:
 
 
 def main(checkout: Path) -> None:
-    checkout_at_pinned_commit(checkout)
+    fixture_io.pinned_checkout(checkout, PINNED)
+    sys.path.insert(0, str(checkout))
     patch_for_this_torch()
     from types import SimpleNamespace
 

@@ -27,7 +27,6 @@ import contextlib
 import io
 import os
 import pickle
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -48,17 +47,6 @@ ROTATION_SEED, PSEUDO_SEEDS = 0, {"ce": 10, "ldam": 11}
 BATCH = 8
 
 
-def checkout(path: str) -> Path:
-    """The checkout, put on sys.path after its commit is checked against PINNED."""
-    root = Path(path).resolve()
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    if commit != PINNED:
-        sys.exit(f"{root} is at {commit}, not the pinned {PINNED}: check out the pinned commit")
-    sys.path.insert(0, str(root))
-    return root
-
-
 def shapes_of(model: torch.nn.Module) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in model.state_dict().items()}
 
@@ -70,7 +58,7 @@ def seeded_model(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def fingerprints(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Initial weights as fingerprints only (the test draws them again with seeded_weights and checks the draw)."""
-    return {f"{prefix}{name}::fingerprint": fixture_io.fingerprint(t) for name, t in state.items()}
+    return {fixture_io.fingerprint_key(prefix + name): fixture_io.fingerprint(t) for name, t in state.items()}
 
 
 def uint8_images(count: int, seed: int) -> np.ndarray:
@@ -132,8 +120,14 @@ AFTER_WHOLE_LIMIT = 4096
 
 
 def after_step(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"after.{name}" + ("::fingerprint" if t.numel() > AFTER_WHOLE_LIMIT else ""):
-            fixture_io.fingerprint(t) if t.numel() > AFTER_WHOLE_LIMIT else t.clone() for name, t in state.items()}
+    """The weights after the step, under ``after.``: whole up to AFTER_WHOLE_LIMIT elements, fingerprints above."""
+    stored = {}
+    for name, t in state.items():
+        if t.numel() > AFTER_WHOLE_LIMIT:
+            stored[fixture_io.fingerprint_key(f"after.{name}")] = fixture_io.fingerprint(t)
+        else:
+            stored[f"after.{name}"] = t.clone()
+    return stored
 
 
 class RecordingLoss(torch.nn.Module):
@@ -202,7 +196,7 @@ def rotation_fixture() -> None:
                **fingerprints("init.", initial),
                **{f"grad.{name}": params[name].grad for name in names},
                **after_step(model.state_dict()),
-               **{f"optim.momentum_buffer.{name}::fingerprint":
+               **{fixture_io.fingerprint_key(f"optim.momentum_buffer.{name}"):
                   fixture_io.fingerprint(optimizer.state[params[name]]["momentum_buffer"]) for name in names},
                "schedule.lr_per_epoch": torch.tensor(lr_per_epoch, dtype=torch.float64)}
     meta = {"repo": REPO, "commit": PINNED, "seed": ROTATION_SEED, "shapes": shapes_of(models.resnet32(num_classes=4)),
@@ -294,8 +288,9 @@ def counts_fixture() -> None:
                 assert tensors[f"unlabeled.{key}"].tolist() == wanted, (key, wanted)
                 tensors[f"pseudo.{key}"] = torch.from_numpy(np.bincount(pseudo[unlabeled_rows], minlength=10))
                 tensors[f"cls_num_list.{key}"] = torch.tensor(ds.get_cls_num_list())
-                tensors[f"labeled_rows.{key}::fingerprint"] = fixture_io.fingerprint(torch.from_numpy(labeled_rows))
-                tensors[f"unlabeled_rows.{key}::fingerprint"] = fixture_io.fingerprint(
+                tensors[fixture_io.fingerprint_key(f"labeled_rows.{key}")] = fixture_io.fingerprint(
+                    torch.from_numpy(labeled_rows))
+                tensors[fixture_io.fingerprint_key(f"unlabeled_rows.{key}")] = fixture_io.fingerprint(
                     torch.from_numpy(unlabeled_rows))
                 settings.append({"key": key, "rho": rho, "rho_u": rho_u, "imb_factor": 1 / rho,
                                  "unlabel_imb_factor": 1 / rho_u})
@@ -346,7 +341,7 @@ def pseudo_fixture() -> None:
     batch = torch.stack([transform_val(image) for image in images])  # CIFAR10.__getitem__ would make PIL images;
     # ToTensor gives the same tensor from the uint8 HWC array
     tensors = {**per_image("input.image", torch.from_numpy(images).permute(0, 3, 1, 2)),
-               "input.batch::fingerprint": fixture_io.fingerprint(batch)}
+               fixture_io.fingerprint_key("input.batch"): fixture_io.fingerprint(batch)}
     meta = {"repo": REPO, "commit": PINNED, "seeds": PSEUDO_SEEDS, "mean": MEAN, "std": STD, "shapes": {}}
     for loss, seed in PSEUDO_SEEDS.items():
         # as gen_pseudolabels.py builds it: num_classes 10, use_norm for LDAM; then model.eval()
@@ -368,7 +363,9 @@ def pseudo_fixture() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkout", help="a checkout of YyzHarry/imbalanced-semi-self at the pinned commit")
-    checkout(parser.parse_args().checkout)
+    checkout = Path(parser.parse_args().checkout).resolve()
+    fixture_io.pinned_checkout(checkout, PINNED)
+    sys.path.insert(0, str(checkout))
     torch.set_num_threads(1)
     rotation_fixture()
     counts_fixture()

@@ -17,7 +17,7 @@ Records, from the authors' modules imported unchanged:
   a linear weight, a bias, a BN weight) with fixed gradients, at weight decay 0, at their 1e-6, and at 0.05, where
   the two trust-ratio denominators, ||g|| + wd ||w|| and ||g + wd w||, differ by more than float32 round-off.
 
-What is patched, and why:
+What is patched, and why (sdclr_train_simclr.py, shared with make_ts.py, runs the step):
 - ``torch.Tensor.cuda`` returns the tensor: their loop and ``nt_xent`` move tensors to the GPU; this runs on the CPU.
 - one gloo process group of one rank: their loop all-gathers the projections across processes.
 - ``matplotlib``, ``cv2`` are empty modules and ``torchvision.models.utils`` holds torch.hub's
@@ -28,17 +28,15 @@ What is patched, and why:
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
+import sdclr_train_simclr as train_simclr  # noqa: E402
 
 REPO = "VITA-Group/SDCLR"
 PINNED = "f1490fce26e6bb67d2c21b450db5a6e3184e6bc3"
@@ -52,29 +50,12 @@ LARS_SHAPES = {"conv.weight": [8, 4, 3, 3], "linear.weight": [16, 8], "linear.bi
 LARS_LR, LARS_WEIGHT_DECAYS = 0.3, (0.0, 1e-6, 0.05)  # 0.05: the two trust ratios then differ visibly
 
 
-def checkout(path: str) -> str:
-    commit = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    if commit != PINNED:
-        sys.exit(f"{path} is at {commit}, not the pinned {PINNED}: check out the pinned commit")
-    sys.path.insert(0, path)
-    return commit
-
-
-def patch_for_cpu(tmp: str) -> None:
-    for name in ("matplotlib", "matplotlib.pyplot", "cv2"):  # imported by their data files, never used here
-        sys.modules[name] = types.ModuleType(name)
-    legacy = types.ModuleType("torchvision.models.utils")  # moved to torch.hub in torchvision 0.13
+def legacy_torchvision_utils() -> None:
+    """models/resnet.py imports ``load_state_dict_from_url`` from ``torchvision.models.utils``, which moved to
+    torch.hub in torchvision 0.13."""
+    legacy = types.ModuleType("torchvision.models.utils")
     legacy.load_state_dict_from_url = torch.hub.load_state_dict_from_url
     sys.modules["torchvision.models.utils"] = legacy
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # their .cuda() calls: this runs on the CPU
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)  # their all_gather
-
-
-class Quiet:
-    @staticmethod
-    def info(message: str) -> None:
-        pass
 
 
 def xent(utils) -> dict[str, torch.Tensor]:
@@ -86,38 +67,6 @@ def xent(utils) -> dict[str, torch.Tensor]:
         loss.backward()
         tensors[f"xent.loss.t{tau}"], tensors[f"xent.grad.t{tau}"] = loss.detach(), x.grad
     return tensors
-
-
-def one_step(sdclr, args) -> tuple[dict[str, torch.Tensor], dict]:
-    from models.resnet import resnet18
-    from models.utils import proj_head
-
-    model = resnet18(pretrained=False, imagenet=False, num_classes=100)
-    model.fc = proj_head(model.fc.in_features, args.output_ch)  # main(), not pruned
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("normalize.")}
-    initial = fixture_io.seeded_weights(shapes, SEED)
-    missing, unexpected = model.load_state_dict(initial, strict=False)
-    assert sorted(missing) == ["normalize.mean", "normalize.std"] and not unexpected  # their fixed constants
-    gen = torch.Generator().manual_seed(SEED)
-    view1, view2 = torch.rand(BATCH, 3, SIZE, SIZE, generator=gen), torch.rand(BATCH, 3, SIZE, SIZE, generator=gen)
-    batch = torch.stack([view1, view2], dim=1)  # their dataset's item: the two views of one image, stacked
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=1e-4, momentum=0.9)  # main(), sgd
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # main(), cosine; one batch per epoch
-        optimizer, lr_lambda=lambda step: sdclr.cosine_annealing(step, args.epochs, 1, 1e-6 / args.lr,
-                                                                 warmup_steps=10))
-    losses, real_xent = [], sdclr.nt_xent
-    sdclr.nt_xent = lambda x, t=0.5, **k: losses.append(real_xent(x, t=t, **k)) or losses[-1]  # keep the loss
-    sdclr.train([batch], model, optimizer, scheduler, 1, Quiet(), 0, 0, 1, args=args)
-    sdclr.nt_xent = real_xent
-    # their loop zeroes the gradients before the backward pass, so after it they are still the step's
-    tensors = {"input.view1": view1, "input.view2": view2, "loss": losses[0].detach(),
-               **{f"init.{k}": v for k, v in initial.items()},
-               **{f"grad.{k}": p.grad for k, p in model.named_parameters()},
-               **{f"after.{k}": v for k, v in model.named_parameters()},
-               **{f"state.{k}": v for k, v in model.named_buffers() if not k.startswith("normalize.")}}
-    meta = {"shapes": shapes, "normalize_mean": model.normalize.mean.tolist(),
-            "normalize_std": model.normalize.std.tolist(), "step_lr": optimizer.param_groups[0]["lr"]}
-    return tensors, meta
 
 
 def lars_steps(lars_class) -> dict[str, torch.Tensor]:
@@ -140,21 +89,25 @@ def lars_steps(lars_class) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkout", help="a checkout of VITA-Group/SDCLR at the pinned commit")
-    commit = checkout(parser.parse_args().checkout)
+    checkout = parser.parse_args().checkout
+    commit = fixture_io.pinned_checkout(checkout, PINNED)
+    sys.path.insert(0, checkout)
     torch.manual_seed(SEED)
-    with tempfile.TemporaryDirectory() as tmp:
-        patch_for_cpu(tmp)
+    legacy_torchvision_utils()
+    with train_simclr.on_one_cpu_process(empty_modules=("matplotlib", "matplotlib.pyplot", "cv2")):
         import train_simCLR as sdclr
         import utils
         from optimizer.lars import LARS
 
+        sdclr.nt_xent = train_simclr.Recorder(sdclr.nt_xent)  # keeps the step's loss
         args = sdclr.parser.parse_args(SCRIPT_ARGS)
-        tensors, meta = one_step(sdclr, args)
+        tensors, meta = train_simclr.one_step(sdclr, args, num_classes=100, epoch=1, seed=SEED, batch=BATCH,
+                                              size=SIZE)
         tensors.update(xent(utils))
         tensors.update(lars_steps(LARS))
-        dist.destroy_process_group()
-    meta.update(repo=REPO, commit=commit, seed=SEED, temperature=args.temperature, lr=args.lr, weight_decay=1e-4,
-                momentum=0.9, epochs=args.epochs, warmup_steps=10, batch=BATCH, size=SIZE, xent_taus=XENT_TAUS,
+    meta.update(repo=REPO, commit=commit, seed=SEED, temperature=args.temperature, lr=args.lr,
+                weight_decay=train_simclr.WEIGHT_DECAY, momentum=train_simclr.MOMENTUM, epochs=args.epochs,
+                warmup_steps=train_simclr.WARMUP_EPOCHS, batch=BATCH, size=SIZE, xent_taus=XENT_TAUS,
                 lars_shapes=LARS_SHAPES, lars_lr=LARS_LR, lars_weight_decays=LARS_WEIGHT_DECAYS,
                 lars_momentum=0.9, lars_eta=1e-3, torch=torch.__version__,
                 configured="train_simCLR.train(), one batch, not pruned; ResNet-18 (CIFAR stem) + proj_head(512, "

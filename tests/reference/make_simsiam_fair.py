@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import subprocess
 import sys
 from pathlib import Path
 
@@ -40,15 +39,6 @@ SEED = 31
 BATCH, SIZE = 4, 32
 SCRIPT_ARGS = ["unused-data-dir", "--arch", "resnet18", "--fix-pred-lr", "--batch-size", "512", "--lr", "0.05",
                "--dim", "512", "--pred-dim", "128"]
-
-
-def checkout(path: str) -> str:
-    commit = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    if commit != PINNED:
-        sys.exit(f"{path} is at {commit}, not the pinned {PINNED}: check out the pinned commit")
-    sys.path.insert(0, path)
-    return commit
 
 
 def build(builder, args) -> nn.Module:
@@ -73,7 +63,9 @@ def optimizer_for(model: nn.Module, args) -> tuple[torch.optim.Optimizer, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkout", help="a checkout of facebookresearch/simsiam at the pinned commit")
-    commit = checkout(parser.parse_args().checkout)
+    checkout = parser.parse_args().checkout
+    commit = fixture_io.pinned_checkout(checkout, PINNED)
+    sys.path.insert(0, checkout)
     torch.manual_seed(SEED)
     import main_simsiam
     import simsiam.builder

@@ -30,7 +30,6 @@ requires): the step is the same code on a quarter of the width, and the fixture 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,15 +50,6 @@ HEAD_WIDTHS = {"proj_hidden": 512, "proj_dim": 512, "pred_hidden": 128}
 #: the heads' parameters that imbssl's heads do not have, and their neutral values
 EXTRA = {"projector.layer1.0.bias": 0.0, "projector.layer3.0.bias": 0.0, "predictor.layer1.0.bias": 0.0,
          "projector.layer3.1.weight": 1.0, "projector.layer3.1.bias": 0.0}
-
-
-def checkout(path: str) -> str:
-    commit = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    if commit != PINNED:
-        sys.exit(f"{path} is at {commit}, not the pinned {PINNED}: check out the pinned commit")
-    sys.path.insert(0, path)
-    return commit
 
 
 def build(get_model, neutral: bool):
@@ -118,7 +108,9 @@ def one_step(get_model, get_optimizer, LR_Scheduler, neutral: bool) -> tuple[dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkout", help="a checkout of PatrickHua/SimSiam at the pinned commit")
-    commit = checkout(parser.parse_args().checkout)
+    checkout = parser.parse_args().checkout
+    commit = fixture_io.pinned_checkout(checkout, PINNED)
+    sys.path.insert(0, checkout)
     from models import get_model
     from models.simsiam import prediction_MLP, projection_MLP
     from optimizers import LR_Scheduler, get_optimizer

@@ -15,7 +15,8 @@ Runs the authors' ``train_simCLR.py: train()`` itself, one batch per call, with 
   step runs at the first warm-up lr, 0.05) and the scheduled temperature: the loss, every gradient, the weights and
   BatchNorm buffers after the step.
 
-What is patched, and why (their code itself is imported unchanged):
+What is patched, and why (their code itself is imported unchanged; sdclr_train_simclr.py, shared with
+make_simclr.py, runs the step):
 - ``torch.Tensor.cuda`` returns the tensor: their loop and ``nt_xent`` move tensors to the GPU; this runs on the CPU.
 - one gloo process group of one rank: their loop all-gathers the projections across processes.
 - ``matplotlib`` is an empty module: ``data/LT_Dataset.py`` imports it at module level and nothing here uses it.
@@ -25,18 +26,15 @@ What is patched, and why (their code itself is imported unchanged):
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
-import types
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
+import sdclr_train_simclr as train_simclr  # noqa: E402
 
 REPO = "Annusha/temperature_schedules"
 PINNED = "3ac1db63ffeb000d917c596be51d6120c19aa633"
@@ -51,48 +49,6 @@ README_ARGS = ["simclr_TS", "--adj_tau", "cos", "--temperature_min", "0.1", "--t
 LR_STEPS, LR_WARMUP = 30, 10
 
 
-def checkout(path: str) -> str:
-    commit = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    if commit != PINNED:
-        sys.exit(f"{path} is at {commit}, not the pinned {PINNED}: check out the pinned commit")
-    sys.path.insert(0, path)
-    return commit
-
-
-def patch_for_cpu(tmp: str) -> None:
-    sys.modules["matplotlib"] = types.ModuleType("matplotlib")  # imported by data/LT_Dataset.py, never used here
-    sys.modules["matplotlib.pyplot"] = types.ModuleType("matplotlib.pyplot")
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # their .cuda() calls: this runs on the CPU
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)  # their all_gather
-
-
-class Quiet:
-    """Their loop logs through ``log.info``; nothing to print here."""
-
-    @staticmethod
-    def info(message: str) -> None:
-        pass
-
-
-class Recorder:
-    """Wraps their ``nt_xent`` to keep the temperature their loop passes it (``t``) and the loss it returns."""
-
-    def __init__(self, nt_xent) -> None:
-        self.nt_xent, self.taus, self.losses = nt_xent, [], []
-
-    def __call__(self, x, t=0.5, **kwargs):
-        self.taus.append(t)
-        self.losses.append(self.nt_xent(x, t=t, **kwargs))
-        return self.losses[-1]
-
-
-def scheduler_for(ts, optimizer, args, steps: int, warmup: int):
-    """Their cosine LambdaLR, as ``main()`` builds it."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda=lambda step: ts.cosine_annealing(step, steps, 1, 1e-6 / args.lr, warmup_steps=warmup))
-
-
 def temperatures(ts, args) -> torch.Tensor:
     """Their loop's tau at each of TAU_EPOCHS, from one step of a tiny linear model per epoch."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8))
@@ -100,7 +56,7 @@ def temperatures(ts, args) -> torch.Tensor:
     batch = torch.rand(2, 2, 3, 4, 4, generator=torch.Generator().manual_seed(SEED))
     for epoch in TAU_EPOCHS:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        ts.train([batch], model, optimizer, scheduler, epoch, Quiet(), 0, 0, 1, args=args)
+        ts.train([batch], model, optimizer, scheduler, epoch, train_simclr.Quiet(), 0, 0, 1, args=args)
     return torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in ts.nt_xent.taus[-len(TAU_EPOCHS):]])
 
 
@@ -109,52 +65,26 @@ def lr_factors(ts, args) -> torch.Tensor:
                          for s in range(LR_STEPS + 1)], dtype=torch.float64)
 
 
-def one_step(ts, args) -> tuple[dict[str, torch.Tensor], dict]:
-    from models.resnet import resnet18
-    from models.utils import proj_head
-
-    model = resnet18(pretrained=False, imagenet=False, num_classes=10)
-    model.fc = proj_head(model.fc.in_features, args.output_ch)  # main(): n_proj_heads == 1
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("normalize.")}
-    initial = fixture_io.seeded_weights(shapes, SEED)
-    missing, unexpected = model.load_state_dict(initial, strict=False)
-    assert sorted(missing) == ["normalize.mean", "normalize.std"] and not unexpected  # their fixed constants
-    gen = torch.Generator().manual_seed(SEED)
-    view1, view2 = torch.rand(BATCH, 3, SIZE, SIZE, generator=gen), torch.rand(BATCH, 3, SIZE, SIZE, generator=gen)
-    batch = torch.stack([view1, view2], dim=1)  # their dataset's item: the two views of one image, stacked
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=1e-4, momentum=0.9)  # main(), sgd
-    scheduler = scheduler_for(ts, optimizer, args, args.epochs * 1, 10 * 1)  # one batch per epoch
-    ts.train([batch], model, optimizer, scheduler, STEP_EPOCH, Quiet(), 0, 0, 1, args=args)
-    # their loop zeroes the gradients before the backward pass, so after it they are still the step's
-    tensors = {"input.view1": view1, "input.view2": view2, "loss": ts.nt_xent.losses[-1].detach(),
-               "step_tau": torch.as_tensor(ts.nt_xent.taus[-1], dtype=torch.float32),
-               **{f"init.{k}": v for k, v in initial.items()},
-               **{f"grad.{k}": p.grad for k, p in model.named_parameters()},
-               **{f"after.{k}": v for k, v in model.named_parameters()},
-               **{f"state.{k}": v for k, v in model.named_buffers() if not k.startswith("normalize.")}}
-    meta = {"shapes": shapes, "normalize_mean": model.normalize.mean.tolist(),
-            "normalize_std": model.normalize.std.tolist(), "step_lr": optimizer.param_groups[0]["lr"]}
-    return tensors, meta
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkout", help="a checkout of Annusha/temperature_schedules at the pinned commit")
-    commit = checkout(parser.parse_args().checkout)
+    checkout = parser.parse_args().checkout
+    commit = fixture_io.pinned_checkout(checkout, PINNED)
+    sys.path.insert(0, checkout)
     torch.manual_seed(SEED)
-    with tempfile.TemporaryDirectory() as tmp:
-        patch_for_cpu(tmp)
+    with train_simclr.on_one_cpu_process(empty_modules=("matplotlib", "matplotlib.pyplot")):
         import train_simCLR as ts
 
-        ts.nt_xent = Recorder(ts.nt_xent)
+        ts.nt_xent = train_simclr.Recorder(ts.nt_xent)
         args = ts.parser.parse_args(README_ARGS)
-        tensors, meta = one_step(ts, args)
+        tensors, meta = train_simclr.one_step(ts, args, num_classes=10, epoch=STEP_EPOCH, seed=SEED, batch=BATCH,
+                                              size=SIZE)
+        tensors["step_tau"] = torch.as_tensor(ts.nt_xent.taus[-1], dtype=torch.float32)
         tensors["tau"], tensors["lr_factor"] = temperatures(ts, args), lr_factors(ts, args)
-        dist.destroy_process_group()
     meta.update(repo=REPO, commit=commit, seed=SEED, tau_epochs=TAU_EPOCHS, step_epoch=STEP_EPOCH,
                 tau_min=args.temperature_min, tau_max=args.temperature_max, t_max=args.t_max, epochs=args.epochs,
-                lr=args.lr, weight_decay=1e-4, momentum=0.9, lr_steps=LR_STEPS, lr_warmup=LR_WARMUP,
-                batch=BATCH, size=SIZE, torch=torch.__version__,
+                lr=args.lr, weight_decay=train_simclr.WEIGHT_DECAY, momentum=train_simclr.MOMENTUM,
+                lr_steps=LR_STEPS, lr_warmup=LR_WARMUP, batch=BATCH, size=SIZE, torch=torch.__version__,
                 configured="README CIFAR command; train() with one batch per epoch; ResNet-18 (CIFAR stem) + "
                            "proj_head(512, 128); SGD lr 0.5 wd 1e-4 momentum 0.9, a fresh cosine scheduler "
                            "(10 warm-up steps of 2,000): the step runs at lr 0.05")

@@ -73,7 +73,7 @@ def subset(fixture: fixture_io.Fixture, prefix: str, keys: Iterable[str], keep: 
     """The fixture with only (``keep``) or without (not ``keep``) the entries ``prefix`` + each of ``keys``."""
     chosen = {prefix + k for k in keys}
     return fixture_io.Fixture({k: v for k, v in fixture.tensors.items()
-                               if (k.removesuffix("::fingerprint") in chosen) == keep}, fixture.meta)
+                               if (fixture_io.name_of(k) in chosen) == keep}, fixture.meta)
 
 
 def reference_keys(fixture: fixture_io.Fixture, prefix: str) -> list[str]:

@@ -76,7 +76,7 @@ def compare_noise_aware(actual: dict[str, torch.Tensor], fixture: fixture_io.Fix
     """``fixture_io.assert_close``, except that the keys in ``noise`` (pure round-off on both sides) must only stay
     under ``ROUND_OFF``; the returned largest difference leaves them out."""
     fixture_io.assert_close({k: v for k, v in actual.items() if k not in noise}, fixture_io.Fixture(
-        {k: v for k, v in fixture.tensors.items() if k.removesuffix("::fingerprint")[len(prefix):] not in noise
+        {k: v for k, v in fixture.tensors.items() if fixture_io.name_of(k)[len(prefix):] not in noise
          and k.startswith(prefix)}, fixture.meta), prefix, rtol, atol)
     worst = fixture_io.Difference()
     for key in sorted(actual):

@@ -248,7 +248,7 @@ GROUPS = ("loss", "grad.", "after.", "update.", "state.sgd.momentum_buffer.", "s
 
 def split_key(key: str) -> tuple[str, str]:
     """A fixture key -> (its group, their parameter name): ("grad.", "backbone.conv1.weight")."""
-    name = key.removesuffix("::fingerprint")
+    name = fixture_io.name_of(key)
     group = next((g for g in GROUPS if g.endswith(".") and name.startswith(g)), "")
     return group, name[len(group):]
 
@@ -270,39 +270,12 @@ def comparable(fixture: fixture_io.Fixture) -> fixture_io.Fixture:
     return fixture_io.Fixture(kept, fixture.meta)
 
 
-def weight_spacing(after: torch.Tensor) -> float:
-    """The fp32 spacing at a tensor's largest weight: the rounding of ``after`` alone puts ``after - before`` off by
-    up to this much, however exact the step."""
-    return torch.finfo(torch.float32).eps * float(2 ** torch.floor(torch.log2(after.abs().max().clamp_min(1e-30))))
-
-
 def differences(fixture: fixture_io.Fixture, results: dict[str, torch.Tensor],
                 rtol: float = RTOL) -> dict[str, fixture_io.Difference]:
     """``assert_close`` for each group of keys, relative to each tensor's largest value; the largest difference of
     each. A weight's change (``update.``) is allowed the spacing of the weight itself beyond ``rtol``, where it is
     stored whole."""
-    fixture = comparable(fixture)
-    found = {}
-    for group in GROUPS:
-        if not group.endswith("."):
-            found[group] = fixture_io.assert_close({group: results[group]}, fixture_io.Fixture(
-                {group: fixture[group]}, fixture.meta), rtol=rtol, atol=0)
-            continue
-        expected = {k[len(group):] for k in fixture.keys(group)}
-        mine = {k[len(group):]: v for k, v in results.items() if k.startswith(group) and k[len(group):] in expected}
-        if group != "update.":
-            found[group] = fixture_io.assert_close(mine, fixture, group, rtol=rtol, atol=0)
-            continue
-        assert set(mine) == expected, f"update.: missing {sorted(expected - set(mine))}"
-        found[group] = fixture_io.Difference()
-        for key, value in sorted(mine.items()):
-            diff = fixture_io.difference(value, fixture, group + key)
-            whole = group + key in fixture.tensors
-            atol = weight_spacing(results[f"after.{key}"]) if whole else 1e-7
-            assert diff.max_abs <= atol + rtol * diff.scale, \
-                f"{group}{key}: max abs difference {diff.max_abs:.3g} (relative {diff.max_rel:.3g})"
-            found[group] = found[group].add(diff)
-    return found
+    return fixture_io.assert_groups_close(results, comparable(fixture), GROUPS, rtol)
 
 
 def test_step_equals_reference():

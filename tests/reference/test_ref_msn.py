@@ -256,7 +256,7 @@ def comparable(fixture: fixture_io.Fixture, results: dict[str, torch.Tensor]
     dim = fixture.meta["vit"]["dim"]
     tensors, mine = {}, {}
     for key, expected in fixture.tensors.items():
-        name = key.removesuffix("::fingerprint")
+        name = fixture_io.name_of(key)
         group, ref = next(((g, name[len(g):]) for g in GROUPS + ("init.", "input.") if name.startswith(g)),
                           ("", name))
         if ref.removeprefix("exp_avg_sq.").removeprefix("exp_avg.") in NOT_IN_IMBSSL:
@@ -284,39 +284,13 @@ GROUPS = ("loss", "grad.", "after.", "update.", "state.target.", "state.adamw.ex
 GROUP_RTOL = {"state.adamw.exp_avg_sq.": 2}
 
 
-def weight_spacing(after: torch.Tensor) -> float:
-    """The fp32 spacing at a tensor's largest weight: the rounding of ``after`` alone puts ``after - before`` off by
-    up to this much, however exact the step."""
-    return torch.finfo(torch.float32).eps * float(2 ** torch.floor(torch.log2(after.abs().max().clamp_min(1e-30))))
-
-
 def differences(fixture: fixture_io.Fixture, results: dict[str, torch.Tensor],
                 rtol: float = RTOL) -> dict[str, fixture_io.Difference]:
     """``assert_close`` for each group of keys, relative to each tensor's largest value (``GROUP_RTOL``); the largest
     difference of each. A weight's change (``update.``) is allowed the spacing of the weight itself beyond ``rtol``,
     where it is stored whole."""
     fixture, results = comparable(fixture, results)
-    found = {}
-    for group in GROUPS:
-        if group == "loss":
-            found[group] = fixture_io.assert_close({"loss": results["loss"]}, fixture_io.Fixture(
-                {"loss": fixture["loss"]}, fixture.meta), rtol=rtol, atol=0)
-            continue
-        expected = {k[len(group):] for k in fixture.keys(group)}
-        mine = {k[len(group):]: v for k, v in results.items() if k.startswith(group) and k[len(group):] in expected}
-        if group != "update.":
-            found[group] = fixture_io.assert_close(mine, fixture, group, rtol=rtol * GROUP_RTOL.get(group, 1), atol=0)
-            continue
-        assert set(mine) == expected, f"update.: missing {sorted(expected - set(mine))}"
-        found[group] = fixture_io.Difference()
-        for key, value in sorted(mine.items()):
-            diff = fixture_io.difference(value, fixture, group + key)
-            whole = group + key in fixture.tensors
-            atol = weight_spacing(results[f"after.{key}"]) if whole else 1e-7
-            assert diff.max_abs <= atol + rtol * diff.scale, \
-                f"{group}{key}: max abs difference {diff.max_abs:.3g} (relative {diff.max_rel:.3g})"
-            found[group] = found[group].add(diff)
-    return found
+    return fixture_io.assert_groups_close(results, fixture, GROUPS, rtol, GROUP_RTOL)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -86,7 +86,7 @@ def only(fixture: fixture_io.Fixture, prefix: str, keys) -> fixture_io.Fixture:
     """The fixture with, under ``prefix``, only ``keys``: what imbssl has a counterpart of."""
     keys = {prefix + k for k in keys}
     return fixture_io.Fixture({k: v for k, v in fixture.tensors.items()
-                               if not k.startswith(prefix) or k.removesuffix("::fingerprint") in keys}, fixture.meta)
+                               if not k.startswith(prefix) or fixture_io.name_of(k) in keys}, fixture.meta)
 
 
 def sgd(method: SimSiam, fixture: fixture_io.Fixture, weight_decay: float):
@@ -120,7 +120,7 @@ def compare(method: SimSiam, names: dict[str, str], fixture: fixture_io.Fixture,
 
 
 def fixture_keys(fixture: fixture_io.Fixture) -> set[str]:
-    return {k.removesuffix("::fingerprint") for k in fixture.tensors}
+    return {fixture_io.name_of(k) for k in fixture.tensors}
 
 
 def report(name: str, worst: dict[str, fixture_io.Difference]) -> None:
