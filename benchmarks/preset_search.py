@@ -25,6 +25,7 @@ from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
 from imbssl.recipes import load_preset
+from imbssl.records import EvalRecord, PretrainRecord
 
 
 def preset_run(data: str, cache_dir: str) -> dict:
@@ -32,7 +33,7 @@ def preset_run(data: str, cache_dir: str) -> dict:
     preset = load_preset("experiment-1", "cpu")
     return deep_merge(preset["base"], {
         "name": "search", "seed": 0, "method": {"name": "simsiam"},
-        "optim": preset.get("method_optim", {}).get("simsiam", {}),
+        "optim": preset.get("method_settings", {}).get("simsiam", {}).get("optim", {}),
         "data": {"path": data, "cache_dir": cache_dir, "subset": {"profile": "balanced", "imbalance": 100}}})
 
 
@@ -66,7 +67,7 @@ def run_variant(name: str, cfg, run_dir: Path, args: argparse.Namespace) -> None
             wall_at[epoch] = time.perf_counter() - started
 
     pretrain(cfg, run_dir, resume=True, callbacks=[snapshot])
-    trained = json.loads((run_dir / "pretrain.json").read_text())
+    trained = PretrainRecord.read(run_dir)
     final = load_safe(run_dir / BACKBONE_FILE)
     for path in sorted(snapshots.glob("epoch*.pt"), key=lambda p: int(p.stem[5:])) if snapshots.exists() else []:
         folder = snapshots / path.stem
@@ -77,13 +78,14 @@ def run_variant(name: str, cfg, run_dir: Path, args: argparse.Namespace) -> None
         backbone = {k.removeprefix("backbone."): v for k, v in method.items() if k.startswith("backbone.")}
         save_atomic({"backbone": backbone, "mean": final["mean"], "std": final["std"]}, folder / BACKBONE_FILE)
         record(args.out, name, cfg, int(path.stem[5:]), evaluate_run(folder), wall_at.get(int(path.stem[5:])), trained)
-    record(args.out, name, cfg, cfg.optim.epochs, evaluate_run(run_dir), trained["wall_s_this_call"], trained)
+    record(args.out, name, cfg, cfg.optim.epochs, evaluate_run(run_dir), trained.wall_s_this_call, trained)
 
 
-def record(out: str, name: str, cfg, epoch: int, result: dict, wall_s: float | None, pretrain: dict) -> None:
-    line = {"variant": name, "epoch": epoch, "epochs": cfg.optim.epochs, "linear_top1": result["linear"]["top1"],
-            "knn20_top1": result["knn20"]["top1"], "pretrain_wall_s": wall_s,
-            "images_per_s": pretrain.get("images_per_s"), "hardware": pretrain["hardware"],
+def record(out: str, name: str, cfg, epoch: int, result: EvalRecord, wall_s: float | None,
+           pretrain: PretrainRecord) -> None:
+    line = {"variant": name, "epoch": epoch, "epochs": cfg.optim.epochs, "linear_top1": result.linear.top1,
+            "knn20_top1": result.knn[20].top1, "pretrain_wall_s": wall_s,
+            "images_per_s": pretrain.images_per_s, "hardware": pretrain.hardware,
             "config": {"model": cfg.model.model_dump(), "optim": cfg.optim.model_dump(),
                        "method": cfg.method.model_dump(), "train": cfg.train.model_dump()}}
     Path(out).parent.mkdir(parents=True, exist_ok=True)

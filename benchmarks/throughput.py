@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from imbssl.augment import ViewAugment, channel_stats
-from imbssl.config import AugmentConfig, DataConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig
+from imbssl.config import AugmentConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from imbssl.data import DataError, StreamedImages, load_splits
 from imbssl.engine.optim import build_optimizer
 from imbssl.engine.trainer import optimizer_step
 from imbssl.launcher import loaded as tcmalloc_loaded
 from imbssl.methods import build_method
+from imbssl.methods.simsiam import SimSiamConfig
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import describe_hardware, ready_for_training, resolve_device, to_tensor_nchw
 
@@ -51,7 +52,7 @@ class Bench:
         torch.manual_seed(args.seed)
         width = args.resnet_width if model == "resnet18" else 1.0
         backbone = build_backbone(ModelConfig(backbone=model, width=width), in_channels=3)
-        self.method = build_method(MethodConfig(name="simsiam"), backbone).to(device).train()
+        self.method = build_method(SimSiamConfig(), backbone).to(device).train()
         self.channels_last = precision == "bf16"
         train = TrainConfig(channels_last=self.channels_last, compile=args.compile)
         self.method = ready_for_training(self.method, train, device)

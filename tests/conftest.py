@@ -1,10 +1,36 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from imbssl.config import SupervisedConfig, build_config, validate_tree
+from imbssl.config import SupervisedConfig, build_config, shared_method_keys, validate_tree
+from imbssl.eval import cluster_statistics
+from imbssl.pipelines import evaluate
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
 
 torch.set_num_threads(2)
+
+
+def imbssl_command(*args, prelude: str = "") -> list[str]:
+    """The command line of the real ``imbssl`` entry point in a fresh interpreter (imbssl/__main__.py's two lines);
+    ``prelude`` is Python run first (to inject a fault)."""
+    return [sys.executable, "-c", f"{prelude}\nfrom imbssl.cli import main\nmain()", *map(str, args)]
+
+
+def imbssl(*args, cwd: Path, env: dict | None = None, prelude: str = "", timeout: float = 600,
+           **popen) -> subprocess.CompletedProcess:
+    """``imbssl ARGS`` run to its end in ``cwd``, output captured as text; ``env`` is added to this environment."""
+    return subprocess.run(imbssl_command(*args, prelude=prelude), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, **popen)
+
+
+def with_sections(tree: dict, sections: dict) -> dict:
+    """``tree`` with each of ``sections`` laid over the section of its name (a value that is not a dict replaces it)."""
+    return {**tree, **{name: {**tree.get(name, {}), **values} if isinstance(values, dict) else values
+                       for name, values in sections.items()}}
 
 
 @pytest.fixture
@@ -23,7 +49,10 @@ def tiny_cfg(tmp_path):
         }
         for section, values in sections.items():
             if isinstance(values, dict):
-                tree[section] = {**tree.get(section, {}), **values}
+                base = tree.get(section, {})
+                if section == "method":  # the tiny widths, where the method has them
+                    base = shared_method_keys(base, values.get("name", "simsiam"), where="tiny_cfg method")
+                tree[section] = {**base, **values}
             else:
                 tree[section] = values
         return build_config(tree)
@@ -40,10 +69,22 @@ def sup_cfg(tmp_path):
                 "model": {"backbone": "small_cnn", "width": 0.5},
                 "optim": {"batch_size": 64, "epochs": 6, "warmup_epochs": 1, "milestones": [5], "lr_factors": [0.1]},
                 "augment_pad": 0, "train": {"progress": False}, "eval": {"val_per_class": 5}}
-        for section, values in sections.items():
-            tree[section] = {**tree.get(section, {}), **values} if isinstance(values, dict) else values
-        return validate_tree(SupervisedConfig, tree)
+        return validate_tree(SupervisedConfig, with_sections(tree, sections))
     return make
+
+
+@pytest.fixture
+def final_clustering(monkeypatch) -> dict:
+    """Filled in by ``evaluate_run``: the final clustering's ``assignments`` (unsorted, each image's cluster), each
+    cluster's ``target`` share (the prior) and the images' ``labels``, as evaluate passes them to its statistics."""
+    seen = {}
+
+    def spy(assignments, target, labels):
+        seen.update(assignments=assignments, target=target, labels=labels)
+        return cluster_statistics(assignments, target, labels)
+
+    monkeypatch.setattr(evaluate, "cluster_statistics", spy)
+    return seen
 
 
 class Interrupt(Exception):

@@ -10,8 +10,8 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from imbssl.augment import MultiCrop
 from imbssl.augment import randaugment as ra
-from imbssl.config import MethodConfig, ModelConfig
-from imbssl.methods import BCLD, BCLI, boost_weights, build_method, momentum_loss_update, nt_xent
+from imbssl.config import ModelConfig
+from imbssl.methods import BCLD, BCLI, SECTIONS, boost_weights, build_method, momentum_loss_update, nt_xent
 from imbssl.methods.simclr import nt_xent_per_image
 from imbssl.models import build_backbone
 from imbssl.pipelines.pretrain import pretrain
@@ -129,7 +129,7 @@ def test_nt_xent_per_image_averages_each_images_two_views():
 
 
 def _bcl(name: str):
-    return build_method(MethodConfig(name=name, proj_hidden=32, proj_dim=16, temperature=0.2),
+    return build_method(SECTIONS[name](proj_hidden=32, proj_dim=16, temperature=0.2),
                         build_backbone(ModelConfig(width=0.25), 3))
 
 
@@ -150,6 +150,7 @@ def test_bcl_has_bcls_two_layer_head_with_batchnorm_on_both_layers(name):
         assert {k for k in method.pruned_bn if k.startswith("projector/")} == {"projector/1", "projector/4"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, base", [("bcl-i", BCLI), ("bcl-d", BCLD)])
 def test_bcl_remembers_each_images_loss_and_boosts_from_the_next_epoch(name, base):
     method = _bcl(name)
@@ -206,6 +207,7 @@ def test_bcl_memory_survives_resume(tiny_cfg, interrupted_then_resumed):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_bcl_reports_the_boost_by_thirds(tiny_cfg, tmp_path):
     cfg = tiny_cfg(method={"name": "bcl-i"}, optim={"epochs": 2}, data={"subset": {"profile": "exp", "imbalance": 10}})
     summary = json.loads((pretrain(cfg, tmp_path / "r") / "pretrain.json").read_text())

@@ -45,9 +45,9 @@ METHODS = {
     "msn": {"name": "msn", "num_clusters": 16},
     "msn-sinkhorn": {"name": "msn", "num_clusters": 16, "sinkhorn": True},
     # MoCo's keys: the key encoder's global batch shuffled across the processes (parts of 42 and 41) and put back
-    # in order before the queue takes them; one BatchNorm group (moco_bn_splits 1) so that sync_batchnorm's global
+    # in order before the queue takes them; one BatchNorm group (bn_splits 1) so that sync_batchnorm's global
     # statistics make the split irrelevant: with groups, the processes' parts are groups of their own
-    "moco": {"name": "moco", "queue_size": 200, "moco_bn_splits": 1},
+    "moco": {"name": "moco", "queue_size": 200, "bn_splits": 1},
 }
 #: the methods that train on multi-crop views
 LOCAL_CROPS = {"excb", "msn", "msn-sinkhorn"}
@@ -187,6 +187,7 @@ def _rank_1_hangs() -> None:
     assert time.perf_counter() - start < 2.5
 
 
+@pytest.mark.slow
 def test_a_process_that_stops_answering_fails_the_others_after_the_timeout():
     run_processes(_rank_1_hangs, timeout_s=1)
 
@@ -196,6 +197,7 @@ def _pretrain(cfg, run_dir: Path) -> None:
     pretrain(cfg, run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_processes_train_exactly_as_one_at_the_same_global_batch(tiny_cfg, tmp_path, method):
     """The same per-step losses and final weights (every parameter and buffer: BatchNorm statistics, ExCB's
@@ -237,6 +239,7 @@ def _pretrain_watching_writes(cfg, run_dir: Path, root: Path) -> None:
     assert not writes, f"rank {distributed.rank()} wrote {writes}"
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes(tiny_cfg, tmp_path):
     """Rank 1 writes nothing anywhere under tmp_path (the run folder, the data cache) while rank 0 writes the run."""
     cfg = small_cfg(tiny_cfg, "simsiam")
@@ -255,6 +258,7 @@ def _straight_then_interrupted_and_resumed(cfg, straight: Path, resumed: Path) -
     pretrain(cfg, resumed, resume=True)
 
 
+@pytest.mark.slow
 def test_a_two_process_run_resumed_after_an_interruption_matches_a_straight_one(tiny_cfg, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_processes(_straight_then_interrupted_and_resumed, small_cfg(tiny_cfg, "simclr"), straight, resumed)
@@ -280,6 +284,7 @@ def _train_watching_writes(cfg, run_dir: Path, root: Path) -> None:
     assert not writes, f"rank {distributed.rank()} wrote {writes}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(SUPERVISED))
 def test_two_processes_train_a_classifier_exactly_as_one(sup_cfg, tmp_path, variant):
     """imbssl train: the same per-step losses (within 1e-4 of losses near 1: the last epoch's grow from 1e-7 to 1e-5
@@ -302,6 +307,7 @@ def test_two_processes_train_a_classifier_exactly_as_one(sup_cfg, tmp_path, vari
         assert torch.allclose(models[1][key].double(), value.double(), rtol=0, atol=1e-4), key
 
 
+@pytest.mark.slow
 def test_torchrun_launches_imbssl_pretrain(tiny_cfg, tmp_path):
     cfg = small_cfg(tiny_cfg, "simsiam")
     save_config(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 1})}), tmp_path / "run.yaml")
@@ -313,6 +319,7 @@ def test_torchrun_launches_imbssl_pretrain(tiny_cfg, tmp_path):
     assert json.loads((tmp_path / "run" / "pretrain.json").read_text())["processes"] == 2
 
 
+@pytest.mark.slow
 def test_torchrun_launches_imbssl_train(sup_cfg, tmp_path):
     save_config(sup_cfg(optim={"epochs": 1, "milestones": [], "lr_factors": []}), tmp_path / "train.yaml")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -350,16 +357,16 @@ def test_a_recipe_under_torchrun_trains_data_parallel_and_reports_once(tmp_path)
     assert (tmp_path / "2proc" / run / "eval.json").exists() and (tmp_path / "2proc" / "table.md").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["experiment-2", "semi-supervised"])
 def test_recipes_that_are_not_data_parallel_refuse_torchrun(monkeypatch, recipe):
-    from imbssl.recipes import experiment_2, semi_supervised
+    from imbssl.recipes import recipe as schema
+    from imbssl.recipes.grid import run_cells
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    run = {"experiment-2": lambda: experiment_2.run_experiment(experiment_2.Experiment2Config(), Path("unused")),
-           "semi-supervised": lambda: semi_supervised.run_grid(semi_supervised.SemiSupervisedExperimentConfig(),
-                                                               Path("unused"))}[recipe]
+    cells = schema(recipe)().cells(Path("unused"))
     with pytest.raises(ImbsslError, match="runs on one process only; start it without torchrun"):
-        run()
+        run_cells(cells, recipe)
 
 
 # -- MoCo's shuffling BN across processes (moco/builder.py _batch_shuffle_ddp / _batch_unshuffle_ddp) -------------

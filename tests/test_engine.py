@@ -17,6 +17,7 @@ def weights(run_dir):
     return load_safe(run_dir / "backbone.pt")["backbone"]
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights(tiny_cfg, interrupted_then_resumed):
     straight, resumed = interrupted_then_resumed(tiny_cfg())
     a, b = weights(straight), weights(resumed)
@@ -25,6 +26,7 @@ def test_resume_gives_the_same_weights(tiny_cfg, interrupted_then_resumed):
     assert [r["step"] for r in read_metrics(straight)] == [r["step"] for r in read_metrics(resumed)]
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume(tiny_cfg, tmp_path):
     cfg = tiny_cfg(optim={"epochs": 1})
     pretrain(cfg, tmp_path / "run")
@@ -32,6 +34,7 @@ def test_existing_run_needs_resume(tiny_cfg, tmp_path):
         pretrain(cfg, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_real_images(tiny_cfg, tmp_path):
     for method in ("simsiam", "simclr"):
         run = pretrain(tiny_cfg(method={"name": method}, optim={"epochs": 8}), tmp_path / method)
@@ -42,6 +45,7 @@ def test_loss_decreases_on_real_images(tiny_cfg, tmp_path):
         assert summary["images_seen"] > 0 and summary["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_run_folder_contents(tiny_cfg, tmp_path):
     run = pretrain(tiny_cfg(optim={"epochs": 1}), tmp_path / "run")
     for name in ("config.yaml", "metrics.jsonl", "train.log", "subset.npz", "backbone.pt", "checkpoints/last.pt"):
@@ -49,6 +53,7 @@ def test_run_folder_contents(tiny_cfg, tmp_path):
     assert any((run / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_checkpoint_by_wall_time(tiny_cfg, tmp_path):
     """With checkpoint_every far above the run's epochs, the time rule still saves every epoch here."""
     saved = []
@@ -61,6 +66,7 @@ def test_checkpoint_by_wall_time(tiny_cfg, tmp_path):
     assert saved == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     poisoned = {"on": False}
     step = SimSiam.training_step
@@ -98,7 +104,7 @@ class PartlyClipped(TrainingTask):
 
 
 def test_optimizer_step_clips_the_gradient_norm_of_the_parameters_the_task_names():
-    """MSN's code clips its encoder's gradient norm before the step (method.msn_clip_grad_norm): the engine scales
+    """MSN's code clips its encoder's gradient norm before the step (method.clip_grad_norm): the engine scales
     the named parameters' gradients together to the norm and leaves the others as the backward pass left them."""
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
     grads, weights = {}, {}
@@ -152,6 +158,7 @@ def test_collapse_warning_is_logged(caplog):
     assert "possible collapse" in caplog.text
 
 
+@pytest.mark.slow
 def test_every_image_is_seen_once_each_epoch(tiny_cfg, tmp_path, monkeypatch):
     """503 images at batch 128: four near-equal batches an epoch, none dropped (a partial batch used to be)."""
     seen, real_step = [], SimSiam.training_step
@@ -165,6 +172,7 @@ def test_every_image_is_seen_once_each_epoch(tiny_cfg, tmp_path, monkeypatch):
     assert json.loads((run / "pretrain.json").read_text())["images_seen_total"] == 2 * 503
 
 
+@pytest.mark.slow
 def test_run_sets_and_records_determinism(tiny_cfg, tmp_path):
     try:
         run = pretrain(tiny_cfg(optim={"epochs": 1}), tmp_path / "r")

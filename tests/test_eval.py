@@ -103,6 +103,7 @@ def test_balanced_split_is_seeded():
 FAST = LinearEvalConfig(epochs=15, batch_size=64, lrs=[1e-6, 0.1], weight_decays=[0.0, 1e-4])
 
 
+@pytest.mark.slow
 def test_linear_probe_separable_blobs_selects_on_val():
     train_x, train_y = _blobs(1000, 5, 32, spread=1.0, seed=0)
     val_x, val_y = _blobs(300, 5, 32, spread=1.0, seed=1)
@@ -116,6 +117,7 @@ def test_linear_probe_separable_blobs_selects_on_val():
     assert result.test_pred.shape == (500,)
 
 
+@pytest.mark.slow
 def test_linear_probe_never_takes_test_labels_and_is_deterministic():
     params = list(inspect.signature(linear_probe).parameters)
     assert params == ["train_x", "train_y", "val_x", "val_y", "test_x", "num_classes", "cfg", "seed", "device"]

@@ -1,26 +1,31 @@
 """ExCB (methods/excb.py): the balancing operator B, the cluster sizes s, where gradients flow, and short
 real runs on digits that show what balancing does."""
 import copy
-import json
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics.cluster import contingency_matrix
 from torch import nn
 
-from imbssl.config import MethodConfig, deep_merge
+from imbssl.config import deep_merge
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.runlog import read_metrics
+from imbssl.engine.schedules import Schedules, constant_schedule
 from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.methods import build_method
-from imbssl.methods.excb import (CENTROID_GROUP, CosineCentroids, balance, balance_by_cases, excb_loss,
+from imbssl.methods.excb import (CENTROID_DECAY, ExCBConfig, balance, balance_by_cases, excb_loss,
                                  excb_loss_as_code, view_agreement)
 from imbssl.models import SmallCNN
+from imbssl.models.heads import CosineCentroids
 from imbssl.pipelines.evaluate import CLUSTER_FIGURE, evaluate_run
 from imbssl.pipelines.pretrain import pretrain
 from imbssl.recipes import load_preset
-from imbssl.recipes.excb import ExcbExperimentConfig, run_experiment
+from imbssl.recipes.excb import ExcbExperimentConfig
+from imbssl.recipes.grid import Results, reproduce
+from imbssl.records import EvalRecord
 
 K = 8
 UNIFORM = torch.full((K,), 1 / K)
@@ -67,8 +72,7 @@ def test_efficient_balance_equals_the_case_by_case_definition():
 
 # -- the method on tiny inputs ---------------------------------------------------------------------
 def tiny_excb(**settings) -> torch.nn.Module:
-    cfg = MethodConfig(**{"name": "excb", "proj_hidden": 16, "proj_dim": 8, "pred_hidden": 16, "num_clusters": K,
-                          **settings})
+    cfg = ExCBConfig(**{"proj_hidden": 16, "proj_dim": 8, "pred_hidden": 16, "num_clusters": K, **settings})
     torch.manual_seed(0)
     return build_method(cfg, SmallCNN(1, width=0.25))
 
@@ -101,8 +105,9 @@ def test_loss_is_eq_7_averaged_over_view_pairs():
     assert torch.allclose(excb_loss(p_teacher, z_proj, z_pred, 0.1), expected)
 
 
+@pytest.mark.slow
 def test_the_code_pairing_is_the_official_loss_by_hand_and_the_method_uses_it():
-    """excb_pairing code (the official ClusteringLoss): teacher view i against the projector output of each other
+    """pairing code (the official ClusteringLoss): teacher view i against the projector output of each other
     GLOBAL view and the predictor output of every view, one mean over all these pairs; not Eq. 7's loss."""
     gen = torch.Generator().manual_seed(0)
     p_teacher = F.softmax(torch.randn(2, 5, K, generator=gen), dim=-1)
@@ -117,7 +122,7 @@ def test_the_code_pairing_is_the_official_loss_by_hand_and_the_method_uses_it():
     assert torch.allclose(excb_loss(p_teacher, z_proj, z_pred, 0.1, pairing="code"), expected)
     assert not torch.allclose(excb_loss(p_teacher, z_proj, z_pred, 0.1), expected, atol=1e-3)
 
-    method = tiny_excb(excb_pairing="code")
+    method = tiny_excb(pairing="code")
     twin, step_views = copy.deepcopy(method), views(local=2)
     loss = method.training_step(step_views, torch.arange(6)).loss
     p_teacher = twin.teacher_assignments(step_views[:2])
@@ -125,10 +130,11 @@ def test_the_code_pairing_is_the_official_loss_by_hand_and_the_method_uses_it():
     assert torch.allclose(loss, excb_loss_as_code(p_teacher, z_proj, z_pred, twin.cfg.student_temperature))
 
 
+@pytest.mark.slow
 def test_heads_on_all_views_normalise_global_and_local_views_together():
-    """excb_head_batches all (the official Classifier): the backbone on each crop size, then the heads on all views
+    """head_batches all (the official Classifier): the backbone on each crop size, then the heads on all views
     as one batch; imbssl's default runs the heads on each group alone. Without local crops the two agree."""
-    by_size, together = tiny_excb(), tiny_excb(excb_head_batches="all")  # the same weights (seeded)
+    by_size, together = tiny_excb(), tiny_excb(head_batches="all")  # the same weights (seeded)
     step_views = views(local=2)
     global_views, local_views = step_views[:2], step_views[2:]
     projections, z_proj, z_pred = together.student_outputs(global_views, local_views)
@@ -154,13 +160,14 @@ def test_the_paper_preset_builds_the_official_projector_and_the_others_as_before
     for projector in (method.projector, method.teacher.projector):
         assert [type(m) for m in projector] == block * hidden_layers + [nn.Linear]
     paper = preset == "paper"
-    assert (cfg.excb_head_batches, cfg.excb_pairing) == (("all", "code") if paper else ("by_size", "paper"))
+    assert (cfg.head_batches, cfg.pairing) == (("all", "code") if paper else ("by_size", "paper"))
 
 
 def test_view_agreement_by_hand():
     assert view_agreement(torch.tensor([[0, 1, 2, 3], [0, 1, 0, 0]])).item() == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_teacher_gets_no_gradient_and_follows_the_student_by_ema():
     method = tiny_excb(teacher_momentum=0.9)
     method.training_step(views(local=2), torch.arange(6)).loss.backward()
@@ -171,12 +178,14 @@ def test_teacher_gets_no_gradient_and_follows_the_student_by_ema():
     assert not trained & {id(p) for p in method.teacher.parameters()}
 
     optimizer = torch.optim.SGD(method.param_groups(), lr=0.1)
+    Schedules(method, optimizer, {"lr": constant_schedule(0.1, 10)}, 10, 5).apply(0)  # the momentum is still 0.9
     optimizer.step()
     before = method.teacher.projector[0].weight.clone()
-    method.on_step_end(0, 10, optimizer)  # step 0 of 10: the momentum is still 0.9
+    method.on_step_end()
     assert torch.allclose(method.teacher.projector[0].weight, 0.9 * before + 0.1 * method.projector[0].weight)
 
 
+@pytest.mark.slow
 def test_centroids_get_no_gradient_from_local_crops():
     layer, features = CosineCentroids(dim=4, num_clusters=K), torch.randn(3, 4, requires_grad=True)
     layer(features, detach=True).sum().backward()
@@ -193,16 +202,19 @@ def test_centroids_get_no_gradient_from_local_crops():
 
 
 def test_centroid_weight_decay_schedule():
+    """The centroids' group follows its own cosine, 1e-3 -> 1e-4 (Sec. 4.1); the other groups keep theirs."""
     method = tiny_excb()
     optimizer = torch.optim.SGD(method.param_groups(), lr=0.1, weight_decay=5e-4)
-    centroids = next(g for g in optimizer.param_groups if g.get("name") == CENTROID_GROUP)
-    assert centroids["weight_decay"] == pytest.approx(1e-3) and optimizer.param_groups[0]["weight_decay"] == 5e-4
-    method.on_step_end(49, 100, optimizer)  # sets the decay of step 50, half way: the mean of 1e-3 and 1e-4
-    assert centroids["weight_decay"] == pytest.approx(5.5e-4)
-    method.on_step_end(99, 100, optimizer)
-    assert centroids["weight_decay"] == pytest.approx(1e-4)
+    centroids = next(g for g in optimizer.param_groups if g.get("wd_schedule") == CENTROID_DECAY)
+    assert centroids["params"] == [method.centroids.weight]
+    schedules = Schedules(method, optimizer, {"lr": constant_schedule(0.1, 100)}, 100, 10)
+    for step, expected in ((0, 1e-3), (50, 5.5e-4), (99, 1e-4 + 9e-4 * (1 + math.cos(math.pi * 0.99)) / 2)):
+        schedules.apply(step)
+        assert centroids["weight_decay"] == pytest.approx(expected, rel=1e-12)
+        assert [g["weight_decay"] for g in optimizer.param_groups[:2]] == [5e-4, 0.0]
 
 
+@pytest.mark.slow
 def test_kmeans_init_puts_the_same_centroids_in_student_and_teacher():
     method = tiny_excb().train()
     random_init = method.centroids.weight.clone()
@@ -243,6 +255,7 @@ def last_epoch(run_dir) -> dict:
     return [r for r in read_metrics(run_dir) if "epoch/loss" in r][-1]
 
 
+@pytest.mark.slow
 def test_balancing_keeps_clusters_in_bounds_where_no_balancing_concentrates_them(tiny_cfg, tmp_path):
     # 6 epochs of 10 steps. Teacher assignments of the last epoch relative to the target size N/K: about
     # 0.75-1.2 with balancing, 0-5 without (CPU); the bounds below leave a wide margin.
@@ -256,6 +269,7 @@ def test_balancing_keeps_clusters_in_bounds_where_no_balancing_concentrates_them
         assert 0 <= balanced[f"epoch/{stat}"] <= 1
 
 
+@pytest.mark.slow
 def test_resume_restores_cluster_sizes_and_teacher(tiny_cfg, interrupted_then_resumed):
     straight, resumed = interrupted_then_resumed(excb_cfg(tiny_cfg, augment={"local_crops": 2}))
     a, b = (load_safe(run / CHECKPOINT_FILE) for run in (straight, resumed))
@@ -264,15 +278,19 @@ def test_resume_restores_cluster_sizes_and_teacher(tiny_cfg, interrupted_then_re
     assert a["optimizer"]["param_groups"][1]["weight_decay"] == b["optimizer"]["param_groups"][1]["weight_decay"]
 
 
-def test_evaluate_draws_the_final_cluster_sizes(tiny_cfg, tmp_path):
+@pytest.mark.slow
+def test_evaluate_draws_the_final_cluster_sizes(tiny_cfg, tmp_path, final_clustering):
     cfg = excb_cfg(tiny_cfg, {"centroid_init": "random"}, optim={"epochs": 2}, eval={"knn_k": [5]})
     run = pretrain(cfg, tmp_path / "run")
-    clusters = evaluate_run(run)["clusters"]
+    clusters = evaluate_run(run).clusters.model_dump()
     sizes = np.array(clusters["sorted_relative_sizes"])
     assert len(sizes) == 32 and np.all(np.diff(sizes) <= 0) and sizes.mean() == pytest.approx(1.0)
     assert clusters["cluster_size_max"] == sizes[0] and clusters["empty_clusters"] == int((sizes == 0).sum())
-    assert 0 < clusters["purity"] <= 1 and (run / CLUSTER_FIGURE).stat().st_size > 0
-    assert json.loads((run / "eval.json").read_text())["clusters"]["nmi"] == clusters["nmi"]
+    labels, assignments = final_clustering["labels"], final_clustering["assignments"]
+    majorities = contingency_matrix(labels, assignments).max(axis=0)  # each cluster's majority class, in images
+    assert clusters["purity"] == pytest.approx(majorities.sum() / len(labels))
+    assert (run / CLUSTER_FIGURE).stat().st_size > 0
+    assert EvalRecord.read(run).clusters.nmi == clusters["nmi"]
 
 
 @pytest.mark.parametrize("preset,balancing,subsets", [
@@ -294,9 +312,13 @@ def test_recipe_writes_the_report(tmp_path):
         "subsets": [s.model_dump() for s in ExcbExperimentConfig().subsets if s.key == "imbalanced-p100"],
         "base": {"data": {"cache_dir": str(tmp_path / "cache")}, "optim": {"epochs": 2},
                  "eval": {"knn_k": [5], "linear": {"epochs": 3, "lrs": [0.1], "weight_decays": [0.0]}}}})
-    table = run_experiment(ExcbExperimentConfig.model_validate(tree), tmp_path / "report", "test")
-    text = table.read_text()
-    assert "K ablation" in text and "excb-K16" in text and "dino-centering" in text
-    results = json.loads((tmp_path / "report" / "results.json").read_text())
-    assert len(results["grid"]) == 3 and len(results["k_ablation"]) == 3
+    text = reproduce(ExcbExperimentConfig.model_validate(tree), tmp_path / "report", "test").read_text()
+    assert "K ablation" in text and "dino-centering" in text
+    ablation = text.split("## K ablation")[1].split("##")[0]
+    assert [line.split(" | ")[0] for line in ablation.splitlines() if line.startswith("| ")][2:] == [
+        "| excb-K16", "| ExCB", "| excb-K64"]  # K = 32 is the grid's own ExCB run
+    results = Results.read(tmp_path / "report")
+    assert [c.axes["method"] for c in results.cells] == [
+        "excb", "excb-no-balancing", "dino-centering", "excb-K16", "excb-K64"]
+    assert [c.pretrain.figure("empty_clusters") is not None for c in results.cells] == [True] * 5
     assert (tmp_path / "report" / "cluster_sizes-k-ablation.png").stat().st_size > 0

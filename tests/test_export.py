@@ -1,12 +1,10 @@
 """ImageNet-stem ResNets under torchvision's names, and ``imbssl export`` (docs/export.md)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from conftest import imbssl
 from imbssl.augment import Normalize
 from imbssl.config import ConfigError, save_config
 from imbssl.engine.checkpoint import load_safe
@@ -52,6 +50,7 @@ def torchvision_shapes(depth: str, width: float = 1.0, num_classes: int = 1000) 
     return shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", ["resnet18", "resnet50"])
 def test_imagenet_resnets_export_torchvisions_names_and_shapes(depth):
     model = build_resnet(depth, stem="imagenet")
@@ -63,13 +62,13 @@ def test_imagenet_resnets_export_torchvisions_names_and_shapes(depth):
     assert model.stem(torch.zeros(1, 3, 224, 224)).shape[-1] == 56  # the 7x7 stride-2 conv and the max-pool
 
 
+@pytest.mark.slow
 def test_export_round_trip_reproduces_the_features(tiny_cfg, tmp_path):
     from imbssl.pipelines.pretrain import pretrain
 
     run = pretrain(tiny_cfg(model={"backbone": "resnet18", "width": 0.25, "stem": "imagenet"}, optim={"epochs": 1}),
                    tmp_path / "run")
-    done = subprocess.run([sys.executable, "-m", "imbssl", "export", str(run), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+    done = imbssl("export", run, "--out", tmp_path / "out", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("wrote ") == 2
     _, trained, normalize = run_backbone(run)
@@ -121,6 +120,7 @@ def test_the_imagenet_stem_is_for_resnets_only():
         ModelConfig(backbone="small_cnn", stem="imagenet")
 
 
+@pytest.mark.slow
 def test_vit_s16_has_the_size_of_deits_vit_small_at_224px():
     from imbssl.config import ModelConfig
     from imbssl.models import build_backbone

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from imbssl.augment import PadCropFlip
 from imbssl.config import ConfigError, LossConfig
 from imbssl.engine.checkpoint import load_safe
-from imbssl.engine.optim import step_factor
+from imbssl.engine.schedules import step_schedule
 from imbssl.engine.runlog import read_metrics
 from imbssl.engine.supervised import LongTailClassifier, class_balanced_batches
 from imbssl.eval import held_out_validation
@@ -73,7 +73,7 @@ def test_weighted_cross_entropy_and_logit_adjustment_by_hand():
 
 # -- schedules and sampling ---------------------------------------------------------------------
 def test_step_schedule_warms_up_then_drops_at_the_milestones():
-    factors = [step_factor(step, 10, 2, [5, 8], [0.01, 0.0001]) for step in range(100)]
+    factors = step_schedule(1.0, 100, 10, 2, [5, 8], [0.01, 0.0001]).tolist()
     assert factors[0] == pytest.approx(1 / 20) and factors[19] == 1.0  # linear over the 2 warm-up epochs
     assert set(factors[20:50]) == {1.0} and set(factors[50:80]) == {0.01} and set(factors[80:]) == {0.0001}
 
@@ -135,6 +135,7 @@ def test_pad_crop_flip_crops_the_zero_padded_image():
     assert torch.equal(view, again)  # a seeded generator reproduces the batch
 
 
+@pytest.mark.slow
 def test_resnet32_is_the_cifar_resnet_of_ldam():
     model = CifarResNet32()
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -157,6 +158,7 @@ def epoch_records(run_dir) -> list[dict]:
     return [r for r in read_metrics(run_dir) if "epoch/loss" in r]
 
 
+@pytest.mark.slow
 def test_train_selects_on_validation_and_reports_the_test_split(sup_cfg, tmp_path):
     run = train(sup_cfg(loss={"deferral": "drw", "defer_epoch": 2}), tmp_path / "run")
     result = json.loads((run / TRAIN_FILE).read_text())
@@ -197,6 +199,7 @@ def test_the_selected_model_keeps_the_weights_of_its_epoch(monkeypatch, tmp_path
     assert all(torch.equal(load_safe(tmp_path / "best.pt")["model"][k], at_epoch_1[k]) for k in at_epoch_1)
 
 
+@pytest.mark.slow
 def test_crt_leaves_the_backbone_bit_identical(sup_cfg, tmp_path):
     run = train(sup_cfg(crt={"enabled": True, "epochs": 2}), tmp_path / "run")
     trained = load_safe(run / BEST_FILE)["model"]
@@ -210,6 +213,7 @@ def test_crt_leaves_the_backbone_bit_identical(sup_cfg, tmp_path):
     assert json.loads((run / TRAIN_FILE).read_text())["reported"] == "crt"
 
 
+@pytest.mark.slow
 def test_train_resumes_exactly(sup_cfg, tmp_path):
     cfg = sup_cfg(loss={"name": "ldam", "deferral": "drw", "defer_epoch": 2}, optim={"epochs": 4, "milestones": [3]})
     straight = train(cfg, tmp_path / "straight")
@@ -222,6 +226,7 @@ def test_train_resumes_exactly(sup_cfg, tmp_path):
     assert ra["test"]["per_class"] == rb["test"]["per_class"] and ra["main"] == rb["main"]
 
 
+@pytest.mark.slow
 def test_train_starts_from_a_pretrained_backbone(sup_cfg, tiny_cfg, tmp_path):
     ssl = pretrain(tiny_cfg(model={"backbone": "resnet32", "width": 0.25}, optim={"epochs": 1}), tmp_path / "ssl")
     resnet32 = {"backbone": "resnet32", "width": 0.25}
@@ -241,6 +246,7 @@ def test_a_deferral_after_the_last_epoch_is_refused(sup_cfg):
         sup_cfg(optim={"milestones": [2, 9], "lr_factors": [0.1, 0.01]})
 
 
+@pytest.mark.slow
 def test_ssp_runs_borrow_another_recipes_backbone_only_when_it_saw_the_same_images(tiny_cfg, tmp_path):
     from imbssl.recipes.ssp import SSPExperimentConfig
 
@@ -255,14 +261,14 @@ def test_ssp_runs_borrow_another_recipes_backbone_only_when_it_saw_the_same_imag
     exp = grid(0.25)
     other = tmp_path / "experiment-1" / "p10" / "seed0"
     pretrain(tiny_cfg(data={"subset": {"profile": "exp", "imbalance": 10}}, optim={"epochs": 1}), other)
-    assert exp.ssp_backbone("simsiam", 10, 0, tmp_path / "runs") == other / BACKBONE_FILE
-    assert not (tmp_path / "runs").exists()  # used as it is, nothing re-trained
+    cells, backbones = exp.initialisations(tmp_path, 10, 0)
+    assert cells == [] and backbones == {"none": None, "simsiam": other / BACKBONE_FILE}  # used as it is, not re-trained
     with pytest.raises(ConfigError, match="ssp_runs.simsiam: no backbone.pt in .*seed1"):
-        exp.ssp_backbone("simsiam", 10, 1, tmp_path / "runs")
+        exp.initialisations(tmp_path, 10, 1)
     with pytest.raises(ConfigError, match="differs from the classifier's run in model$"):
-        grid(0.5).ssp_backbone("simsiam", 10, 0, tmp_path / "runs")
+        grid(0.5).initialisations(tmp_path, 10, 0)
     with pytest.raises(ConfigError, match="in data.subset"):
-        grid(0.25, {"profile": "exp", "imbalance": 10, "seed": 3}).ssp_backbone("simsiam", 10, 0, tmp_path / "runs")
+        grid(0.25, {"profile": "exp", "imbalance": 10, "seed": 3}).initialisations(tmp_path, 10, 0)
     with pytest.raises(ValueError, match="ssp_runs \\['rotation'\\] name no pre-training method"):
         SSPExperimentConfig(ssp=["none"], ssp_runs={"rotation": "x"}, seeds=[0], imbalances=[10], rows=["ce"],
                             base={"data": {"source": "digits"}})

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from imbssl.config import ConfigError, MethodConfig, ModelConfig, TemperatureScheduleConfig
-from imbssl.engine.optim import cosine_temperature, scheduled_temperature
+from imbssl.config import ConfigError, ModelConfig, TemperatureScheduleConfig
+from imbssl.engine.schedules import cosine_temperature, ts_temperature_schedule
 from imbssl.eval import few_shot_set, shots_per_class
 from imbssl.methods import SDCLR, SimCLR, build_method, global_magnitude_masks
+from imbssl.methods.sdclr import SDCLRConfig
+from imbssl.methods.simclr import SimCLRConfig
 from imbssl.models import build_backbone
 from imbssl.pipelines.pretrain import pretrain
 
@@ -29,14 +31,14 @@ def test_cosine_temperature_values():
 
 def test_scheduled_temperature_clocks():
     """Per epoch (the reference): t is the 1-based epoch number, held for the whole epoch; per step: t is the
-    fractional epoch from 0. The two differ by exactly that clock."""
-    per_epoch = lambda e: scheduled_temperature(e, 0.1, 1.0, 200, per_epoch=True)  # noqa: E731
-    per_step = lambda e: scheduled_temperature(e, 0.1, 1.0, 200, per_epoch=False)  # noqa: E731
-    assert per_epoch(0.0) == per_epoch(0.999) == cosine_temperature(1, 0.1, 1.0, 200) < 1.0
-    assert per_epoch(99.0) == per_epoch(99.5) == pytest.approx(0.55)
-    assert per_step(0.0) == 1.0 and per_step(99.5) == cosine_temperature(99.5, 0.1, 1.0, 200)
-    for epoch in (0.0, 0.25, 7.5, 99.0, 1234.75):
-        assert per_epoch(epoch) == per_step(math.floor(epoch) + 1)
+    fractional epoch from 0. The two differ by exactly that clock. 4 steps an epoch, 1,300 epochs."""
+    per_epoch, per_step = (ts_temperature_schedule(0.1, 1.0, 200, 1300 * 4, 4, per_epoch=clock)
+                           for clock in (True, False))
+    assert per_epoch[0] == per_epoch[3] == cosine_temperature(1, 0.1, 1.0, 200) < 1.0
+    assert per_epoch[99 * 4] == per_epoch[99 * 4 + 2] == pytest.approx(0.55)
+    assert per_step[0] == 1.0 and per_step[99 * 4 + 2] == cosine_temperature(99.5, 0.1, 1.0, 200)
+    for step in (0, 1, 30, 396, 4939):
+        assert per_epoch[step] == per_step[(step // 4 + 1) * 4]
 
 
 def test_temperature_schedule_config_names_the_half_period():
@@ -47,6 +49,7 @@ def test_temperature_schedule_config_names_the_half_period():
     assert TemperatureScheduleConfig(t_max_epochs=0.5, update="step").t_max_epochs == 0.5
 
 
+@pytest.mark.slow
 def test_trainer_follows_the_temperature_schedule(tiny_cfg, tmp_path, monkeypatch):
     """Each step contrasts at the schedule's temperature, not the method's fixed one: per epoch, from the 1-based
     epoch number as the reference (t_max 1: epoch 1 at tau-, epoch 2 back at tau+)."""
@@ -92,7 +95,7 @@ def test_global_magnitude_masks_keep_every_weight_tied_at_the_threshold():
 
 
 def _sdclr() -> SDCLR:
-    return build_method(MethodConfig(name="sdclr", proj_hidden=32, proj_dim=16), build_backbone(ModelConfig(), 3))
+    return build_method(SDCLRConfig(proj_hidden=32, proj_dim=16), build_backbone(ModelConfig(), 3))
 
 
 def test_sdclr_prunes_every_convolution_globally_each_epoch():
@@ -125,10 +128,10 @@ def test_sdclr_has_sdclrs_three_layer_head_with_batchnorm_on_every_layer():
     assert isinstance(method.projector[-1], torch.nn.BatchNorm1d)
     assert {k for k in method.pruned_bn if k.startswith("projector/")} == {"projector/1", "projector/4",
                                                                           "projector/7"}
-    simclr_head = build_method(MethodConfig(name="sdclr", proj_hidden=32, proj_dim=16, reference_head=False),
+    simclr_head = build_method(SDCLRConfig(proj_hidden=32, proj_dim=16, reference_head=False),
                                build_backbone(ModelConfig(), 3)).projector
     assert [type(m) for m in simclr_head] == [type(m) for m in SimCLR(build_backbone(ModelConfig(), 3),
-                                                                      MethodConfig(proj_hidden=32)).projector]
+                                                                      SimCLRConfig(proj_hidden=32)).projector]
 
 
 def test_sdclr_pruned_branch_has_its_own_batchnorm():
@@ -151,6 +154,7 @@ def test_sdclr_pruned_branch_has_its_own_batchnorm():
     assert stem.grad is not None and stem.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_sdclr_resumes_with_its_masks(tiny_cfg, interrupted_then_resumed):
     """Masks and the pruned BN are in the checkpoint: a run crashed after epoch 2 and resumed ends as a run
     trained straight through."""
@@ -173,17 +177,19 @@ def test_few_shot_sets_are_balanced_and_outside_validation():
         few_shot_set(labels, shots=37, exclude=validation, seed=0)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_few_shot_probes(tiny_cfg, tmp_path):
     from imbssl.pipelines.evaluate import evaluate_run
 
     cfg = tiny_cfg(optim={"epochs": 1}, eval={"few_shot": ["10-shot", "5%"]})
-    result = evaluate_run(pretrain(cfg, tmp_path / "r"))
+    result = evaluate_run(pretrain(cfg, tmp_path / "r")).model_dump()
     assert set(result["few_shot"]) == {"10-shot", "5%"}
     assert result["few_shot"]["10-shot"]["labelled_train"] == 100
     five_percent = result["few_shot"]["5%"]
     assert five_percent["labelled_train"] == 10 * five_percent["shots_per_class"]
     assert 1 <= five_percent["shots_per_class"] < 10  # 5% of digits' train split, over 10 classes
-    assert 0 <= result["few_shot"]["10-shot"]["thirds_std"] <= 100
+    ten_shot = result["few_shot"]["10-shot"]
+    assert ten_shot["thirds_std"] == pytest.approx(np.std(list(ten_shot["thirds"].values())))  # population std
 
 
 def _sdclr_style_split(labels: np.ndarray, validation: np.ndarray, head: int, rho: float) -> np.ndarray:
@@ -218,6 +224,7 @@ def test_index_file_subsets_read_split_files(tmp_path):
         SubsetConfig(profile="index_file")
 
 
+@pytest.mark.slow
 def test_evaluate_under_the_split_files_protocol(tiny_cfg, tmp_path):
     """BCL's protocol on digits with split files the test writes: pre-training on a D_i list, the full-shot probe
     on the train list, every probe selected on the validation list, a few-shot probe on a few-shot list."""
@@ -239,7 +246,7 @@ def test_evaluate_under_the_split_files_protocol(tiny_cfg, tmp_path):
                          "val_index_file": str(tmp_path / "split1_val.npy"),
                          "few_shot": [str(tmp_path / "split1_test_20shot.npy"), "10-shot"]})
     run = pretrain(cfg, tmp_path / "r")
-    result = evaluate_run(run)
+    result = evaluate_run(run).model_dump()
     assert result["labelled_train"] == len(train_list) and result["labelled_val"] == 100
     assert set(result["few_shot"]) == {"split1_test_20shot", "10-shot"}
     assert result["few_shot"]["split1_test_20shot"]["labelled_train"] == 200
@@ -290,16 +297,24 @@ def test_longtail_ssl_refuses_an_unknown_method():
 
 
 def test_longtail_ssl_verdicts_name_the_leader_and_check_the_papers_order():
-    from imbssl.recipes.longtail_ssl import verdict_lines
+    from pathlib import Path
+
+    from imbssl.recipes.grid import CellRecord, Results
+    from imbssl.records import EvalRecord
+
+    evaluated = EvalRecord.read(Path(__file__).parent / "data" / "format-0" / "eval.json")
+
+    def results(top1: dict[str, tuple[float, ...]]) -> Results:
+        return Results(recipe="longtail-ssl", command="test", cells=[
+            CellRecord(axes={"subset": "imbalanced-p100", "method": m}, seed=s, kind="pretrain", run_dir="r",
+                       eval=evaluated.model_copy(update={"linear": evaluated.linear.model_copy(update={"top1": v})}))
+            for m, values in top1.items() for s, v in enumerate(values)])
 
     exp = _longtail_grid(methods=["simclr", "sdclr", "bcl-i", "bcl-d"], base={"eval": {"few_shot": []}})
-    top1 = {"simclr": (40, 42), "sdclr": (45, 46), "bcl-i": (47, 47.5), "bcl-d": (50, 52)}  # leads 3 and 4.5
-    records = [{"subset": "imbalanced-p100", "method": m, "seed": s, "linear": {"top1": v}}
-               for m, values in top1.items() for s, v in enumerate(values)]
-    lines = verdict_lines(exp, records, "imbalanced-p100")
-    assert lines[0].startswith("- full-shot: BCL-D leads BCL-I by +3.75 ± 1.06 points (3.5 seed stds): holds")
+    top1 = {"simclr": (40, 42, 41), "sdclr": (45, 46, 45), "bcl-i": (47, 47.5, 47.2), "bcl-d": (50, 52, 51)}
+    lines = exp.verdict_lines(results(top1), "imbalanced-p100")  # BCL-D leads by 3, 4.5 and 3.8 points
+    assert lines[0].startswith("- full-shot: BCL-D leads BCL-I by +3.77 points (95% CI +1.90 to +5.63, 3 seeds): "
+                               "holds")
     assert lines[1].endswith("SimCLR < SDCLR < BCL-I < BCL-D, matches")
-    top1["sdclr"] = (30, 31)
-    records = [{"subset": "imbalanced-p100", "method": m, "seed": s, "linear": {"top1": v}}
-               for m, values in top1.items() for s, v in enumerate(values)]
-    assert verdict_lines(exp, records, "imbalanced-p100")[1].endswith("does not match")
+    top1["sdclr"] = (30, 31, 30)
+    assert exp.verdict_lines(results(top1), "imbalanced-p100")[1].endswith("does not match")

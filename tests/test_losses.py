@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from imbssl.engine.optim import LARS, cosine_factor
+from imbssl.engine.optim import LARS
+from imbssl.engine.schedules import Schedules, cosine_schedule
 from imbssl.methods.simclr import nt_xent
 from imbssl.methods.simsiam import negative_cosine, simsiam_loss
 
@@ -48,35 +49,28 @@ def test_lars_step_by_hand():
     assert torch.allclose(b, torch.tensor([0.5]))
 
 
-def test_cosine_schedule():
-    assert cosine_factor(0, 100) == pytest.approx(1.0)
-    assert cosine_factor(50, 100) == pytest.approx(0.5)
-    assert cosine_factor(100, 100) == pytest.approx(0.0)
-    assert cosine_factor(0, 100, warmup_steps=10) == pytest.approx(0.1)
-    assert cosine_factor(10, 100, warmup_steps=10) == pytest.approx(1.0)
-
-
 @pytest.mark.parametrize("fixed", [True, False])
 def test_simsiam_predictor_lr_constant_while_the_rest_decays(fixed):
     """fix_predictor_lr (PatrickHua/SimSiam constant_predictor_lr, facebookresearch/simsiam --fix-pred-lr)."""
-    from imbssl.config import MethodConfig, ModelConfig, OptimConfig
-    from imbssl.engine.optim import build_optimizer, cosine_schedule
+    from imbssl.config import ModelConfig, OptimConfig
+    from imbssl.engine.optim import build_optimizer
     from imbssl.methods import build_method
+    from imbssl.methods.simsiam import SimSiamConfig
     from imbssl.models import build_backbone
 
-    method = build_method(MethodConfig(name="simsiam", proj_dim=16, proj_hidden=16, pred_hidden=8,
-                                       fix_predictor_lr=fixed), build_backbone(ModelConfig(width=0.25), 3))
+    method = build_method(SimSiamConfig(proj_dim=16, proj_hidden=16, pred_hidden=8, fix_predictor_lr=fixed),
+                          build_backbone(ModelConfig(width=0.25), 3))
     optimizer = build_optimizer(method, OptimConfig(), method.defaults, batch_size=512)
-    scheduler = cosine_schedule(optimizer, total_steps=10, warmup_steps=2)
     base_lr = 0.03 * 512 / 256
+    lr = cosine_schedule(base_lr, 0.0, 10, warmup_steps=2)
+    schedules = Schedules(method, optimizer, {"lr": lr}, 10, 5)
     predictor = {id(p) for p in method.predictor.parameters()}
     for step in range(6):
+        schedules.apply(step)
         for group in optimizer.param_groups:
             is_predictor = {id(p) for p in group["params"]} <= predictor
-            expected = base_lr if fixed and is_predictor else base_lr * cosine_factor(step, 10, 2)
-            assert group["lr"] == pytest.approx(expected)
+            assert group["lr"] == (base_lr if fixed and is_predictor else lr[step])
         optimizer.step()
-        scheduler.step()
     covered = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert sorted(covered) == sorted(id(p) for p in method.parameters())  # every parameter, once
     assert any({id(p) for p in g["params"]} == predictor for g in optimizer.param_groups) == fixed
@@ -118,6 +112,7 @@ def test_classifier_passes_the_configured_focal_form_to_the_loss():
         assert torch.equal(model.loss(logits, target), focal_loss(logits, target, 1.0, model.cb_weights, form=form))
 
 
+@pytest.mark.slow
 def test_paper_ssp_preset_runs_cb_focal_in_the_reference_form_and_the_default_stays_cui():
     from imbssl.config import LossConfig, validate_tree
     from imbssl.pipelines.runfolder import changed_keys

@@ -1,13 +1,12 @@
 """The offline-clustering pipeline: k-means, cluster metrics, the distillation method, stages, resume, recipe."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import Interrupt
+from conftest import Interrupt, imbssl
 from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
@@ -23,10 +22,12 @@ from imbssl.methods.distill import FrozenTeacher, MultiTeacherDistill, distill_l
 from imbssl.models import SmallCNN
 from imbssl.pipelines import offline_clustering
 from imbssl.pipelines.common import encoder, load_encoder
+from imbssl.pipelines.divide import CLUSTERS_FILE
 from imbssl.pipelines.evaluate import evaluate_run
 from imbssl.pipelines.offline_clustering import run_pipeline
 from imbssl.recipes import load_preset
-from imbssl.recipes.experiment_2 import Experiment2Config, run_experiment, write_report
+from imbssl.recipes.experiment_2 import Experiment2Config
+from imbssl.recipes.grid import Results, reproduce
 
 
 @pytest.fixture
@@ -66,6 +67,7 @@ def blobs(n_clusters: int, per_cluster: int, dim: int, seed: int) -> tuple[np.nd
     return (centres[planted] + rng.standard_normal((len(planted), dim))).astype(np.float32), planted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
 def test_kmeans_plus_plus_seeds_every_planted_cluster(seed):
     """At large k one D^2 draw per step (plain k-means++) seeds only about 153 of these 200 clusters, the
@@ -117,6 +119,7 @@ def _distill_method(clusters: list[int], num_experts: int = 3) -> MultiTeacherDi
                                torch.tensor(clusters), head_hidden=16)
 
 
+@pytest.mark.slow
 def test_each_sample_regresses_its_own_cluster_expert():
     method = _distill_method([2, 0, 2, 1, 0, 2, 1, 1]).train()
     indices = torch.tensor([0, 1, 2, 4, 5, 1])  # clusters 2, 0, 2, 0, 2, 0: expert 1 is absent
@@ -138,6 +141,7 @@ def test_each_sample_regresses_its_own_cluster_expert():
     assert grads[1].abs().sum() == 0  # no sample of cluster 1, so its head learns nothing from this batch
 
 
+@pytest.mark.slow
 def test_teachers_get_no_gradient_and_stay_unchanged(tiny_cfg):
     method = _distill_method([0, 1] * 8, num_experts=2)
     teachers = [method.base_teacher, *method.expert_teachers]
@@ -167,6 +171,7 @@ def test_teacher_sees_views_standardised_its_own_way():
 
 
 # -- the pipeline -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_expert_init_picks_the_starting_weights(pipeline_cfg, tmp_path, monkeypatch):
     calls, real_pretrain = [], offline_clustering.pretrain
 
@@ -183,6 +188,7 @@ def test_expert_init_picks_the_starting_weights(pipeline_cfg, tmp_path, monkeypa
         assert calls == [None, expected, expected]  # the base itself, then the two experts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["base", "scratch"])
 def test_experts_from_the_base_keep_its_input_standardisation(pipeline_cfg, tmp_path, init):
     root = run_pipeline(pipeline_cfg(expert_init=init, epochs={"base": 1, "expert": 1, "distill": 1}), tmp_path,
@@ -194,6 +200,7 @@ def test_experts_from_the_base_keep_its_input_standardisation(pipeline_cfg, tmp_
         assert same == (init == "base")  # from scratch: its own cluster's channel statistics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", SPACES)
 def test_distillation_regresses_the_chosen_output_of_simsiam(pipeline_cfg, tmp_path, target):
     cfg = pipeline_cfg(distill_target=target, kmeans={"n_init": 1, "niter": 5, "space": "projector"},
@@ -217,6 +224,7 @@ def test_distillation_regresses_the_chosen_output_of_simsiam(pipeline_cfg, tmp_p
     assert report["kmeans"]["space"] == "projector" and report["kmeans"]["engine_used"] == "faiss"
 
 
+@pytest.mark.slow
 def test_resume_after_an_interrupted_expert(pipeline_cfg, tmp_path):
     cfg, root = pipeline_cfg(), tmp_path / "pipeline"
     epochs = []
@@ -245,12 +253,17 @@ def test_resume_after_an_interrupted_expert(pipeline_cfg, tmp_path):
     assert budget["images_seen"]["experts"] == 2 * 503  # each expert sees all of its cluster in each of 2 epochs
     assert budget["epochs_of_D_total"] == 4  # 1 + 2 + 1 epochs of D: the pipeline's budget, exactly
     report = json.loads((root / "divide" / "report.json").read_text())
-    assert sum(report["sizes"]) == 503 and 0 < report["purity"] <= 1
+    assignments = load_safe(root / "divide" / CLUSTERS_FILE)["assignments"].numpy()
+    assert report["sizes"] == np.bincount(assignments, minlength=report["k"]).tolist() and len(assignments) == 503
+    assert [sum(counts.values()) for counts in report["class_counts"]] == report["sizes"]
+    # each cluster's majority class, over all images
+    assert report["purity"] == pytest.approx(sum(max(counts.values()) for counts in report["class_counts"]) / 503)
     assert (root / "divide" / "clusters.png").stat().st_size > 0
     result = evaluate_run(root)  # the pipeline folder is an evaluable run: the student's backbone
-    assert 10 < result["linear"]["top1"] <= 100
+    assert 10 < result.linear.top1 <= 100
 
 
+@pytest.mark.slow
 def test_experts_shared_between_processes(pipeline_cfg, tmp_path, monkeypatch):
     cfg, root = pipeline_cfg(), tmp_path / "pipeline"
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -277,6 +290,7 @@ def test_pipeline_config_names_unknown_keys(tmp_path):
         load_config(path, schema=OfflineClusteringConfig)
 
 
+@pytest.mark.slow
 def test_pipeline_command_end_to_end(tmp_path):
     config = tmp_path / "pipeline.yaml"
     config.write_text(
@@ -286,8 +300,7 @@ def test_pipeline_command_end_to_end(tmp_path):
         " model: {width: 0.25}, method: {proj_hidden: 32, proj_dim: 32, pred_hidden: 16},"
         " optim: {batch_size: 128}, train: {progress: false},"
         " eval: {knn_k: [5], linear: {epochs: 5, lrs: [0.1], weight_decays: [0.0]}}}\n")
-    res = subprocess.run([sys.executable, "-m", "imbssl", "pipeline", "offline-clustering", config], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    res = imbssl("pipeline", "offline-clustering", config, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "linear top-1" in res.stdout and (tmp_path / "runs/p/eval.json").exists()
     assert "faiss.loader" not in res.stderr
@@ -299,11 +312,12 @@ def test_experiment_2_presets_share_experiment_1_runs_and_budget():
         exp = Experiment2Config.model_validate(load_preset("experiment-2", preset))
         exp1 = load_preset("experiment-1", preset)
         assert exp.base == exp1["base"] and exp.seeds == exp1["seeds"]
-        assert exp.method_optim == exp1.get("method_optim", {})  # the baselines are experiment I's very runs
+        assert exp.method_settings == exp1.get("method_settings", {})  # the baselines are experiment I's very runs
         stages = exp.pipeline.epochs
         assert stages.base + stages.expert + stages.distill == exp1["base"]["optim"]["epochs"], preset
 
 
+@pytest.mark.slow
 def test_experiment_2_table(tiny_cfg, tmp_path, monkeypatch):
     subset = {"key": "imbalanced-p10", "title": "Imbalanced (p=10)", "subset": {"profile": "exp", "imbalance": 10}}
     exp = Experiment2Config.model_validate({
@@ -314,13 +328,14 @@ def test_experiment_2_table(tiny_cfg, tmp_path, monkeypatch):
     pretrain = offline_clustering.pretrain
     monkeypatch.setattr(offline_clustering, "pretrain", lambda cfg, run_dir, **kw: (trained.append(run_dir),
                                                                                    pretrain(cfg, run_dir, **kw))[1])
-    records = run_experiment(exp, tmp_path / "report", baselines_dir=tmp_path / "experiment-1")
-    assert [r["method"] for r in records] == ["simsiam", "simsiam+c+d", "simsiam+d"]
+    exp = exp.model_copy(update={"baselines_from": str(tmp_path / "experiment-1")})
+    table = reproduce(exp, tmp_path / "report", "imbssl reproduce experiment-2").read_text()
+    records = Results.read(tmp_path / "report").cells
+    assert [r.axes["method"] for r in records] == ["simsiam", "simsiam+c+d", "simsiam+d"]
     assert [d.name for d in trained].count("base") == 1  # +D copies +C+D's base stage
-    assert (Path(records[2]["run_dir"]) / "base" / "backbone.pt").exists()
-    assert records[0]["run_dir"].startswith(str(tmp_path / "experiment-1"))
-    assert records[2]["clusters"]["sizes"] == [sum(records[2]["pretrain_class_counts"])]  # +D: K = 1
-    table = write_report(exp, records, tmp_path / "report", "imbssl reproduce experiment-2").read_text()
+    assert (Path(records[2].run_dir) / "base" / "backbone.pt").exists()
+    assert records[0].run_dir.startswith(str(tmp_path / "experiment-1"))
+    assert records[2].divide.sizes == [sum(records[2].eval.pretrain_class_counts)]  # +D: K = 1
     assert "SimSiam+C+D" in table and "Gain over SimSiam" in table and "by thirds" in table
     assert "83.35" not in table and "left out: digits is not comparable" in table  # no CIFAR-10 figures by digits
     assert (tmp_path / "report" / "per_class_accuracy-imbalanced-p10.png").stat().st_size > 0

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import struct
-import sys
 import tarfile
 import termios
 import threading
@@ -28,8 +27,9 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import imbssl, imbssl_command, with_sections
 from imbssl.engine.checkpoint import load_safe
-from imbssl.engine.optim import cosine_factor
+from imbssl.engine.schedules import cosine_schedule
 from imbssl.engine.trainer import steps_per_epoch
 
 TINY = {
@@ -44,13 +44,6 @@ TINY = {
 }
 STEPS_PER_EPOCH = steps_per_epoch(1297, 128)  # the digits train pool at batch 128: 11 near-equal batches
 FORBIDDEN_ADVICE = ("weights_only=False", "allow_pickle", "pickle.load")
-
-
-def imbssl(*args, cwd: Path, env: dict | None = None, prelude: str = "", **popen) -> subprocess.CompletedProcess:
-    """The real entry point in a fresh interpreter; ``prelude`` is Python run first (to inject a fault)."""
-    command = [sys.executable, "-c", f"{prelude}\nfrom imbssl.cli import main\nmain()", *map(str, args)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})}, **popen)
 
 
 def error_line(res: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
@@ -72,10 +65,7 @@ def leftovers(folder: Path) -> list[Path]:
 
 
 def write_config(folder: Path, **sections) -> Path:
-    tree = json.loads(json.dumps(TINY))
-    tree["data"]["cache_dir"] = str(folder / "cache")
-    for section, values in sections.items():
-        tree[section] = {**tree.get(section, {}), **values}
+    tree = with_sections(with_sections(TINY, {"data": {"cache_dir": str(folder / "cache")}}), sections)
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
@@ -121,6 +111,7 @@ def image_tree(root: Path, train: dict[str, int], test: dict[str, int]) -> Path:
 
 
 # -- a failed attempt never blocks its retry ------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_setting, message", [
     (("--set", "data.source=imagefolder", "--data", "no-such-archive.tar.gz"), "imagefolder path not found"),
     pytest.param(("--set", "train.device=cuda"), "no CUDA GPU",
@@ -136,6 +127,7 @@ def test_failed_first_attempt_does_not_block_its_retry(tmp_path, bad_setting, me
 
 
 # -- resume: more epochs, nothing else --------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_extends_epochs_on_the_new_cosine(copy_of):
     config, run = copy_of
     res = pretrain(config, run, "--resume", "--set", "optim.epochs=3")
@@ -145,15 +137,17 @@ def test_resume_extends_epochs_on_the_new_cosine(copy_of):
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 3
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch/epoch"] for r in records if "epoch/epoch" in r] == [1, 2, 3]
-    # The third epoch's lr follows the cosine over 3 epochs (the first two followed the one over 2).
+    # The third epoch's lr follows the cosine over 3 epochs (the first two followed the one over 2); each record
+    # holds the lr its step ran at.
     summary = json.loads((run / "pretrain.json").read_text())
     lr = summary["base_lr"] * summary["batch_size"] / 256
     total = 3 * STEPS_PER_EPOCH
     third = [r for r in records if "train/lr" in r and r["step"] >= 2 * STEPS_PER_EPOCH]
     assert len(third) == STEPS_PER_EPOCH
-    assert all(r["train/lr"] == pytest.approx(lr * cosine_factor(r["step"] + 1, total)) for r in third)
+    assert all(r["train/lr"] == pytest.approx(cosine_schedule(lr, 0.0, total)[r["step"]]) for r in third)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, named", [
     (("--set", "optim.base_lr=0.1", "--set", "seed=3"), "optim.base_lr (None -> 0.1), seed (0 -> 3)"),
     (("--set", "optim.epochs=1"), "optim.epochs (2 -> 1)"),
@@ -165,6 +159,7 @@ def test_resume_refuses_other_changes_naming_the_keys(copy_of, change, named):
     assert (run / "config.yaml").read_text() == before and not leftovers(run)
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint_starts_afresh_and_keeps_one_set_of_metrics(copy_of):
     """As after an attempt killed before its first checkpoint: config.yaml and two epochs of metrics."""
     config, run = copy_of
@@ -183,6 +178,7 @@ def _metric_steps(run: Path) -> list[int]:
 
 
 # -- the shipped configs --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_shipped_cifar_config_asks_for_the_data_from_any_folder(tmp_path):
     error_line(imbssl("pretrain", "simsiam-cifar10-lt", cwd=tmp_path), 2, "data.path is required", "--data PATH",
                "data.source=cifar10")
@@ -206,10 +202,11 @@ def test_shipped_configs_hold_no_relative_paths_and_checkpoint_every_epoch():
 
 
 # -- one process per run folder ----------------------------------------------------------------
+@pytest.mark.slow
 def test_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
     config = write_config(tmp_path, optim={"epochs": 500}, train={"progress": False})
-    command = [sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", tmp_path / "run", "--no-eval"]
-    first = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(imbssl_command("pretrain", config, "--run-dir", tmp_path / "run", "--no-eval"),
+                             cwd=tmp_path, stderr=subprocess.DEVNULL)
     try:
         wait_for(tmp_path / "run" / "metrics.jsonl", first)
         second = pretrain(config, tmp_path / "run", "--resume")
@@ -220,6 +217,7 @@ def test_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
         first.wait()
 
 
+@pytest.mark.slow
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     config = write_config(tmp_path, optim={"epochs": 1}, train={"progress": False})
     (tmp_path / "run").mkdir()
@@ -230,6 +228,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 # -- bad input: one line each ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_yaml_syntax_error_in_a_config_file_names_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\noptim: {epochs: 3\n")
@@ -237,11 +236,13 @@ def test_yaml_syntax_error_in_a_config_file_names_the_file_and_line(tmp_path):
     assert "<unicode string>" not in line
 
 
+@pytest.mark.slow
 def test_yaml_syntax_error_in_a_set_value_names_the_override(tmp_path):
     error_line(imbssl("pretrain", "simsiam-digits", "--set", "augment.crop_scale=[0.2, 1.0", cwd=tmp_path), 2,
                "--set augment.crop_scale=[0.2, 1.0: the value is not valid YAML")
 
 
+@pytest.mark.slow
 def test_set_mistakes_are_blamed_on_the_override_not_the_file(tmp_path):
     line = error_line(imbssl("pretrain", "simsiam-digits", "--set", "optim.epochs=many", "--set", "train.fast=1",
                              cwd=tmp_path), 2, "--set optim.epochs=many: optim.epochs:",
@@ -249,6 +250,7 @@ def test_set_mistakes_are_blamed_on_the_override_not_the_file(tmp_path):
     assert "simsiam-digits.yaml" not in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, message", [
     ("gpu", "'gpu' is not a device; use auto, cpu, cuda, cuda:N or mps"),
     pytest.param("cuda", "train.device=cuda but this machine has no CUDA GPU",
@@ -276,6 +278,7 @@ BREAKAGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, breakage, command, message", [
     ("checkpoints/last.pt", "empty", "resume", "is empty (0 bytes)"),
     ("checkpoints/last.pt", "truncated", "resume", "is truncated or corrupt"),
@@ -300,6 +303,7 @@ def test_broken_run_file_is_named_in_one_line(copy_of, name, breakage, command, 
     assert not leftovers(run)
 
 
+@pytest.mark.slow
 def test_broken_backbone_is_written_again_by_the_command_the_message_gives(copy_of):
     _, run = copy_of
     (run / "backbone.pt").write_bytes(b"")
@@ -322,6 +326,7 @@ checkpoint.open = lambda path, mode: FullDisk(path, mode)
 """
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
     """The disk fills up once the first checkpoint is written: the second write fails."""
     config = write_config(tmp_path, optim={"epochs": 3}, train={"progress": False})
@@ -347,6 +352,7 @@ numpy.save = full_disk
 """
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_the_decode_cache(tmp_path):
     image_tree(tmp_path / "tree", {"cat": 3, "dog": 3}, {"cat": 2, "dog": 2})
     source = ("data", "describe", "--set", "data.source=imagefolder", "--set", f"data.path={tmp_path / 'tree'}",
@@ -366,6 +372,7 @@ os.posix_fallocate = full_disk
 """
 
 
+@pytest.mark.slow
 def test_disk_full_when_reserving_the_decode_memory_map(tmp_path):
     """The images are decoded into a memory map; its space is reserved first, so a full disk is one clear line
     (a write through an unbacked map would be SIGBUS)."""
@@ -378,10 +385,11 @@ def test_disk_full_when_reserving_the_decode_memory_map(tmp_path):
     assert imbssl(*source, cwd=tmp_path).returncode == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_says_how_to_continue(tmp_path):
     config = write_config(tmp_path, optim={"epochs": 500}, train={"progress": False})
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", run, "--no-eval"]
+    command = imbssl_command("pretrain", config, "--run-dir", run, "--no-eval")
     # A shell without job control starts background jobs with SIGINT ignored, and the child would inherit that:
     # restore the default so that Python turns the signal into KeyboardInterrupt wherever the tests are run from.
     proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
@@ -396,6 +404,7 @@ def test_ctrl_c_exits_130_and_says_how_to_continue(tmp_path):
     assert load_safe(run / "checkpoints" / "last.pt")["epoch"] >= 1
 
 
+@pytest.mark.slow
 def test_corrupt_image_in_an_archive_names_the_member(tmp_path):
     tree = image_tree(tmp_path / "tree", {"cat": 2, "dog": 2}, {"cat": 2, "dog": 2})
     (tree / "train" / "dog" / "1.png").write_bytes(b"not a png at all")
@@ -408,6 +417,7 @@ def test_corrupt_image_in_an_archive_names_the_member(tmp_path):
     assert "BytesIO" not in line
 
 
+@pytest.mark.slow
 def test_empty_class_folder_in_train_is_called_empty(tmp_path):
     tree = image_tree(tmp_path / "tree", {"cat": 2}, {"cat": 2, "dog": 2})
     (tree / "train" / "dog").mkdir()
@@ -417,6 +427,7 @@ def test_empty_class_folder_in_train_is_called_empty(tmp_path):
 
 
 # -- guards ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_divergence_without_nan_is_warned_in_the_log_and_eval_json(tmp_path):
     config = write_config(tmp_path, optim={"base_lr": 100.0}, train={"progress": False})
     res = imbssl("pretrain", config, "--run-dir", tmp_path / "run", cwd=tmp_path)
@@ -427,6 +438,7 @@ def test_divergence_without_nan_is_warned_in_the_log_and_eval_json(tmp_path):
     assert "warning: pre-training looks diverged" in res.stdout
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_in_one_line_also_in_train_log(tmp_path):
     config = write_config(tmp_path, optim={"base_lr": 1e6, "epochs": 5}, train={"progress": False})
     line = error_line(pretrain(config, tmp_path / "run"), 2, "loss is nan at epoch", "Try a lower learning rate.")
@@ -435,6 +447,7 @@ def test_nan_loss_stops_in_one_line_also_in_train_log(tmp_path):
 
 
 # -- the first run reads well ------------------------------------------------------------------
+@pytest.mark.slow
 def test_run_logs_method_and_subset_and_a_file_gets_no_progress_bar(finished):
     _, run, stderr = finished
     assert "training tiny: simsiam on the full subset" in (run / "train.log").read_text()
@@ -442,12 +455,13 @@ def test_run_logs_method_and_subset_and_a_file_gets_no_progress_bar(finished):
     assert "INFO epoch 2/2 loss" in stderr and ", eta 0s" in stderr
 
 
+@pytest.mark.slow
 def test_whole_run_progress_bar_on_a_terminal_shows_the_eta(tmp_path):
     config = write_config(tmp_path)
     primary, replica = pty.openpty()
     fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", tmp_path / "run",
-                             "--no-eval"], cwd=tmp_path, stderr=replica, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(imbssl_command("pretrain", config, "--run-dir", tmp_path / "run", "--no-eval"),
+                            cwd=tmp_path, stderr=replica, stdout=subprocess.DEVNULL)
     os.close(replica)
     chunks = []
     reader = threading.Thread(target=lambda: _drain(primary, chunks))
@@ -468,6 +482,7 @@ def _drain(fd: int, chunks: list[bytes]) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_evaluate_says_where_eval_json_went_the_labelled_size_and_what_na_means(copy_of):
     _, run = copy_of
     res = imbssl("evaluate", run, cwd=run.parent)
@@ -480,6 +495,7 @@ def test_evaluate_says_where_eval_json_went_the_labelled_size_and_what_na_means(
     assert result["warnings"] == []  # a healthy run
 
 
+@pytest.mark.slow
 def test_evaluate_before_pretraining_has_finished_is_one_line(copy_of):
     _, run = copy_of
     (run / "backbone.pt").unlink()
@@ -487,6 +503,7 @@ def test_evaluate_before_pretraining_has_finished_is_one_line(copy_of):
                                                            f"finished")
 
 
+@pytest.mark.slow
 def test_help_lists_shipped_configs_and_where_runs_go_without_cut_lines(tmp_path):
     wide = {"COLUMNS": "80"}
     pretrain_help = imbssl("pretrain", "--help", cwd=tmp_path, env=wide).stdout
@@ -511,6 +528,7 @@ def test_pipeline_stage_choices_match_the_pipeline():
     assert PIPELINE_STAGES == STAGES
 
 
+@pytest.mark.slow
 def test_data_describe_writes_a_plot_only_where_asked(tmp_path):
     res = imbssl("data", "describe", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -521,6 +539,7 @@ def test_data_describe_writes_a_plot_only_where_asked(tmp_path):
     assert (tmp_path / "figs" / "counts.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback_before_the_one_line(tmp_path):
     res = imbssl("pretrain", tmp_path / "missing.yaml", cwd=tmp_path, env={"IMBSSL_DEBUG": "1"})
     assert res.returncode == 2 and "Traceback" in res.stderr
@@ -533,16 +552,16 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path):
     config = write_config(tmp_path, optim={"epochs": 6}, train={"progress": False})
     straight_s = _seconds_holding_the_folder(config, tmp_path / "straight")
     run, rng = tmp_path / "killed", random.Random(9)
-    command = [sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", run, "--no-eval", "--resume"]
+    args = ("pretrain", config, "--run-dir", run, "--no-eval", "--resume")
     for _ in range(3):
-        proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(imbssl_command(*args), cwd=tmp_path, stderr=subprocess.DEVNULL)
         _wait_for_lock(run, proc)  # past the imports: the kill lands in setup, training or a checkpoint write
         # Within a third of a whole run: setup is redone each time, so three attempts cannot finish the run.
         time.sleep(rng.uniform(0.0, straight_s / 3))
         assert proc.poll() is None
         proc.kill()
         proc.wait()
-    final = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    final = imbssl(*args, cwd=tmp_path)
     assert final.returncode == 0, final.stderr
     assert not leftovers(run)
     for name in ("backbone.pt", "checkpoints/last.pt"):
@@ -556,8 +575,8 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path):
 
 def _seconds_holding_the_folder(config: Path, run: Path) -> float:
     """Trains ``config`` in ``run``; returns the time from taking the folder's lock to the end."""
-    proc = subprocess.Popen([sys.executable, "-m", "imbssl", "pretrain", config, "--run-dir", run, "--no-eval"],
-                            cwd=config.parent, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(imbssl_command("pretrain", config, "--run-dir", run, "--no-eval"), cwd=config.parent,
+                            stderr=subprocess.DEVNULL)
     _wait_for_lock(run, proc)
     start = time.monotonic()
     assert proc.wait(timeout=300) == 0

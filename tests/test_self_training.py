@@ -21,7 +21,7 @@ from imbssl.pipelines.train import MODEL_FILE, TRAIN_FILE
 from imbssl.recipes import load_preset
 from imbssl.recipes.semi_supervised import SemiSupervisedExperimentConfig
 
-from conftest import Interrupt, crash_after
+from conftest import Interrupt, crash_after, with_sections
 
 POOL = np.repeat(np.arange(10), 500)  # 10 classes of 500 images
 
@@ -95,12 +95,11 @@ def st_cfg(tmp_path):
                 "model": {"backbone": "small_cnn", "width": 0.25},
                 "optim": {"batch_size": 64, "epochs": 4, "warmup_epochs": 1, "milestones": [3], "lr_factors": [0.1]},
                 "augment_pad": 0, "train": {"progress": False}, "eval": {"val_per_class": 5}}
-        for section, values in sections.items():
-            tree[section] = {**tree.get(section, {}), **values} if isinstance(values, dict) else values
-        return validate_tree(SelfTrainingConfig, tree)
+        return validate_tree(SelfTrainingConfig, with_sections(tree, sections))
     return make
 
 
+@pytest.mark.slow
 def test_self_training_writes_each_stage_and_reports_the_pseudo_labels(st_cfg, tmp_path):
     root = self_train(st_cfg(pseudo_labels={"threshold": 0.5}), tmp_path / "st")
     pseudo = load_safe(root / PSEUDO_FILE)
@@ -120,6 +119,7 @@ def test_self_training_writes_each_stage_and_reports_the_pseudo_labels(st_cfg, t
     assert report["base"] == json.loads((root / "base" / TRAIN_FILE).read_text())["test"]
 
 
+@pytest.mark.slow
 def test_d_u_labels_never_reach_training(st_cfg, tmp_path, monkeypatch):
     """Shuffling D_U's labels (the split held fixed) leaves the pseudo-labels and the final model bit-identical."""
     cfg = st_cfg()
@@ -147,6 +147,7 @@ def test_d_u_labels_never_reach_training(st_cfg, tmp_path, monkeypatch):
     assert reports[0] != reports[1]
 
 
+@pytest.mark.slow
 def test_an_interrupted_final_stage_resumes_exactly(st_cfg, tmp_path):
     cfg = st_cfg()
     straight = self_train(cfg, tmp_path / "straight")
@@ -160,6 +161,7 @@ def test_an_interrupted_final_stage_resumes_exactly(st_cfg, tmp_path):
     assert ra["final"] == rb["final"] and ra["pseudo_labels"] == rb["pseudo_labels"]
 
 
+@pytest.mark.slow
 def test_a_shared_base_must_have_trained_on_this_d_l_with_these_settings(st_cfg, tmp_path):
     root = self_train(st_cfg(), tmp_path / "first")
     with pytest.raises(ConfigError, match=r"trained with other settings: data.subset.seed \(0 -> 1\)"):
@@ -169,6 +171,7 @@ def test_a_shared_base_must_have_trained_on_this_d_l_with_these_settings(st_cfg,
         self_train(st_cfg(optim={"epochs": 5}), tmp_path / "third", base_dir=root / "base")
 
 
+@pytest.mark.slow
 def test_the_final_model_does_not_depend_on_whether_the_base_trained_in_the_same_call(st_cfg, tmp_path):
     """The rho_U columns of a grid share a base: only the first trains it, and every final must start alike."""
     first = self_train(st_cfg(), tmp_path / "first")
@@ -221,6 +224,7 @@ def test_the_ce_labeller_is_the_ce_runs_base_classifier(st_cfg):
     assert ldam.model_copy(update={"pseudo_labels": PseudoLabelConfig()}).labels_with_base()  # labeller base
 
 
+@pytest.mark.slow
 def test_a_ce_labeller_gives_an_ldam_drw_run_the_ce_runs_pseudo_labels(st_cfg, tmp_path):
     """pseudo_labels.labeller ce: the LDAM-DRW run trains a CE base classifier beside its own f_B, or uses a shared
     one, and labels D_U with it: bit for bit the pseudo-labels of the CE run."""
@@ -247,4 +251,5 @@ def test_the_paper_preset_follows_the_seeds_code():
     assert (ldam.stage("base").optim.batch_size, ldam.stage("final").optim.batch_size) == (128, 256)
     assert ldam.stage("base").optim.lr == ldam.stage("final").optim.lr == 0.1
     assert ldam.pseudo_labels.labeller == "ce" and ldam.stage("labeller") == ce.stage("base")
-    assert exp.ce_base_dir(100, "rho", "none", 0, None, Path("runs")) == Path("runs", ce.name).parent / "base"
+    ldam_cell = next(cell for cell in exp.cells(Path("out")) if cell.config == ldam)
+    assert ldam_cell.labeller_dir == Path("out", "runs", ce.name).parent / "base"

@@ -12,15 +12,15 @@ from pydantic import ValidationError
 from torch import nn
 
 from imbssl.augment import Normalize, PadCropFlip
-from imbssl.config import AugmentConfig, MethodConfig, OptimConfig, deep_merge
+from imbssl.config import AugmentConfig, OptimConfig, deep_merge
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.distributed import convert_sync_batchnorm, gather, sum_over_processes
 from imbssl.engine.runlog import read_metrics
 from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.errors import ImbsslError
 from imbssl.methods import build_method, moco, rotate_four_ways
-from imbssl.methods.moco import SplitBatchNorm, split_batchnorms
-from imbssl.methods.rotation import Rotation, balanced_rotation_labels, rotate_each
+from imbssl.methods.moco import MoCoConfig, SplitBatchNorm, split_batchnorms
+from imbssl.methods.rotation import Rotation, RotationConfig, balanced_rotation_labels, rotate_each
 from imbssl.models import SmallCNN, build_backbone
 from imbssl.pipelines.common import load_encoder
 from imbssl.pipelines.evaluate import evaluate_run
@@ -57,6 +57,7 @@ def test_rotation_labels_match_the_rotated_images():
     assert rotated[1, 0].tolist() == [[1.0, 3.0], [0.0, 2.0]]  # label 1: a quarter turn counter-clockwise
 
 
+@pytest.mark.slow
 def test_rotation_learns_to_tell_rotations_on_digits(tiny_cfg, tmp_path):
     # 2 epochs of 11 steps: rotation_acc averages about 0.52, then 0.60 over the epoch on CPU (chance is 0.25).
     cfg = tiny_cfg(method={"name": "rotation"}, augment=WEAK_VIEWS, optim={"epochs": 2}, eval={"knn_k": [5]})
@@ -66,7 +67,7 @@ def test_rotation_learns_to_tell_rotations_on_digits(tiny_cfg, tmp_path):
     assert last["epoch/rotation_acc"] > 0.45 and last["epoch/rotation_acc"] > first["epoch/rotation_acc"]
     assert 0 < last["epoch/output_std"] and load_safe(run / BACKBONE_FILE)["heads"] == {}  # no projector space
     result = evaluate_run(run)  # the linear probe and k-NN read the rotation backbone unchanged
-    assert result["linear"]["top1"] > 10 and result["knn5"]["top1"] > 10  # above the 10% of chance
+    assert result.linear.top1 > 10 and result.knn[5].top1 > 10  # above the 10% of chance
 
 
 def test_one_rotation_turns_each_image_by_a_label_drawn_as_pretrain_rot_py():
@@ -81,7 +82,7 @@ def test_one_rotation_turns_each_image_by_a_label_drawn_as_pretrain_rot_py():
 
 
 def test_one_rotation_draws_the_global_batchs_labels_with_its_views_and_uses_them_once():
-    method = Rotation(SmallCNN(1, 0.25), MethodConfig(name="rotation", rotations="one"))
+    method = Rotation(SmallCNN(1, 0.25), RotationConfig(rotations="one"))
     images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
     make_views = lambda batch, gen, rows: [batch[rows].float()]  # noqa: E731 - the crop is not under test here
     method.views(make_views, images, torch.Generator().manual_seed(3), slice(4, 8), torch.arange(10))
@@ -90,12 +91,13 @@ def test_one_rotation_draws_the_global_batchs_labels_with_its_views_and_uses_the
     assert out.loss.ndim == 0 and method.step_rotations is None
     with pytest.raises(RuntimeError, match="drawn by views"):
         method.training_step([images[4:8].float()], torch.arange(4, 8))
-    every = Rotation(SmallCNN(1, 0.25), MethodConfig(name="rotation"))
+    every = Rotation(SmallCNN(1, 0.25), RotationConfig())
     gen = torch.Generator().manual_seed(3)
     every.views(make_views, images, gen, slice(None), torch.arange(10))  # the default form draws nothing more
     assert torch.equal(torch.rand(1, generator=gen), torch.rand(1, generator=torch.Generator().manual_seed(3)))
 
 
+@pytest.mark.slow
 def test_rotation_in_pretrain_rot_pys_form_trains_and_resumes_exactly(tiny_cfg, interrupted_then_resumed):
     """One rotation per image, the pad crop and the step lr through the pipeline: the labels come from the step's
     generator, so an interrupted run resumes to the same weights; the lr ends at lr x 0.1 (a cosine ends at 0)."""
@@ -141,10 +143,9 @@ def test_the_ssp_paper_preset_pretrains_rotation_as_pretrain_rot_py_and_the_othe
 
 # -- MoCo ------------------------------------------------------------------------------------------
 def tiny_moco(**settings) -> torch.nn.Module:
-    """Plain BatchNorm unless asked (moco_bn_splits=1): the queue's tests hold whatever order the keys are computed
+    """Plain BatchNorm unless asked (bn_splits=1): the queue's tests hold whatever order the keys are computed
     in, since the whole batch's statistics do not depend on it."""
-    cfg = MethodConfig(**{"name": "moco", "proj_hidden": 16, "proj_dim": 8, "queue_size": 10, "moco_bn_splits": 1,
-                          **settings})
+    cfg = MoCoConfig(**{"proj_hidden": 16, "proj_dim": 8, "queue_size": 10, "bn_splits": 1, **settings})
     torch.manual_seed(0)
     return build_method(cfg, SmallCNN(1, width=0.25))
 
@@ -195,12 +196,13 @@ def test_moco_key_encoder_gets_no_gradient_and_follows_the_query_by_ema():
     before = [p.clone() for p in key_params]
     optimizer.step()
     assert all(torch.equal(k, b) for k, b in zip(key_params, before))  # the optimizer never touches the keys
-    method.on_step_end(0, 10, optimizer)
+    method.on_step_end()  # at its constant m, which the engine's schedule sets again before each step
     for k, b, q in zip(key_params, before, query_params, strict=True):
         assert torch.allclose(k, 0.9 * b + 0.1 * q, atol=1e-6)  # k <- m k + (1 - m) q
     assert any(not torch.equal(k, b) for k, b in zip(key_params, before))
 
 
+@pytest.mark.slow
 def test_moco_resume_restores_the_queue_and_the_weights(tiny_cfg, interrupted_then_resumed):
     # The p=10 subset (503 images) keeps it short; 3 epochs of its keys wrap a queue of 200 seven times.
     cfg = tiny_cfg(method={"name": "moco", "queue_size": 200}, data={"subset": {"profile": "exp", "imbalance": 10}})
@@ -213,12 +215,13 @@ def test_moco_resume_restores_the_queue_and_the_weights(tiny_cfg, interrupted_th
     assert all(torch.equal(saved[0]["backbone"][k], saved[1]["backbone"][k]) for k in saved[0]["backbone"])
 
 
+@pytest.mark.slow
 def test_moco_run_evaluates_in_backbone_and_projector_space(tiny_cfg, tmp_path):
     cfg = tiny_cfg(method={"name": "moco", "queue_size": 256}, optim={"epochs": 1}, eval={"knn_k": [5]})
     run = pretrain(cfg, tmp_path / "run")
     assert 0 <= last_epoch(run)["epoch/instance_acc"] <= 1
     result = evaluate_run(run)
-    assert result["linear"]["top1"] > 10 and result["knn5"]["top1"] > 10
+    assert result.linear.top1 > 10 and result.knn[5].top1 > 10
     _, heads, _ = load_encoder(cfg, 1, run / BACKBONE_FILE, "projector")
     assert list(heads) == ["projector"] and heads["projector"][-1].out_features == cfg.method.proj_dim
 
@@ -275,13 +278,14 @@ def influence(encode, x: torch.Tensor) -> list[set[int]]:
     return moved
 
 
+@pytest.mark.slow
 def test_moco_keys_and_queries_are_normalised_in_different_groups_of_images():
     """Shuffling BN on by default (the demo's 8 groups): a key's BatchNorm statistics come from its own group of 2
     of the 16 key views, picked at random, and not from the group that normalises its query. Plain BatchNorm lets
     every view of the batch into every key and query: the statistics the key shares with its query tell it apart
     from the queued keys (MoCo Sec. 3.3)."""
-    assert MethodConfig().moco_shuffle_bn and MethodConfig().moco_bn_splits == 8  # the demo's --bn-splits 8
-    method = tiny_moco(moco_bn_splits=MethodConfig().moco_bn_splits).train()
+    assert MoCoConfig().shuffle_bn and MoCoConfig().bn_splits == 8  # the demo's --bn-splits 8
+    method = tiny_moco(bn_splits=MoCoConfig().bn_splits).train()
     x_q, x_k = views(batch=16, seed=3)
     order = torch.randperm(16, generator=torch.Generator().manual_seed(1))
 
@@ -300,7 +304,7 @@ def test_moco_keys_and_queries_are_normalised_in_different_groups_of_images():
 
 
 def test_moco_draws_the_key_order_with_the_views_from_the_epoch_generator():
-    method = tiny_moco(moco_bn_splits=2).train()
+    method = tiny_moco(bn_splits=2).train()
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     make_views = lambda batch, generator, rows: [batch[rows].float()] * 2  # noqa: E731
     orders = []
@@ -313,19 +317,19 @@ def test_moco_draws_the_key_order_with_the_views_from_the_epoch_generator():
 
 
 def test_moco_refuses_split_batchnorm_converted_by_sync_batchnorm():
-    method = tiny_moco(moco_bn_splits=8)
+    method = tiny_moco(bn_splits=8)
     method.on_epoch_start(0)
     convert_sync_batchnorm(method, torch.device("cpu"))
-    with pytest.raises(ImbsslError, match="moco_bn_splits=8 needs MoCo's own split BatchNorm"):
+    with pytest.raises(ImbsslError, match="method.bn_splits=8 needs MoCo's own split BatchNorm"):
         method.on_epoch_start(0)
 
 
 def test_moco_bn_splits_must_share_out_over_the_processes(monkeypatch):
-    method = tiny_moco(moco_bn_splits=8).train()
+    method = tiny_moco(bn_splits=8).train()
     monkeypatch.setattr(moco, "world_size", lambda: 2)  # 4 groups of each process's rows
     method.backbone(torch.randn(8, 1, 8, 8))
     monkeypatch.setattr(moco, "world_size", lambda: 3)
-    with pytest.raises(ImbsslError, match="moco_bn_splits=8 is not a multiple of the 3 processes"):
+    with pytest.raises(ImbsslError, match="method.bn_splits=8 is not a multiple of the 3 processes"):
         method.backbone(torch.randn(8, 1, 8, 8))
 
 
@@ -339,7 +343,7 @@ def test_ssp_paper_preset_builds_mocos_reference_head():
     assert cfg.model.backbone == "resnet32" and method.backbone.feature_dim == 64
     assert [(layer.in_features, layer.out_features) for layer in linears] == [(64, 64), (64, 128)]
     assert method.queue.shape == (cfg.method.queue_size, 128)
-    assert cfg.method.moco_shuffle_bn and any(isinstance(m, SplitBatchNorm) for m in method.key_encoder.modules())
+    assert cfg.method.shuffle_bn and any(isinstance(m, SplitBatchNorm) for m in method.key_encoder.modules())
 
 
 # -- several processes -----------------------------------------------------------------------------
@@ -359,7 +363,7 @@ def _two_process_moco(rank: int, folder: str) -> None:
     try:
         ranks = gather(torch.full((2, 3), float(rank)))
         # the same initial weights and queue on both processes; keys in each process's own order (no shuffle)
-        method = tiny_moco(queue_size=16, moco_shuffle_bn=False).train()
+        method = tiny_moco(queue_size=16, shuffle_bn=False).train()
         x_q, x_k = views(batch=4, seed=rank)  # each process its own batch
         own_keys = F.normalize(copy.deepcopy(method.key_encoder)(x_k), dim=1)
         method.training_step([x_q, x_k], torch.arange(4))
@@ -383,7 +387,7 @@ def _two_process_shuffled_moco(rank: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     try:
-        method = tiny_moco(queue_size=16, moco_bn_splits=2).train()  # one BatchNorm group per process
+        method = tiny_moco(queue_size=16, bn_splits=2).train()  # one BatchNorm group per process
         x_q, x_k = views(batch=4, seed=rank)
         # rank 1's own order is overruled: rank 0's is broadcast, as builder.py's
         method.key_order = torch.randperm(8, generator=torch.Generator().manual_seed(7 + rank))
@@ -393,13 +397,14 @@ def _two_process_shuffled_moco(rank: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_moco_shuffles_the_keys_across_processes_and_enqueues_them_in_order(tmp_path):
     mp.start_processes(_two_process_shuffled_moco, args=(str(tmp_path),), nprocs=2, start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
     assert torch.equal(r0["queue"], r1["queue"]) and r0["ptr"] == r1["ptr"] == 8
     order = torch.randperm(8, generator=torch.Generator().manual_seed(7))  # rank 0's
     x_k = torch.cat([r0["x_k"], r1["x_k"]])
-    key_encoder = tiny_moco(queue_size=16, moco_bn_splits=1).train().key_encoder  # the same initial weights
+    key_encoder = tiny_moco(queue_size=16, bn_splits=1).train().key_encoder  # the same initial weights
     with torch.no_grad():  # each process encodes its half of the shuffled global batch, with its own statistics
         shuffled_keys = torch.cat([key_encoder(x_k[order[:4]]), key_encoder(x_k[order[4:]])])
     expected = F.normalize(shuffled_keys, dim=1)[torch.argsort(order)]

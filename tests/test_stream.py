@@ -61,6 +61,7 @@ def streamed_reads(monkeypatch) -> list[int]:
     return reads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [{"name": "simsiam"}, {"name": "excb", "proj_hidden": 64, "pred_hidden": 64,
                                                          "num_clusters": 16}])
 def test_streamed_pretraining_trains_the_same_model(tiny_cfg, tmp_path, method, monkeypatch):
@@ -76,6 +77,7 @@ def test_streamed_pretraining_trains_the_same_model(tiny_cfg, tmp_path, method, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_streamed_supervised_training_trains_the_same_model(sup_cfg, tmp_path, monkeypatch):
     reads = streamed_reads(monkeypatch)
     runs = []

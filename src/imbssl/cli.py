@@ -10,15 +10,15 @@ import logging
 import shlex
 import sys
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import click
-from pydantic import BaseModel
 
-from imbssl.config import ConfigError, OfflineClusteringConfig, deep_merge, load_config, parse_overrides, validate_tree
+from imbssl.configbase import ConfigError, deep_merge, parse_overrides
 from imbssl.errors import ImbsslError
+from imbssl.recipes import RECIPES
+from imbssl.records import AccuracyReport, EvalRecord, SelfTrainingRecord, TrainRecord
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: the supervised (``imbssl train``) configs shipped with imbssl
@@ -133,8 +133,9 @@ def data() -> None:
 @click.option("--plot", type=click.Path(dir_okay=False), help="also draw the Figure-1-style plot to this file")
 def data_describe(config_path: str | None, overrides: tuple[str, ...], as_json: bool, plot: str | None) -> None:
     """Per-class counts of the paper's five subsets and of the configured one."""
+    from imbssl.config import load_config
     cfg = load_config(_config_file(config_path) if config_path else None, overrides)
-    from imbssl.recipes.experiment_1 import NamedSubset, describe_subsets, paper_subsets
+    from imbssl.recipes.subsets import NamedSubset, describe_subsets, paper_subsets
 
     subsets = paper_subsets(cfg.data.subset.seed)
     if cfg.data.subset.profile != "full" or config_path:
@@ -189,6 +190,7 @@ processes (docs/scale-out.md).
 def pretrain(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None, resume: bool,
              then_eval: bool) -> None:
     data_set = (f"data.path={json.dumps(data_path)}",) if data_path else ()  # quoted: a path, whatever it reads like
+    from imbssl.config import load_config
     cfg = load_config(_config_file(config), data_set + overrides)
     from imbssl.engine.distributed import is_main, process_group
     from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
@@ -221,6 +223,7 @@ def export(run_dir: str, out: str | None) -> None:
 @set_option("eval.linear.epochs=20")
 def evaluate(run_dir: str, overrides: tuple[str, ...]) -> None:
     """Linear probe and k-NN of a finished run on a balanced labelled set (writes RUN_DIR/eval.json)."""
+    from imbssl.config import validate_tree
     from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run, load_run_config
 
     cfg = load_run_config(Path(run_dir))
@@ -230,26 +233,30 @@ def evaluate(run_dir: str, overrides: tuple[str, ...]) -> None:
     _echo_eval(evaluate_run(Path(run_dir), cfg.eval), Path(run_dir) / EVAL_FILE)
 
 
-def _echo_eval(result: dict, eval_file: Path) -> None:
-    lin = result["linear"]
-    knn = ", ".join(f"{k} {v['top1']:.2f}" for k, v in result.items() if k.startswith("knn"))
-    click.echo(f"labelled set: {result['labelled_train']} images to train the probe + {result['labelled_val']} to "
-               f"select it (balanced); test: {result['test']} images")
-    click.echo(f"linear top-1 {lin['top1']:.2f} (val {lin['val_top1']:.2f}); {knn}")
-    groups = " / ".join("n/a" if lin[g] is None else f"{lin[g]:.2f}" for g in ("many", "medium", "few"))
-    thirds = " / ".join(f"{lin['thirds'][g]:.2f}" for g in ("major", "minor", "rare"))
-    click.echo(f"many/medium/few: {groups}; major/minor/rare: {thirds} (std {lin['thirds_std']:.2f})")
-    if None in (lin["many"], lin["medium"], lin["few"]):
+def _echo_eval(result: EvalRecord, eval_file: Path) -> None:
+    lin = result.linear
+    knn = ", ".join(f"knn{k} {report.top1:.2f}" for k, report in result.knn.items())
+    click.echo(f"labelled set: {result.labelled_train} images to train the probe + {result.labelled_val} to "
+               f"select it (balanced); test: {result.test} images")
+    click.echo(f"linear top-1 {lin.top1:.2f} (val {lin.val_top1:.2f}); {knn}")
+    groups = [lin.many, lin.medium, lin.few]
+    click.echo(f"many/medium/few: {' / '.join('n/a' if g is None else f'{g:.2f}' for g in groups)}; major/minor/rare: "
+               f"{_thirds(lin)} (std {lin.thirds_std:.2f})")
+    if None in groups:
         click.echo("  n/a: no class of the pre-training subset falls in that group (many: over 100 images, "
                    "medium: 20-100, few: under 20)")
-    if "clusters" in result:
-        clusters = result["clusters"]
-        click.echo(f"clusters: {clusters['empty_clusters']} of {len(clusters['sorted_relative_sizes'])} empty, "
-                   f"largest {clusters['cluster_size_max']:.2f}x the target size; purity {clusters['purity']:.3f}, "
-                   f"NMI {clusters['nmi']:.3f}")
-    for warning in result.get("warnings", []):
+    if (clusters := result.clusters) is not None:
+        click.echo(f"clusters: {clusters.empty_clusters} of {len(clusters.sorted_relative_sizes)} empty, "
+                   f"largest {clusters.cluster_size_max:.2f}x the target size; purity {clusters.purity:.3f}, "
+                   f"NMI {clusters.nmi:.3f}")
+    for warning in result.warnings:
         click.echo(f"warning: {warning}")
     click.echo(f"eval: {eval_file}")
+
+
+def _thirds(report: AccuracyReport) -> str:
+    """'81.20 / 60.10 / 40.00': the major, minor and rare thirds' accuracies."""
+    return " / ".join(f"{value:.2f}" for value in (report.thirds.major, report.thirds.minor, report.thirds.rare))
 
 
 # -- train --------------------------------------------------------------------------------------
@@ -282,25 +289,24 @@ Examples:
 @click.option("--resume", is_flag=True, help="continue the run from its last checkpoint; may raise optim.epochs")
 def train(config: str, overrides: tuple[str, ...], data_path: str | None, init_from: str | None, run_dir: str | None,
           resume: bool) -> None:
-    from imbssl.config import SupervisedConfig
+    from imbssl.config import SupervisedConfig, load_config
 
     given = [f"data.path={json.dumps(data_path)}"] if data_path else []
     given += [f"init_from={json.dumps(init_from)}"] if init_from else []
     cfg = load_config(_config_file(config, folder=TRAIN_CONFIG_DIR), (*given, *overrides), schema=SupervisedConfig)
     from imbssl.engine.distributed import is_main, process_group
-    from imbssl.pipelines.train import TRAIN_FILE, train as run_train
+    from imbssl.pipelines.train import train as run_train
 
     _offer_resume(add_flag=True)
     with process_group(cfg.train.device, cfg.train.dist_timeout_s):
         out = run_train(cfg, Path(run_dir) if run_dir else None, resume=resume)
         if not is_main():  # rank 0 reports
             return
-    result = json.loads((out / TRAIN_FILE).read_text())
-    test = result["test"]
-    click.echo(f"{result['reported']}: test top-1 {test['top1']:.2f} (error {test['error']:.2f}), epoch "
-               f"{result[result['reported']]['selected_epoch']} selected on validation")
-    click.echo("major/minor/rare: " + " / ".join(f"{test['thirds'][g]:.2f}" for g in ("major", "minor", "rare")))
-    click.echo(f"run folder: {out} ({TRAIN_FILE})")
+    result = TrainRecord.read(out)
+    click.echo(f"{result.reported}: test top-1 {result.test.top1:.2f} (error {result.test.error:.2f}), epoch "
+               f"{result.stage(result.reported).selected_epoch} selected on validation")
+    click.echo(f"major/minor/rare: {_thirds(result.test)}")
+    click.echo(f"run folder: {out} ({TrainRecord.FILE})")
 
 
 # -- pipeline ---------------------------------------------------------------------------------
@@ -336,6 +342,7 @@ The pipeline folder is <base.out_dir>/<base.name> (runs/<base.name> by default) 
 def offline_clustering(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None,
                        resume: bool, expert: int | None, until: str, then_eval: bool) -> None:
     data_set = (f"base.data.path={json.dumps(data_path)}",) if data_path else ()
+    from imbssl.config import OfflineClusteringConfig, load_config
     cfg = load_config(_config_file(config, pipelines=True), data_set + overrides, schema=OfflineClusteringConfig)
     from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
     from imbssl.pipelines.offline_clustering import Shard, run_pipeline
@@ -375,55 +382,80 @@ Examples:
 @click.option("--resume", is_flag=True, help="continue at the first unfinished stage")
 def self_training(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None,
                   resume: bool) -> None:
-    from imbssl.config import SelfTrainingConfig
+    from imbssl.config import SelfTrainingConfig, load_config
 
     given = (f"data.path={json.dumps(data_path)}",) if data_path else ()
     cfg = load_config(_config_file(config, folder=SELF_TRAINING_CONFIG_DIR), given + overrides,
                       schema=SelfTrainingConfig)
-    from imbssl.pipelines.self_training import REPORT_FILE, self_train
+    from imbssl.pipelines.self_training import self_train
 
     _offer_resume(add_flag=True)
     root = self_train(cfg, Path(run_dir) if run_dir else None, resume=resume)
-    report = json.loads((root / REPORT_FILE).read_text())
-    labels = report["pseudo_labels"]
-    click.echo(f"pseudo-labels: {labels['kept']} of {labels['of']} kept, {labels['accuracy']:.2f}% right "
-               f"({labels['kept_accuracy'] or 0:.2f}% of the kept)")
-    for stage in ("base", "final"):
-        test = report[stage]
-        click.echo(f"{stage}: test top-1 {test['top1']:.2f} (error {test['error']:.2f}), major/minor/rare "
-                   + " / ".join(f"{test['thirds'][g]:.2f}" for g in ("major", "minor", "rare")))
-    click.echo(f"pipeline folder: {root} ({REPORT_FILE})")
+    report = SelfTrainingRecord.read(root)
+    labels = report.pseudo_labels
+    click.echo(f"pseudo-labels: {labels.kept} of {labels.of} kept, {labels.accuracy:.2f}% right "
+               f"({labels.kept_accuracy or 0:.2f}% of the kept)")
+    for stage, test in (("base", report.base), ("final", report.final)):
+        click.echo(f"{stage}: test top-1 {test.top1:.2f} (error {test.error:.2f}), major/minor/rare {_thirds(test)}")
+    click.echo(f"pipeline folder: {root} ({SelfTrainingRecord.FILE})")
 
 
 # -- reproduce / demo ---------------------------------------------------------------------------
-@cli.group()
-def reproduce() -> None:
-    """Reproduce a paper's table with one command."""
+def _recipe_list() -> str:
+    width = max(map(len, RECIPES))
+    return "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in RECIPES.items())
 
 
-def _load_grid(experiment: str, schema: type[BaseModel], preset: str, overrides: tuple[str, ...],
-               data_path: str | None) -> BaseModel:
-    """``experiment``'s preset with --data and --set applied, validated as ``schema``."""
-    from imbssl.recipes import load_preset
+REPRODUCE_HELP = f"""Reproduce a paper's table with one command: the grid of NAME's preset, its runs (finished ones
+are reused when trained with the same settings, unfinished ones resumed) and its report (table.md, results.json,
+figures) in --out.
+
+\b
+{_recipe_list()}
+
+\b
+Examples:
+  imbssl reproduce experiment-1 --preset cpu --data cifar10-jpg.tar.gz
+  imbssl reproduce ssp --preset demo --set 'seeds=[0]'
+  imbssl reproduce experiment-2 --preset cpu \\
+      --baselines-from reports/experiment-1-cpu
+"""
+
+
+@cli.command(help=REPRODUCE_HELP, short_help="Reproduce a paper's table with one command.")
+@click.argument("name", metavar="NAME", type=click.Choice(list(RECIPES)))
+@click.option("--preset", type=click.Choice(["demo", "cpu", "paper"]), default="demo", show_default=True)
+@set_option("base.optim.epochs=10")
+@click.option("--out", type=click.Path(file_okay=False), help="report folder (default reports/NAME-PRESET)")
+@click.option("--data", "data_path", type=click.Path(), help="data archive or folder (sets base.data.path)")
+@click.option("--baselines-from", type=click.Path(file_okay=False),
+              help="experiment-2: an experiment-1 report folder of the same preset, whose runs are the baselines "
+                   "(missing ones are trained there; sets baselines_from)")
+def reproduce(name: str, preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None,
+              baselines_from: str | None) -> None:
+    from imbssl.recipes import recipe
+
+    if baselines_from and "baselines_from" not in recipe(name).model_fields:
+        raise ConfigError(f"--baselines-from: {name} takes no baselines from another report (experiment-2 does)")
+    given = (f"baselines_from={json.dumps(baselines_from)}",) if baselines_from else ()
+    _echo_report(_reproduce(name, preset, given + overrides, out, data_path))
+
+
+def _reproduce(name: str, preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None
+               ) -> Path | None:
+    """Recipe ``name``'s preset with --data and --set applied, run into ``out``; table.md (None off rank 0)."""
+    from imbssl.config import validate_tree
+    from imbssl.recipes import load_preset, recipe
+    from imbssl.recipes.grid import reproduce as run_recipe
 
     _offer_resume(add_flag=False)  # the grids resume their unfinished runs by themselves
-    tree = load_preset(experiment, preset)
+    schema = recipe(name)
+    tree = load_preset(schema.PRESETS, preset)
     if data_path:
         tree = deep_merge(tree, {"base": {"data": {"path": data_path}}})
     tree = deep_merge(tree, parse_overrides(overrides))
-    return validate_tree(schema, tree, origin=f"the {experiment} preset {preset!r}", overrides=overrides)
-
-
-@contextmanager
-def _grid_processes(exp: BaseModel) -> Iterator[None]:
-    """Under torchrun every process trains the grid's runs data-parallel, and rank 0 alone evaluates and reports
-    (docs/scale-out.md); the process group is ``base.train``'s."""
-    from imbssl.config import TrainConfig
-    from imbssl.engine.distributed import process_group
-
-    train = TrainConfig.model_validate(exp.base.get("train", {}))
-    with process_group(train.device, train.dist_timeout_s):
-        yield
+    grid = validate_tree(schema, tree, origin=f"the {name} preset {preset!r}", overrides=overrides)
+    return run_recipe(grid, Path(out or f"reports/{name}-{preset}"), _command_line())
 
 
 def _echo_report(table: Path | None) -> None:
@@ -432,129 +464,12 @@ def _echo_report(table: Path | None) -> None:
         click.echo(f"report: {table.parent}")
 
 
-def _grid_options(experiment: str) -> Callable[[Callable], Callable]:
-    """--preset, --set, --out and --data of a ``reproduce`` command; reports go to reports/EXPERIMENT-PRESET."""
-    options = [
-        click.option("--preset", type=click.Choice(["demo", "cpu", "paper"]), default="demo", show_default=True),
-        set_option("base.optim.epochs=10"),
-        click.option("--out", type=click.Path(file_okay=False),
-                     help=f"report folder (default reports/{experiment}-PRESET)"),
-        click.option("--data", "data_path", type=click.Path(), help="data archive or folder (sets base.data.path)"),
-    ]
-
-    def decorate(command: Callable) -> Callable:
-        for option in reversed(options):
-            command = option(command)
-        return command
-    return decorate
-
-
-def _experiment_1(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> Path | None:
-    from imbssl.recipes.experiment_1 import Experiment1Config, run_grid, write_report
-
-    exp = _load_grid("experiment-1", Experiment1Config, preset, overrides, data_path)
-    out_dir = Path(out or f"reports/experiment-1-{preset}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _grid_processes(exp):
-        return write_report(exp, run_grid(exp, out_dir), out_dir, _command_line())
-
-
-@reproduce.command("experiment-1", short_help="Table 2: SimCLR and SimSiam, imbalanced vs balanced.")
-@_grid_options("experiment-1")
-def reproduce_experiment_1(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
-    """Table 2: SimCLR and SimSiam on imbalanced vs balanced CIFAR-10 subsets."""
-    _echo_report(_experiment_1(preset, overrides, out, data_path))
-
-
-@reproduce.command("excb", short_help="ExCB beside its baselines; a K ablation.")
-@_grid_options("excb")
-def reproduce_excb(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
-    """ExCB, ExCB without balancing and DINO centring on CIFAR-10-LT p=100, p=10 and rs.12K; a K ablation."""
-    from imbssl.recipes.excb import ExcbExperimentConfig, run_experiment
-
-    exp = _load_grid("experiment-excb", ExcbExperimentConfig, preset, overrides, data_path)
-    with _grid_processes(exp):
-        _echo_report(run_experiment(exp, Path(out or f"reports/excb-{preset}"), _command_line()))
-
-
-@reproduce.command("priors", short_help="Uniform vs power-law cluster priors: MSN/PMSN, ExCB.")
-@_grid_options("priors")
-def reproduce_priors(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
-    """MSN against PMSN, and ExCB against ExCB balanced toward a power law, on a long-tailed subset and its
-    balanced control: does a power-law cluster prior help on long-tailed data and hurt on balanced data?"""
-    from imbssl.recipes.priors import PriorsExperimentConfig, run_experiment
-
-    exp = _load_grid("priors", PriorsExperimentConfig, preset, overrides, data_path)
-    with _grid_processes(exp):
-        _echo_report(run_experiment(exp, Path(out or f"reports/priors-{preset}"), _command_line()))
-
-
-@reproduce.command("longtail-ssl", short_help="SimCLR, +TS, SDCLR, BCL beside the seeds' methods.")
-@_grid_options("longtail-ssl")
-def reproduce_longtail_ssl(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
-    """The self-supervised methods for long-tailed data side by side at equal epochs: SimCLR, SimCLR+TS, SDCLR,
-    BCL-I and BCL-D beside SimSiam, ExCB, PMSN and offline clustering; full-shot and few-shot linear probes, the
-    thirds of the classes and their std (balancedness)."""
-    from imbssl.recipes.longtail_ssl import LongtailSSLConfig, run_experiment
-
-    exp = _load_grid("longtail-ssl", LongtailSSLConfig, preset, overrides, data_path)
-    with _grid_processes(exp):
-        _echo_report(run_experiment(exp, Path(out or f"reports/longtail-ssl-{preset}"), _command_line()))
-
-
-@reproduce.command("experiment-2", short_help="Table 3: offline clustering vs the baselines.")
-@_grid_options("experiment-2")
-@click.option("--baselines-from", type=click.Path(file_okay=False),
-              help="an experiment-1 report folder of the same preset: its runs are the baselines (missing ones are "
-                   "trained there)")
-def reproduce_experiment_2(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None,
-                           baselines_from: str | None) -> None:
-    """Table 3: SimSiam+C+D and SimSiam+D (offline clustering) against the SimCLR and SimSiam baselines."""
-    from imbssl.recipes.experiment_2 import Experiment2Config, run_experiment, write_report
-
-    exp = _load_grid("experiment-2", Experiment2Config, preset, overrides, data_path)
-    out_dir = Path(out or f"reports/experiment-2-{preset}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _grid_processes(exp):  # to refuse it under torchrun: the pipeline shares out its experts instead
-        records = run_experiment(exp, out_dir, Path(baselines_from) if baselines_from else None)
-    _echo_report(write_report(exp, records, out_dir, _command_line()))
-
-
-@reproduce.command("ssp", short_help="Rethinking's Table 2: LT losses, scratch vs SSP.")
-@_grid_options("ssp")
-def reproduce_ssp(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
-    """Table 2 of "Rethinking the value of labels": CE, CB, focal, DRW/DRS, LDAM(-DRW) and cRT, each from scratch
-    and after self-supervised pre-training (Rotation, and any imbssl SSL method) on the long-tailed set."""
-    from imbssl.recipes.ssp import SSPExperimentConfig, run_grid, write_report
-
-    exp = _load_grid("ssp", SSPExperimentConfig, preset, overrides, data_path)
-    out_dir = Path(out or f"reports/ssp-{preset}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _grid_processes(exp):
-        _echo_report(write_report(exp, run_grid(exp, out_dir), out_dir, _command_line()))
-
-
-@reproduce.command("semi-supervised", short_help="Rethinking's Table 1: LT losses with self-training on D_U.")
-@_grid_options("semi-supervised")
-def reproduce_semi_supervised(preset: str, overrides: tuple[str, ...], out: str | None, data_path: str | None) -> None:
-    """Table 1 of "Rethinking the value of labels": CE and LDAM-DRW on D_L, without and with self-training on an
-    imbalanced unlabeled set D_U (rho_U = 1, rho/2, rho, 2 rho), from scratch or after SSP."""
-    from imbssl.recipes.semi_supervised import SemiSupervisedExperimentConfig, run_grid, write_report
-
-    exp = _load_grid("semi-supervised", SemiSupervisedExperimentConfig, preset, overrides, data_path)
-    out_dir = Path(out or f"reports/semi-supervised-{preset}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _grid_processes(exp):  # to refuse it under torchrun
-        records = run_grid(exp, out_dir)
-    _echo_report(write_report(exp, records, out_dir, _command_line()))
-
-
 @cli.command(short_help="Experiment I on digits, in minutes on a CPU.")
 @set_option("base.optim.epochs=2")
 @click.option("--out", type=click.Path(file_okay=False), default="reports/demo", show_default=True)
 def demo(overrides: tuple[str, ...], out: str) -> None:
     """Experiment I on scikit-learn's digits: a few minutes on a laptop CPU."""
-    if (table := _experiment_1("demo", overrides, out, None)) is not None:
+    if (table := _reproduce("experiment-1", "demo", overrides, out, None)) is not None:
         click.echo(table.read_text())
         click.echo(f"report: {table.parent} (table.md, distributions.png, per_class_accuracy-*.png, runs/)")
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from imbssl.errors import ImbsslError
+from imbssl.configbase import ConfigError, Section, deep_merge, load_yaml, parse_overrides
+from imbssl.methods import DEFAULT_METHOD, SECTIONS, MethodConfig
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -23,21 +24,8 @@ Space = Literal["backbone", "projector", "predictor"]
 SPACES: tuple[Space, ...] = ("backbone", "projector", "predictor")
 
 
-class ConfigError(ImbsslError, ValueError):
-    """A configuration file or override that cannot be used as given."""
-
-
 MISSING_DATA_PATH = ("data.path is required when data.source is 'imagefolder': pass --data PATH (an ImageFolder "
                      "folder or .tar.gz), or --set data.source=cifar10 to download CIFAR-10")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def unused_keys(self) -> set[str]:
-        """Fields whose values this section's other settings leave unread, so that a run folder saved under other
-        defaults for them is still the same run."""
-        return set()
 
 
 class SubsetConfig(Section):
@@ -165,152 +153,9 @@ class ModelConfig(Section):
         return self
 
 
-class PriorConfig(Section):
-    """A cluster prior pi over K clusters (priors.py): the share of the data each cluster is meant to hold."""
-
-    kind: Literal["uniform", "power_law", "given", "estimated"] = Field(
-        "uniform", description="uniform 1/K (what SimCLR, SwAV, MSN and ExCB assume); power_law pi_k ∝ k^-tau "
-                               "(PMSN); given (values or path); estimated from a k-means of the initial features")
-    tau: float = Field(0.25, gt=0, description="power_law: the exponent (PMSN's reference setting 0.25)")
-    values: list[float] | None = Field(None, description="given: pi itself, K positive numbers summing to 1")
-    path: str | None = Field(None, description="given: a text file of K numbers (whitespace- or comma-separated)")
-
-    @model_validator(mode="after")
-    def _check(self) -> "PriorConfig":
-        if self.kind == "given" and (self.values is None) == (self.path is None):
-            raise ValueError("a given prior needs exactly one of values and path")
-        if self.kind != "given" and (self.values is not None or self.path is not None):
-            raise ValueError(f"values and path belong to kind=given, not kind={self.kind}")
-        return self
-
-
-class MethodConfig(Section):
-    name: Literal["simsiam", "simclr", "excb", "rotation", "moco", "msn", "sdclr", "bcl-i", "bcl-d"] = "simsiam"
-    proj_hidden: int = 512
-    proj_dim: int = Field(512, description="output dimension d (Table 1)")
-    pred_hidden: int = 128
-    fix_predictor_lr: bool = Field(True, description="SimSiam: hold the predictor at the base learning rate while the "
-                                                     "rest follows the cosine schedule, as both reference codes do "
-                                                     "(PatrickHua/SimSiam constant_predictor_lr, "
-                                                     "facebookresearch/simsiam --fix-pred-lr)")
-    temperature: float = Field(0.5, gt=0, description="SimCLR NT-Xent temperature (SDCLR too; its "
-                                                      "code's 0.2)")
-    prune_ratio: float = Field(0.9, ge=0, lt=1, description="SDCLR: the share of weights the pruned copy zeroes, "
-                                                           "by global magnitude (the paper's 90%)")
-    bcl_beta: float = Field(0.97, ge=0, lt=1, description="BCL: beta of each image's momentum loss, "
-                                                       "M <- (1 - beta) l + beta M (BCL's code: 0.97)")
-    simclr_head: Literal["simclr", "bcl"] = Field(
-        "simclr", description="SimCLR: simclr = its 2-layer MLP of proj_hidden (Table 1 of the offline-clustering "
-                              "paper); bcl = the head of BCL's SimCLR baseline (models/simclr.py, heads.bn_projector "
-                              "with 2 layers), which the longtail-ssl grid gives SimCLR and SimCLR+TS so that the "
-                              "SimCLR family differs in the method alone")
-    reference_head: bool = Field(True, description="SDCLR, BCL-I, BCL-D: the authors' projection head, every "
-                                                   "Linear followed by BatchNorm, hidden width = the backbone's "
-                                                   "feature size (SDCLR's code: 3 layers; BCL's: 2); false = "
-                                                   "SimCLR's 2-layer head of proj_hidden, as the other SimCLR-family "
-                                                   "methods")
-    # ExCB (methods/excb.py, docs/excb.md): the paper's values, except K (65,536 there, for 1.28M images).
-    num_clusters: int = Field(512, ge=2, description="ExCB: K, the number of learned centroids (Eq. 1); "
-                                                     "512 suits 10k-50k images (docs/excb.md)")
-    teacher_temperature: float = Field(0.04, gt=0, description="ExCB: tau_t of the teacher softmax (Eq. 6)")
-    student_temperature: float = Field(0.1, gt=0, description="ExCB: tau_s of the student softmax (Eq. 5)")
-    teacher_momentum: float = Field(0.996, ge=0, le=1,
-                                    description="ExCB: EMA momentum m of the teacher, raised to 1 on a cosine schedule")
-    size_momentum: float = Field(0.999, ge=0, lt=1,
-                                 description="ExCB: m_s of the relative cluster sizes s (Eq. 9); 1/(1-m_s) batches")
-    balancing: Literal["excb", "centering", "none"] = Field(
-        "excb", description="ExCB: how the teacher avoids collapse: excb = operator B (Eq. 10), "
-                            "centering = DINO's EMA centre (baseline), none = nothing (baseline)")
-    center_momentum: float = Field(0.9, ge=0, lt=1, description="ExCB, balancing=centering: DINO's centre EMA momentum")
-    centroid_init: Literal["kmeans", "random"] = Field(
-        "kmeans", description="ExCB: centroids from k-means on the initial teacher projections, or random directions")
-    centroid_weight_decay: tuple[float, float] | None = Field(
-        (1e-3, 1e-4), description="ExCB: the centroids' weight decay, cosine from the first to the second value; "
-                                  "None = the optimizer's weight decay")
-    # ExCB in the official code's form (ManiadisG/ExCB; docs/excb.md, "What differs"): the defaults are imbssl's.
-    excb_proj_hidden_layers: int = Field(1, ge=1, description="ExCB: hidden Linear-BN-ReLU layers of the projector "
-                                                              "h before its last Linear; 2 = the official code's "
-                                                              "mlp_hidden_layers: 2 (the paper's '2-layer MLP')")
-    excb_head_batches: Literal["by_size", "all"] = Field(
-        "by_size", description="ExCB: by_size = the global views through the backbone and the heads as one batch, "
-                               "the local views as another; all = the backbone on each crop size, then the heads on "
-                               "all views together (the official code), so the heads' BatchNorm normalises the "
-                               "global and local views as one batch. The same without local crops")
-    excb_pairing: Literal["paper", "code"] = Field(
-        "paper", description="ExCB: the loss's view pairs: paper = Eq. 7, teacher view x' against the projector "
-                             "output of every other view, local ones included, and the predictor output of every "
-                             "view, each sum averaged over its own pairs; code = the official ClusteringLoss, the "
-                             "projector outputs of the other global views only, one mean over all pairs")
-    rotations: Literal["all", "one"] = Field(
-        "all", description="Rotation: all = each view in all four rotations, 4B images a step (RotNet's loader); "
-                           "one = each image in one rotation, drawn as Yang & Xu's pretrain_rot.py (utils.rotation: "
-                           "a shuffled list of 0-3 repeated over the batch), B images a step")
-    # MoCo v2 (methods/moco.py, docs/ssp-methods.md): CIFAR-sized defaults, as the MoCo CIFAR-10 demo has them.
-    # Its MLP head is sized by proj_hidden and proj_dim (the papers: the feature size, then 128).
-    queue_size: int = Field(4096, ge=1, description="MoCo: K, negative keys in the queue; 4096 suits CIFAR-sized "
-                                                    "sets (MoCo's CIFAR-10 demo), 65,536 is the ImageNet value")
-    key_momentum: float = Field(0.99, ge=0, lt=1, description="MoCo: m of the key encoder, k <- m k + (1 - m) q; "
-                                                              "0.99 for CIFAR-sized sets, 0.999 is the ImageNet value")
-    moco_temperature: float = Field(0.2, gt=0, description="MoCo: tau of the InfoNCE loss (v2: 0.2, v1: 0.07)")
-    moco_shuffle_bn: bool = Field(True, description="MoCo: shuffling BN (MoCo Sec. 3.3): the key encoder sees the "
-                                                    "global batch in a random order, so an image's key and query are "
-                                                    "normalised with different images (across processes as "
-                                                    "moco/builder.py, within moco_bn_splits groups as the CIFAR-10 "
-                                                    "demo); false = keys in the batch's own order")
-    moco_bn_splits: int = Field(8, ge=1, description="MoCo: BatchNorm groups of the global batch in both encoders, "
-                                                     "the GPUs emulated (the CIFAR-10 demo's --bn-splits 8); under "
-                                                     "torchrun each process splits its rows into moco_bn_splits / "
-                                                     "processes groups (a multiple of the process count); 1 = plain "
-                                                     "BatchNorm")
-    # The cluster prior (priors.py): ExCB's target sizes t of Eq. 10 and MSN's prior pi (PMSN when not uniform).
-    prior: PriorConfig = PriorConfig()
-    # MSN / PMSN (methods/msn.py, docs/priors.md): K = num_clusters prototypes; the target encoder is an EMA
-    # with teacher_momentum, raised to 1 on a cosine as ExCB's.
-    anchor_temperature: float = Field(0.1, gt=0, description="MSN: tau of the anchor predictions")
-    target_temperature: float = Field(0.025, gt=0, description="MSN: tau of the sharpened target predictions "
-                                                               "(0.1 sharpened with T = 0.25)")
-    regularization_weight: float = Field(1.0, ge=0, description="MSN: lambda of the ME-MAX / prior-matching term")
-    mask_ratio: float = Field(0.3, ge=0, lt=1, description="MSN: the share of the anchor view's patches dropped "
-                                                            "(ViT tokens, or zeroed input patches of a CNN)")
-    mask_patch: int = Field(4, ge=1, description="MSN on a CNN: the side of the zeroed input patches (ViT: its patch)")
-    sinkhorn: bool = Field(False, description="MSN: Sinkhorn-Knopp on the targets (uniform marginals); refused "
-                                              "with a non-uniform prior")
-    # MSN in its code's form (facebookresearch/msn; docs/priors.md, "Differences from MSN's code"): the defaults are
-    # imbssl's. The ViT's LayerNorm eps is model.vit_ln_eps.
-    msn_proj_activation: Literal["relu", "gelu"] = Field(
-        "relu", description="MSN: the projector's activation after each Linear-BN: relu (heads.mlp's) or gelu "
-                            "(MSN's code, msn_train.init_model)")
-    msn_view_batches: Literal["each", "by_size"] = Field(
-        "each", description="MSN: each = every anchor and focal view through the encoder and projector as a batch "
-                            "of its own; by_size = the anchor views as one batch and the focal views as another, as "
-                            "MSN's code batches the views of each size, so the projector's BatchNorm normalises the "
-                            "focal views together. The same with one anchor and at most one focal view")
-    msn_clip_grad_norm: float | None = Field(
-        None, gt=0, description="MSN: clip the encoder's gradient norm (backbone and projector together, not the "
-                                "prototypes') at this before each optimizer step, as msn_train.py's clip_grad (3.0 in "
-                                "its config); None = no clipping")
-
-    def unused_keys(self) -> set[str]:
-        # The MSN and ExCB forms above are read by their own method alone.
-        msn = {"msn_proj_activation", "msn_view_batches", "msn_clip_grad_norm"}
-        excb = {"excb_proj_hidden_layers", "excb_head_batches", "excb_pairing"}
-        simclr = set() if self.name == "simclr" else {"simclr_head"}
-        return (set() if self.name == "msn" else msn) | (set() if self.name == "excb" else excb) | simclr
-
-    @model_validator(mode="after")
-    def _check_prior(self) -> "MethodConfig":
-        if self.prior.kind == "estimated" and self.name != "excb":
-            raise ValueError(f"prior.kind=estimated comes from ExCB's k-means initialisation; {self.name} takes "
-                             f"uniform, power_law or given")
-        if self.sinkhorn and self.prior.kind != "uniform":
-            raise ValueError(f"sinkhorn forces uniform cluster marginals, which contradicts prior.kind="
-                             f"{self.prior.kind}: turn sinkhorn off for a non-uniform prior")
-        return self
-
-
 class TemperatureScheduleConfig(Section):
     """TS (Kukleva et al., ICLR 2023): the contrastive temperature on a cosine between tau_min and tau_max, an
-    engine-level schedule like the learning rate (engine/optim.cosine_temperature), in the form of the authors'
+    engine-level schedule like the learning rate (engine/schedules.cosine_temperature), in the form of the authors'
     code: tau = tau_min + (tau_max - tau_min) (1 + cos(pi t / t_max)) / 2, the paper's cos(2 pi t / T) with
     T = 2 t_max."""
 
@@ -482,7 +327,8 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
-    method: MethodConfig = MethodConfig()
+    method: MethodConfig = Field(default_factory=lambda: SECTIONS[DEFAULT_METHOD](), description="the section of the "
+                                 "method that method.name names (methods/<name>.py), holding its keys alone")
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -707,47 +553,12 @@ class SelfTrainingConfig(SupervisedConfig):
         return self.pseudo_labels.labeller == "base" or self.stage("labeller") == self.stage("base")
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, pair: str) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for key in parents:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {pair}: {key!r} is not a section")
-        node = child
-    node[leaf] = value
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """'line 3, column 7: mapping values are not allowed here', without PyYAML's '<unicode string>' excerpt."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err)
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
-def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["optim.epochs=5", "data.subset.profile=exp"]`` -> nested dict, values parsed as YAML."""
-    tree: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair}: not of the form key=value")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {pair}: the value is not valid YAML ({_yaml_problem(err)})") from None
-        _set_dotted(tree, key.strip(), value, pair)
-    return tree
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _override_for(key: str, overrides: tuple[str, ...]) -> str | None:
@@ -759,14 +570,112 @@ def _override_for(key: str, overrides: tuple[str, ...]) -> str | None:
     return None
 
 
+#: the keys that lost their method's prefix when each method got a section of its own (issue 30): method -> old -> new
+RENAMED_METHOD_KEYS: dict[str, dict[str, str]] = {
+    "simclr": {"simclr_head": "head"},
+    "moco": {"moco_temperature": "temperature", "moco_shuffle_bn": "shuffle_bn", "moco_bn_splits": "bn_splits"},
+    "bcl-i": {"bcl_beta": "beta"},
+    "bcl-d": {"bcl_beta": "beta"},
+    "excb": {"excb_proj_hidden_layers": "proj_hidden_layers", "excb_head_batches": "head_batches",
+             "excb_pairing": "pairing"},
+    "msn": {"msn_proj_activation": "proj_activation", "msn_view_batches": "view_batches",
+            "msn_clip_grad_norm": "clip_grad_norm"},
+}
+#: the keys of today's method sections
+SECTION_KEYS = {key for section in SECTIONS.values() for key in section.model_fields}
+#: and those of the sections before issue 30
+METHOD_KEYS = SECTION_KEYS | {old for renamed in RENAMED_METHOD_KEYS.values() for old in renamed}
+
+
+def migrate_method_section(saved: dict[str, Any]) -> dict[str, Any]:
+    """A ``method`` section that imbssl saved in a run folder, in today's form: the run it describes stays the same
+    run (the recipes compare a finished run's config with the one they ask for).
+
+    Before issue 30 every run saved one flat section with the keys of all methods. Such a section keeps the keys of
+    its own method, renamed, and drops those of the others:
+
+    | section             | saved before issue 30                               | today                  |
+    |---------------------|-----------------------------------------------------|------------------------|
+    | simclr              | simclr_head                                         | head                   |
+    | simclr              | no simclr_head (saved before it existed)            | head: simclr           |
+    | moco                | moco_{temperature, shuffle_bn, bn_splits}           | the same without moco_ |
+    | moco                | temperature (SimCLR's tau)                          | dropped                |
+    | bcl-i, bcl-d        | bcl_beta                                            | beta                   |
+    | sdclr, bcl-i, bcl-d | no reference_head (saved before issue 29)           | reference_head: false  |
+    | excb                | excb_{proj_hidden_layers, head_batches, pairing}    | the same without excb_ |
+    | msn                 | msn_{proj_activation, view_batches, clip_grad_norm} | the same without msn_  |
+    | all                 | a key the method does not read                      | dropped                |
+
+    SDCLR and BCL trained SimCLR's 2-layer head before issue 29 gave them their authors' heads. A section saved
+    in today's form comes back unchanged; a key no method ever had stays, for validation to refuse.
+    """
+    name = saved.get("name", DEFAULT_METHOD)
+    if name not in SECTIONS:
+        return saved  # validation names the unknown method
+    old_names = {new: old for old, new in RENAMED_METHOD_KEYS.get(name, {}).items()}
+    section = {"simclr": {"head": "simclr"}, "sdclr": {"reference_head": False}, "bcl-i": {"reference_head": False},
+               "bcl-d": {"reference_head": False}}.get(name, {})
+    for key in SECTIONS[name].model_fields:
+        if (old := old_names.get(key, key)) in saved or key in saved:
+            section[key] = saved[old] if old in saved else saved[key]
+    return {**section, **{key: value for key, value in saved.items() if key not in METHOD_KEYS}}
+
+
+def migrate_saved_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config tree that imbssl saved (a run's config.yaml, a pipeline's pipeline.yaml) with each ``method``
+    section in today's form (``migrate_method_section``)."""
+    return {key: migrate_method_section(value) if key == "method" and isinstance(value, dict)
+            else migrate_saved_config(value) if isinstance(value, dict) else value for key, value in tree.items()}
+
+
+def method_key_problem(dotted: str, method: str) -> str:
+    """Why ``dotted`` (``...method.KEY``) is no key of ``method``'s section, in words: renamed in issue 30, another
+    method's key, or unknown."""
+    prefix, _, key = dotted.rpartition(".")
+    if new := RENAMED_METHOD_KEYS.get(method, {}).get(key):
+        return f"{dotted} is now {prefix}.{new} ({method}'s section)"
+    if owners := [name for name, section in SECTIONS.items() if key in section.model_fields]:
+        return f"{dotted} is not a key of {method}'s section (it belongs to {', '.join(owners)})"
+    if had := {name: renamed[key] for name, renamed in RENAMED_METHOD_KEYS.items() if key in renamed}:
+        return (f"{dotted} is not a key of {method}'s section ({', '.join(had)} had it; it is now "
+                f"{prefix}.{next(iter(had.values()))} there)")
+    return f"unknown config key {dotted!r}"
+
+
+def shared_method_keys(shared: dict[str, Any], method: str, where: str = "base.method") -> dict[str, Any]:
+    """The keys of ``shared`` that ``method``'s section has: a grid sets ``shared`` for all of its methods
+    (proj_dim, temperature, num_clusters ...), each run takes those of its own method. A key that no method's section
+    has is refused in one line, as ``where``.KEY."""
+    if method not in SECTIONS:
+        return shared  # validation names the unknown method
+    if strays := [key for key in shared if key not in SECTION_KEYS]:
+        raise ConfigError(f"invalid config: {method_key_problem(f'{where}.{strays[0]}', method)}")
+    return {key: value for key, value in shared.items() if key in SECTIONS[method].model_fields}
+
+
+def _config_key(loc: tuple[int | str, ...]) -> tuple[str, str | None]:
+    """The dotted config key of a pydantic error's location, and the method whose section holds it, if one does: the
+    union of method sections puts the method's name after ``method`` (method.moco.temperature), which no key spells."""
+    parts = [str(p) for p in loc]
+    for i in range(1, len(parts)):
+        if parts[i - 1] == "method" and parts[i] in SECTIONS:
+            return ".".join(parts[:i] + parts[i + 1:]), parts[i]
+    return ".".join(parts), None
+
+
 def _format_errors(err: ValidationError, origin: str, overrides: tuple[str, ...] = ()) -> str:
     """One line; each problem is blamed on the ``--set`` that caused it, or else on ``origin``."""
     problems = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key, method = _config_key(e["loc"])
+        if e["type"] == "method_name":  # the union's tag: the key at fault is the section's name
+            key += ".name"
         message = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
-        problem = f"unknown config key {key!r}" if e["type"] == "extra_forbidden" else \
-            f"{key}: {message}" if key else message
+        if e["type"] == "extra_forbidden":
+            in_section = method and key.split(".")[-2] == "method"
+            problem = method_key_problem(key, method) if in_section else f"unknown config key {key!r}"
+        else:
+            problem = f"{key}: {message}" if key else message
         pair = _override_for(key, overrides) if key else None
         problems.append(f"--set {pair}: {problem}" if pair else f"{origin}: {problem}")
     return "invalid config: " + "; ".join(problems)
@@ -784,23 +693,6 @@ def build_config(tree: dict[str, Any], origin: str = "<dict>") -> RunConfig:
     return validate_tree(RunConfig, tree, origin)
 
 
-def load_yaml(path: str | Path, empty_ok: bool = True) -> dict[str, Any]:
-    """A YAML mapping; ``empty_ok=False`` for files that imbssl wrote, where empty means truncated."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot be read ({err})") from None
-    if tree is None and not empty_ok:
-        raise ConfigError(f"{path} is empty")
-    tree = tree or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

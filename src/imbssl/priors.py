@@ -15,14 +15,36 @@ Every prior is checked (``check_prior``): K entries, each positive, summing to 1
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
-from imbssl.config import ConfigError, PriorConfig
+from imbssl.configbase import ConfigError, Section
 
 #: how far from 1 a prior's sum may be (a given prior typed with 6 decimals sums to 1 +- 5e-6)
 SUM_TOLERANCE = 1e-4
+
+
+class PriorConfig(Section):
+    """A cluster prior pi over K clusters: the share of the data each cluster is meant to hold (``method.prior`` of
+    ExCB and MSN)."""
+
+    kind: Literal["uniform", "power_law", "given", "estimated"] = Field(
+        "uniform", description="uniform 1/K (what SimCLR, SwAV, MSN and ExCB assume); power_law pi_k ∝ k^-tau "
+                               "(PMSN); given (values or path); estimated from a k-means of the initial features")
+    tau: float = Field(0.25, gt=0, description="power_law: the exponent (PMSN's reference setting 0.25)")
+    values: list[float] | None = Field(None, description="given: pi itself, K positive numbers summing to 1")
+    path: str | None = Field(None, description="given: a text file of K numbers (whitespace- or comma-separated)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PriorConfig":
+        if self.kind == "given" and (self.values is None) == (self.path is None):
+            raise ValueError("a given prior needs exactly one of values and path")
+        if self.kind != "given" and (self.values is not None or self.path is not None):
+            raise ValueError(f"values and path belong to kind=given, not kind={self.kind}")
+        return self
 
 
 def uniform_prior(num_clusters: int) -> torch.Tensor:

@@ -16,10 +16,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
 
-from imbssl.config import MethodConfig, ModelConfig  # noqa: E402
+from imbssl.config import ModelConfig  # noqa: E402
 from imbssl.engine.trainer import optimizer_step  # noqa: E402
 from imbssl.methods import build_method  # noqa: E402
-from imbssl.methods.simclr import SimCLR  # noqa: E402
+from imbssl.methods.simclr import ContrastiveSection, SimCLR  # noqa: E402
 from imbssl.models import build_backbone  # noqa: E402
 from imbssl.models.resnet import torchvision_state_dict  # noqa: E402
 
@@ -45,7 +45,7 @@ def imbssl_names(method: SimCLR) -> dict[str, str]:
     return names
 
 
-def method_on_fixture(fixture: fixture_io.Fixture, cfg: MethodConfig) -> tuple[SimCLR, dict[str, str]]:
+def method_on_fixture(fixture: fixture_io.Fixture, cfg: ContrastiveSection) -> tuple[SimCLR, dict[str, str]]:
     """``cfg``'s method (SimCLR or TS's SimCLR) on the CIFAR ResNet-18 with their head, holding the fixture's initial
     weights (drawn again from the seed, checked against the fixture's prints of them)."""
     backbone = build_backbone(ModelConfig(backbone="resnet18", stem="cifar"), 3)

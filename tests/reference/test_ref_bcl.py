@@ -30,10 +30,10 @@ from sdclr_bcl_helpers import (assert_grads_close, bcl_simclr_name, pruned_bn_st
                                reference_views, sdclr_mask_name, sdclr_name, subset)
 
 import imbssl.methods.bcl as bcl  # noqa: E402
-from imbssl.config import MethodConfig, ModelConfig, OptimConfig  # noqa: E402
+from imbssl.config import ModelConfig, OptimConfig  # noqa: E402
 from imbssl.engine.optim import build_optimizer  # noqa: E402
 from imbssl.engine.trainer import optimizer_step  # noqa: E402
-from imbssl.methods import SDCLR, build_method  # noqa: E402
+from imbssl.methods import SDCLR, SECTIONS, build_method  # noqa: E402
 from imbssl.models import build_backbone  # noqa: E402
 
 FIXTURES = {"bcl-i": fixture_io.load("bcl_i"), "bcl-d": fixture_io.load("bcl_d")}
@@ -47,8 +47,9 @@ def _bcl(name: str) -> bcl.BoostedContrast:
     """imbssl's BCL-I or BCL-D on a CIFAR ResNet-18, holding the reference's seeded weights and memory."""
     fixture = FIXTURES[name]
     cfg = fixture.meta["config"]
-    method = build_method(MethodConfig(name=name, proj_dim=128, temperature=cfg["temperature"],
-                                       bcl_beta=cfg["momentum_loss_beta"], prune_ratio=cfg.get("prune_percent", 0.9)),
+    pruning = {"prune_ratio": cfg["prune_percent"]} if "prune_percent" in cfg else {}  # BCL-D's
+    method = build_method(SECTIONS[name](proj_dim=128, temperature=cfg["temperature"], beta=cfg["momentum_loss_beta"],
+                                         **pruning),
                           build_backbone(ModelConfig(backbone="resnet18"), 3))
     init = fixture_io.seeded_weights(fixture.meta["shapes"], fixture.meta["seed"])
     fixture_io.assert_close(init, fixture, "init.", rtol=1e-12, atol=0)  # this torch draws the same numbers
@@ -98,6 +99,7 @@ def _close(actual: torch.Tensor, fixture: fixture_io.Fixture, key: str, rtol: fl
     return diff
 
 
+@pytest.mark.slow
 @VARIANTS
 def test_bcl_step_and_memory_equal_the_reference(name):
     """Loss, per-image losses, every gradient, every weight and buffer after, the memory after (BCL-D: with the
@@ -118,6 +120,7 @@ def test_bcl_step_and_memory_equal_the_reference(name):
         print(f"{name} {group}: max abs {diff.max_abs:.3g}, max rel {diff.max_rel:.3g}")
 
 
+@pytest.mark.slow
 def test_bcl_d_remembers_the_dense_against_pruned_loss():
     """BCL-D's memory quantity: each image's NT-Xent between its dense and its pruned view. In BCL's code that is
     the dense pass's loss (against the detached pruned outputs); its pruned pass (against the detached dense ones)
@@ -130,6 +133,7 @@ def test_bcl_d_remembers_the_dense_against_pruned_loss():
     torch.testing.assert_close(fixture["state.memory"][fixture["input.index"]], memory, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_bcl_d_step_differs_by_default_only_in_the_pruned_batchnorm_statistics():
     """imbssl's own BCL-D step: everything equal the reference's but the pruned branch's BatchNorm statistics,
     which moved once where BCL's (SDCLR's) moved twice."""
@@ -146,6 +150,7 @@ def test_bcl_d_step_differs_by_default_only_in_the_pruned_batchnorm_statistics()
     assert all(fixture_io.difference(after[k], fixture, "after." + k).max_abs > 1e-4 for k in twice)
 
 
+@pytest.mark.slow
 @VARIANTS
 def test_bcl_boost_from_the_memory_equals_the_reference(name, monkeypatch):
     """At the next epoch's start: each image's weight w from the memory (z-score over max |z|), and the
@@ -190,6 +195,7 @@ def _uniforms_of_bcls_draws(draws: fixture_io.Fixture) -> torch.Tensor:
     return u.float()
 
 
+@pytest.mark.slow
 def test_bcl_randaugment_makes_bcls_choices_from_bcls_draws(monkeypatch):
     """The batched RandAugment given BCL's own draws (64 images, 2 ops each, all 15 ops drawn): the same op table
     (names, ranges, order), and for every image and slot the same op, applied or not alike, at the same value v and

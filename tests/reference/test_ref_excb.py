@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
 
 import imbssl.methods.excb as excb_module  # noqa: E402
-from imbssl.config import MethodConfig, OptimConfig  # noqa: E402
+from imbssl.config import OptimConfig  # noqa: E402
 from imbssl.engine.optim import build_optimizer  # noqa: E402
+from imbssl.engine.schedules import Schedules, constant_schedule  # noqa: E402
 from imbssl.engine.trainer import optimizer_step  # noqa: E402
-from imbssl.methods.excb import ExCB  # noqa: E402
+from imbssl.methods.excb import ExCB, ExCBConfig  # noqa: E402
 from imbssl.models.resnet import build_resnet, torchvision_state_dict  # noqa: E402
 
 RTOL = 1e-5
@@ -81,14 +82,14 @@ def imbssl_name(ref: str) -> str | None:
 def three_layer_projector(fixture: fixture_io.Fixture) -> dict:
     """h_s, h_t: their MLP with mlp_hidden_layers 2 is Linear-BN-ReLU-Linear-BN-ReLU-Linear (the paper's "2-layer
     MLPs", counting hidden layers); imbssl's default projector has one hidden layer."""
-    return {"excb_proj_hidden_layers": fixture.meta["args"]["mlp_hidden_layers"]}
+    return {"proj_hidden_layers": fixture.meta["args"]["mlp_hidden_layers"]}
 
 
 def heads_on_all_views(fixture: fixture_io.Fixture) -> dict:
     """Their Classifier runs the backbone on each crop size and the heads on all views together, so the heads'
     BatchNorm normalises the global and local views as one batch; imbssl's default ``student_outputs`` runs each
     group through the heads alone."""
-    return {"excb_head_batches": "all"}
+    return {"head_batches": "all"}
 
 
 def loss_pairs_as_code(fixture: fixture_io.Fixture) -> dict:
@@ -96,7 +97,7 @@ def loss_pairs_as_code(fixture: fixture_io.Fixture) -> dict:
     predictor output of every view, and averages over all these pairs at once (``excb_loss_as_code``); imbssl's
     default (Eq. 7) also pairs it with the local views' projector outputs, and averages each of the two sums over its
     own pairs."""
-    return {"excb_pairing": "code"}
+    return {"pairing": "code"}
 
 
 REFERENCE_OPTIONS: dict[str, Callable[[fixture_io.Fixture], dict]] = {
@@ -133,15 +134,14 @@ def reference_options(fixture: fixture_io.Fixture, switched: tuple[str, ...]) ->
 
 
 # -- one step ----------------------------------------------------------------------------------------------------
-def excb_config(fixture: fixture_io.Fixture, **options) -> MethodConfig:
+def excb_config(fixture: fixture_io.Fixture, **options) -> ExCBConfig:
     """The reference's configuration as imbssl's, with ``options`` (the official form's) on top."""
     args, centroid_group = fixture.meta["args"], fixture.meta["weight_decay"][-1]
-    return MethodConfig(name="excb", num_clusters=args["num_clusters"], proj_hidden=args["mlp_hidden_dim"],
-                        proj_dim=args["bottleneck_dim"], pred_hidden=args["mlp_hidden_dim"],
-                        teacher_temperature=args["teacher_temp"], student_temperature=args["student_temp"],
-                        teacher_momentum=args["ema_momentum"], size_momentum=args["center_momentum"],
-                        centroid_init="random", centroid_weight_decay=(centroid_group, args["weight_decay"]),
-                        **options)
+    return ExCBConfig(num_clusters=args["num_clusters"], proj_hidden=args["mlp_hidden_dim"],
+                      proj_dim=args["bottleneck_dim"], pred_hidden=args["mlp_hidden_dim"],
+                      teacher_temperature=args["teacher_temp"], student_temperature=args["student_temp"],
+                      teacher_momentum=args["ema_momentum"], size_momentum=args["center_momentum"],
+                      centroid_init="random", centroid_weight_decay=(centroid_group, args["weight_decay"]), **options)
 
 
 def load_reference_weights(method: ExCB, fixture: fixture_io.Fixture) -> None:
@@ -168,13 +168,16 @@ def load_reference_weights(method: ExCB, fixture: fixture_io.Fixture) -> None:
 
 
 def optimizer_for(method: ExCB, fixture: fixture_io.Fixture) -> torch.optim.Optimizer:
-    """The SGD the project builds (``build_optimizer``), at their first step's lr and the optimizer's weight decay;
-    the centroids' decay is the first value of ``centroid_weight_decay``, set to their first step's."""
-    args, batch = fixture.meta["args"], fixture.meta["views"]["batch"]
+    """The SGD the project builds (``build_optimizer``), at their first step's lr and the optimizer's weight decay,
+    with the engine's schedules at step 0 of their run set: the centroids' decay, the first value of
+    ``centroid_weight_decay`` (their first step's), and the teacher's momentum."""
+    args, batch, steps = fixture.meta["args"], fixture.meta["views"]["batch"], fixture.meta["steps"]
     lr = fixture.meta["lr"][0]
     cfg = OptimConfig(name="sgd", base_lr=lr * 256 / batch, weight_decay=args["weight_decay"],
                       momentum=args["sgd_momentum"])
-    return build_optimizer(method, cfg, method.defaults, batch)
+    optimizer = build_optimizer(method, cfg, method.defaults, batch)
+    Schedules(method, optimizer, {"lr": constant_schedule(lr, steps)}, steps, 1).apply(0)
+    return optimizer
 
 
 def one_step(switched: tuple[str, ...]) -> tuple[fixture_io.Fixture, ExCB, dict[str, torch.Tensor]]:
@@ -203,7 +206,7 @@ def one_step(switched: tuple[str, ...]) -> tuple[fixture_io.Fixture, ExCB, dict[
             return step(*args, **kwargs)
         optimizer.step = recorded_step
         out = optimizer_step(method, optimizer, inputs, torch.arange(views["batch"]))
-        method.on_step_end(0, fixture.meta["steps"], optimizer)
+        method.on_step_end()
     return fixture, method, outputs(fixture, method, optimizer, out.loss, initial, grads)
 
 
@@ -278,6 +281,7 @@ def differences(fixture: fixture_io.Fixture, results: dict[str, torch.Tensor],
     return fixture_io.assert_groups_close(results, comparable(fixture), GROUPS, rtol)
 
 
+@pytest.mark.slow
 def test_step_equals_reference():
     """With every difference of ``REFERENCE_FORM`` switched, imbssl's step is the official code's to round-off:
     loss, gradients, weights, BatchNorm statistics and momentum buffers after SGD, the EMA teacher, s and the
@@ -306,6 +310,7 @@ def test_the_balancing_is_at_work_in_the_fixture():
     assert (fixture["state.cluster_count"] > 0).sum() >= 4
 
 
+@pytest.mark.slow
 def test_zero_gradients_are_round_off():
     """What ``comparable`` leaves out is round-off on both sides: the gradients that are 0 in exact arithmetic (the
     Linear biases before BatchNorm, which imbssl does not have, and the bias of the BatchNorm before the predictor)
@@ -318,6 +323,7 @@ def test_zero_gradients_are_round_off():
     assert results["grad.classifier.predictor_activation.bias"].abs().max() < 1e-5 * largest
 
 
+@pytest.mark.slow
 def test_the_excb_paper_presets_run_the_official_form_where_it_is_an_option():
     """Every option of ``REFERENCE_OPTIONS`` is set to the official code's value in the ExCB runs of the paper presets
     of the ExCB, priors and long-tailed SSL experiments."""
@@ -335,6 +341,7 @@ def test_the_excb_paper_presets_run_the_official_form_where_it_is_an_option():
         assert {key: getattr(cfg, key) for key in options} == options, experiment
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("left_out", list(REFERENCE_FORM))
 def test_each_difference_matters(left_out):
     """Each difference left in imbssl's form moves the step beyond round-off: the list is no longer than needed."""

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
 
 from imbssl.config import LossConfig, SupervisedOptimConfig  # noqa: E402
-from imbssl.engine.optim import step_factor, step_schedule  # noqa: E402
+from imbssl.engine.schedules import Schedules, step_schedule  # noqa: E402
+from imbssl.engine.task import TrainingTask  # noqa: E402
 from imbssl.engine.supervised import LongTailClassifier  # noqa: E402
 from imbssl.engine.trainer import optimizer_step  # noqa: E402
 from imbssl.losses import class_balanced_weights, ldam_margins  # noqa: E402
@@ -113,17 +114,20 @@ def assert_step_equal(case: str, **loss_changes) -> fixture_io.Difference:
     return worst.add(fixture_io.assert_close(state, fixture, "state.", rtol=RTOL))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(LOSS_CONFIGS))
 def test_one_sgd_step_equals_the_reference(case):
     """Loss, logits, gradients, weights and BatchNorm statistics after one step, within fp32 round-off."""
     assert_step_equal(case)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["cui", "ldam_code"])
 def test_both_focal_forms_are_the_reference_focal_without_class_weights(form):
     assert_step_equal("focal", focal_form=form)
 
 
+@pytest.mark.slow
 def test_cui_focal_differs_from_the_reference_cb_focal_exactly_by_its_modulating_factor():
     """imbssl's default CB-Focal modulates by (1 - p_t) = 1 - exp(-CE), the reference by 1 - exp(-w_y CE); with the
     reference's own per-image w_y CE (``ref.weighted_ce``), the default's loss is that and nothing else."""
@@ -159,16 +163,16 @@ def test_lr_schedule_equals_the_reference_at_every_epochs_last_step(steps):
     theirs = fixture_io.load("ldam_drw-recipe")["lr_per_epoch"].tolist()
     cfg = SupervisedOptimConfig()
     assert cfg.epochs == len(theirs)
+    schedule = step_schedule(cfg.lr, cfg.epochs * steps, steps, cfg.warmup_epochs, cfg.milestones, cfg.lr_factors)
     for epoch, lr in enumerate(theirs):
         for j in range(steps):
-            ours = cfg.lr * step_factor(epoch * steps + j, steps, cfg.warmup_epochs, cfg.milestones, cfg.lr_factors)
+            ours = schedule[epoch * steps + j]
             below = cfg.lr * (steps - 1 - j) / (cfg.warmup_epochs * steps) if epoch < cfg.warmup_epochs else 0.0
             assert ours == pytest.approx(lr - below, rel=1e-12, abs=1e-15), (epoch, j)
-    # and the engine's scheduler applies step_factor(s) to step s
+    # and the engine sets schedule[s] before step s
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    scheduler = step_schedule(optimizer, steps, cfg.warmup_epochs, cfg.milestones, cfg.lr_factors)
+    schedules = Schedules(TrainingTask(), optimizer, {"lr": schedule}, cfg.epochs * steps, steps)
     for step in range(int(cfg.warmup_epochs + 1) * steps):
-        expected = cfg.lr * step_factor(step, steps, cfg.warmup_epochs, cfg.milestones, cfg.lr_factors)
-        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+        schedules.apply(step)
+        assert optimizer.param_groups[0]["lr"] == schedule[step]
         optimizer.step()
-        scheduler.step()

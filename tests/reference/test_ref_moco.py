@@ -25,12 +25,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
 
-from imbssl.config import MethodConfig, OptimConfig  # noqa: E402
+from imbssl.config import OptimConfig  # noqa: E402
 from imbssl.engine.optim import build_optimizer  # noqa: E402
+from imbssl.engine.schedules import Schedules, constant_schedule  # noqa: E402
 from imbssl.engine.trainer import optimizer_step  # noqa: E402
 from imbssl.methods import build_method  # noqa: E402
-from imbssl.methods.moco import SplitBatchNorm  # noqa: E402
+from imbssl.methods.moco import MoCoConfig, SplitBatchNorm  # noqa: E402
 from imbssl.models.resnet import BasicBlock, ResNet  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test takes the demo's step on a ResNet-10, seconds each
 
 FIXTURE = fixture_io.load("moco-step")
 META = FIXTURE.meta
@@ -58,9 +61,8 @@ def initial_queue() -> torch.Tensor:
 def build_moco(**settings) -> torch.nn.Module:
     """imbssl's MoCo on ResNet-10 with the demo's settings and the fixture's initial state, checked against it."""
     demo = META["demo"]
-    cfg = MethodConfig(**{"name": "moco", "proj_hidden": 512, "proj_dim": demo["dim"], "queue_size": demo["K"],
-                          "key_momentum": demo["m"], "moco_temperature": demo["T"],
-                          "moco_bn_splits": demo["bn_splits"], "moco_shuffle_bn": True, **settings})
+    cfg = MoCoConfig(**{"proj_hidden": 512, "proj_dim": demo["dim"], "queue_size": demo["K"], "key_momentum": demo["m"],
+                        "temperature": demo["T"], "bn_splits": demo["bn_splits"], "shuffle_bn": True, **settings})
     method = build_method(cfg, ResNet(3, [64, 128, 256, 512], (1, 1, 1, 1), BasicBlock, stem="cifar"))
     weights = fixture_io.seeded_weights(META["shapes"], META["seed"])
     queue = initial_queue()
@@ -81,8 +83,9 @@ def one_step(method: torch.nn.Module) -> tuple[torch.Tensor, torch.optim.Optimiz
     assert optimizer.param_groups[0]["lr"] == pytest.approx(optim["lr"], rel=1e-15)
     method.train()
     method.key_order = FIXTURE["input.key_order"].clone()
+    Schedules(method, optimizer, {"lr": constant_schedule(optim["lr"], 1)}, 1, 1).apply(0)  # the engine's, at step 0
     out = optimizer_step(method, optimizer, [FIXTURE["input.im_q"], FIXTURE["input.im_k"]], torch.arange(batch))
-    method.on_step_end(0, 1, optimizer)
+    method.on_step_end()
     return out.loss, optimizer
 
 
@@ -142,7 +145,7 @@ def test_queue_and_pointer_after_the_step_equal_the_demos(stepped):
 def test_without_shuffling_bn_the_step_is_not_the_demos():
     """What imbssl computed before shuffling BN (plain BatchNorm, keys in the batch's order): the loss and the
     gradients move far beyond round-off, so the equality above rests on the split BatchNorm and the shuffle."""
-    method = build_moco(moco_bn_splits=1, moco_shuffle_bn=False)
+    method = build_moco(bn_splits=1, shuffle_bn=False)
     loss, _ = one_step(method)
     diff = fixture_io.difference(loss, FIXTURE, "loss")
     assert diff.max_rel > 1e-3

@@ -8,8 +8,8 @@ AdamW moments after their AdamW step, the target encoder after its EMA update, t
 
 The random choice is fixed: imbssl is given the tokens their mask kept (their ``randperm``, one for the batch).
 imbssl's defaults differ from their code in the places ``REFERENCE_FORM`` lists (docs/priors.md, "Differences from
-MSN's code"), each an option of imbssl (``method.msn_proj_activation``, ``model.vit_ln_eps``,
-``method.msn_view_batches``, ``method.msn_clip_grad_norm``). ``test_step_equals_reference`` sets all of them to the
+MSN's code"), each an option of imbssl (``method.proj_activation``, ``model.vit_ln_eps``,
+``method.view_batches``, ``method.clip_grad_norm``). ``test_step_equals_reference`` sets all of them to the
 reference's form and finds the step equal to fp32 round-off; ``test_each_difference_matters`` leaves each one at
 imbssl's default in turn and finds the step different, so that imbssl's default differs from the reference by
 exactly these options. What the fixture's script sets on their side (imbssl's fixed sine-cosine positions, the
@@ -27,12 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
 
-from imbssl.config import MethodConfig, ModelConfig, OptimConfig, PriorConfig  # noqa: E402
+from imbssl.config import ModelConfig, OptimConfig  # noqa: E402
 from imbssl.engine.optim import build_optimizer  # noqa: E402
+from imbssl.engine.schedules import Schedules, constant_schedule  # noqa: E402
 from imbssl.engine.trainer import optimizer_step  # noqa: E402
 from imbssl.methods import build_method  # noqa: E402
-from imbssl.methods.msn import MSN  # noqa: E402
+from imbssl.methods.msn import MSN, MSNConfig  # noqa: E402
 from imbssl.models import build_backbone  # noqa: E402
+from imbssl.priors import PriorConfig  # noqa: E402
 
 RTOL = 1e-5
 CASES = ["msn-sinkhorn", "msn-plain"]
@@ -72,7 +74,7 @@ def imbssl_name(ref: str) -> str | None:
 # form: each function gives the options, by config section, that switch it to MSN's code's form.
 def gelu_projector(fixture: fixture_io.Fixture) -> dict[str, dict]:
     """MSN's projector (msn_train.init_model) has GELU between its layers; imbssl's default ``heads.mlp`` ReLU."""
-    return {"method": {"msn_proj_activation": "gelu"}}
+    return {"method": {"proj_activation": "gelu"}}
 
 
 def layer_norm_eps(fixture: fixture_io.Fixture) -> dict[str, dict]:
@@ -83,13 +85,13 @@ def layer_norm_eps(fixture: fixture_io.Fixture) -> dict[str, dict]:
 def views_of_one_size_together(fixture: fixture_io.Fixture) -> dict[str, dict]:
     """Their encoder takes the views of one size as one batch (deit.VisionTransformer.forward), so the projector's
     BatchNorm normalises the focal views together; imbssl's default ``anchor_projections`` runs each view alone."""
-    return {"method": {"msn_view_batches": "by_size"}}
+    return {"method": {"view_batches": "by_size"}}
 
 
 def clip_gradients(fixture: fixture_io.Fixture) -> dict[str, dict]:
     """Their train_step clips the encoder's gradient norm at clip_grad = 3.0 before AdamW's step (not the
-    prototypes'); imbssl clips only with ``msn_clip_grad_norm`` set."""
-    return {"method": {"msn_clip_grad_norm": fixture.meta["config"]["optimization"]["clip_grad"]}}
+    prototypes'); imbssl clips only with ``clip_grad_norm`` set."""
+    return {"method": {"clip_grad_norm": fixture.meta["config"]["optimization"]["clip_grad"]}}
 
 
 REFERENCE_FORM: dict[str, Callable[[fixture_io.Fixture], dict[str, dict]]] = {
@@ -107,16 +109,15 @@ def reference_options(fixture: fixture_io.Fixture, switched: tuple[str, ...]) ->
 
 
 # -- one step ---------------------------------------------------------------------------------------------------
-def msn_config(fixture: fixture_io.Fixture, **changes) -> MethodConfig:
+def msn_config(fixture: fixture_io.Fixture, **changes) -> MSNConfig:
     """The reference's configuration as imbssl's, with ``changes`` (options, PMSN's prior) on top."""
     config = fixture.meta["config"]
     criterion, meta = config["criterion"], config["meta"]
-    return MethodConfig(name="msn", num_clusters=criterion["num_proto"], proj_hidden=meta["hidden_dim"],
-                        proj_dim=meta["output_dim"], anchor_temperature=criterion["temperature"],
-                        target_temperature=criterion["temperature"] * fixture.meta["sharpen_T"],
-                        regularization_weight=criterion["memax_weight"], mask_ratio=config["data"]["patch_drop"],
-                        sinkhorn=criterion["use_sinkhorn"], teacher_momentum=fixture.meta["ema_momentum"],
-                        **changes)
+    return MSNConfig(num_clusters=criterion["num_proto"], proj_hidden=meta["hidden_dim"], proj_dim=meta["output_dim"],
+                     anchor_temperature=criterion["temperature"],
+                     target_temperature=criterion["temperature"] * fixture.meta["sharpen_T"],
+                     regularization_weight=criterion["memax_weight"], mask_ratio=config["data"]["patch_drop"],
+                     sinkhorn=criterion["use_sinkhorn"], teacher_momentum=fixture.meta["ema_momentum"], **changes)
 
 
 def vit_config(fixture: fixture_io.Fixture, **changes) -> ModelConfig:
@@ -152,10 +153,13 @@ def build(fixture: fixture_io.Fixture, switched: tuple[str, ...] = (), **changes
 
 def optimizer_for(method: MSN, fixture: fixture_io.Fixture) -> torch.optim.Optimizer:
     """The AdamW the project builds (``build_optimizer``), at their first step's lr and weight decay (their warm-up
-    and weight-decay schedules at step 1)."""
+    and weight-decay schedules at step 1), with the engine's schedules at step 0 of their run set (the target
+    encoder's momentum)."""
     lr, decay, batch = fixture.meta["lr"][0], fixture.meta["weight_decay"][0], len(fixture["input.view0"])
-    return build_optimizer(method, OptimConfig(name="adamw", base_lr=lr * 256 / batch, weight_decay=decay),
-                           method.defaults, batch)
+    optimizer = build_optimizer(method, OptimConfig(name="adamw", base_lr=lr * 256 / batch, weight_decay=decay),
+                                method.defaults, batch)
+    Schedules(method, optimizer, {"lr": constant_schedule(lr, TOTAL_STEPS)}, TOTAL_STEPS, 1251).apply(0)
+    return optimizer
 
 
 def record_gradients(method: MSN, optimizer: torch.optim.Optimizer) -> None:
@@ -195,7 +199,7 @@ def step_of(name: str, switched: tuple[str, ...]):
     record_gradients(method, optimizer)
     initial = {n: p.detach().clone() for n, p in method.named_parameters()}
     out = optimizer_step(method, optimizer, views, torch.arange(len(views[0])))
-    method.on_step_end(0, TOTAL_STEPS, optimizer)
+    method.on_step_end()
     return fixture, method, optimizer, out, initial
 
 
@@ -293,6 +297,7 @@ def differences(fixture: fixture_io.Fixture, results: dict[str, torch.Tensor],
     return fixture_io.assert_groups_close(results, fixture, GROUPS, rtol, GROUP_RTOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_step_equals_reference(name):
     """With every difference of ``REFERENCE_FORM`` switched, imbssl's step is the reference's to fp32 round-off."""
@@ -308,8 +313,9 @@ def test_their_gradient_is_clipped():
         assert fixture.meta["grad_norm_before_clip"] > fixture.meta["config"]["optimization"]["clip_grad"]
 
 
+@pytest.mark.slow
 def test_the_engine_clips_the_encoder_at_their_norm_and_leaves_the_prototypes():
-    """With ``msn_clip_grad_norm``, AdamW steps with the encoder's gradient (backbone and projector) scaled to their
+    """With ``clip_grad_norm``, AdamW steps with the encoder's gradient (backbone and projector) scaled to their
     clip norm, from the norm their grad_logger saw, and with the prototypes' gradient as the backward pass left it."""
     fixture, method, *_ = step_of("msn-plain", tuple(REFERENCE_FORM))
     clip = fixture.meta["config"]["optimization"]["clip_grad"]
@@ -323,6 +329,7 @@ def test_the_engine_clips_the_encoder_at_their_norm_and_leaves_the_prototypes():
     assert torch.equal(at_step["prototypes.weight"], before["prototypes.weight"])
 
 
+@pytest.mark.slow
 def test_the_priors_paper_preset_runs_msn_in_the_reference_form():
     """Every option that ``REFERENCE_FORM`` switches is set, to the reference's value, in the MSN and PMSN runs of
     the priors experiment's paper preset (on the ViT, where the LayerNorm eps applies)."""
@@ -340,6 +347,7 @@ def test_the_priors_paper_preset_runs_msn_in_the_reference_form():
             assert {key: getattr(getattr(cfg, section), key) for key in values} == values, (method, section)
 
 
+@pytest.mark.slow
 def test_zero_gradients_are_round_off():
     """What ``comparable`` leaves out is round-off on both sides: the gradients that are 0 in exact arithmetic (their
     projector's biases before BatchNorm, which imbssl does not have; ``zero_gradient_elements``) are below 1e-5 of
@@ -358,6 +366,7 @@ def test_zero_gradients_are_round_off():
             assert side[f"update.{ref}"][elements].abs().max() <= lr * (1 + 1e-4), ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("left_out", list(REFERENCE_FORM))
 def test_each_difference_matters(left_out):
     """Each difference left in imbssl's form moves the step beyond round-off: the list is no longer than needed."""
@@ -367,6 +376,7 @@ def test_each_difference_matters(left_out):
         differences(fixture, results)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tau", [0.25, 1.0])
 def test_pmsn_prior_term_is_the_formula_of_docs_priors(tau):
     """PMSN has no reference code; docs/priors.md defines its regulariser as R = KL(p_bar || pi) =

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -21,11 +22,14 @@ import fixture_io  # noqa: E402
 from sdclr_bcl_helpers import (assert_grads_close, pruned_bn_statistics, reference_keys, reference_views,  # noqa: E402
                                sdclr_mask_name, sdclr_name, subset)
 
-from imbssl.config import MethodConfig, ModelConfig, OptimConfig  # noqa: E402
+from imbssl.config import ModelConfig, OptimConfig  # noqa: E402
 from imbssl.engine.optim import build_optimizer  # noqa: E402
 from imbssl.engine.trainer import optimizer_step  # noqa: E402
 from imbssl.methods import SDCLR, build_method  # noqa: E402
+from imbssl.methods.sdclr import SDCLRConfig  # noqa: E402
 from imbssl.models import build_backbone  # noqa: E402
+
+pytestmark = pytest.mark.slow  # two full steps of a ResNet-18 on 8 images, each several seconds
 
 FIXTURE = fixture_io.load("sdclr")
 CONFIG = FIXTURE.meta["config"]
@@ -34,8 +38,8 @@ RTOL = 1e-5
 
 def _sdclr() -> SDCLR:
     """imbssl's SDCLR on a CIFAR ResNet-18, holding the reference's seeded initial weights."""
-    cfg = MethodConfig(name="sdclr", proj_dim=CONFIG["output_ch"], temperature=CONFIG["temperature"],
-                       prune_ratio=CONFIG["prune_percent"])
+    cfg = SDCLRConfig(proj_dim=CONFIG["output_ch"], temperature=CONFIG["temperature"],
+                      prune_ratio=CONFIG["prune_percent"])
     method = build_method(cfg, build_backbone(ModelConfig(backbone="resnet18"), 3))
     init = fixture_io.seeded_weights(FIXTURE.meta["shapes"], FIXTURE.meta["seed"])
     fixture_io.assert_close(init, FIXTURE, "init.", rtol=1e-12, atol=0)  # this torch draws the same numbers

@@ -23,14 +23,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
 
 from imbssl.augment import Normalize, PadCropFlip  # noqa: E402
-from imbssl.config import (LossConfig, MethodConfig, OptimConfig, PseudoLabelConfig, SelfTrainingConfig,  # noqa: E402
+from imbssl.config import (LossConfig, OptimConfig, PseudoLabelConfig, SelfTrainingConfig,  # noqa: E402
                            SubsetConfig, UnlabeledConfig, deep_merge, validate_tree)
 from imbssl.data import ImageSet, labeled_unlabeled_split, longtail, subset_counts, unlabeled_counts  # noqa: E402
-from imbssl.engine.optim import build_optimizer, resolve_optim, step_factor  # noqa: E402
+from imbssl.engine.optim import build_optimizer, resolve_optim  # noqa: E402
 from imbssl.engine.supervised import LongTailClassifier  # noqa: E402
 from imbssl.engine.trainer import optimizer_step, steps_per_epoch  # noqa: E402
-from imbssl.methods.rotation import Rotation, rotate_each  # noqa: E402
+from imbssl.methods.rotation import Rotation, RotationConfig, rotate_each  # noqa: E402
 from imbssl.models.resnet import CifarResNet32  # noqa: E402
+from imbssl.pipelines.pretrain import lr_schedule  # noqa: E402
 from imbssl.pipelines.self_training import final_data, hard_labels, select_pseudo_labels  # noqa: E402
 from imbssl.pipelines.train import predict  # noqa: E402
 from imbssl.recipes import load_preset  # noqa: E402
@@ -82,11 +83,12 @@ def rotation_fx() -> fixture_io.Fixture:
 
 
 def reference_rotation(fx: fixture_io.Fixture, rotations: str) -> Rotation:
-    method = Rotation(CifarResNet32(3), MethodConfig(name="rotation", rotations=rotations))
+    method = Rotation(CifarResNet32(3), RotationConfig(rotations=rotations))
     load_reference_weights(method, seeded_reference_weights(fx, fx.meta["shapes"], fx.meta["seed"]), "classifier")
     return method
 
 
+@pytest.mark.slow
 def test_one_rotation_step_equals_pretrain_rot_py(rotation_fx):
     fx, meta = rotation_fx, rotation_fx.meta
     method = reference_rotation(fx, "one")
@@ -112,6 +114,7 @@ def test_one_rotation_step_equals_pretrain_rot_py(rotation_fx):
     print("semi_self rotation:", {k: (f"{d.max_abs:.3g}", f"{d.max_rel:.3g}") for k, d in worst.items()})
 
 
+@pytest.mark.slow
 def test_all_four_rotations_are_the_one_rotation_step_on_each_image_turned_every_way(rotation_fx):
     """The default form differs from the reference's only in which rotations a step shows: ``all`` on B images is
     ``one`` on the 4B images of every rotation, with their labels."""
@@ -157,9 +160,9 @@ def test_the_ssp_paper_presets_rotation_follows_pretrain_rot_py(rotation_fx):
     theirs = rotation_fx["schedule.lr_per_epoch"]
     steps = steps_per_epoch(12406, cfg.optim.batch_size)  # CIFAR-10-LT at rho = 100
     warmup = round(cfg.optim.warmup_epochs)
+    schedule = lr_schedule(lr, cfg.optim, steps)  # the pre-training pipeline's, from optim.lr_schedule: step
     for epoch, their_lr in enumerate(theirs.tolist()):
-        ours = [lr * step_factor(s, steps, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.optim.lr_factors)
-                for s in range(epoch * steps, (epoch + 1) * steps)]
+        ours = schedule[epoch * steps:(epoch + 1) * steps].tolist()
         assert ours[-1] == pytest.approx(their_lr, rel=1e-12)
         if epoch >= warmup:
             assert ours == pytest.approx([their_lr] * steps, rel=1e-12)
@@ -184,6 +187,7 @@ def seed_unlabeled_counts(labeled_counts: np.ndarray, ranks: np.ndarray, cfg: Un
     return counts
 
 
+@pytest.mark.slow
 def test_d_l_counts_equal_imbalance_cifars_and_d_u_counts_differ_only_by_its_two_truncations(counts_fx, monkeypatch):
     """Every column of Table 1 as the seed's SemiSupervisedImbalanceCIFAR10 builds it. D_L: equal, from the counts
     function and from the whole builder. D_U: imbssl's one truncation of the same total and profile is within a few
@@ -248,6 +252,7 @@ def pseudo_fx() -> fixture_io.Fixture:
     return fixture_io.load("semi_self_pseudo")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "ldam"])
 def test_pseudo_labels_equal_gen_pseudolabels_pys(pseudo_fx, loss):
     fx = pseudo_fx

@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
 from simclr_reference import method_on_fixture, step_and_compare  # noqa: E402
 
-from imbssl.engine.optim import LARS, build_optimizer, cosine_schedule  # noqa: E402
+from imbssl.engine.optim import LARS, build_optimizer  # noqa: E402
+from imbssl.engine.schedules import Schedules  # noqa: E402
 from imbssl.methods.simclr import nt_xent  # noqa: E402
+from imbssl.pipelines.pretrain import lr_schedule  # noqa: E402
 from imbssl.recipes import load_preset  # noqa: E402
 from imbssl.recipes.longtail_ssl import LongtailSSLConfig  # noqa: E402
 
@@ -47,6 +49,7 @@ def test_nt_xent_equals_theirs(tau):
     print(f"tau {tau}: max abs {worst.max_abs:.2e}, max rel {worst.max_rel:.2e}")
 
 
+@pytest.mark.slow
 def test_one_simclr_step_equals_theirs():
     """Loss, every gradient, the weights and BN buffers after one SGD step (their lr 0.5, the first warm-up step's
     0.05) of imbssl's SimCLR and of their ``train()``."""
@@ -59,7 +62,8 @@ def test_one_simclr_step_equals_theirs():
     # their --lr 0.5 is the lr itself, at any batch; imbssl scales base_lr by batch / 256
     optim_cfg = cfg.optim.model_copy(update={"base_lr": META["lr"] * 256 / batch})
     optimizer = build_optimizer(method, optim_cfg, method.defaults, batch)
-    cosine_schedule(optimizer, cfg.optim.epochs * steps_per_epoch, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    lr = lr_schedule(optimizer.defaults["lr"], optim_cfg, steps_per_epoch)  # the pre-training pipeline's
+    Schedules(method, optimizer, {"lr": lr}, len(lr), steps_per_epoch).apply(0)
     assert round(cfg.optim.warmup_epochs * steps_per_epoch) == META["warmup_steps"]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(META["step_lr"], rel=1e-12)
     worst = step_and_compare(method, names, FIXTURE, optimizer)

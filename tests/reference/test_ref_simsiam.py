@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
 from simclr_reference import ROUND_OFF, compare_noise_aware  # noqa: E402
 
-from imbssl.config import MethodConfig, ModelConfig, OptimConfig  # noqa: E402
-from imbssl.engine.optim import build_optimizer, cosine_schedule  # noqa: E402
+from imbssl.config import ModelConfig, OptimConfig  # noqa: E402
+from imbssl.engine.optim import build_optimizer  # noqa: E402
+from imbssl.engine.schedules import Schedules, cosine_schedule  # noqa: E402
 from imbssl.engine.trainer import optimizer_step  # noqa: E402
 from imbssl.methods import build_method  # noqa: E402
-from imbssl.methods.simsiam import SimSiam  # noqa: E402
+from imbssl.methods.simsiam import SimSiam, SimSiamConfig  # noqa: E402
 from imbssl.models import build_backbone  # noqa: E402
 from imbssl.models.heads import mlp  # noqa: E402
 from imbssl.models.resnet import torchvision_state_dict  # noqa: E402
@@ -95,7 +96,9 @@ def sgd(method: SimSiam, fixture: fixture_io.Fixture, weight_decay: float):
     batch = fixture.meta["batch"]
     cfg = OptimConfig(name="sgd", base_lr=fixture.meta["lr"] * 256 / batch, weight_decay=weight_decay, momentum=0.9)
     optimizer = build_optimizer(method, cfg, method.defaults, batch)
-    return optimizer, cosine_schedule(optimizer, total_steps=100, warmup_steps=0)
+    schedules = Schedules(method, optimizer, {"lr": cosine_schedule(optimizer.defaults["lr"], 0.0, 100)}, 100, 1)
+    schedules.apply(0)
+    return optimizer, schedules
 
 
 def step(method: SimSiam, optimizer, fixture: fixture_io.Fixture):
@@ -132,8 +135,8 @@ def report(name: str, worst: dict[str, fixture_io.Difference]) -> None:
 def _fair_method() -> tuple[SimSiam, dict[str, str]]:
     meta = FAIR.meta
     backbone = build_backbone(ModelConfig(backbone="resnet18", stem="imagenet"), 3)
-    cfg = MethodConfig(name="simsiam", proj_hidden=backbone.feature_dim, proj_dim=meta["dim"],
-                       pred_hidden=meta["pred_dim"], fix_predictor_lr=True)
+    cfg = SimSiamConfig(proj_hidden=backbone.feature_dim, proj_dim=meta["dim"], pred_hidden=meta["pred_dim"],
+                        fix_predictor_lr=True)
     method = build_method(cfg, backbone)
     # their builder's projector has 3 layers (prev_dim, prev_dim, dim); imbssl's SimSiam builds 2
     method.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=3, last_bn=True)
@@ -143,6 +146,7 @@ def _fair_method() -> tuple[SimSiam, dict[str, str]]:
     return method, names
 
 
+@pytest.mark.slow
 def test_fair_one_step_equals_theirs_but_for_the_frozen_bias():
     method, names = _fair_method()
     initial = load_fixture_weights(method, names, FAIR)
@@ -167,8 +171,8 @@ def _hua_method(own_heads: bool) -> tuple[SimSiam, dict[str, str]]:
     PatrickHua's layout (biases before the BNs, an affine output BN) at imbssl's indices."""
     meta = HUA.meta
     backbone = build_backbone(ModelConfig(backbone="resnet18", stem="cifar"), 3)
-    cfg = MethodConfig(name="simsiam", proj_hidden=meta["proj_hidden"], proj_dim=meta["proj_dim"],
-                       pred_hidden=meta["pred_hidden"], fix_predictor_lr=True)
+    cfg = SimSiamConfig(proj_hidden=meta["proj_hidden"], proj_dim=meta["proj_dim"], pred_hidden=meta["pred_hidden"],
+                        fix_predictor_lr=True)
     method = build_method(cfg, backbone)
     if not own_heads:
         feature, hidden, out, bottleneck = backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, cfg.pred_hidden
@@ -187,23 +191,25 @@ def test_hua_config_is_the_cifar_one():
     assert sorted(meta["unused"]) == sorted(k for k in meta["shapes"] if k.startswith("projector.layer2."))
 
 
+@pytest.mark.slow
 def test_hua_one_step_with_its_head_layout_equals_theirs():
     method, names = _hua_method(own_heads=False)
     assert set(HUA.meta["shapes"]) - set(names) == set(HUA.meta["unused"])  # their unused layer2
     initial = load_fixture_weights(method, names, HUA)
-    optimizer, scheduler = sgd(method, HUA, HUA.meta["weight_decay"])
+    optimizer, schedules = sgd(method, HUA, HUA.meta["weight_decay"])
     out = step(method, optimizer, HUA)
     report("PatrickHua/SimSiam, its heads", compare(method, names, HUA, out.loss, noise=HUA_ZERO_GRAD))
     for k in HUA.meta["unused"]:  # their SGD skips a parameter without a gradient; their forward skips the layer
         group = "after." if f"after.{k}" in fixture_keys(HUA) else "state."
         assert fixture_io.difference(initial[k], HUA, group + k).max_abs == 0, k
     # after the step: the predictor's lr stays at the base lr in both; their warm-up then starts the rest at 0
-    scheduler.step()
+    schedules.apply(1)
     predictor_group = next(g for g in optimizer.param_groups if g.get("fixed_lr"))
     assert predictor_group["lr"] == pytest.approx(HUA["state.lr.predictor"].item(), rel=1e-12)
     assert HUA["state.lr.base"].item() == HUA.meta["warmup_lr"] == 0
 
 
+@pytest.mark.slow
 def test_hua_differs_from_imbssl_heads_only_by_its_extra_parameters():
     """Neutral extra parameters: imbssl's own heads give the same loss, shared gradients, weights and BN buffers;
     their pre-BN biases and output-BN bias get round-off gradients (and stay 0); their output BN's affine weight is

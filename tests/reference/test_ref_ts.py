@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fixture_io  # noqa: E402
 from simclr_reference import method_on_fixture, step_and_compare  # noqa: E402
 
-from imbssl.engine.optim import build_optimizer, cosine_factor, cosine_schedule, scheduled_temperature  # noqa: E402
-from imbssl.pipelines.pretrain import temperature_schedule  # noqa: E402
+from imbssl.engine.optim import build_optimizer  # noqa: E402
+from imbssl.engine.schedules import Schedules, cosine_schedule, ts_temperature_schedule  # noqa: E402
+from imbssl.pipelines.pretrain import run_schedules, temperature_schedule  # noqa: E402
 from imbssl.recipes import load_preset  # noqa: E402
 from imbssl.recipes.longtail_ssl import LongtailSSLConfig  # noqa: E402
 
@@ -47,12 +48,12 @@ def test_preset_sets_the_references_settings(paper_ts):
 
 @pytest.mark.parametrize("steps_per_epoch", [1, 7])
 def test_temperature_at_every_step_of_each_epoch_is_the_references(paper_ts, steps_per_epoch):
-    """At every step of (0-based) epoch e the trainer asks for tau at step / steps per epoch; the reference sets tau
-    once per epoch from its 1-based epoch number e + 1. Equal to the reference's float32 value."""
-    at = temperature_schedule(paper_ts, _with_temperature())
+    """Every step of the reference's (1-based) epoch e runs at its tau(e): so does every step of the pipeline's
+    schedule for the preset. Equal to the reference's float32 value."""
+    at = temperature_schedule(paper_ts.optim, steps_per_epoch)
     for epoch, tau in zip(META["tau_epochs"], FIXTURE["tau"].tolist()):
         for step in range(steps_per_epoch):
-            ours = at(((epoch - 1) * steps_per_epoch + step) / steps_per_epoch)
+            ours = at[(epoch - 1) * steps_per_epoch + step]
             assert ours == pytest.approx(tau, rel=2e-7, abs=0), f"epoch {epoch} step {step}: {ours} != {tau}"
 
 
@@ -61,51 +62,48 @@ def test_epoch_100_is_halfway_not_at_tau_min():
     halfway, 0.55, and tau- at epochs 200, 600, ..., 1800."""
     tau = dict(zip(META["tau_epochs"], FIXTURE["tau"].tolist()))
     assert tau[100] == pytest.approx(0.55, abs=1e-6) and tau[200] == pytest.approx(0.1, abs=1e-6)
-    assert scheduled_temperature(99.0, 0.1, 1.0, 200, per_epoch=True) == pytest.approx(tau[100], abs=1e-7)
+    assert ts_temperature_schedule(0.1, 1.0, 200, 100, 1, per_epoch=True)[99] == pytest.approx(tau[100], abs=1e-7)
 
 
 def test_step_clock_is_the_reference_one_epoch_late():
     """``update: step`` (the CPU presets) reads the same cosine at the fractional epoch from 0: at the start of each
     epoch it gives what the reference gave the epoch before, then moves within the epoch. Exactly that shift."""
+    per_step, per_epoch = (ts_temperature_schedule(0.1, 1.0, 200, 2001, 1, per_epoch=clock) for clock in (False, True))
     for epoch, tau in zip(META["tau_epochs"], FIXTURE["tau"].tolist()):
-        assert scheduled_temperature(float(epoch), 0.1, 1.0, 200, per_epoch=False) == pytest.approx(tau, rel=2e-7)
-        assert scheduled_temperature(float(epoch - 1), 0.1, 1.0, 200, per_epoch=True) == pytest.approx(tau, rel=2e-7)
+        assert per_step[epoch] == pytest.approx(tau, rel=2e-7)  # at the start of (0-based) epoch `epoch`
+        assert per_epoch[epoch - 1] == pytest.approx(tau, rel=2e-7)
 
 
 def test_lr_multiplier_is_the_references_one_step_later():
     """Their loop steps the LambdaLR *before* each optimizer step, so iteration i runs at multiplier(i + 1), with a
-    floor of 1e-6 / lr; imbssl's ``cosine_factor(i)`` equals it through warm-up, then reads the cosine one step
-    later (its peak runs two steps) and decays to 0. This pins that difference exactly."""
+    floor of 1e-6 / lr; imbssl's cosine schedule (of 1, to 0) at step i equals it through warm-up, then reads the
+    cosine one step later (its peak runs two steps) and decays to 0. This pins that difference exactly."""
     steps, warmup, floor = META["lr_steps"], META["lr_warmup"], 1e-6 / META["lr"]
     theirs = FIXTURE["lr_factor"].tolist()
+    ours = [*cosine_schedule(1.0, 0.0, steps, warmup), 0.0]  # and the cosine's end, 0, one step past the run
     for i in range(steps):
         if i < warmup:
-            assert theirs[i + 1] == pytest.approx(cosine_factor(i, steps, warmup), abs=1e-15)
+            assert theirs[i + 1] == pytest.approx(ours[i], abs=1e-15)
         else:
-            assert theirs[i + 1] == pytest.approx(floor + (1 - floor) * cosine_factor(i + 1, steps, warmup), abs=1e-15)
-    assert cosine_factor(warmup - 1, steps, warmup) == cosine_factor(warmup, steps, warmup) == 1.0
+            assert theirs[i + 1] == pytest.approx(floor + (1 - floor) * ours[i + 1], abs=1e-15)
+    assert ours[warmup - 1] == ours[warmup] == 1.0
 
 
+@pytest.mark.slow
 def test_one_step_at_the_scheduled_temperature(paper_ts):
     """One SimCLR step of imbssl at the paper preset's scheduled tau and lr schedule, against the reference's
     ``train()`` at epoch 150 (tau 0.232) on the same weights and views: loss, grads, weights and BN buffers."""
     batch = META["batch"]
     method_cfg = paper_ts.method.model_copy(update={"proj_hidden": 512, "proj_dim": 128})
     method, names = method_on_fixture(FIXTURE, method_cfg)
-    at = temperature_schedule(paper_ts, method)
     steps_per_epoch = 1  # the fixture's loader holds one batch
-    method.temperature = at((META["step_epoch"] - 1) * steps_per_epoch / steps_per_epoch)
-    assert method.temperature == pytest.approx(FIXTURE["step_tau"].item(), rel=2e-7)
     # their --lr 0.5 is the lr itself, at any batch; imbssl scales base_lr by batch / 256
     optim_cfg = paper_ts.optim.model_copy(update={"base_lr": META["lr"] * 256 / batch})
     optimizer = build_optimizer(method, optim_cfg, method.defaults, batch)
-    cosine_schedule(optimizer, paper_ts.optim.epochs * steps_per_epoch,
-                    round(paper_ts.optim.warmup_epochs * steps_per_epoch))
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(META["step_lr"], rel=1e-12)
+    run = run_schedules(paper_ts, method, optimizer.defaults["lr"], steps_per_epoch)  # the pipeline's
+    Schedules(method, optimizer, run, paper_ts.optim.epochs * steps_per_epoch, steps_per_epoch).apply(0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(META["step_lr"], rel=1e-12)  # their fresh scheduler's
+    method.temperature = run["temperature"][(META["step_epoch"] - 1) * steps_per_epoch]  # their epoch's tau
+    assert method.temperature == pytest.approx(FIXTURE["step_tau"].item(), rel=2e-7)
     worst = step_and_compare(method, names, FIXTURE, optimizer)
     print({k: (f"{v.max_abs:.2e}", f"{v.max_rel:.2e}") for k, v in worst.items()})
-
-
-def _with_temperature():
-    """Anything with a ``temperature``: what ``temperature_schedule`` asks of a method."""
-    return type("Contrastive", (), {"temperature": 0.2})()

@@ -33,13 +33,14 @@ ITU-R BT.601 weights.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imbssl.config import AugmentConfig
+if TYPE_CHECKING:  # config.py builds its method sections from the methods, which import this module
+    from imbssl.config import AugmentConfig
 
 __all__ = ["channel_histogram", "channel_stats", "stats_from_histogram", "MultiCrop", "Normalize", "ViewAugment",
            "solarize"]

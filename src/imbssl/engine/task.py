@@ -7,7 +7,6 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
 #: makes one augmented view of a uint8 batch from a generator
 MakeView = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -69,9 +68,14 @@ class TrainingTask(nn.Module):
         default) clips nothing. MSN clips its encoder as msn_train.py does."""
         return None
 
-    def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
-        """Called after each optimizer step, ``step`` counting from 0 over the whole run: EMA updates and
-        per-step schedules the learning-rate scheduler does not cover."""
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        """The task's per-step hyper-parameters, name -> one value for each of the run's ``total_steps`` steps
+        (engine/schedules.py). Before each step the engine sets attribute ``name`` of the task to that step's value;
+        a parameter group may follow one of them (``"wd_schedule": name``). None by default."""
+        return {}
+
+    def on_step_end(self) -> None:
+        """Called after each optimizer step, with the step's scheduled values still set: EMA updates."""
 
     def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
         """Figures about the epoch just trained, added to its summary."""

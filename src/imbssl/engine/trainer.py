@@ -19,7 +19,6 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm import tqdm
 
 from imbssl.augment import MultiCrop, PadCropFlip
@@ -28,6 +27,7 @@ from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
 from imbssl.engine.distributed import (broadcast_from_main, is_main, rank_rows, sum_gradients, sum_over_processes,
                                        world_size)
 from imbssl.engine.runlog import MetricLogger, SilentLogger
+from imbssl.engine.schedules import Schedules
 from imbssl.errors import ImbsslError
 from imbssl.engine.task import StepOutput, TrainingTask
 
@@ -57,8 +57,6 @@ class TrainSettings:
     collapse_warn_below: float = 0.1
     log_every: int = 10
     progress: bool = True
-    #: fractional epoch -> the method's contrastive temperature (TS), or None for its fixed one
-    temperature_at: Callable[[float], float] | None = None
 
 
 def _duration(seconds: float) -> str:
@@ -108,7 +106,7 @@ def optimizer_step(method: TrainingTask, optimizer: Optimizer, views: list[torch
 
 def clip_gradients(method: TrainingTask) -> None:
     """Clip the gradient norm of the parameters the task names, if it names any: ``method.gradient_clipping()``
-    returns (parameters, max norm) or None (MSN: its encoder at ``method.msn_clip_grad_norm``, as msn_train.py).
+    returns (parameters, max norm) or None (MSN: its encoder at ``method.clip_grad_norm``, as msn_train.py).
     The gradients are summed over processes by then, so the norm is the global batch's and every process scales
     alike; the clipping keeps no state, so a resumed run clips as an uninterrupted one."""
     if (clipped := method.gradient_clipping()) is not None:
@@ -126,16 +124,18 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 
 class Trainer:
-    def __init__(self, method: TrainingTask, optimizer: Optimizer, scheduler: LRScheduler, images: torch.Tensor,
-                 make_views: MultiCrop | PadCropFlip, run_dir: Path, settings: TrainSettings,
+    def __init__(self, method: TrainingTask, optimizer: Optimizer, schedules: dict[str, np.ndarray],
+                 images: torch.Tensor, make_views: MultiCrop | PadCropFlip, run_dir: Path, settings: TrainSettings,
                  callbacks: Iterable[EpochCallback] = (), labels: np.ndarray | None = None,
                  evaluators: Iterable[EpochEvaluator] = ()) -> None:
-        """``labels`` of ``images``, when known, only reach ``method.epoch_stats`` (monitoring, never the loss).
+        """``schedules``: the run's own per-step values by name, one for each of its steps (the lr: "lr"), beside
+        the method's (``method.schedules``); engine/schedules.Schedules sets them all before each step.
+        ``labels`` of ``images``, when known, only reach ``method.epoch_stats`` (monitoring, never the loss).
 
         ``evaluators`` run after each epoch and before its checkpoint, so whatever they save (a model selected
         on validation) is never behind the checkpoint a resumed run starts from; ``callbacks`` run after it.
         """
-        self.method, self.optimizer, self.scheduler = method, optimizer, scheduler
+        self.method, self.optimizer = method, optimizer
         self.images, self.make_views, self.settings, self.labels = images, make_views, settings, labels
         self.run_dir = Path(run_dir)
         self.checkpoint_path = self.run_dir / CHECKPOINT_FILE
@@ -150,14 +150,16 @@ class Trainer:
             raise ConfigError(f"the smallest batch, {len(images) // self.steps_per_epoch} images, cannot be shared "
                               f"by {world_size()} processes; raise optim.batch_size")
         self.total_steps = settings.epochs * self.steps_per_epoch
+        self.schedules = Schedules(method, optimizer, schedules, self.total_steps, self.steps_per_epoch)
         self.epoch = 0
         self.summary: dict = {}  # the last finished epoch's figures
         self.bar: tqdm | None = None  # the whole run's progress, on a terminal
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """No schedule state: the step count (epoch x steps per epoch) determines every scheduled value."""
         return {"epoch": self.epoch, "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "summary": self.summary}
+                "summary": self.summary}
 
     def save_checkpoint(self) -> None:
         if is_main():  # every process holds the same state
@@ -169,15 +171,11 @@ class Trainer:
         except CheckpointError as err:
             raise CheckpointError(f"{err}; delete it to train the run again from the start") from None
         self.method.load_state_dict(state["method"])
+        # Checkpoints from before engine/schedules.py also hold a "scheduler" (a LambdaLR's state): not needed, as
+        # every scheduled value is set anew from the step count before each step, on the new total's schedules
+        # when a run is resumed with more epochs.
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.summary = state["epoch"], state["summary"]
-        if isinstance(self.scheduler, LambdaLR):
-            # The lr is a function of (step, total steps): set anew at the resumed step, a run resumed with more
-            # epochs follows the cosine of the new total from its first step on (the same value otherwise).
-            for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                              self.scheduler.lr_lambdas):
-                group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         log.info("resumed from %s after epoch %d of %d", self.checkpoint_path, self.epoch, self.settings.epochs)
 
     # -- training ------------------------------------------------------------------------------
@@ -270,23 +268,17 @@ class Trainer:
                 f"loss is {stacked['loss'][-1].item()} at epoch {self.epoch + 1}; training stopped. "
                 f"Last good checkpoint: {kept}. Try {remedy}.")
         means = {key: value.mean().item() for key, value in stacked.items()}
-        logger.log(global_step, **{f"train/{k}": v for k, v in means.items()}, **{"train/lr": self._lr()})
+        logger.log(global_step, **{f"train/{k}": v for k, v in means.items()},
+                   **{f"train/{k}": v for k, v in self.schedules.at(global_step).items()})
         return means
 
     def _step(self, indices: torch.Tensor, gen: torch.Generator, global_step: int) -> dict[str, torch.Tensor]:
         """One step on this process's rows of the global batch ``indices``, with the views they get in the whole
         batch's (the generator advances as on one process)."""
-        if self.settings.temperature_at is not None:  # a pure function of the step: resumes exactly
-            self.method.temperature = self.settings.temperature_at(global_step / self.steps_per_epoch)
+        self.schedules.apply(global_step)  # the one place every scheduled value is set
         rows = rank_rows(len(indices))
         views, mine = self.method.views(self.make_views, self.images[indices], gen, rows, indices), indices[rows]
         out = optimizer_step(self.method, self.optimizer, views, mine, self.settings.precision,
                              self.settings.channels_last, share=len(mine) / len(indices))
-        self.scheduler.step()
-        self.method.on_step_end(global_step, self.total_steps, self.optimizer)
-        if self.settings.temperature_at is not None:
-            out.stats["temperature"] = torch.tensor(float(self.method.temperature), device=out.loss.device)
+        self.method.on_step_end()
         return {"loss": out.loss, **out.stats}
-
-    def _lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from imbssl.config import LinearEvalConfig
+if TYPE_CHECKING:  # config.py builds its method sections from the methods, which import this module
+    from imbssl.config import LinearEvalConfig
 
 ArrayLike = np.ndarray | Tensor
 MOMENTUM = 0.9

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imbssl.configbase import MethodSection
 from imbssl.engine.task import StepOutput, TrainingTask
 
 #: StepOutput is re-exported: what every method module's step returns
@@ -32,6 +33,8 @@ class SSLMethod(TrainingTask):
     """
 
     name: ClassVar[str]
+    display_name: ClassVar[str]  # as tables and reports name it ("MoCo v2")
+    config_class: ClassVar[type[MethodSection]]  # its ``method`` section, whose name Literal is ``name``
     defaults: ClassVar[OptimDefaults]
     num_views: ClassVar[int] = 2  # global views per image
     uses_local_crops: ClassVar[bool] = False  # whether training_step accepts multi-crop local views

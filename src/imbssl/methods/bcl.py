@@ -20,21 +20,20 @@ and w is a function of M, recomputed at each epoch start: a resumed run boosts e
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from imbssl.augment.randaugment import MAX_STRENGTH, RandAugment
-from imbssl.config import MethodConfig
 from imbssl.engine.distributed import gather
 from imbssl.engine.task import MakeView
 from imbssl.eval.metrics import thirds_of_classes
 from imbssl.methods.base import OptimDefaults
-from imbssl.methods.sdclr import SDCLR
+from imbssl.methods.sdclr import ReferenceHeadSection, SDCLR, SDCLRConfig, authors_head
 from imbssl.methods.simclr import SimCLR
-from imbssl.models.heads import bn_projector
 
 
 @torch.no_grad()
@@ -55,6 +54,21 @@ def boost_weights(momentum_loss: torch.Tensor) -> torch.Tensor:
     return z / z.abs().max() / 2 + 0.5
 
 
+class BoostedSection(ReferenceHeadSection):
+    """BCL's key over its base method's."""
+
+    beta: float = Field(0.97, ge=0, lt=1, description="beta of each image's momentum loss, M <- (1 - beta) l + "
+                                                      "beta M (BCL's code: 0.97)")
+
+
+class BCLIConfig(BoostedSection):
+    name: Literal["bcl-i"] = "bcl-i"
+
+
+class BCLDConfig(BoostedSection, SDCLRConfig):
+    name: Literal["bcl-d"] = "bcl-d"
+
+
 class BoostedContrast:
     """BCL's memory (SimCLR's ``remember`` hook) and boosted views, over SimCLR or SDCLR."""
 
@@ -62,9 +76,9 @@ class BoostedContrast:
     min_strength: ClassVar[float]
     strength_drawn: ClassVar[bool]  # m = min + (30 - min) w u, u drawn per image (BCL-D), or without u (BCL-I)
 
-    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, cfg: BoostedSection) -> None:
         super().__init__(backbone, cfg)
-        self.beta = cfg.bcl_beta
+        self.beta = cfg.beta
         # One momentum loss per training image; sized by the images at the start of a run, or by a checkpoint.
         self.register_buffer("momentum_loss", torch.zeros(0))
         self.boost_weight = torch.zeros(0)
@@ -123,18 +137,20 @@ class BoostedContrast:
 
 class BCLI(BoostedContrast, SimCLR):
     name = "bcl-i"
+    display_name = "BCL-I"
+    config_class = BCLIConfig
     # BCL's CIFAR command for BCL-I: SGD lr 0.5 at batch 512 (0.25 per 256), weight decay 5e-4, tau 0.2.
     defaults = OptimDefaults(name="sgd", base_lr=0.25, weight_decay=5e-4)
     num_ops, min_strength, strength_drawn = 1, 10.0, False
 
-    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
-        super().__init__(backbone, cfg)
-        if cfg.reference_head:  # BCL's models/simclr.py proj_head, not SimCLR's
-            self.projector = bn_projector(backbone.feature_dim, cfg.proj_dim, num_layers=2)
+    def projection_head(self, feature_dim: int, cfg: BCLIConfig) -> nn.Module:
+        return authors_head(feature_dim, cfg, num_layers=2)  # BCL's models/simclr.py proj_head
 
 
 class BCLD(BoostedContrast, SDCLR):
     name = "bcl-d"
+    display_name = "BCL-D"
+    config_class = BCLDConfig
     # BCL's CIFAR command for BCL-D: SDCLR's, SGD lr 0.5 at batch 512, weight decay 1e-4, tau 0.2.
     defaults = OptimDefaults(name="sgd", base_lr=0.25, weight_decay=1e-4)
     num_ops, min_strength, strength_drawn = 2, 5.0, True

@@ -10,34 +10,33 @@ A student learns the cluster assignments an EMA teacher gives other views of the
 s, the relative size of each cluster, is an EMA of the teacher's hard-assignment histogram (Eq. 8-9).
 B raises the similarities to undersized clusters and lowers those to oversized ones (Eq. 10), so the
 teacher spreads its assignments without needing a large batch. "Undersized" is relative to a target t,
-the paper's 1/K or any cluster prior (``method.prior``, priors.py; docs/priors.md). ``MethodConfig.balancing`` swaps B
+the paper's 1/K or any cluster prior (``method.prior``, priors.py; docs/priors.md). ``method.balancing`` swaps B
 for DINO's centring or for nothing: the two baselines are this module with one setting changed. Where imbssl's
-defaults differ from the official code, ``excb_proj_hidden_layers``, ``excb_head_batches`` and ``excb_pairing``
-give the code's form, which the paper presets set (docs/excb.md, "What differs").
+defaults differ from the official code, ``method.proj_hidden_layers``, ``head_batches`` and ``pairing`` give the
+code's form, which the paper presets set (docs/excb.md, "What differs").
 """
 from __future__ import annotations
 
-import copy
-from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
-from torch.optim import Optimizer
 
 from imbssl.cluster import kmeans
-from imbssl.config import ConfigError, MethodConfig
+from imbssl.configbase import ProjectorSection
 from imbssl.engine.distributed import batch_mean, gather, sum_over_processes
-from imbssl.engine.optim import cosine_factor, ema_momentum, ema_update
+from imbssl.engine.ema import ema_teacher, ema_update
+from imbssl.engine.schedules import cosine_schedule, ema_momentum_schedule
 from imbssl.eval import cluster_statistics
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std, weight_decay_groups
-from imbssl.models.heads import mlp
-from imbssl.priors import cluster_prior, uniform_prior
+from imbssl.models.heads import CosineCentroids, mlp
+from imbssl.priors import PriorConfig, cluster_prior, uniform_prior
 
-#: name of the optimizer's parameter group of the centroids, whose weight decay follows its own schedule.
-CENTROID_GROUP = "centroids"
+#: the schedule of the centroids' weight decay (Sec. 4.1), which their optimizer group follows.
+CENTROID_DECAY = "centroid_weight_decay"
 #: images per teacher forward pass when the centroids are initialised by k-means.
 INIT_BATCH_SIZE = 512
 
@@ -70,25 +69,6 @@ def balance(z: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> torch
     return (1 + z) * (1 - F.relu(1 - 1 / ratio)) - 1  # s > t
 
 
-# -- centroid layer q (Eq. 1, Algorithm 2) ------------------------------------------------------
-class CosineCentroids(nn.Module):
-    """q(v) = cos(v, c_k) for K learned centroids c_k (Eq. 1).
-
-    ``detach=True`` is q̄ of Eq. 2 and Algorithm 2: the centroids act as constants, so the predictor and
-    the local crops move the features towards the centroids but never the centroids themselves.
-    """
-
-    def __init__(self, dim: int, num_clusters: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_clusters, dim))  # random directions; k-means may replace them
-
-    def forward(self, v: torch.Tensor, detach: bool = False) -> torch.Tensor:
-        centroids = self.weight.detach() if detach else self.weight
-        # In float32 even under bf16 autocast: tau_t = 0.04 multiplies rounding errors of the cosines by 25.
-        with torch.autocast(v.device.type, enabled=False):
-            return F.normalize(v.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T
-
-
 # -- loss (Eq. 7) and training statistics (Eq. 11-12) -------------------------------------------
 def cross_entropies(p_teacher: torch.Tensor, logits_student: torch.Tensor) -> torch.Tensor:
     """[G, V]: H(p_t(x'), softmax(logits(x''))) averaged over the batch, for teacher view x' and student view x''."""
@@ -118,7 +98,7 @@ def excb_loss_as_code(p_teacher: torch.Tensor, z_proj: torch.Tensor, z_pred: tor
     """The loss of the official code (ManiadisG/ExCB, ClusteringLoss with its ``training_match``): teacher view x'
     against the projector output of each OTHER GLOBAL view and the predictor output of every view, one mean over
     all these G (G - 1) + G V pairs. The local views meet the teacher through the predictor alone, where Eq. 7 and
-    Algorithm 1 pair their projector outputs too (``method.excb_pairing``; docs/excb.md, "What differs")."""
+    Algorithm 1 pair their projector outputs too (``method.pairing``; docs/excb.md, "What differs")."""
     num_global = p_teacher.shape[0]
     other_global = ~torch.eye(num_global, dtype=torch.bool, device=z_proj.device)
     proj_terms = cross_entropies(p_teacher, z_proj[:num_global] / student_temperature)[other_global]
@@ -137,27 +117,73 @@ def view_agreement(assignments: torch.Tensor) -> torch.Tensor:
 
 
 # -- the method -----------------------------------------------------------------------------------
+class ExCBConfig(ProjectorSection):
+    """The paper's values, except K (65,536 there, for 1.28M images). proj_hidden_layers, head_batches and pairing
+    give the official code's form (ManiadisG/ExCB; docs/excb.md, "What differs"); the defaults are imbssl's."""
+
+    name: Literal["excb"] = "excb"
+    pred_hidden: int = Field(128, ge=1, description="the predictor g's hidden width")
+    num_clusters: int = Field(512, ge=2, description="K, the number of learned centroids (Eq. 1); 512 suits 10k-50k "
+                                                     "images (docs/excb.md)")
+    teacher_temperature: float = Field(0.04, gt=0, description="tau_t of the teacher softmax (Eq. 6)")
+    student_temperature: float = Field(0.1, gt=0, description="tau_s of the student softmax (Eq. 5)")
+    teacher_momentum: float = Field(0.996, ge=0, le=1,
+                                    description="EMA momentum m of the teacher, raised to 1 on a cosine schedule")
+    size_momentum: float = Field(0.999, ge=0, lt=1,
+                                 description="m_s of the relative cluster sizes s (Eq. 9); 1/(1-m_s) batches")
+    balancing: Literal["excb", "centering", "none"] = Field(
+        "excb", description="how the teacher avoids collapse: excb = operator B (Eq. 10), centering = DINO's EMA "
+                            "centre (baseline), none = nothing (baseline)")
+    center_momentum: float = Field(0.9, ge=0, lt=1, description="balancing=centering: DINO's centre EMA momentum")
+    centroid_init: Literal["kmeans", "random"] = Field(
+        "kmeans", description="centroids from k-means on the initial teacher projections, or random directions")
+    centroid_weight_decay: tuple[float, float] | None = Field(
+        (1e-3, 1e-4), description="the centroids' weight decay, cosine from the first to the second value; None = "
+                                  "the optimizer's weight decay")
+    proj_hidden_layers: int = Field(1, ge=1, description="hidden Linear-BN-ReLU layers of the projector h before its "
+                                                         "last Linear; 2 = the official code's mlp_hidden_layers: 2 "
+                                                         "(the paper's '2-layer MLP')")
+    head_batches: Literal["by_size", "all"] = Field(
+        "by_size", description="by_size = the global views through the backbone and the heads as one batch, the "
+                               "local views as another; all = the backbone on each crop size, then the heads on all "
+                               "views together (the official code), so the heads' BatchNorm normalises the global "
+                               "and local views as one batch. The same without local crops")
+    pairing: Literal["paper", "code"] = Field(
+        "paper", description="the loss's view pairs: paper = Eq. 7, teacher view x' against the projector output of "
+                             "every other view, local ones included, and the predictor output of every view, each "
+                             "sum averaged over its own pairs; code = the official ClusteringLoss, the projector "
+                             "outputs of the other global views only, one mean over all pairs")
+    prior: PriorConfig = Field(PriorConfig(), description="the target sizes t of Eq. 10 (priors.py)")
+
+    def unused_keys(self) -> set[str]:
+        return set() if self.balancing == "centering" else {"center_momentum"}
+
+    @model_validator(mode="after")
+    def _check_prior(self) -> "ExCBConfig":
+        if self.prior.kind == "estimated" and self.centroid_init != "kmeans":
+            raise ValueError("prior.kind=estimated takes its sizes from the k-means of the centroid initialisation: "
+                             "set centroid_init=kmeans")
+        return self
+
+
 class ExCB(SSLMethod):
     name = "excb"
+    display_name = "ExCB"
+    config_class = ExCBConfig
     defaults = OptimDefaults(name="sgd", base_lr=0.15, weight_decay=1e-4)  # Sec. 4.1, ResNet-50
     uses_local_crops = True
     learns_clusters = True
 
-    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, cfg: ExCBConfig) -> None:
         super().__init__(backbone, cfg.proj_dim)
         self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim,
-                             num_layers=cfg.excb_proj_hidden_layers + 1, last_bn=False)
+                             num_layers=cfg.proj_hidden_layers + 1, last_bn=False)
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
         self.centroids = CosineCentroids(cfg.proj_dim, cfg.num_clusters)
         # The teacher starts as a copy of the student without the predictor and only moves by EMA.
-        self.teacher = nn.Sequential(OrderedDict(
-            (part, copy.deepcopy(getattr(self, part))) for part in ("backbone", "projector", "centroids")))
-        self.teacher.requires_grad_(False)
+        self.teacher = ema_teacher(self, ("backbone", "projector", "centroids"))
         self.cfg = cfg
         num_clusters = cfg.num_clusters
-        if cfg.prior.kind == "estimated" and cfg.centroid_init != "kmeans":
-            raise ConfigError("method.prior.kind=estimated takes its sizes from the k-means of the centroid "
-                              "initialisation: set method.centroid_init=kmeans")
         # t is laid over the initial k-means clusters in on_train_start (an estimated prior waits for them there).
         # Buffers are saved in checkpoints: a resumed run balances exactly as an uninterrupted one.
         self.register_buffer("target_sizes", uniform_prior(num_clusters))  # t of Eq. 10
@@ -185,7 +211,7 @@ class ExCB(SSLMethod):
         global_views, local_views = views[:self.num_views], views[self.num_views:]
         p_teacher = self.teacher_assignments(global_views)
         projections, z_proj, z_pred = self.student_outputs(global_views, local_views)
-        loss = excb_loss(p_teacher, z_proj, z_pred, self.cfg.student_temperature, self.cfg.excb_pairing)
+        loss = excb_loss(p_teacher, z_proj, z_pred, self.cfg.student_temperature, self.cfg.pairing)
 
         # [G, B] of the global batch (gathered when several processes share it): the statistics are all of it.
         assignments = gather(p_teacher.argmax(-1).T).T
@@ -199,9 +225,9 @@ class ExCB(SSLMethod):
                         local_views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The global views' projections, and z_s^h, z_s^g [V, B, K] of all V views, global ones first. The global
         views go through the backbone and the heads as one batch, the local views as another, so the heads'
-        BatchNorm normalises each group with its own statistics; ``excb_head_batches`` all runs the heads on both
+        BatchNorm normalises each group with its own statistics; ``head_batches`` all runs the heads on both
         groups together, as the official code (``heads_on_all_views``; docs/excb.md, "What differs")."""
-        if local_views and self.cfg.excb_head_batches == "all":
+        if local_views and self.cfg.head_batches == "all":
             return self.heads_on_all_views(global_views, local_views)
         projections, z_proj, z_pred = self.student_similarities(global_views, detach_centroids=False)
         if local_views:  # the centroids learn from global views only (Sec. 4.1, Algorithm 2)
@@ -282,8 +308,7 @@ class ExCB(SSLMethod):
         if self.cfg.centroid_weight_decay is None:
             groups[0]["params"].append(centroids)
             return groups
-        start = self.cfg.centroid_weight_decay[0]  # on_step_end moves it along the schedule
-        return groups + [{"params": [centroids], "name": CENTROID_GROUP, "weight_decay": start}]
+        return groups + [{"params": [centroids], "wd_schedule": CENTROID_DECAY}]
 
     @torch.no_grad()
     def on_train_start(self, images: torch.Tensor, make_view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
@@ -310,17 +335,18 @@ class ExCB(SSLMethod):
         prior = cluster_prior(self.cfg.prior, len(self.cluster_sizes), result.assignments)
         self.set_target(prior.to(self.target_sizes), result.assignments)
 
-    def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
-        """EMA teacher update, momentum m -> 1 on a cosine; the centroids' weight decay for the next step."""
-        ema_update(self.teacher, self, ema_momentum(self.cfg.teacher_momentum, step, total_steps))
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        """The teacher's momentum, m -> 1 on a cosine; the centroids' weight decay, a cosine from the first configured
+        value at step 0 to the second at the end (Sec. 4.1: 1e-3 -> 1e-4), when configured."""
+        schedules = {"teacher_momentum": ema_momentum_schedule(self.cfg.teacher_momentum, total_steps)}
         if self.cfg.centroid_weight_decay is not None:
-            group = next(g for g in optimizer.param_groups if g.get("name") == CENTROID_GROUP)
-            group["weight_decay"] = self.centroid_weight_decay(step + 1, total_steps)
+            start, end = self.cfg.centroid_weight_decay
+            schedules[CENTROID_DECAY] = cosine_schedule(start, end, total_steps)
+        return schedules
 
-    def centroid_weight_decay(self, step: int, total_steps: int) -> float:
-        """Cosine from the first configured value at step 0 to the second at the end (Sec. 4.1: 1e-3 -> 1e-4)."""
-        start, end = self.cfg.centroid_weight_decay
-        return end + (start - end) * cosine_factor(step, total_steps)
+    def on_step_end(self) -> None:
+        """The EMA teacher update at the step's momentum."""
+        ema_update(self.teacher, self, self.teacher_momentum)
 
     def epoch_stats(self, labels: np.ndarray | None) -> dict[str, float]:
         """The teacher's assignments during the epoch (Fig. 4c, e) and the extremes of s, relative to the target."""

@@ -21,9 +21,9 @@ statistics: the model "cheats" the pretext task instead of learning features. Th
   in a random order (``_batch_shuffle_single_gpu``), so that an image's key is normalised in another group than its
   query. The demo reports about 4 points of kNN accuracy lost without it after 800 epochs.
 
-imbssl does both: ``moco_bn_splits`` (8, the demo's) counts the BatchNorm groups of the global batch, so on P
-processes each normalises its rows in ``moco_bn_splits / P`` groups (P = 8: builder.py's setting exactly), and
-``moco_shuffle_bn`` permutes the key encoder's global batch. The permutation is drawn from the epoch's generator
+imbssl does both: ``method.bn_splits`` (8, the demo's) counts the BatchNorm groups of the global batch, so on P
+processes each normalises its rows in ``bn_splits / P`` groups (P = 8: builder.py's setting exactly), and
+``method.shuffle_bn`` permutes the key encoder's global batch. The permutation is drawn from the epoch's generator
 with the views (``views``), so it is the same on every process and again on resume.
 
 Checked step by step against the CIFAR demo's ``ModelMoCo`` (tests/reference/test_ref_moco.py), with builder.py's
@@ -41,18 +41,19 @@ queue.
 """
 from __future__ import annotations
 
-import copy
 import logging
-from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
-from torch.optim import Optimizer
 
-from imbssl.config import MethodConfig
+from imbssl.configbase import ProjectorSection
 from imbssl.engine.distributed import gather_with_grad, shuffle_global_batch, unshuffle_global_batch, world_size
+from imbssl.engine.ema import ema_teacher, ema_update
+from imbssl.engine.schedules import constant_schedule
 from imbssl.errors import ImbsslError
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
 
@@ -85,8 +86,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
         """G: this process's share of the global batch's groups."""
         processes = world_size()
         if self.num_splits % processes:
-            raise ImbsslError(f"method.moco_bn_splits={self.num_splits} is not a multiple of the {processes} "
-                              f"processes: each process normalises its rows in moco_bn_splits / processes "
+            raise ImbsslError(f"method.bn_splits={self.num_splits} is not a multiple of the {processes} "
+                              f"processes: each process normalises its rows in bn_splits / processes "
                               f"BatchNorm groups; set it to {processes} for one group per process, as moco/builder.py")
         return self.num_splits // processes
 
@@ -98,7 +99,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         if len(x) < groups:
             raise ImbsslError(f"a batch of {len(x)} images cannot be split into {groups} BatchNorm groups: lower "
-                              f"method.moco_bn_splits or raise optim.batch_size")
+                              f"method.bn_splits or raise optim.batch_size")
         factor = 0.0
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -169,25 +170,46 @@ def info_nce(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
+class MoCoConfig(ProjectorSection):
+    """CIFAR-sized defaults, as the MoCo CIFAR-10 demo has them. The MLP head is sized by proj_hidden and proj_dim
+    (the papers: the feature size, then 128)."""
+
+    name: Literal["moco"] = "moco"
+    queue_size: int = Field(4096, ge=1, description="K, negative keys in the queue; 4096 suits CIFAR-sized sets "
+                                                    "(MoCo's CIFAR-10 demo), 65,536 is the ImageNet value")
+    key_momentum: float = Field(0.99, ge=0, lt=1, description="m of the key encoder, k <- m k + (1 - m) q; 0.99 for "
+                                                              "CIFAR-sized sets, 0.999 is the ImageNet value")
+    temperature: float = Field(0.2, gt=0, description="tau of the InfoNCE loss (v2: 0.2, v1: 0.07)")
+    shuffle_bn: bool = Field(True, description="shuffling BN (MoCo Sec. 3.3): the key encoder sees the global batch "
+                                               "in a random order, so an image's key and query are normalised with "
+                                               "different images (across processes as moco/builder.py, within "
+                                               "bn_splits groups as the CIFAR-10 demo); false = keys in the batch's "
+                                               "own order")
+    bn_splits: int = Field(8, ge=1, description="BatchNorm groups of the global batch in both encoders, the GPUs "
+                                                "emulated (the CIFAR-10 demo's --bn-splits 8); under torchrun each "
+                                                "process splits its rows into bn_splits / processes groups (a "
+                                                "multiple of the process count); 1 = plain BatchNorm")
+
+
 class MoCo(SSLMethod):
     """Evaluated, as the references do, through the query encoder: ``eval_backbone`` is f_q, the projector g_q."""
 
     name = "moco"
+    display_name = "MoCo v2"
+    config_class = MoCoConfig
     # YyzHarry pretrain_moco.py: SGD, lr 0.015 at batch 128 (0.03 per 256 images, as MoCo's own code), wd 1e-4.
     defaults = OptimDefaults(name="sgd", base_lr=0.03, weight_decay=1e-4)
 
-    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, cfg: MoCoConfig) -> None:
         super().__init__(backbone, cfg.proj_dim)
-        self.shuffle_bn, self.bn_splits = cfg.moco_shuffle_bn, cfg.moco_bn_splits
+        self.shuffle_bn, self.bn_splits = cfg.shuffle_bn, cfg.bn_splits
         if self.bn_splits > 1:  # both encoders, as the demo's ModelBase: its queries are split as its keys
             split_batchnorms(self.backbone, self.bn_splits)
         self.projector = mlp_head(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim)
         # The key encoder starts as a copy of the query encoder and only moves by EMA (MoCo Eq. 2).
-        self.key_encoder = nn.Sequential(OrderedDict(
-            (part, copy.deepcopy(getattr(self, part))) for part in ("backbone", "projector")))
-        self.key_encoder.requires_grad_(False)
+        self.key_encoder = ema_teacher(self, ("backbone", "projector"))
         self.split_layers = sum(isinstance(m, SplitBatchNorm) for m in self.modules())
-        self.temperature, self.key_momentum = cfg.moco_temperature, cfg.key_momentum
+        self.temperature, self.key_momentum = cfg.temperature, cfg.key_momentum
         # Buffers, so checkpoints hold them and a resumed run contrasts against exactly the same keys.
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # the slot of the oldest key
@@ -253,15 +275,15 @@ class MoCo(SSLMethod):
         """Refuses a run whose split BatchNorms were converted away (train.sync_batchnorm), which would silently
         normalise the queries and keys of the global batch together again."""
         if sum(isinstance(m, SplitBatchNorm) for m in self.modules()) != self.split_layers:
-            raise ImbsslError(f"method.moco_bn_splits={self.bn_splits} needs MoCo's own split BatchNorm, which "
-                              f"train.sync_batchnorm replaced; set method.moco_bn_splits=1 to normalise over the "
+            raise ImbsslError(f"method.bn_splits={self.bn_splits} needs MoCo's own split BatchNorm, which "
+                              f"train.sync_batchnorm replaced; set method.bn_splits=1 to normalise over the "
                               f"global batch, or train.sync_batchnorm=false")
 
-    def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
-        self.update_key_encoder()
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        """tau and the key encoder's m, constant (MoCo v2); optim.temperature_schedule may replace tau (TS)."""
+        return {"temperature": constant_schedule(self.temperature, total_steps),
+                "key_momentum": constant_schedule(self.key_momentum, total_steps)}
 
-    @torch.no_grad()
-    def update_key_encoder(self) -> None:
-        """theta_k <- m theta_k + (1 - m) theta_q for the backbone and the head (MoCo Eq. 2), m constant."""
-        query = [*self.backbone.parameters(), *self.projector.parameters()]
-        torch._foreach_lerp_(list(self.key_encoder.parameters()), query, 1 - self.key_momentum)
+    def on_step_end(self) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q for the backbone and the head (MoCo Eq. 2)."""
+        ema_update(self.key_encoder, self, self.key_momentum)

@@ -8,29 +8,28 @@ prototypes match a cluster prior.
 R is MSN's ME-MAX, -H(p_bar), for a uniform prior, and PMSN's KL(p_bar || pi) otherwise. For pi = 1/K,
 KL(p_bar || U) = log K - H(p_bar): PMSN with a uniform prior is MSN up to a constant, so one loss serves both
 (``prior_matching``). The KL's direction matters: KL(pi || p_bar), which some libraries compute, is not ME-MAX.
-Sinkhorn on the targets forces uniform marginals, so it is refused with a non-uniform prior (config).
-``msn_proj_activation``, ``msn_view_batches``, ``msn_clip_grad_norm`` and ``model.vit_ln_eps`` give the form of
-MSN's code where imbssl's default differs from it; the paper presets set it (docs/priors.md).
+Sinkhorn on the targets forces uniform marginals, so it is refused with a non-uniform prior (``MSNConfig``).
+``method.proj_activation``, ``view_batches``, ``clip_grad_norm`` and ``model.vit_ln_eps`` give the form of MSN's code where imbssl's default differs from it; the paper presets set it (docs/priors.md).
 """
 from __future__ import annotations
 
-import copy
 import math
-from collections import OrderedDict
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
-from torch.optim import Optimizer
 
 from imbssl.augment.masking import grid_cells, kept_tokens, mask_patches
-from imbssl.config import MethodConfig
+from imbssl.configbase import ProjectorSection
 from imbssl.engine.distributed import batch_mean_with_grad, place_in_global_batch, sum_over_processes
-from imbssl.engine.optim import ema_momentum, ema_update
+from imbssl.engine.ema import ema_teacher, ema_update
+from imbssl.engine.schedules import ema_momentum_schedule
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std, weight_decay_groups
-from imbssl.methods.excb import CosineCentroids
-from imbssl.models.heads import mlp
-from imbssl.priors import cluster_prior
+from imbssl.models.heads import CosineCentroids, mlp
+from imbssl.priors import PriorConfig, cluster_prior
 
 #: iterations of Sinkhorn-Knopp on the targets (MSN's code uses 3)
 SINKHORN_ITERATIONS = 3
@@ -67,23 +66,66 @@ def msn_loss(p_target: torch.Tensor, logits_anchor: torch.Tensor, prior: torch.T
     return cross_entropy + weight * prior_matching(p_bar, prior), p_bar
 
 
+class MSNConfig(ProjectorSection):
+    """MSN and PMSN (docs/priors.md). proj_activation, view_batches and clip_grad_norm give the form of MSN's code
+    (facebookresearch/msn; "Differences from MSN's code"); the defaults are imbssl's."""
+
+    name: Literal["msn"] = "msn"
+    num_clusters: int = Field(512, ge=2, description="K, the number of prototypes")
+    prior: PriorConfig = Field(PriorConfig(), description="pi, which the mean prediction is matched to: uniform = "
+                                                          "MSN, any other = PMSN (priors.py)")
+    teacher_momentum: float = Field(0.996, ge=0, le=1, description="EMA momentum m of the target encoder, raised to 1 "
+                                                                   "on a cosine schedule (as ExCB's teacher)")
+    anchor_temperature: float = Field(0.1, gt=0, description="tau of the anchor predictions")
+    target_temperature: float = Field(0.025, gt=0, description="tau of the sharpened target predictions (0.1 "
+                                                               "sharpened with T = 0.25)")
+    regularization_weight: float = Field(1.0, ge=0, description="lambda of the ME-MAX / prior-matching term")
+    mask_ratio: float = Field(0.3, ge=0, lt=1, description="the share of the anchor view's patches dropped (ViT "
+                                                          "tokens, or zeroed input patches of a CNN)")
+    mask_patch: int = Field(4, ge=1, description="on a CNN: the side of the zeroed input patches (ViT: its patch)")
+    sinkhorn: bool = Field(False, description="Sinkhorn-Knopp on the targets (uniform marginals); refused with a "
+                                              "non-uniform prior")
+    proj_activation: Literal["relu", "gelu"] = Field(
+        "relu", description="the projector's activation after each Linear-BN: relu (heads.mlp's) or gelu (MSN's "
+                            "code, msn_train.init_model)")
+    view_batches: Literal["each", "by_size"] = Field(
+        "each", description="each = every anchor and focal view through the encoder and projector as a batch of its "
+                            "own; by_size = the anchor views as one batch and the focal views as another, as MSN's "
+                            "code batches the views of each size, so the projector's BatchNorm normalises the focal "
+                            "views together. The same with one anchor and at most one focal view")
+    clip_grad_norm: float | None = Field(
+        None, gt=0, description="clip the encoder's gradient norm (backbone and projector together, not the "
+                                "prototypes') at this before each optimizer step, as msn_train.py's clip_grad (3.0 in "
+                                "its config); None = no clipping")
+
+    @model_validator(mode="after")
+    def _check_prior(self) -> "MSNConfig":
+        if self.prior.kind == "estimated":
+            raise ValueError("prior.kind=estimated comes from ExCB's k-means initialisation; msn takes uniform, "
+                             "power_law or given")
+        if self.sinkhorn and self.prior.kind != "uniform":
+            raise ValueError(f"sinkhorn forces uniform cluster marginals, which contradicts prior.kind="
+                             f"{self.prior.kind}: turn sinkhorn off for a non-uniform prior")
+        return self
+
+
 class MSN(SSLMethod):
     name = "msn"
+    display_name = "MSN"
+    config_class = MSNConfig
     # MSN trains ViTs with AdamW (lr 1e-3 at batch 1024, weight decay 0.04 -> 0.4); per 256 images, fixed decay.
     defaults = OptimDefaults(name="adamw", base_lr=1e-3, weight_decay=0.04)
     uses_local_crops = True  # MSN's focal views: further anchors, small and unmasked
     learns_clusters = True
 
-    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, cfg: MSNConfig) -> None:
         super().__init__(backbone, cfg.proj_dim)
         self.cfg = cfg
         self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=3, last_bn=False,
-                             activation=cfg.msn_proj_activation)
+                             activation=cfg.proj_activation)
         self.prototypes = CosineCentroids(cfg.proj_dim, cfg.num_clusters)
         # The target encoder starts as a copy and only moves by EMA; the prototypes are shared, as in MSN.
-        self.target = nn.Sequential(OrderedDict(
-            (part, copy.deepcopy(getattr(self, part))) for part in ("backbone", "projector")))
-        self.target.requires_grad_(False)
+        self.target = ema_teacher(self, ("backbone", "projector"))
         self.register_buffer("prior", cluster_prior(cfg.prior, cfg.num_clusters))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # seeds the masks, saved for resume
 
@@ -133,11 +175,11 @@ class MSN(SSLMethod):
 
     def anchor_projections(self, anchor_views: list[torch.Tensor], masks: list[torch.Tensor],
                            focal_views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """g(f(mask(x))) of each anchor view, then g(f(x)) of each focal view. ``msn_view_batches`` each: each view
+        """g(f(mask(x))) of each anchor view, then g(f(x)) of each focal view. ``view_batches`` each: each view
         a batch of its own, so the projector's BatchNorm normalises each view with its own statistics; by_size: the
         anchor views as one batch and the focal views as another, as MSN's code (deit.VisionTransformer.forward
         takes the views of one size together; docs/priors.md, "Differences from MSN's code")."""
-        if self.cfg.msn_view_batches == "each":
+        if self.cfg.view_batches == "each":
             anchors = [self.projector(self.encode_anchor(x, kept))
                        for x, kept in zip(anchor_views, masks, strict=True)]
             return anchors + [self.projector(self.backbone(x)) for x in focal_views]
@@ -180,16 +222,20 @@ class MSN(SSLMethod):
 
     def gradient_clipping(self) -> tuple[list[nn.Parameter], float] | None:
         """The parameters whose gradient norm the engine clips before the optimizer step, and the norm
-        (engine/trainer.clip_gradients): the encoder, backbone and projector together, at ``msn_clip_grad_norm``, as
+        (engine/trainer.clip_gradients): the encoder, backbone and projector together, at ``clip_grad_norm``, as
         msn_train.py clips ``encoder.parameters()`` (the prototypes are not part of it); None = no clipping."""
-        if self.cfg.msn_clip_grad_norm is None:
+        if self.cfg.clip_grad_norm is None:
             return None
         encoder = [p for part in (self.backbone, self.projector) for p in part.parameters() if p.requires_grad]
-        return encoder, self.cfg.msn_clip_grad_norm
+        return encoder, self.cfg.clip_grad_norm
 
-    def on_step_end(self, step: int, total_steps: int, optimizer: Optimizer) -> None:
-        """EMA of the target encoder, momentum m -> 1 on a cosine (as ExCB's teacher); the next step's masks."""
-        ema_update(self.target, self, ema_momentum(self.cfg.teacher_momentum, step, total_steps))
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        """The target encoder's momentum, m -> 1 on a cosine (as ExCB's teacher; MSN's ``momentum_scheduler``)."""
+        return {"teacher_momentum": ema_momentum_schedule(self.cfg.teacher_momentum, total_steps)}
+
+    def on_step_end(self) -> None:
+        """EMA of the target encoder at the step's momentum; the next step's masks."""
+        ema_update(self.target, self, self.teacher_momentum)
         self.steps_done += 1
 
     def epoch_stats(self, labels) -> dict[str, float]:

@@ -19,13 +19,14 @@ hands on, does the work, not a head that is thrown away.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from imbssl.config import MethodConfig
+from imbssl.configbase import MethodSection
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
 
 NUM_ROTATIONS = 4
@@ -55,13 +56,23 @@ def balanced_rotation_labels(batch: int, generator: torch.Generator) -> torch.Te
     return repeated[torch.randperm(len(repeated), generator=generator, device=generator.device)][:batch]
 
 
+class RotationConfig(MethodSection):
+    name: Literal["rotation"] = "rotation"
+    rotations: Literal["all", "one"] = Field(
+        "all", description="all = each view in all four rotations, 4B images a step (RotNet's loader); one = each "
+                           "image in one rotation, drawn as Yang & Xu's pretrain_rot.py (utils.rotation: a shuffled "
+                           "list of 0-3 repeated over the batch), B images a step")
+
+
 class Rotation(SSLMethod):
     name = "rotation"
+    display_name = "Rotation"
+    config_class = RotationConfig
     # pretrain_rot.py: SGD, lr 0.1 at batch 128 (0.2 per 256 images under the linear scaling rule), wd 2e-4.
     defaults = OptimDefaults(name="sgd", base_lr=0.2, weight_decay=2e-4)
     num_views = 1
 
-    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, cfg: RotationConfig) -> None:
         super().__init__(backbone, backbone.feature_dim)  # the collapse monitor watches the features f(x)
         self.classifier = nn.Linear(backbone.feature_dim, NUM_ROTATIONS)
         self.rotations = cfg.rotations

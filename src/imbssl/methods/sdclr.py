@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from imbssl.config import MethodConfig
 from imbssl.methods.base import OptimDefaults, output_std
-from imbssl.methods.simclr import SimCLR
+from imbssl.methods.simclr import ContrastiveSection, SimCLR, simclr_head
 from imbssl.models.heads import bn_projector
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -57,17 +57,41 @@ def global_magnitude_masks(weights: dict[str, torch.Tensor], ratio: float) -> di
     return {name: w.detach().abs() >= threshold for name, w in weights.items()}
 
 
+class ReferenceHeadSection(ContrastiveSection):
+    """SDCLR's and BCL's keys beyond SimCLR's: whose projection head they train."""
+
+    reference_head: bool = Field(True, description="the authors' projection head, every Linear followed by "
+                                                   "BatchNorm, hidden width = the backbone's feature size (SDCLR's "
+                                                   "code: 3 layers; BCL's: 2); false = SimCLR's 2-layer head of "
+                                                   "proj_hidden")
+
+
+def authors_head(feature_dim: int, cfg: ReferenceHeadSection, num_layers: int) -> nn.Module:
+    """g: the authors' head of ``num_layers`` (heads.bn_projector) when ``reference_head``, else SimCLR's.
+
+    SimCLR's head is drawn either way, as before the method sections: a seed gives the initial weights its published
+    runs had (so proj_hidden, its width, still tells runs with the authors' head apart)."""
+    head = simclr_head(feature_dim, cfg)
+    return bn_projector(feature_dim, cfg.proj_dim, num_layers) if cfg.reference_head else head
+
+
+class SDCLRConfig(ReferenceHeadSection):
+    name: Literal["sdclr"] = "sdclr"
+    prune_ratio: float = Field(0.9, ge=0, lt=1, description="the share of weights the pruned copy zeroes, by global "
+                                                           "magnitude (the paper's 90%)")
+
+
 class SDCLR(SimCLR):
     name = "sdclr"
+    display_name = "SDCLR"
+    config_class = SDCLRConfig
     # SDCLR's CIFAR scripts: SGD with lr 0.5 at batch 512 (0.25 per 256 images), weight decay 1e-4; NT-Xent tau 0.2.
     defaults = OptimDefaults(name="sgd", base_lr=0.25, weight_decay=1e-4)
     # SDCLR's proj_head: train_simCLR.py builds it with twoLayerProj at its default False (no flag sets it)
     head_layers: ClassVar[int] = 3
 
-    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, cfg: SDCLRConfig) -> None:
         super().__init__(backbone, cfg)
-        if cfg.reference_head:  # before the pruned branch copies the head's BatchNorms
-            self.projector = bn_projector(backbone.feature_dim, cfg.proj_dim, self.head_layers)
         self.prune_ratio = cfg.prune_ratio
         # The pruned branch's own BatchNorm layers, keyed "part/layer" ("." is not allowed in a ModuleDict key);
         # trained by its gradient alone, their statistics updated by its forward passes alone.
@@ -76,6 +100,9 @@ class SDCLR(SimCLR):
                                         for name, m in module.named_modules() if isinstance(m, BATCH_NORMS)})
         for name, weight in self.prunable().items():
             self.register_buffer(_mask_name(name), torch.ones_like(weight, dtype=torch.bool))
+
+    def projection_head(self, feature_dim: int, cfg: SDCLRConfig) -> nn.Module:
+        return authors_head(feature_dim, cfg, self.head_layers)
 
     def parts(self) -> dict[str, nn.Module]:
         """What the pruned copy shares with the dense network: f and g."""

@@ -10,12 +10,17 @@ the one-process loss at the global batch, exactly.
 """
 from __future__ import annotations
 
+from typing import Literal
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from imbssl.config import MethodConfig
+from imbssl.configbase import ProjectorSection
 from imbssl.engine.distributed import gather_with_grad
+from imbssl.engine.schedules import constant_schedule
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
 from imbssl.models.heads import bn_projector, mlp
 
@@ -44,21 +49,53 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, anchors: sli
     return nt_xent_per_image(z1, z2, temperature, anchors).mean()
 
 
+class ContrastiveSection(ProjectorSection):
+    """The keys of the SimCLR family (SimCLR, SDCLR, BCL): NT-Xent's temperature and the projector's widths."""
+
+    temperature: float = Field(0.5, gt=0, description="tau of NT-Xent (SDCLR's and BCL's code: 0.2)")
+
+
+class SimCLRConfig(ContrastiveSection):
+    name: Literal["simclr"] = "simclr"
+    head: Literal["simclr", "bcl"] = Field(
+        "simclr", description="simclr = its 2-layer MLP of proj_hidden (Table 1 of the offline-clustering paper); "
+                              "bcl = the head of BCL's SimCLR baseline (models/simclr.py, heads.bn_projector with 2 "
+                              "layers of the feature width), which the longtail-ssl grid gives SimCLR and SimCLR+TS "
+                              "so that the SimCLR family differs in the method alone")
+
+    def unused_keys(self) -> set[str]:
+        return {"proj_hidden"} if self.head == "bcl" else set()
+
+
+def simclr_head(feature_dim: int, cfg: ContrastiveSection) -> nn.Sequential:
+    """SimCLR's g: Linear-BN-ReLU-Linear of proj_hidden (SimCLR Sec. 2.1, Table 1 of the offline-clustering paper)."""
+    return mlp(feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
+
+
 class SimCLR(SSLMethod):
     name = "simclr"
+    display_name = "SimCLR"
+    config_class = SimCLRConfig
     defaults = OptimDefaults(name="lars", base_lr=0.3, weight_decay=1e-6)  # Table 1
 
-    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, cfg: ContrastiveSection) -> None:
         super().__init__(backbone, cfg.proj_dim)
-        if cfg.simclr_head == "bcl":
-            self.projector = bn_projector(backbone.feature_dim, cfg.proj_dim, num_layers=2)
-        else:
-            self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, last_bn=False)
+        self.projector = self.projection_head(backbone.feature_dim, cfg)
         self.temperature = cfg.temperature
+
+    def projection_head(self, feature_dim: int, cfg: SimCLRConfig) -> nn.Module:
+        """g, as ``head`` names it; the methods built on SimCLR give their authors' heads."""
+        if cfg.head == "bcl":
+            return bn_projector(feature_dim, cfg.proj_dim, num_layers=2)
+        return simclr_head(feature_dim, cfg)
 
     @property
     def eval_heads(self) -> dict[str, nn.Module]:
         return {"projector": self.projector}
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        """NT-Xent's tau, constant unless optim.temperature_schedule replaces it (TS)."""
+        return {"temperature": constant_schedule(self.temperature, total_steps)}
 
     def projections(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z1 = g(f(x1)), z2 = g(f(x2)): the two views' outputs that NT-Xent contrasts, computed as one batch of 2N,

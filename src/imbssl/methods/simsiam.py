@@ -5,11 +5,14 @@
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from imbssl.config import MethodConfig
+from imbssl.configbase import ProjectorSection
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
 from imbssl.models.heads import mlp
 
@@ -24,11 +27,22 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
     return negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
 
 
+class SimSiamConfig(ProjectorSection):
+    name: Literal["simsiam"] = "simsiam"
+    pred_hidden: int = Field(128, ge=1, description="the predictor's bottleneck width (SimSiam Sec. 4.4)")
+    fix_predictor_lr: bool = Field(True, description="hold the predictor at the base learning rate while the rest "
+                                                     "follows the cosine schedule, as both reference codes do "
+                                                     "(PatrickHua/SimSiam constant_predictor_lr, "
+                                                     "facebookresearch/simsiam --fix-pred-lr)")
+
+
 class SimSiam(SSLMethod):
     name = "simsiam"
+    display_name = "SimSiam"
+    config_class = SimSiamConfig
     defaults = OptimDefaults(name="sgd", base_lr=0.03, weight_decay=1e-5)  # Table 1
 
-    def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+    def __init__(self, backbone: nn.Module, cfg: SimSiamConfig) -> None:
         super().__init__(backbone, cfg.proj_dim)
         self.projector = mlp(backbone.feature_dim, cfg.proj_hidden, cfg.proj_dim, num_layers=2, last_bn=True)
         # The predictor is a bottleneck MLP without a BN on its output (SimSiam Sec. 4.4).

@@ -1,13 +1,17 @@
 """Backbones (feature extractors) and the MLP heads the methods build on them."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from imbssl.config import ModelConfig
 from imbssl.models.heads import mlp
 from imbssl.models.resnet import RESNETS, CifarResNet32, ResNet, build_resnet, torchvision_state_dict
 from imbssl.models.small import SmallCNN
 from imbssl.models.vit import VIT_SIZES, VisionTransformer
+
+if TYPE_CHECKING:  # config.py builds its method sections from the methods, which import this module
+    from imbssl.config import ModelConfig
 
 __all__ = ["CifarResNet32", "ResNet", "SmallCNN", "VisionTransformer", "build_backbone", "mlp",
            "build_resnet", "torchvision_state_dict"]

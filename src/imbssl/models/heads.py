@@ -1,8 +1,11 @@
-"""MLP heads shared by the methods (projectors, predictors)."""
+"""Heads shared by the methods: MLPs (projectors, predictors) and cosine prototypes (ExCB's centroids, MSN's
+prototypes)."""
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -40,3 +43,22 @@ def bn_projector(in_dim: int, out_dim: int, num_layers: int, hidden_dim: int | N
         dim = hidden_dim
     layers += [nn.Linear(dim, out_dim, bias=num_layers == 1), nn.BatchNorm1d(out_dim)]
     return nn.Sequential(*layers)
+
+
+class CosineCentroids(nn.Module):
+    """q(v) = cos(v, c_k) for K learned centroids c_k: ExCB's centroid layer (Eq. 1, Algorithm 2) and MSN's
+    prototypes (Assran et al. 2022, Sec. 3: p = softmax(cos(z, q_k) / tau)).
+
+    ``detach=True`` is ExCB's q̄ of Eq. 2 and Algorithm 2, and MSN's targets' (whose prototypes get no gradient
+    through the target): the centroids act as constants, so the features move towards them but never they.
+    """
+
+    def __init__(self, dim: int, num_clusters: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_clusters, dim))  # random directions; k-means may replace them
+
+    def forward(self, v: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        centroids = self.weight.detach() if detach else self.weight
+        # In float32 even under bf16 autocast: tau_t = 0.04 multiplies rounding errors of the cosines by 25.
+        with torch.autocast(v.device.type, enabled=False):
+            return F.normalize(v.float(), dim=-1) @ F.normalize(centroids.float(), dim=-1).T

@@ -6,7 +6,6 @@ Labels are read only for the report (sizes, purity, NMI, the class panel of the 
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from imbssl.engine.checkpoint import save_atomic
 from imbssl.eval import cluster_report, extract_features
 from imbssl.pipelines.common import PretrainData, encoder, load_encoder, load_pretrain_data, resolve_device
 from imbssl.pipelines.pretrain import BACKBONE_FILE
+from imbssl.records import DivideRecord
 from imbssl.report import plot_clusters_pca
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,15 @@ def divide(cfg: OfflineClusteringConfig, base_run: Path, out_dir: Path) -> Path:
     result = kmeans(features, cfg.k, spherical=km.spherical, n_init=km.n_init, niter=km.niter, seed=cfg.base.seed,
                     engine=km.engine)
     labels = data.train.labels[data.indices]
-    report = {**cluster_report(result.assignments, cfg.k, labels, data.train.classes), "inertia": result.inertia,
-              "kmeans": {**km.model_dump(), "engine_used": result.engine}, "wall_s": time.perf_counter() - start}
+    report = DivideRecord(**cluster_report(result.assignments, cfg.k, labels, data.train.classes),
+                          inertia=result.inertia, kmeans={**km.model_dump(), "engine_used": result.engine},
+                          wall_s=time.perf_counter() - start)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    report.write(out_dir)
     plot_clusters_pca(features.numpy(), result.assignments, out_dir / "clusters.png", labels, data.train.classes,
                       title=f"k-means (K={cfg.k}) of the base model's {km.space} outputs, PCA")
     log.info("divided %d images into %d clusters of sizes %s: purity %.3f, NMI %.3f", len(labels), cfg.k,
-             report["sizes"], report["purity"], report["nmi"])
+             report.sizes, report.purity, report.nmi)
     return save_atomic({"indices": torch.from_numpy(data.indices), "assignments": torch.from_numpy(result.assignments),
                         "centroids": torch.from_numpy(result.centroids)}, out_dir / CLUSTERS_FILE)
 

@@ -6,7 +6,6 @@ split is predicted once, with the selected probe.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,11 +26,12 @@ from imbssl.models import build_backbone
 from imbssl.pipelines.common import load_backbone, resolve_device
 from imbssl.pipelines.pretrain import BACKBONE_FILE
 from imbssl.pipelines.runfolder import RUN_CONFIG, read_saved_config
+from imbssl.records import EvalRecord
 from imbssl.report import plot_cluster_sizes
 
 log = logging.getLogger(__name__)
 
-EVAL_FILE = "eval.json"
+EVAL_FILE = EvalRecord.FILE
 CLUSTER_FIGURE = "cluster_sizes.png"
 
 
@@ -39,7 +39,9 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return read_saved_config(Path(run_dir) / RUN_CONFIG, RunConfig)
 
 
-def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
+def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> EvalRecord:
+    """The probes of ``run_dir``'s backbone under ``eval_cfg`` (by default its config's eval section), written to
+    its eval.json."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -70,33 +72,32 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> dict:
     num_classes = len(train.classes)
 
     probe = linear_probe(train_x, train_y, val_x, val_y, test_x, num_classes, eval_cfg.linear, eval_cfg.seed, device)
-    result = {
-        "labelled_train": len(train_idx), "labelled_val": len(val_idx), "test": len(test.labels),
-        "pretrain_class_counts": pretrain_counts.tolist(), "classes": list(train.classes),
-        "linear": {**accuracy_report(probe.test_pred, test.labels, pretrain_counts, train.classes),
-                   "val_top1": probe.val_acc, "selected": probe.best},
-    }
+    few_shot = {}
     for spec in eval_cfg.few_shot:
         few_idx = few_shot_indices(spec, train.labels, num_classes, val_idx, eval_cfg.seed)
         shots = int(np.bincount(train.labels[few_idx], minlength=num_classes).min())
         few = linear_probe(features(train.images[few_idx]), train.labels[few_idx], val_x, val_y, test_x, num_classes,
                            eval_cfg.linear, eval_cfg.seed, device)
-        result.setdefault("few_shot", {})[few_shot_name(spec)] = {
+        few_shot[few_shot_name(spec)] = {
             **accuracy_report(few.test_pred, test.labels, pretrain_counts, train.classes), "shots_per_class": shots,
             "labelled_train": len(few_idx), "val_top1": few.val_acc, "selected": few.best}
-    for k in eval_cfg.knn_k:
-        pred = knn_predict(train_x, train_y, test_x, num_classes, k, eval_cfg.knn_temperature)
-        result[f"knn{k}"] = accuracy_report(pred, test.labels, pretrain_counts, train.classes)
-    if METHODS[cfg.method.name].learns_clusters:
-        result["clusters"] = final_clusters(run_dir, cfg, train.images[subset], train.labels[subset], normalize, device)
-    result["warnings"] = divergence_warnings(result, backbone, cfg, train.images.shape[-1])
-    result["wall_s"] = time.perf_counter() - start
-    (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2))
-    log.info("%s: linear top-1 %.2f, %s", run_dir.name, result["linear"]["top1"],
-             ", ".join(f"knn{k} {result[f'knn{k}']['top1']:.2f}" for k in eval_cfg.knn_k))
-    for warning in result["warnings"]:
+    knn = {k: accuracy_report(knn_predict(train_x, train_y, test_x, num_classes, k, eval_cfg.knn_temperature),
+                              test.labels, pretrain_counts, train.classes) for k in eval_cfg.knn_k}
+    linear = {**accuracy_report(probe.test_pred, test.labels, pretrain_counts, train.classes),
+              "val_top1": probe.val_acc, "selected": probe.best}
+    clusters = (final_clusters(run_dir, cfg, train.images[subset], train.labels[subset], normalize, device)
+                if METHODS[cfg.method.name].learns_clusters else None)
+    warnings = divergence_warnings(linear["top1"], knn, backbone, cfg, train.images.shape[-1])
+    record = EvalRecord(labelled_train=len(train_idx), labelled_val=len(val_idx), test=len(test.labels),
+                        pretrain_class_counts=pretrain_counts.tolist(), classes=list(train.classes), linear=linear,
+                        few_shot=few_shot, knn=knn, clusters=clusters, warnings=warnings,
+                        settings=eval_cfg.model_dump(mode="json"), wall_s=time.perf_counter() - start)
+    record.write(run_dir)
+    log.info("%s: linear top-1 %.2f, %s", run_dir.name, record.linear.top1,
+             ", ".join(f"knn{k} {report.top1:.2f}" for k, report in record.knn.items()))
+    for warning in record.warnings:
         log.warning("%s: %s", run_dir.name, warning)
-    return result
+    return record
 
 
 def labelled_split(eval_cfg: EvalConfig, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,12 +130,12 @@ def _check_disjoint(labelled: np.ndarray, val: np.ndarray, what: str) -> None:
                         f"{int(shared[0])}): a probe would be selected on its own training images")
 
 
-def divergence_warnings(result: dict, backbone: torch.nn.Module, cfg: RunConfig, in_channels: int) -> list[str]:
+def divergence_warnings(linear_top1: float, knn: dict[int, dict], backbone: torch.nn.Module, cfg: RunConfig,
+                        in_channels: int) -> list[str]:
     """Signs that pre-training diverged without a NaN (engine/divergence.py), measured on the saved backbone
     against a freshly initialised one."""
     signs = divergence_signs(backbone, weight_norm(build_backbone(cfg.model, in_channels)))
-    gap = probe_disagreement(result["linear"]["top1"],
-                             {key: value["top1"] for key, value in result.items() if key.startswith("knn")})
+    gap = probe_disagreement(linear_top1, {f"knn{k}": report["top1"] for k, report in knn.items()})
     signs += [gap] if gap else []
     return [f"pre-training looks diverged: {sign}" for sign in signs]
 

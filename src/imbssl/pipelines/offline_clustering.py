@@ -17,7 +17,6 @@ all experts and distils. ``expert=k`` trains expert k alone, for any other launc
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -33,12 +32,13 @@ from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.trainer import EpochCallback
 from imbssl.pipelines.distill import distill
 from imbssl.pipelines.divide import CLUSTERS_FILE, divide
-from imbssl.pipelines.pretrain import BACKBONE_FILE, SUMMARY_FILE, pretrain
+from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
 from imbssl.pipelines.runfolder import PIPELINE_CONFIG, run_folder
+from imbssl.records import BudgetRecord, DivideRecord, PretrainRecord
 
 log = logging.getLogger(__name__)
 
-BUDGET_FILE = "pipeline.json"
+BUDGET_FILE = BudgetRecord.FILE
 Stage = Literal["base", "divide", "experts", "distill"]
 STAGES: tuple[Stage, ...] = get_args(Stage)
 #: seconds between looks for files that another process is writing
@@ -140,18 +140,17 @@ class OfflineClustering:
         """
         stage_runs = {"base": [self.base_dir], "experts": [self.expert_dir(k) for k in range(self.cfg.k)],
                       "distill": [self.distill_dir]}
-        summaries = {stage: [json.loads((d / SUMMARY_FILE).read_text()) for d in dirs]
-                     for stage, dirs in stage_runs.items()}
-        seen = {stage: sum(s["images_seen_total"] for s in runs) for stage, runs in summaries.items()}
-        num_images, total = summaries["base"][0]["num_images"], sum(seen.values())
-        divide_s = json.loads((self.divide_dir / "report.json").read_text())["wall_s"]
-        budget = {"num_images": num_images, "images_seen": seen, "images_seen_total": total,
-                  "epochs_of_D": {stage: n / num_images for stage, n in seen.items()},
-                  "epochs_of_D_total": total / num_images,
-                  "wall_s": divide_s + sum(s["wall_s_this_call"] for runs in summaries.values() for s in runs)}
-        (self.root / BUDGET_FILE).write_text(json.dumps(budget, indent=2))
+        summaries = {stage: [PretrainRecord.read(d) for d in dirs] for stage, dirs in stage_runs.items()}
+        seen = {stage: sum(s.images_seen_total for s in runs) for stage, runs in summaries.items()}
+        num_images, total = summaries["base"][0].num_images, sum(seen.values())
+        budget = BudgetRecord(num_images=num_images, images_seen=seen, images_seen_total=total,
+                              epochs_of_D={stage: n / num_images for stage, n in seen.items()},
+                              epochs_of_D_total=total / num_images,
+                              wall_s=DivideRecord.read(self.divide_dir).wall_s + sum(
+                                  s.wall_s_this_call for runs in summaries.values() for s in runs))
+        budget.write(self.root)
         log.info("images seen per stage %s: %d in all, %.2f epochs of the %d images of D", seen, total,
-                 budget["epochs_of_D_total"], num_images)
+                 budget.epochs_of_D_total, num_images)
 
 
 def run_pipeline(cfg: OfflineClusteringConfig, root: Path, resume: bool = False, expert: int | None = None,

@@ -1,12 +1,9 @@
 """Pre-train one method on one subset: the ``imbssl pretrain`` command."""
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -16,7 +13,8 @@ from imbssl.config import ConfigError, OptimConfig, RunConfig
 from imbssl.data import StreamedImages, save_indices, training_images
 from imbssl.engine.distributed import barrier, is_main, main_first, world_size
 from imbssl.engine.divergence import DivergenceWatch
-from imbssl.engine.optim import build_optimizer, cosine_schedule, resolve_optim, scheduled_temperature, step_schedule
+from imbssl.engine.optim import build_optimizer, resolve_optim
+from imbssl.engine.schedules import cosine_schedule, step_schedule, ts_temperature_schedule
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
 from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
@@ -24,11 +22,12 @@ from imbssl.pipelines.common import (PretrainData, describe_hardware, determinis
                                      normalizer_for, ready_for_training, resolve_device, save_backbone, seed_everything,
                                      set_determinism)
 from imbssl.pipelines.runfolder import run_folder
+from imbssl.records import PretrainRecord
 
 log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.pt"
-SUMMARY_FILE = "pretrain.json"
+SUMMARY_FILE = PretrainRecord.FILE
 
 
 def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
@@ -68,12 +67,14 @@ def view_maker(cfg: RunConfig, method: SSLMethod, normalize: Normalize, images: 
     return PadCropFlip(mean, std, cfg.augment.crop_pad, cfg.augment.flip_prob, num_views=method.num_views)
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """``optim.lr_schedule`` over ``steps`` steps an epoch, after ``optim.warmup_epochs``: the cosine of SSL
-    pre-training, or step, pretrain_rot.py's decays at ``optim.milestones`` (engine/optim.step_factor)."""
+def lr_schedule(lr: float, optim: OptimConfig, steps: int) -> np.ndarray:
+    """The lr at every step, from ``lr`` (the optimizer's, scaled by the batch), ``steps`` steps an epoch:
+    ``optim.lr_schedule`` after ``optim.warmup_epochs``, the cosine of SSL pre-training to 0, or step,
+    pretrain_rot.py's decays at ``optim.milestones``."""
+    total_steps = optim.epochs * steps
     if optim.lr_schedule == "step":
-        return step_schedule(optimizer, steps, optim.warmup_epochs, optim.milestones, optim.lr_factors)
-    return cosine_schedule(optimizer, optim.epochs * steps, round(optim.warmup_epochs * steps))
+        return step_schedule(lr, total_steps, steps, optim.warmup_epochs, optim.milestones, optim.lr_factors)
+    return cosine_schedule(lr, 0.0, total_steps, round(optim.warmup_epochs * steps))
 
 
 def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None
@@ -111,17 +112,24 @@ def describe_subset(cfg: RunConfig, indices: np.ndarray | None) -> str:
     return "full"
 
 
-def temperature_schedule(cfg: RunConfig, method: SSLMethod) -> Callable[[float], float] | None:
-    """``optim.temperature_schedule`` as a function of the fractional epoch, for a method with a contrastive
-    temperature; None when no schedule is set. Per epoch from the 1-based epoch number unless ``update: step``."""
-    ts = cfg.optim.temperature_schedule
-    if ts is None:
-        return None
-    if not hasattr(method, "temperature"):
-        raise ConfigError(f"optim.temperature_schedule: {cfg.method.name} has no contrastive temperature; the "
-                          f"schedule applies to simclr, moco and sdclr")
-    return functools.partial(scheduled_temperature, tau_min=ts.tau_min, tau_max=ts.tau_max, t_max=ts.t_max_epochs,
-                             per_epoch=ts.update == "epoch")
+def run_schedules(cfg: RunConfig, method: SSLMethod, lr: float, steps: int) -> dict[str, np.ndarray]:
+    """The run's own schedules (engine/schedules.py), ``steps`` steps an epoch: the lr, and TS's temperature in
+    place of the method's constant one when ``optim.temperature_schedule`` is set."""
+    schedules = {"lr": lr_schedule(lr, cfg.optim, steps)}
+    if cfg.optim.temperature_schedule is not None:
+        if "temperature" not in method.schedules(cfg.optim.epochs * steps, steps):
+            raise ConfigError(f"optim.temperature_schedule: {cfg.method.name} has no contrastive temperature; the "
+                              f"schedule applies to simclr, moco, sdclr, bcl-i and bcl-d")
+        schedules["temperature"] = temperature_schedule(cfg.optim, steps)
+    return schedules
+
+
+def temperature_schedule(optim: OptimConfig, steps: int) -> np.ndarray:
+    """``optim.temperature_schedule`` at every step, ``steps`` steps an epoch: per epoch from the 1-based epoch number
+    unless ``update: step``."""
+    ts = optim.temperature_schedule
+    return ts_temperature_schedule(ts.tau_min, ts.tau_max, ts.t_max_epochs, optim.epochs * steps, steps,
+                                   per_epoch=ts.update == "epoch")
 
 
 def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_views: MultiCrop,
@@ -137,23 +145,23 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
                              checkpoint_every=cfg.train.checkpoint_every,
                              checkpoint_every_s=cfg.train.checkpoint_every_s,
                              collapse_warn_below=cfg.train.collapse_warn_below, log_every=cfg.train.log_every,
-                             progress=cfg.train.progress, temperature_at=temperature_schedule(cfg, method))
+                             progress=cfg.train.progress)
     batch_size = min(settings.batch_size, len(images))
     optimizer = build_optimizer(method, cfg.optim, method.defaults, batch_size)
     steps = steps_per_epoch(len(images), batch_size)
-    scheduler = lr_schedule(optimizer, cfg.optim, steps)
-    trainer = Trainer(method, optimizer, scheduler, images, make_views, run_dir, settings,
+    schedules = run_schedules(cfg, method, optimizer.defaults["lr"], steps)
+    trainer = Trainer(method, optimizer, schedules, images, make_views, run_dir, settings,
                       [DivergenceWatch(method), *callbacks], labels)
     start = time.perf_counter()
     summary = trainer.fit(resume=resume)
     if is_main():
         name, base_lr, weight_decay = resolve_optim(cfg.optim, method.defaults)
-        (run_dir / SUMMARY_FILE).write_text(json.dumps({
-            **summary, "optimizer": name, "base_lr": base_lr, "weight_decay": weight_decay, "batch_size": batch_size,
-            "processes": world_size(), "num_images": len(images), "images_seen_total": cfg.optim.epochs * len(images),
-            "wall_s_this_call": time.perf_counter() - start, "device": str(images.device),
-            "hardware": describe_hardware(images.device), "torch": torch.__version__,
-            "determinism": determinism()}, indent=2))
+        PretrainRecord(
+            **summary, optimizer=name, base_lr=base_lr, weight_decay=weight_decay, batch_size=batch_size,
+            processes=world_size(), num_images=len(images), images_seen_total=cfg.optim.epochs * len(images),
+            wall_s_this_call=time.perf_counter() - start, device=str(images.device),
+            hardware=describe_hardware(images.device), torch=torch.__version__, determinism=determinism()
+        ).write(run_dir)
         # last: its presence marks the run done
         save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE, method.eval_heads)
     barrier()  # no process returns before the run's files are complete

@@ -20,7 +20,7 @@ from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel
 
-from imbssl.config import ConfigError, load_yaml, save_config, validate_tree
+from imbssl.config import ConfigError, load_yaml, migrate_saved_config, save_config, validate_tree
 from imbssl.engine.distributed import is_main
 from imbssl.engine.runlog import attach_file_log
 from imbssl.errors import ImbsslError
@@ -83,8 +83,9 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def read_saved_config(path: Path, schema: type[ConfigT]) -> ConfigT:
-    """A config that imbssl saved in a run folder; an empty file is a truncated one, not the defaults."""
-    return validate_tree(schema, load_yaml(path, empty_ok=False), origin=str(path))
+    """A config that imbssl saved in a run folder, an older one migrated (config.migrate_method_section); an empty
+    file is a truncated one, not the defaults."""
+    return validate_tree(schema, migrate_saved_config(load_yaml(path, empty_ok=False)), origin=str(path))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

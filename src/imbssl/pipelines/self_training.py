@@ -20,7 +20,6 @@ CE labeller (``labeller_dir``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from imbssl.pipelines.common import resolve_device, set_determinism
 from imbssl.pipelines.runfolder import PIPELINE_CONFIG, RUN_CONFIG, changed_keys, read_saved_config, run_folder
 from imbssl.pipelines.train import (MODEL_FILE, TRAIN_FILE, LabelledData, check_init_from, fit_and_report,
                                     labelled_data, load_classifier, predict)
+from imbssl.records import SelfTrainingRecord, TrainRecord
 from imbssl.report import plot_confusion
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 SPLIT_FILE = "split.npz"
 PSEUDO_FILE = "pseudo_labels.pt"
 LABELLER_DIR = "labeller"
-REPORT_FILE = "self_training.json"
+REPORT_FILE = SelfTrainingRecord.FILE
 CONFUSION_PLOT = "pseudo_label_confusion.png"
 
 
@@ -199,16 +199,15 @@ def pseudo_label_report(true: np.ndarray, pseudo: np.ndarray, kept: np.ndarray, 
 def write_report(root: Path, stage_dirs: tuple[Path, Path, Path], pool: ImageSet, unlabeled: np.ndarray,
                  pseudo: dict[str, torch.Tensor], wall_s: float) -> None:
     """self_training.json from the (base, labeller, final) folders; "labeller" is "base" when f_B labels D_U."""
-    base, labeller, final = (json.loads((d / TRAIN_FILE).read_text()) for d in stage_dirs)
+    base, labeller, final = (TrainRecord.read(d) for d in stage_dirs)
     true = pool.labels[unlabeled]
     labels_report = pseudo_label_report(true, pseudo["labels"].numpy(), pseudo["kept"].numpy(), pool.classes)
     plot_confusion(np.asarray(labels_report["confusion"]), pool.classes, root / CONFUSION_PLOT,
                    title=f"Pseudo-labels of D_U ({len(unlabeled)} images): rows true class, columns pseudo-label; "
                          f"{labels_report['accuracy']:.1f}% right")
-    (root / REPORT_FILE).write_text(json.dumps({
-        "base": base["test"], "final": final["test"], "gain_top1": final["test"]["top1"] - base["test"]["top1"],
-        "labeller": "base" if stage_dirs[1] == stage_dirs[0] else {"dir": str(stage_dirs[1]), "test": labeller["test"]},
-        "pseudo_labels": labels_report, "labeled_class_counts": base["train_class_counts"],
-        "unlabeled_class_counts": np.bincount(true, minlength=len(pool.classes)).tolist(),
-        "final_class_counts": final["train_class_counts"], "hardware": final["hardware"],
-        "wall_s_this_call": wall_s}, indent=2))
+    SelfTrainingRecord(
+        base=base.test, final=final.test, gain_top1=final.test.top1 - base.test.top1,
+        labeller="base" if stage_dirs[1] == stage_dirs[0] else {"dir": str(stage_dirs[1]), "test": labeller.test},
+        pseudo_labels=labels_report, labeled_class_counts=base.train_class_counts,
+        unlabeled_class_counts=np.bincount(true, minlength=len(pool.classes)).tolist(),
+        final_class_counts=final.train_class_counts, hardware=final.hardware, wall_s_this_call=wall_s).write(root)

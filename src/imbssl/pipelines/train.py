@@ -18,7 +18,6 @@ the folder and tests the models.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from imbssl.config import ConfigError, LossConfig, ModelConfig, SupervisedConfig
 from imbssl.data import ImageSet, StreamedImages, load_splits, save_indices, select_subset, training_images
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.distributed import barrier, is_main, main_first, world_size
-from imbssl.engine.optim import cosine_schedule, step_schedule
+from imbssl.engine.schedules import cosine_schedule, step_schedule
 from imbssl.engine.supervised import LongTailClassifier
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
 from imbssl.eval import accuracy_report, balanced_accuracy, extract_features, held_out_validation
@@ -42,10 +41,11 @@ from imbssl.models import build_backbone
 from imbssl.pipelines.common import (describe_hardware, determinism, load_backbone, normalizer_for, resolve_device,
                                      ready_for_training, seed_everything, set_determinism, to_tensor_nchw)
 from imbssl.pipelines.runfolder import run_folder
+from imbssl.records import TrainRecord
 
 log = logging.getLogger(__name__)
 
-TRAIN_FILE = "train.json"
+TRAIN_FILE = TrainRecord.FILE
 MODEL_FILE = "model.pt"
 BEST_FILE = Path("checkpoints") / "best.pt"
 CRT_DIR = "crt"
@@ -121,12 +121,11 @@ def write_results(cfg: SupervisedConfig, data: LabelledData, normalize: Normaliz
     headline = "crt" if cfg.crt.enabled else "main"
     save_atomic({"model": reported.state_dict(), "loss": reported.cfg.model_dump(), "mean": normalize.mean.cpu(),
                  "std": normalize.std.cpu()}, run_dir / MODEL_FILE)
-    (run_dir / TRAIN_FILE).write_text(json.dumps({
-        "test": results[headline]["test"], "reported": headline, **results,
-        "train_class_counts": data.class_counts.tolist(), "labeled_class_counts": data.head_tail_counts.tolist(),
-        "val_images": len(data.val_labels), "init_from": cfg.init_from, "processes": world_size(),
-        "wall_s_this_call": time.perf_counter() - start, "hardware": describe_hardware(data.train_images.device),
-        "torch": torch.__version__, "determinism": determinism()}, indent=2))
+    TrainRecord(test=results[headline]["test"], reported=headline, **results,
+                train_class_counts=data.class_counts.tolist(), labeled_class_counts=data.head_tail_counts.tolist(),
+                val_images=len(data.val_labels), init_from=cfg.init_from, processes=world_size(),
+                wall_s_this_call=time.perf_counter() - start, hardware=describe_hardware(data.train_images.device),
+                torch=torch.__version__, determinism=determinism()).write(run_dir)
 
 
 def load_classifier(model_cfg: ModelConfig, in_channels: int, num_classes: int, path: Path
@@ -201,13 +200,14 @@ def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledDa
     optimizer = torch.optim.SGD(model.param_groups(), lr=cfg.crt.lr if crt else cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     steps = steps_per_epoch(len(data.train_images), batch_size)
-    scheduler = cosine_schedule(optimizer, epochs * steps) if crt else \
-        step_schedule(optimizer, steps, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.optim.lr_factors)
+    lr, total_steps = optimizer.defaults["lr"], epochs * steps
+    lr_schedule = cosine_schedule(lr, 0.0, total_steps) if crt else \
+        step_schedule(lr, total_steps, steps, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.optim.lr_factors)
     model = ready_for_training(model, cfg.train, data.train_images.device)
     selector = SelectOnValidation(model, data, normalize, run_dir / BEST_FILE, cfg.eval.batch_size)
-    trainer = Trainer(model, optimizer, scheduler, data.train_images, PadCropFlip(normalize.mean, normalize.std,
-                                                                                   cfg.augment_pad),
-                      run_dir, settings, callbacks, evaluators=[selector])
+    make_views = PadCropFlip(normalize.mean, normalize.std, cfg.augment_pad)
+    trainer = Trainer(model, optimizer, {"lr": lr_schedule}, data.train_images, make_views, run_dir, settings,
+                      callbacks, evaluators=[selector])
     trainer.fit(resume=resume)
     return selector.selected()
 

@@ -11,25 +11,19 @@ classifiers of seed s, so differences are paired by seed.
 """
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
+from typing import Callable, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from imbssl.config import (ConfigError, OfflineClusteringConfig, RunConfig, SupervisedConfig, deep_merge, load_yaml,
-                           validate_tree)
-from imbssl.engine.distributed import main_only, require_one_process
-from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
-from imbssl.pipelines.offline_clustering import run_pipeline
-from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
-from imbssl.pipelines.runfolder import RUN_CONFIG
-from imbssl.pipelines.train import TRAIN_FILE, train
-from imbssl.recipes.experiment_1 import METHOD_NAMES, describe_source
-from imbssl.report import format_mean_std, markdown_table, paired_difference, plot_per_class_accuracy, verdict
-
-log = logging.getLogger(__name__)
+from imbssl.config import ConfigError, OfflineClusteringConfig, RunConfig, SupervisedConfig, deep_merge, validate_tree
+from imbssl.pipelines.pretrain import BACKBONE_FILE
+from imbssl.pipelines.runfolder import RUN_CONFIG, read_saved_config
+from imbssl.recipes.experiment_2 import PIPELINE, PIPELINE_LABELS
+from imbssl.recipes.grid import Cell, CellRecord, GridConfig, Metric, Results, paper_dataset
+from imbssl.records import ClassifierReport
+from imbssl.report import Paired, markdown_table, plot_per_class_accuracy, verdict
 
 #: the losses of Table 2 (and beyond it) as LossConfig keys over the base config's loss section
 LOSSES: dict[str, dict] = {
@@ -42,8 +36,8 @@ DERIVED_ROWS = {"crt": ("ce", "crt"), "ce-posthoc-la": ("ce", "posthoc_logit_adj
 ROW_NAMES = {"ce": "CE", "cb-ce": "CB-CE", "focal": "Focal", "cb-focal": "CB-Focal", "ce-drw": "CE-DRW",
              "ce-drs": "CE-DRS", "ldam": "LDAM", "ldam-drw": "LDAM-DRW", "la": "LA loss (Menon et al.)",
              "crt": "cRT (Kang et al.)", "ce-posthoc-la": "CE + post-hoc LA (Menon et al.)"}
-SSP_NAMES = {"none": "scratch", "offline-clustering": "SimSiam+C+D", **METHOD_NAMES, "rotation": "Rotation",
-             "moco": "MoCo v2", "excb": "ExCB"}
+#: what the tables call the initialisations that are not a method (the methods' own display names say the rest)
+SSP_LABELS = {"none": "scratch", "offline-clustering": PIPELINE_LABELS[PIPELINE]}
 
 #: the paper's figures are the best test accuracy over the 200 epochs: Yang & Xu's train.py, as LDAM-DRW's
 #: cifar_train.py, keeps best_acc1 = max(acc1, best_acc1) of each epoch's test accuracy (imbssl selects on validation)
@@ -63,16 +57,20 @@ for _dataset, _rho, _errors in [
     PAPER_TABLE2.setdefault(_dataset, {})[_rho] = dict(zip(_PAPER_ROWS, map(float, _errors.split())))
 
 
-class PretrainingGrid(BaseModel):
-    """The SSP part of a grid preset: the pre-training runs' settings, shared by every method, and each method's."""
 
-    model_config = ConfigDict(extra="forbid")
+class PretrainingGrid(GridConfig):
+    """A grid of classifiers (``base`` is their config) initialised from scratch or by self-supervised pre-training
+    (SSP) on their own images: the SSP runs' settings (``ssp_base``), shared by every method, each method's
+    (``method_settings``: run keys of one SSP method over ``ssp_base``) and the SSP runs another recipe made."""
+
+    LABELS: ClassVar[dict[str, str]] = SSP_LABELS
+    #: the offline-clustering SSP is the pipeline whose base is SimSiam's run
+    BUILT_IN: ClassVar[dict[str, dict]] = {"offline-clustering": {"method": {"name": "simsiam"}}}
+
+    imbalances: list[float] = Field([100, 50, 10], min_length=1)
     ssp: list[str] = ["none", "rotation"]
     ssp_base: dict = Field(default_factory=dict, description="a RunConfig tree for the SSP runs; their data and "
                                                              "model are base's")
-    method_settings: dict[str, dict] = Field(default_factory=dict, description="RunConfig keys of one SSP method "
-                                                                               "over ssp_base, e.g. Rotation's weak "
-                                                                               "views or SimSiam's lr")
     offline_clustering: dict = Field(default_factory=dict, description="OfflineClusteringSettings keys (k, epochs) "
                                                                        "of the 'offline-clustering' SSP")
     ssp_runs: dict[str, str] = Field(default_factory=dict, description=(
@@ -90,41 +88,49 @@ class PretrainingGrid(BaseModel):
             raise ValueError(f"ssp_runs {unused} name no pre-training method of ssp {self.ssp}")
         return self
 
-    def pretraining_config(self, name: str, sup: SupervisedConfig, method: str, seed: int) -> RunConfig:
-        """SSP ``method`` on the images of ``sup.data`` (without their labels), with ``sup.model``."""
-        tree = deep_merge(self.ssp_base, {"name": name, "seed": seed, "data": sup.data.model_dump(),
-                                          "model": sup.model.model_dump(),
-                                          "method": {"name": "simsiam" if method == "offline-clustering" else method}})
-        tree = deep_merge(tree, self.method_settings.get(method, {}))
-        return validate_tree(RunConfig, tree, origin=f"ssp pre-training {tree['name']}")
-
     def labeled_config(self, rho: float, seed: int) -> SupervisedConfig:
         """A classifier config of (rho, seed): SSP trains on its images, without their labels."""
         raise NotImplementedError
 
-    def ssp_backbone(self, ssp: str, rho: float, seed: int, runs: Path) -> Path | None:
-        """The backbone.pt that SSP method ``ssp`` trains for (rho, seed) under ``runs``; None for "none"."""
-        if ssp == "none":
-            return None
-        if ssp in self.ssp_runs:
-            return borrowed_backbone(Path(self.ssp_runs[ssp].format(rho=rho, seed=seed)), ssp,
-                                     self.labeled_config(rho, seed))
-        cfg = self.pretraining_config(f"rho{rho:g}/ssp-{ssp}/seed{seed}", self.labeled_config(rho, seed), ssp, seed)
-        return self.pretrained_backbone(cfg, ssp, runs / cfg.name)
+    def pretraining_config(self, name: str, sup: SupervisedConfig, method: str, seed: int) -> RunConfig:
+        """SSP ``method`` on the images of ``sup.data`` (without their labels), with ``sup.model``."""
+        tree = deep_merge(self.run_tree(self.ssp_base, method, where="ssp_base"),
+                          {"name": name, "seed": seed, "data": sup.data.model_dump(), "model": sup.model.model_dump()})
+        return validate_tree(RunConfig, tree, origin=f"ssp pre-training {name}")
 
-    def pretrained_backbone(self, cfg: RunConfig, method: str, run_dir: Path) -> Path:
-        """The SSP run's backbone.pt, trained (or resumed) first when it is not there; evaluated like any run."""
-        if not (run_dir / BACKBONE_FILE).exists():
-            if method == "offline-clustering":
-                pipeline = validate_tree(OfflineClusteringConfig, {**self.offline_clustering,
-                                                                   "base": cfg.model_dump(mode="json")},
-                                         origin="ssp preset offline_clustering")
-                run_pipeline(pipeline, run_dir, resume=True)
+    def ssp_cell(self, out_dir: Path, rho: float, ssp: str, seed: int) -> Cell | None:
+        """The SSP run of (rho, ssp, seed), evaluated as any run; None from scratch or from another recipe's run."""
+        if ssp == "none" or ssp in self.ssp_runs:
+            return None
+        name = f"rho{rho:g}/ssp-{ssp}/seed{seed}"
+        cfg = self.pretraining_config(name, self.labeled_config(rho, seed), ssp, seed)
+        if ssp == "offline-clustering":
+            pipeline = validate_tree(OfflineClusteringConfig, {**self.offline_clustering,
+                                                               "base": cfg.model_dump(mode="json")},
+                                     origin="ssp preset offline_clustering")
+            return Cell(axes={"rho": rho, "ssp": ssp}, seed=seed, kind="pipeline", config=pipeline,
+                        run_dir=out_dir / "runs" / name)
+        return Cell(axes={"rho": rho, "ssp": ssp}, seed=seed, kind="pretrain", config=cfg,
+                    run_dir=out_dir / "runs" / name)
+
+    def initialisations(self, out_dir: Path, rho: float, seed: int) -> tuple[list[Cell], dict[str, Path | None]]:
+        """The SSP cells of (rho, seed) and the backbone.pt each SSP of the grid gives its classifiers (None from
+        scratch)."""
+        cells, backbones = [], {}
+        for ssp in self.ssp:
+            if ssp in self.ssp_runs:
+                backbones[ssp] = borrowed_backbone(Path(self.ssp_runs[ssp].format(rho=rho, seed=seed)), ssp,
+                                                   self.labeled_config(rho, seed))
+            elif cell := self.ssp_cell(out_dir, rho, ssp, seed):
+                cells.append(cell)
+                backbones[ssp] = cell.run_dir / BACKBONE_FILE
             else:
-                pretrain(cfg, run_dir, resume=True)
-        if not (run_dir / EVAL_FILE).exists():
-            main_only(evaluate_run)(run_dir)
-        return run_dir / BACKBONE_FILE
+                backbones[ssp] = None
+        return cells, backbones
+
+    def describe_borrowed(self) -> list[str]:
+        return [f"SSP from {self.label(method)}: the runs `{template}` of another recipe, with their settings."
+                for method, template in self.ssp_runs.items()]
 
 
 def borrowed_backbone(run_dir: Path, method: str, sup: SupervisedConfig) -> Path:
@@ -133,7 +139,7 @@ def borrowed_backbone(run_dir: Path, method: str, sup: SupervisedConfig) -> Path
     backbone = run_dir / BACKBONE_FILE
     if not backbone.exists():
         raise ConfigError(f"ssp_runs.{method}: no {BACKBONE_FILE} in {run_dir}: run that recipe first, or drop the key")
-    theirs = validate_tree(RunConfig, load_yaml(run_dir / RUN_CONFIG, empty_ok=False), origin=str(run_dir / RUN_CONFIG))
+    theirs = read_saved_config(run_dir / RUN_CONFIG, RunConfig)
     ours = sup.data
     same = {"method.name": theirs.method.name == method, "data.source": theirs.data.source == ours.source,
             "data.path": _resolved(theirs.data.path) == _resolved(ours.path),
@@ -149,21 +155,41 @@ def _resolved(path: str | None) -> Path | None:
     return Path(path).expanduser().resolve() if path else None
 
 
+def init_name(ssp: str) -> str:
+    """The folder of the runs that start from ``ssp``'s backbone."""
+    return "scratch" if ssp == "none" else f"ssp-{ssp}"
+
+
+def row_test(row: str) -> tuple[str, Callable[[CellRecord], ClassifierReport]]:
+    """The loss whose runs hold ``row``, and the row's test report in them: its own run's main stage, or the part of
+    the CE run it derives from (cRT, post-hoc logit adjustment)."""
+    loss, part = DERIVED_ROWS.get(row, (row, "main"))
+    return loss, lambda cell: cell.train.stage(part).test
+
+
+def row_error(row: str) -> tuple[str, Metric]:
+    loss, test = row_test(row)
+    return loss, lambda cell: test(cell).error
+
+
+#: the test report's figures of the group table: top-1, the thirds, many / medium / few
+GROUP_FIGURES: list[Callable[[ClassifierReport], float | None]] = [
+    lambda t: t.top1, lambda t: t.thirds.major, lambda t: t.thirds.minor, lambda t: t.thirds.rare,
+    lambda t: t.many, lambda t: t.medium, lambda t: t.few]
+
+
 class SSPExperimentConfig(PretrainingGrid):
     """A preset file: the classifier's config (``base``), the pre-training's (``ssp_base``) and the grid."""
 
-    base: dict = Field(default_factory=dict, description="a SupervisedConfig tree shared by every classifier run")
-    imbalances: list[float] = [100, 50, 10]
+    NAME: ClassVar[str] = "ssp"
+    PRESETS: ClassVar[str] = "ssp"
+
     rows: list[str] = ["ce", "cb-ce", "focal", "cb-focal", "ce-drw", "ce-drs", "ldam", "ldam-drw"]
-    seeds: list[int] = [0, 1, 2]
 
     @model_validator(mode="after")
     def _check(self) -> "SSPExperimentConfig":
         if unknown := [r for r in self.rows if r not in LOSSES and r not in DERIVED_ROWS]:
             raise ValueError(f"rows {unknown} are not among {sorted(LOSSES) + sorted(DERIVED_ROWS)}")
-        for rho in self.imbalances:  # every classifier config must validate before hours of training start
-            for loss in self.trained_losses():
-                self.classifier_config(rho, loss, "none", self.seeds[0])
         return self
 
     def trained_losses(self) -> list[str]:
@@ -174,13 +200,10 @@ class SSPExperimentConfig(PretrainingGrid):
     def supervised(self) -> SupervisedConfig:
         return validate_tree(SupervisedConfig, self.base, origin="ssp preset base")
 
-    def subset(self, rho: float) -> dict:
-        return {"profile": "exp", "imbalance": rho}
-
     def classifier_config(self, rho: float, loss: str, ssp: str, seed: int,
                           init_from: Path | None = None) -> SupervisedConfig:
         tree = deep_merge(self.base, {"name": f"rho{rho:g}/{loss}/{init_name(ssp)}/seed{seed}", "seed": seed,
-                                      "data": {"subset": self.subset(rho)}, "loss": LOSSES[loss],
+                                      "data": {"subset": {"profile": "exp", "imbalance": rho}}, "loss": LOSSES[loss],
                                       "init_from": str(init_from) if init_from else None})
         if loss == "ce" and "crt" in self.rows:
             tree = deep_merge(tree, {"crt": {"enabled": True}})
@@ -189,162 +212,117 @@ class SSPExperimentConfig(PretrainingGrid):
     def labeled_config(self, rho: float, seed: int) -> SupervisedConfig:
         return self.classifier_config(rho, self.trained_losses()[0], "none", seed)
 
+    def cells(self, out_dir: Path) -> list[Cell]:
+        """Every (rho, SSP, seed): the SSP run, then the classifier of each loss from its backbone."""
+        cells = []
+        for rho in self.imbalances:
+            for seed in self.seeds:
+                ssp_cells, backbones = self.initialisations(out_dir, rho, seed)
+                cells += ssp_cells
+                for ssp in self.ssp:
+                    for loss in self.trained_losses():
+                        cfg = self.classifier_config(rho, loss, ssp, seed, backbones[ssp])
+                        cells.append(Cell(axes={"rho": rho, "ssp": ssp, "loss": loss}, seed=seed, kind="train",
+                                          config=cfg, run_dir=out_dir / "runs" / cfg.name))
+        return cells
 
-def init_name(ssp: str) -> str:
-    """The folder of the runs that start from ``ssp``'s backbone."""
-    return "scratch" if ssp == "none" else f"ssp-{ssp}"
+    # -- the report -------------------------------------------------------------------------------------
+    def paired_gain(self, results: Results, row: str, rho: float, ssp: str,
+                    baseline: tuple[str, str] | None = None) -> Paired:
+        """error(baseline) - error(row with ``ssp``), paired by seed: positive when the row does better. The baseline
+        is the same row from scratch unless given as (row, ssp)."""
+        base_row, base_ssp = baseline or (row, "none")
+        loss, metric = row_error(row)
+        return results.paired(metric, {"loss": row_error(base_row)[0], "rho": rho, "ssp": base_ssp},
+                              {"loss": loss, "rho": rho, "ssp": ssp})
 
+    def error_table(self, results: Results, dataset: str | None) -> str:
+        header = ["Loss", "SSP"] + [f"ρ={rho:g}" for rho in self.imbalances]
+        if dataset:
+            header += [f"{PAPER_SETTING}, {dataset.upper()}-LT: ρ={rho:g}" for rho in self.imbalances]
+        rows = []
+        for row in self.rows:
+            loss, metric = row_error(row)
+            for ssp in self.ssp:
+                cells = [results.cell(metric, loss=loss, rho=rho, ssp=ssp) for rho in self.imbalances]
+                if dataset:
+                    paper = [PAPER_TABLE2[dataset].get(int(rho), {}).get((row, ssp)) for rho in self.imbalances]
+                    cells += [f"{p:.2f}" if p is not None else "" for p in paper]
+                rows.append([ROW_NAMES[row], self.label(ssp), *cells])
+        return markdown_table(header, rows)
 
-def run_grid(exp: SSPExperimentConfig, out_dir: Path) -> list[dict]:
-    """Every (rho, SSP, loss, seed); finished runs are reused, interrupted ones resumed."""
-    if "offline-clustering" in exp.ssp:
-        require_one_process("the offline-clustering SSP (leave it out of ssp)")
-    runs, records = out_dir / "runs", []
-    for rho in exp.imbalances:
-        for ssp in exp.ssp:
-            for seed in exp.seeds:
-                init_from = exp.ssp_backbone(ssp, rho, seed, runs)
-                for loss in exp.trained_losses():
-                    cfg = exp.classifier_config(rho, loss, ssp, seed, init_from)
-                    run_dir = runs / cfg.name
-                    if not (run_dir / TRAIN_FILE).exists():
-                        train(cfg, run_dir, resume=True)
-                    records.append({"rho": rho, "ssp": ssp, "loss": loss, "seed": seed, "run_dir": str(run_dir),
-                                    **json.loads((run_dir / TRAIN_FILE).read_text())})
-    return records
+    def thirds_table(self, results: Results, rho: float) -> str:
+        header = ["Loss", "SSP", "top-1", "major", "minor", "rare", "many", "medium", "few"]
+        rows = []
+        for row in self.rows:
+            loss, test = row_test(row)
+            for ssp in self.ssp:
+                if results.select(loss=loss, rho=rho, ssp=ssp):
+                    rows.append([ROW_NAMES[row], self.label(ssp),
+                                 *(results.cell(lambda c, f=f: f(test(c)), loss=loss, rho=rho, ssp=ssp)
+                                   for f in GROUP_FIGURES)])
+        return markdown_table(header, rows)
 
+    def verdict_lines(self, results: Results) -> list[str]:
+        """The paper's three claims, each measured as paired-by-seed differences of test error."""
+        lines, top, bottom = [], max(self.imbalances), min(self.imbalances)
+        for ssp in (s for s in self.ssp if s != "none"):
+            lines.append(f"- SSP from {self.label(ssp)} improves each loss (error from scratch - error with SSP):")
+            for rho in self.imbalances:
+                for row in self.rows:
+                    lines.append(f"  - {ROW_NAMES[row]}, ρ={rho:g}: "
+                                 f"{verdict(self.paired_gain(results, row, rho, ssp))}")
+            if top != bottom:
+                lines.append(f"- The gain from {self.label(ssp)} grows with ρ (gain at ρ={top:g} - gain at "
+                             f"ρ={bottom:g}):")
+                for row in self.rows:
+                    grows = self.paired_gain(results, row, top, ssp) - self.paired_gain(results, row, bottom, ssp)
+                    lines.append(f"  - {ROW_NAMES[row]}: {verdict(grows)}")
+        if "ldam-drw" in self.rows and "ce" in self.rows:
+            lines.append("- LDAM-DRW beats CE (error of CE - error of LDAM-DRW):")
+            for ssp in self.ssp:
+                for rho in self.imbalances:
+                    gain = self.paired_gain(results, "ldam-drw", rho, ssp, baseline=("ce", ssp))
+                    lines.append(f"  - {self.label(ssp)}, ρ={rho:g}: {verdict(gain)}")
+        return lines
 
-# -- the report -------------------------------------------------------------------------------------
-def row_results(records: list[dict], row: str, rho: float, ssp: str) -> dict[int, dict]:
-    """seed -> the test report of ``row``: its own run's headline, or the part of the CE run it derives from."""
-    loss, part = DERIVED_ROWS.get(row, (row, "main"))
-    found = {}
-    for r in records:
-        if r["loss"] == loss and r["rho"] == rho and r["ssp"] == ssp:
-            found[r["seed"]] = r[part]["test"]
-    return found
+    def title(self, results: Results) -> str:
+        return (f"SSP then long-tailed supervised learning on {self.source()}: top-1 test error (%), mean ± std over "
+                f"{len(self.seeds)} seed(s)")
 
+    def report(self, results: Results, out_dir: Path) -> list[str]:
+        """Table 2's layout (test error by loss x SSP x rho), thirds, verdicts, the per-class figure."""
+        sup = self.supervised()
+        classifiers = results.select(kind="train")
+        dataset = paper_dataset(classifiers[0].train.test.per_class)
+        lines = [f"Classifier: {sup.model.backbone} (width {sup.model.width:g}), {sup.optim.epochs} epochs "
+                 f"(paper: 200), lr {sup.optim.lr:g} x {sup.optim.lr_factors} at epochs {sup.optim.milestones}, "
+                 f"deferral at epoch {sup.loss.defer_epoch}; the epoch is selected on a held-out balanced validation "
+                 f"set.", ""]
+        if not dataset:
+            lines += [f"The paper's figures (CIFAR-LT, ResNet-32, 200 epochs) are left out: {self.source()} is not "
+                      f"comparable.", ""]
+        lines += [*self.describe_borrowed(), *([""] if self.ssp_runs else [])]
+        top = max(self.imbalances)
+        lines += [self.error_table(results, dataset), "", "## Verdicts (paired by seed)", "",
+                  *self.verdict_lines(results), "",
+                  f"## Test accuracy by group at ρ={top:g} (thirds by training count; many > 100, few < 20 images)",
+                  "", self.thirds_table(results, top), ""]
+        self.plot_ce_per_class(results, out_dir, top)
+        return lines
 
-def errors(records: list[dict], row: str, rho: float, ssp: str) -> dict[int, float]:
-    return {seed: test["error"] for seed, test in row_results(records, row, rho, ssp).items()}
+    def plot_ce_per_class(self, results: Results, out_dir: Path, rho: float) -> None:
+        """Per-class test accuracy of CE from scratch and from each SSP, mean over seeds, beside the train counts."""
+        if "ce" not in self.trained_losses():
+            return
+        per_class = {}
+        for ssp in self.ssp:
+            if tests := [c.train.stage("main").test for c in results.select(loss="ce", rho=rho, ssp=ssp)]:
+                classes = list(tests[0].per_class)
+                per_class[f"CE, {self.label(ssp)}"] = np.mean([[t.per_class[c] for c in classes] for t in tests],
+                                                              axis=0).tolist()
+        counts = results.select(kind="train", rho=rho)[0].train.train_class_counts
+        plot_per_class_accuracy(per_class, classes, out_dir / f"per_class_accuracy-ce-rho{rho:g}.png", counts,
+                                title=f"CE vs CE + SSP: test accuracy per class, ρ={rho:g}, mean over "
+                                      f"{len(self.seeds)} seed(s), {self.source()}")
 
-
-def paired_gain(records: list[dict], row: str, rho: float, ssp: str,
-                baseline: tuple[str, str] | None = None) -> dict[int, float]:
-    """seed -> error(baseline) - error(row with ``ssp``): positive when the row does better. The baseline is the
-    same row from scratch unless given as (row, ssp); seeds that lack either side are left out."""
-    base_row, base_ssp = baseline or (row, "none")
-    return paired_difference(errors(records, base_row, rho, base_ssp), errors(records, row, rho, ssp))
-
-
-def paper_dataset(records: list[dict], base: dict) -> str | None:
-    """'cifar10' or 'cifar100' when the runs' data is that CIFAR (by source and class count), else None."""
-    if base.get("data", {}).get("source", "digits") == "digits" or not records:
-        return None
-    return {10: "cifar10", 100: "cifar100"}.get(len(records[0]["test"]["per_class"]))
-
-
-def error_table(exp: SSPExperimentConfig, records: list[dict], dataset: str | None) -> str:
-    header = ["Loss", "SSP"] + [f"ρ={rho:g}" for rho in exp.imbalances]
-    if dataset:
-        header += [f"{PAPER_SETTING}, {dataset.upper()}-LT: ρ={rho:g}" for rho in exp.imbalances]
-    rows = []
-    for row in exp.rows:
-        for ssp in exp.ssp:
-            cells = []
-            for rho in exp.imbalances:
-                values = list(errors(records, row, rho, ssp).values())
-                cells.append(format_mean_std(values) if values else "n/a")
-            if dataset:
-                paper = [PAPER_TABLE2[dataset].get(int(rho), {}).get((row, ssp)) for rho in exp.imbalances]
-                cells += [f"{p:.2f}" if p is not None else "" for p in paper]
-            rows.append([ROW_NAMES[row], SSP_NAMES.get(ssp, ssp), *cells])
-    return markdown_table(header, rows)
-
-
-def thirds_table(exp: SSPExperimentConfig, records: list[dict], rho: float) -> str:
-    header = ["Loss", "SSP", "top-1", "major", "minor", "rare", "many", "medium", "few"]
-    rows = []
-    for row in exp.rows:
-        for ssp in exp.ssp:
-            tests = list(row_results(records, row, rho, ssp).values())
-            if not tests:
-                continue
-            cells = [format_mean_std([t["top1"] for t in tests])]
-            cells += [format_mean_std([t["thirds"][g] for t in tests]) for g in ("major", "minor", "rare")]
-            cells += [format_mean_std([t[g] for t in tests]) if all(t[g] is not None for t in tests) else "n/a"
-                      for g in ("many", "medium", "few")]
-            rows.append([ROW_NAMES[row], SSP_NAMES.get(ssp, ssp), *cells])
-    return markdown_table(header, rows)
-
-
-def verdict_lines(exp: SSPExperimentConfig, records: list[dict]) -> list[str]:
-    """The paper's three claims, each measured as paired-by-seed differences of test error."""
-    lines, top, bottom = [], max(exp.imbalances), min(exp.imbalances)
-    for ssp in (s for s in exp.ssp if s != "none"):
-        lines.append(f"- SSP from {SSP_NAMES.get(ssp, ssp)} improves each loss (error from scratch - error with SSP):")
-        for rho in exp.imbalances:
-            for row in exp.rows:
-                lines.append(f"  - {ROW_NAMES[row]}, ρ={rho:g}: {verdict(paired_gain(records, row, rho, ssp))}")
-        if top != bottom:
-            lines.append(f"- The gain from {SSP_NAMES.get(ssp, ssp)} grows with ρ (gain at ρ={top:g} - gain at "
-                         f"ρ={bottom:g}):")
-            for row in exp.rows:
-                high, low = paired_gain(records, row, top, ssp), paired_gain(records, row, bottom, ssp)
-                lines.append(f"  - {ROW_NAMES[row]}: {verdict(paired_difference(high, low))}")
-    if "ldam-drw" in exp.rows and "ce" in exp.rows:
-        lines.append("- LDAM-DRW beats CE (error of CE - error of LDAM-DRW):")
-        for ssp in exp.ssp:
-            for rho in exp.imbalances:
-                gains = paired_gain(records, "ldam-drw", rho, ssp, baseline=("ce", ssp))
-                lines.append(f"  - {SSP_NAMES.get(ssp, ssp)}, ρ={rho:g}: {verdict(gains)}")
-    return lines
-
-
-@main_only
-def write_report(exp: SSPExperimentConfig, records: list[dict], out_dir: Path, command: str) -> Path:
-    """table.md (Table 2's layout: test error by loss x SSP x rho), thirds, verdicts, the per-class figure."""
-    sup, source = exp.supervised(), describe_source(exp.base)
-    dataset = paper_dataset(records, exp.base)
-    lines = [f"# SSP then long-tailed supervised learning on {source}: top-1 test error (%), mean ± std over "
-             f"{len(exp.seeds)} seed(s)", "", f"Command: `{command}`", "",
-             f"Classifier: {sup.model.backbone} (width {sup.model.width:g}), {sup.optim.epochs} epochs "
-             f"(paper: 200), lr {sup.optim.lr:g} x {sup.optim.lr_factors} at epochs {sup.optim.milestones}, "
-             f"deferral at epoch {sup.loss.defer_epoch}; the epoch is selected on a held-out balanced validation set.",
-             ""]
-    if not dataset:
-        lines += [f"The paper's figures (CIFAR-LT, ResNet-32, 200 epochs) are left out: {source} is not comparable.",
-                  ""]
-    for method, template in exp.ssp_runs.items():
-        lines += [f"SSP from {SSP_NAMES.get(method, method)}: the runs `{template}` of another recipe, with their "
-                  f"settings.", ""]
-    lines += [error_table(exp, records, dataset), "", "## Verdicts (paired by seed)", "", *verdict_lines(exp, records),
-              ""]
-    top = max(exp.imbalances)
-    lines += [f"## Test accuracy by group at ρ={top:g} (thirds by training count; many > 100, few < 20 images)", "",
-              thirds_table(exp, records, top), ""]
-    train_s = sum(r["wall_s_this_call"] for r in records)
-    lines += [f"{len(records)} classifier runs: {train_s / 60:.1f} min of training and testing (sum over runs, "
-              f"SSP not included) on {'; '.join(sorted({r['hardware'] for r in records}))}."]
-    plot_ce_per_class(exp, records, out_dir, top, source)
-    (out_dir / "results.json").write_text(json.dumps(records, indent=2))
-    table = out_dir / "table.md"
-    table.write_text("\n".join(lines) + "\n")
-    return table
-
-
-def plot_ce_per_class(exp: SSPExperimentConfig, records: list[dict], out_dir: Path, rho: float, source: str) -> None:
-    """Per-class test accuracy of CE from scratch and from each SSP, mean over seeds, beside the train counts."""
-    if "ce" not in exp.trained_losses():
-        return
-    per_class = {}
-    for ssp in exp.ssp:
-        tests = list(row_results(records, "ce", rho, ssp).values())
-        if tests:
-            classes = list(tests[0]["per_class"])
-            per_class[f"CE, {SSP_NAMES.get(ssp, ssp)}"] = np.mean([[t["per_class"][c] for c in classes]
-                                                                   for t in tests], axis=0).tolist()
-    counts = next(r["train_class_counts"] for r in records if r["rho"] == rho)
-    plot_per_class_accuracy(per_class, classes, out_dir / f"per_class_accuracy-ce-rho{rho:g}.png", counts,
-                            title=f"CE vs CE + SSP: test accuracy per class, ρ={rho:g}, mean over {len(exp.seeds)} "
-                                  f"seed(s), {source}")
