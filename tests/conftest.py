@@ -47,15 +47,9 @@ def tiny_cfg(tmp_path):
             "train": {"progress": False},
             "eval": {"linear": {"epochs": 10, "lrs": [0.1, 1.0], "weight_decays": [0.0]}},
         }
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                base = tree.get(section, {})
-                if section == "method":  # the tiny widths, where the method has them
-                    base = shared_method_keys(base, values.get("name", "simsiam"), where="tiny_cfg method")
-                tree[section] = {**base, **values}
-            else:
-                tree[section] = values
-        return build_config(tree)
+        if isinstance(method := sections.get("method"), dict):  # the tiny widths, where the method has them
+            tree["method"] = shared_method_keys(tree["method"], method.get("name", "simsiam"), where="tiny_cfg method")
+        return build_config(with_sections(tree, sections))
     return make
 
 

@@ -553,14 +553,6 @@ class SelfTrainingConfig(SupervisedConfig):
         return self.pseudo_labels.labeller == "base" or self.stage("labeller") == self.stage("base")
 
 
-
-
-
-
-
-
-
-
 def _override_for(key: str, overrides: tuple[str, ...]) -> str | None:
     """The ``--set`` pair that set ``key`` (or a section above or below it), if any."""
     for pair in reversed(overrides):  # the last --set of a key wins
@@ -691,8 +683,6 @@ def validate_tree(schema: type[ConfigT], tree: dict[str, Any], origin: str = "<d
 
 def build_config(tree: dict[str, Any], origin: str = "<dict>") -> RunConfig:
     return validate_tree(RunConfig, tree, origin)
-
-
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -39,6 +39,7 @@ class ProjectorSection(MethodSection):
     proj_hidden: int = Field(512, ge=1, description="the projector's hidden width")
     proj_dim: int = Field(512, ge=1, description="output dimension d (Table 1)")
 
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, pair: str) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
@@ -49,11 +50,13 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, pair: str) -> Non
         node = child
     node[leaf] = value
 
+
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """'line 3, column 7: mapping values are not allowed here', without PyYAML's '<unicode string>' excerpt."""
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err)
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``["optim.epochs=5", "data.subset.profile=exp"]`` -> nested dict, values parsed as YAML."""
@@ -69,6 +72,7 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
         _set_dotted(tree, key.strip(), value, pair)
     return tree
 
+
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
@@ -77,6 +81,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
 
 def load_yaml(path: str | Path, empty_ok: bool = True) -> dict[str, Any]:
     """A YAML mapping; ``empty_ok=False`` for files that imbssl wrote, where empty means truncated."""

@@ -9,7 +9,8 @@ R is MSN's ME-MAX, -H(p_bar), for a uniform prior, and PMSN's KL(p_bar || pi) ot
 KL(p_bar || U) = log K - H(p_bar): PMSN with a uniform prior is MSN up to a constant, so one loss serves both
 (``prior_matching``). The KL's direction matters: KL(pi || p_bar), which some libraries compute, is not ME-MAX.
 Sinkhorn on the targets forces uniform marginals, so it is refused with a non-uniform prior (``MSNConfig``).
-``method.proj_activation``, ``view_batches``, ``clip_grad_norm`` and ``model.vit_ln_eps`` give the form of MSN's code where imbssl's default differs from it; the paper presets set it (docs/priors.md).
+``method.proj_activation``, ``view_batches``, ``clip_grad_norm`` and ``model.vit_ln_eps`` give the form of MSN's
+code where imbssl's default differs from it; the paper presets set it (docs/priors.md).
 """
 from __future__ import annotations
 

@@ -38,7 +38,6 @@ from imbssl.records import BudgetRecord, DivideRecord, PretrainRecord
 
 log = logging.getLogger(__name__)
 
-BUDGET_FILE = BudgetRecord.FILE
 Stage = Literal["base", "divide", "experts", "distill"]
 STAGES: tuple[Stage, ...] = get_args(Stage)
 #: seconds between looks for files that another process is writing

@@ -61,6 +61,7 @@ class ExcbExperimentConfig(SubsetGrid):
 
     NAME: ClassVar[str] = "excb"
     PRESETS: ClassVar[str] = "experiment-excb"
+    TITLE: ClassVar[str] = "ExCB and its baselines"
     BUILT_IN: ClassVar[dict[str, dict]] = VARIANTS
 
     methods: list[str] = Field(list(VARIANTS), min_length=1)
@@ -96,9 +97,6 @@ class ExcbExperimentConfig(SubsetGrid):
             cells += [self.pretrain_cell(out_dir, subset, run, seed) for run in self.ablation_runs() if run != "excb"
                       for seed in self.seeds]
         return cells
-
-    def title(self, results: Results) -> str:
-        return f"ExCB and its baselines on {self.source()}: mean ± std over {len(self.seeds)} seed(s)"
 
     def variant_table(self, results: Results, subset: str, methods: list[str]) -> str:
         rows = [[self.label(m)] + [results.cell(metric, subset=subset, method=m) for metric, _ in CLUSTER_COLUMNS]

@@ -39,6 +39,8 @@ class Experiment1Config(SubsetGrid):
 
     NAME: ClassVar[str] = "experiment-1"
     PRESETS: ClassVar[str] = "experiment-1"
+    TITLE: ClassVar[str] = "Experiment I"
+    MEASURE: ClassVar[str] = "linear top-1 (%)"
     #: the paper's figures by subset key and method
     PAPER_TABLE: ClassVar[dict[str, dict[str, float]]] = PAPER_TABLE_2
 
@@ -46,9 +48,6 @@ class Experiment1Config(SubsetGrid):
 
     def cells(self, out_dir: Path) -> list[Cell]:
         return self.pretrain_cells(out_dir)
-
-    def title(self, results: Results) -> str:
-        return (f"Experiment I on {self.source()}: linear top-1 (%), mean ± std over {len(self.seeds)} seed(s)")
 
     def paper_columns(self, results: Results) -> bool:
         """Table 2's figures are of CIFAR-10: they sit beside runs on CIFAR-10 alone."""

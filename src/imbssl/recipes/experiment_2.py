@@ -56,6 +56,7 @@ class Experiment2Config(Experiment1Config):
 
     NAME: ClassVar[str] = "experiment-2"
     PRESETS: ClassVar[str] = "experiment-2"
+    TITLE: ClassVar[str] = "Experiment II"
     LABELS: ClassVar[dict[str, str]] = PIPELINE_LABELS
     PAPER_TABLE: ClassVar[dict[str, dict[str, float]]] = PAPER_TABLE_3
 
@@ -79,9 +80,6 @@ class Experiment2Config(Experiment1Config):
                 cells += [cell for seed in self.seeds
                           for cell in offline_clustering_cells(self, out_dir, subset, seed, self.pipeline)]
         return cells
-
-    def title(self, results: Results) -> str:
-        return (f"Experiment II on {self.source()}: linear top-1 (%), mean ± std over {len(self.seeds)} seed(s)")
 
     def paper_gain(self, key: str) -> str:
         """The paper's gain of SimSiam+C+D over SimSiam on the subset ``key``."""

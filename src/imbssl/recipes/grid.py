@@ -319,7 +319,7 @@ def describe_compute(cells: Iterable[CellRecord]) -> str:
 # -- the recipes' common schema ---------------------------------------------------------------------------
 class GridConfig(BaseModel):
     """A recipe's preset: the config every run shares, the seeds and each method's own settings. A recipe adds its
-    axes, the cells they make (``cells``) and its tables (``title``, ``report``)."""
+    axes, the cells they make (``cells``) and its tables (``TITLE``, ``report``)."""
 
     model_config = ConfigDict(extra="forbid")
     #: ``imbssl reproduce NAME`` (recipes/__init__.py's RECIPES); its presets are configs/PRESETS/*.yaml
@@ -329,6 +329,9 @@ class GridConfig(BaseModel):
     LABELS: ClassVar[dict[str, str]] = {}
     #: the recipe's own method settings (variants of one method), under the preset's ``method_settings``
     BUILT_IN: ClassVar[dict[str, dict]] = {}
+    #: table.md's title: "TITLE on SOURCE: MEASURE, mean ± std over N seed(s)"
+    TITLE: ClassVar[str]
+    MEASURE: ClassVar[str] = ""
 
     base: dict = Field(default_factory=dict, description="the config tree every run of the grid shares")
     seeds: list[int] = Field([0, 1, 2], min_length=1)
@@ -340,7 +343,8 @@ class GridConfig(BaseModel):
         raise NotImplementedError
 
     def title(self, results: Results) -> str:
-        raise NotImplementedError
+        measure = f"{self.MEASURE}, " if self.MEASURE else ""
+        return f"{self.TITLE} on {self.source()}: {measure}mean ± std over {len(self.seeds)} seed(s)"
 
     def report(self, results: Results, out_dir: Path) -> list[str]:
         """The tables (Markdown lines) after the title and the command, and the figures drawn into ``out_dir``."""

@@ -72,6 +72,8 @@ class LongtailSSLConfig(SubsetGrid):
 
     NAME: ClassVar[str] = "longtail-ssl"
     PRESETS: ClassVar[str] = "longtail-ssl"
+    TITLE: ClassVar[str] = "Long-tailed SSL methods"
+    MEASURE: ClassVar[str] = "linear top-1 (%)"
     LABELS: ClassVar[dict[str, str]] = LABELS
     BUILT_IN: ClassVar[dict[str, dict]] = VARIANTS
     PIPELINES: ClassVar[tuple[str, ...]] = (PIPELINE,)
@@ -135,8 +137,7 @@ class LongtailSSLConfig(SubsetGrid):
 
     def title(self, results: Results) -> str:
         epochs = OptimConfig.model_validate(self.base.get("optim", {})).epochs
-        return (f"Long-tailed SSL methods on {self.source()}: linear top-1 (%), mean ± std over {len(self.seeds)} "
-                f"seed(s), {epochs} epochs each")
+        return f"{super().title(results)}, {epochs} epochs each"
 
     def report(self, results: Results, out_dir: Path) -> list[str]:
         """The probes, thirds and balancedness per subset, the verdicts, the published figures apart."""

@@ -53,6 +53,7 @@ class PriorsExperimentConfig(SubsetGrid):
 
     NAME: ClassVar[str] = "priors"
     PRESETS: ClassVar[str] = "priors"
+    TITLE: ClassVar[str] = "Cluster priors"
     BUILT_IN: ClassVar[dict[str, dict]] = VARIANTS
 
     methods: list[str] = Field(["msn", "pmsn-0.25", "excb", "excb-power-0.25"], min_length=1)
@@ -90,9 +91,6 @@ class PriorsExperimentConfig(SubsetGrid):
                               for metric in (linear_top1, linear_group("rare")))
                 lines.append(f"  - {title}: linear top-1 {top1}; rare third {rare}")
         return lines
-
-    def title(self, results: Results) -> str:
-        return f"Cluster priors on {self.source()}: mean ± std over {len(self.seeds)} seed(s)"
 
     def report(self, results: Results, out_dir: Path) -> list[str]:
         """Accuracy, thirds, the clusters' fit to the prior, the verdicts; one prior-fit figure per subset."""

@@ -65,6 +65,8 @@ class SemiSupervisedExperimentConfig(PretrainingGrid):
 
     NAME: ClassVar[str] = "semi-supervised"
     PRESETS: ClassVar[str] = "semi-supervised"
+    TITLE: ClassVar[str] = "Self-training with imbalanced unlabeled data"
+    MEASURE: ClassVar[str] = "top-1 test error (%)"
 
     unlabeled_imbalances: list[str] = Field(["1", "rho/2", "rho", "2rho"],
                                             description="rho_U: a number, or rho/2, rho, 2rho")
@@ -198,10 +200,6 @@ class SemiSupervisedExperimentConfig(PretrainingGrid):
                                      f"{verdict(gain)}")
         return lines
 
-    def title(self, results: Results) -> str:
-        return (f"Self-training with imbalanced unlabeled data on {self.source()}: top-1 test error (%), mean ± std "
-                f"over {len(self.seeds)} seed(s)")
-
     def report(self, results: Results, out_dir: Path) -> list[str]:
         """Table 1's layout (test error by loss x D_U x rho x rho_U), verdicts, groups."""
         cfg = self.self_training()
@@ -216,7 +214,7 @@ class SemiSupervisedExperimentConfig(PretrainingGrid):
         if not paper:
             lines += [f"The seed's figures (CIFAR-10-LT, D_U from 80M Tiny Images) are left out: {self.source()} is "
                       f"not comparable.", ""]
-        lines += [*self.describe_borrowed(), *([""] if self.ssp_runs else [])]
+        lines += self.describe_borrowed()
         top = max(self.imbalances)
         lines += [self.error_table(results, paper), "", "## Verdicts (paired by seed)", "",
                   *self.verdict_lines(results), "", f"## Test accuracy by thirds of D_L at ρ={top:g}", "",

@@ -129,8 +129,10 @@ class PretrainingGrid(GridConfig):
         return cells, backbones
 
     def describe_borrowed(self) -> list[str]:
-        return [f"SSP from {self.label(method)}: the runs `{template}` of another recipe, with their settings."
-                for method, template in self.ssp_runs.items()]
+        """A line for each SSP borrowed from another recipe's runs, then a blank one (none when nothing is)."""
+        lines = [f"SSP from {self.label(method)}: the runs `{template}` of another recipe, with their settings."
+                 for method, template in self.ssp_runs.items()]
+        return [*lines, ""] if lines else []
 
 
 def borrowed_backbone(run_dir: Path, method: str, sup: SupervisedConfig) -> Path:
@@ -183,6 +185,8 @@ class SSPExperimentConfig(PretrainingGrid):
 
     NAME: ClassVar[str] = "ssp"
     PRESETS: ClassVar[str] = "ssp"
+    TITLE: ClassVar[str] = "SSP then long-tailed supervised learning"
+    MEASURE: ClassVar[str] = "top-1 test error (%)"
 
     rows: list[str] = ["ce", "cb-ce", "focal", "cb-focal", "ce-drw", "ce-drs", "ldam", "ldam-drw"]
 
@@ -286,10 +290,6 @@ class SSPExperimentConfig(PretrainingGrid):
                     lines.append(f"  - {self.label(ssp)}, ρ={rho:g}: {verdict(gain)}")
         return lines
 
-    def title(self, results: Results) -> str:
-        return (f"SSP then long-tailed supervised learning on {self.source()}: top-1 test error (%), mean ± std over "
-                f"{len(self.seeds)} seed(s)")
-
     def report(self, results: Results, out_dir: Path) -> list[str]:
         """Table 2's layout (test error by loss x SSP x rho), thirds, verdicts, the per-class figure."""
         sup = self.supervised()
@@ -302,7 +302,7 @@ class SSPExperimentConfig(PretrainingGrid):
         if not dataset:
             lines += [f"The paper's figures (CIFAR-LT, ResNet-32, 200 epochs) are left out: {self.source()} is not "
                       f"comparable.", ""]
-        lines += [*self.describe_borrowed(), *([""] if self.ssp_runs else [])]
+        lines += self.describe_borrowed()
         top = max(self.imbalances)
         lines += [self.error_table(results, dataset), "", "## Verdicts (paired by seed)", "",
                   *self.verdict_lines(results), "",
