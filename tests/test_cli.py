@@ -256,7 +256,10 @@ def test_reproduce_longtail_ssl_demo_end_to_end(tmp_path):
     records = reproduce_demo("longtail-ssl", out,
                              {**SHORT_PRETRAINING, "pipeline.epochs": "{base: 1, expert: 1, distill: 1}"})
     methods = {"SimCLR": "simclr", "SimCLR+TS": "simclr-ts", "SDCLR": "sdclr", "BCL-I": "bcl-i", "BCL-D": "bcl-d",
-               "SimSiam": "simsiam", "ExCB": "excb", "PMSN": "pmsn", "Align-Uniform": "align-uniform",
+               "Focal": "focal", "SimCLR+GH": "simclr+gh", "Focal+GH": "focal+gh", "SDCLR+GH": "sdclr+gh",
+               "BCL-I+GH": "bcl-i+gh", "BCL-D+GH": "bcl-d+gh", "SimSiam": "simsiam", "ExCB": "excb", "PMSN": "pmsn",
+               "Align-Uniform": "align-uniform",
+               "BYOL": "byol", "Barlow Twins": "barlow-twins", "VICReg": "vicreg", "DINO": "dino",
                "SimSiam+C+D": "simsiam+c+d"}
     assert sorted(r.axes["method"] for r in records) == sorted(methods.values())
     for r in records:
@@ -267,6 +270,7 @@ def test_reproduce_longtail_ssl_demo_end_to_end(tmp_path):
     assert "pruned_output_std" in trained["bcl-d"]
     for name in ("bcl-i", "bcl-d"):
         assert all(0 <= trained[name][f"boost_weight_{t}"] <= 1 for t in ("major", "minor", "rare"))
+    assert all(trained[name]["gh"] > 0 for name in methods.values() if name.endswith("+gh"))  # GH ran in epoch 2
     table = (out / "table.md").read_text()
     columns = {"full-shot": lambda r: r.eval.linear.top1, "10-shot": lambda r: r.eval.few_shot["10-shot"].top1,
                "rare": lambda r: r.eval.linear.thirds.rare,

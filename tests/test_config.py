@@ -69,7 +69,7 @@ def test_the_method_section_is_the_one_its_name_names():
      "method.bcl_beta is not a key of simclr's section (bcl-i, bcl-d had it; it is now method.beta there)"),
     (["method.name=simclr", "method.size=3"], "--set method.size=3: unknown config key 'method.size'"),
     (["method.name=simclr", "method.temperature=0"], "--set method.temperature=0: method.temperature: Input should be"),
-    (["method.name=byol"], "--set method.name=byol: method.name: not one of the methods simsiam, simclr"),
+    (["method.name=swav"], "--set method.name=swav: method.name: not one of the methods simsiam, simclr"),
 ])
 def test_a_key_outside_the_methods_section_is_refused_in_one_line_naming_it(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
@@ -80,7 +80,7 @@ def test_a_key_outside_the_methods_section_is_refused_in_one_line_naming_it(over
 def test_switching_the_method_of_a_config_names_the_key_the_new_method_does_not_read(tmp_path):
     path = write(tmp_path, "method: {name: simsiam, proj_dim: 64, pred_hidden: 32}\n")
     with pytest.raises(ConfigError, match=re.escape(f"{path}: method.pred_hidden is not a key of simclr's section "
-                                                    f"(it belongs to simsiam, excb)")):
+                                                    f"(it belongs to simsiam, excb, byol)")):
         load_config(path, ["method.name=simclr"])
 
 

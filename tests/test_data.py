@@ -268,6 +268,99 @@ def test_tar_path_traversal_is_rejected(tmp_path):
     assert not (tmp_path / "escape.png").exists()
 
 
+# ------------------------------------------------------------------- the official order: data.train_order
+
+
+def _ordered_tree(tmp_path: Path, kind: str) -> tuple[Path, list[str]]:
+    """An ImageFolder (a folder, or a tar with a top folder) and a shuffled "official" order of its 12 training
+    images, as the paths an order file names: line i is train index i."""
+    tree = _write_tree(tmp_path / "tree")
+    members = [f"train/{name}/{i}.png" for name in CLASSES for i in range(4)]
+    order = [members[i] for i in np.random.default_rng(3).permutation(len(members))]
+    if kind == "folder":
+        return tree, order
+    archive = tmp_path / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tree, arcname="top")
+    return archive, [f"top/{member}" for member in order]
+
+
+def _write_order(tmp_path: Path, lines: list[str], name: str = "order.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def _member_pixel(member: str) -> tuple[int, int, int]:
+    """The pixel _write_tree gave the training image at ``member`` ('[top/]train/<class>/<i>.png')."""
+    *_, name, file = member.split("/")
+    return _pixel("train", CLASSES.index(name), int(file.removesuffix(".png")))
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_train_order_makes_split_file_indices_select_the_listed_images(tmp_path, kind):
+    """Index i of a split file is the image on line i of the order file, not the i-th in path order; the test split
+    keeps its own order."""
+    path, order = _ordered_tree(tmp_path, kind)
+    cfg = _cfg(tmp_path, path, train_order=str(_write_order(tmp_path, order)))
+    splits = load_splits(cfg)
+    train = splits["train"]
+    assert [tuple(image[0, 0]) for image in train.images] == [_member_pixel(m) for m in order]
+    assert train.labels.tolist() == [CLASSES.index(m.split("/")[-2]) for m in order]
+    split_file = tmp_path / "split1_D_i.npy"
+    np.save(split_file, np.array([7, 0, 5], dtype=np.int64))
+    chosen = select_subset(train.labels, SubsetConfig(profile="index_file", index_file=str(split_file)))
+    assert [tuple(train.images[i, 0, 0]) for i in chosen] == [_member_pixel(order[i]) for i in (0, 5, 7)]
+    in_path_order = load_splits(_cfg(tmp_path, path))["train"]  # what the indices selected before the order file
+    assert [tuple(in_path_order.images[i, 0, 0]) for i in chosen] != [_member_pixel(order[i]) for i in (0, 5, 7)]
+    _check_tree_splits({"test": splits["test"], "train": in_path_order})
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+@pytest.mark.parametrize("edit, message", [
+    pytest.param(lambda o: ["train/bee/9.png", *o[1:]],
+                 r"line 1: (top/)?train/bee/9\.png is not a training image of .*named like", id="not-in-archive"),
+    pytest.param(lambda o: [*o[:-1], o[-1].replace("train/", "test/")], r"line 12: .*test/.* is not a training image",
+                 id="a-test-image"),
+    pytest.param(lambda o: [*o[:-1], o[0]], r"line 12: .* is listed on line 1 already", id="duplicate"),
+    pytest.param(lambda o: o[:-1], r"lists 11 images, but .* has 12 training images; .* is one it leaves out",
+                 id="count"),
+    pytest.param(lambda o: [*o[:-1], "../escape.png"], r"line 12: refusing path '\.\./escape\.png' .*path traversal",
+                 id="dot-dot"),
+    pytest.param(lambda o: ["/etc/passwd", *o[1:]], r"line 1: refusing path '/etc/passwd' \(absolute", id="absolute"),
+    pytest.param(lambda o: [o[0], "", *o[1:]], r"line 2 is empty", id="empty-line"),
+])
+def test_a_bad_train_order_is_one_line_naming_what(tmp_path, kind, edit, message):
+    """A member not among the training images, a repeat, a wrong count, a path out of the archive: one line before
+    anything trains, and no image dropped or listed twice without a word."""
+    path, order = _ordered_tree(tmp_path, kind)
+    with pytest.raises(DataError, match=message) as err:
+        load_splits(_cfg(tmp_path, path, train_order=str(_write_order(tmp_path, edit(order)))))
+    assert "\n" not in str(err.value) and "data.train_order" in str(err.value)
+
+
+def test_a_decode_is_not_reused_under_another_train_order(tmp_path, monkeypatch):
+    """The order's content enters the cache key: another order decodes again, the same order (at any path) hits."""
+    tree, order = _ordered_tree(tmp_path, "folder")
+    first = load_splits(_cfg(tmp_path, tree, train_order=str(_write_order(tmp_path, order))))
+    reversed_order = load_splits(_cfg(tmp_path, tree, train_order=str(_write_order(tmp_path, order[::-1], "r.txt"))))
+    np.testing.assert_array_equal(reversed_order["train"].images, first["train"].images[::-1])
+    monkeypatch.setattr(sources, "_decode_imagefolder", lambda *args: pytest.fail("decoded twice"))
+    copy = _write_order(tmp_path, order, "copy.txt")
+    np.testing.assert_array_equal(load_splits(_cfg(tmp_path, tree, train_order=str(copy)))["train"].images,
+                                  first["train"].images)
+
+
+@pytest.mark.parametrize("source, why", [("cifar100", "in the official order already"),
+                                         ("cifar10", "in the official order already"),
+                                         ("digits", "no image files")])
+def test_train_order_is_refused_where_the_order_is_the_official_one(source, why):
+    with pytest.raises(ValueError, match=f"data.train_order orders an ImageFolder's training images; .*{why}"):
+        DataConfig(source=source, train_order="cifar100-train-official-order.txt")
+    with pytest.raises(ValueError, match="keeps data.train_list's order"):
+        DataConfig(source="filelist", path="x", train_list="a.txt", test_list="b.txt", train_order="o.txt")
+
+
 # ----------------------------------------------------------------------------------------- CIFAR
 
 

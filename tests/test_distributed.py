@@ -48,15 +48,29 @@ METHODS = {
     # in order before the queue takes them; one BatchNorm group (bn_splits 1) so that sync_batchnorm's global
     # statistics make the split irrelevant: with groups, the processes' parts are groups of their own
     "moco": {"name": "moco", "queue_size": 200, "bn_splits": 1},
+    # Focal's weight on SimCLR's gathered negatives; GH (from epoch 2) allocates the global batch, and every process
+    # keeps the same memory and pi
+    "focal": {"name": "focal"},
+    "simclr+gh": {"name": "simclr", "gh": {"target_dim": 10, "warm_up": 1, "gh_warm_up": 0, "prior_every": 1}},
+    # Barlow Twins' cross-correlation and VICReg's variances and covariances: statistics of the global batch, from the
+    # embeddings each process gathers (with their gradient)
+    "barlow-twins": {"name": "barlow-twins", "projector": "32-32-32"},
+    "vicreg": {"name": "vicreg", "mlp": "32-32-32"},
+    # DINO's centre: the mean of the teacher's outputs over the global batch (all-reduced); each tensor clipped after
+    # the gradients are summed; a teacher that moves within the 12 steps
+    "dino": {"name": "dino", "out_dim": 64, "momentum_teacher": 0.9},
 }
 #: the methods that train on multi-crop views
-LOCAL_CROPS = {"excb", "msn", "msn-sinkhorn"}
+LOCAL_CROPS = {"excb", "msn", "msn-sinkhorn", "dino"}
 #: SimSiam at its default lr (0.03) amplifies a rounding difference about tenfold a step on these 503 digits: the
 #: parts' sums round otherwise than the whole batch's (3e-8 in the first loss), which grew to 2e-4 by step 9 on one
 #: 2-core AMD EPYC and stayed below 1e-6 on another CPU. At 0.02 it stays at 5e-8, so the test sees the split only.
 #: SimCLR, with both views in one forward (as SimCLR's, SDCLR's and BCL's code), does the same at its LARS lr of 0.3:
-#: equal for 4 steps, 1e-4 apart by step 12; at 0.1 the two stay within one ulp.
-OPTIM = {"simsiam": {"base_lr": 0.02}, "simclr": {"base_lr": 0.1}}
+#: equal for 4 steps, 1e-4 apart by step 12; at 0.1 the two stay within one ulp. Focal at its SGD lr (0.1 here), with
+#: BCL's head (BatchNorm on the output), grows a first 5e-7 about fifteenfold a step from the third (SimCLR with that
+#: head drifts too, later; Focal with SimCLR's head does not); at 0.02 it stays within a few ulps.
+OPTIM = {"simsiam": {"base_lr": 0.02}, "simclr": {"base_lr": 0.1}, "simclr+gh": {"base_lr": 0.1},
+         "focal": {"base_lr": 0.02}}
 
 
 def _free_port() -> int:

@@ -233,6 +233,20 @@ def save_runs(cells: list[Cell]) -> None:
             save_config(config, path)
 
 
+def test_an_order_file_spelled_another_way_is_the_same_run(tmp_path, monkeypatch):
+    """data.train_order names a file, as data.path does: relative or absolute, the same file is the same run; another
+    file (another order, other images behind each index) is another run."""
+    from imbssl.config import RunConfig
+    from imbssl.recipes.grid import what_changed
+
+    monkeypatch.chdir(tmp_path)
+    order = lambda path: RunConfig.model_validate(  # noqa: E731
+        {"data": {"source": "imagefolder", "path": "c.tar.gz", "train_order": path}})
+    assert what_changed(order("order.txt"), order(str(tmp_path / "order.txt")), evaluated=True) == {}
+    assert what_changed(order("order.txt"), order("other.txt"), evaluated=True) == {
+        "data.train_order": ("order.txt", "other.txt")}
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_grid_tells_the_runs_a_changed_setting_makes_other_runs(tmp_path, name):
     """A changed setting makes exactly the cells whose config it changes stale, in every recipe (the loop sets

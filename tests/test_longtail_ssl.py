@@ -318,3 +318,93 @@ def test_longtail_ssl_verdicts_name_the_leader_and_check_the_papers_order():
     assert lines[1].endswith("SimCLR < SDCLR < BCL-I < BCL-D, matches")
     top1["sdclr"] = (30, 31, 30)
     assert exp.verdict_lines(results(top1), "imbalanced-p100")[1].endswith("does not match")
+
+
+# -- the cpu preset: SDCLR's and BCL's split 1 through the official order (issue 31) -----------------------------
+#: the issue's run list in table order: the SimCLR family, the general SSL methods, the seeds'
+CPU_METHODS = ["simclr", "simclr+gh", "focal", "focal+gh", "sdclr", "sdclr+gh", "bcl-i", "bcl-i+gh", "bcl-d",
+               "bcl-d+gh", "byol", "dino", "barlow-twins", "vicreg", "simsiam", "excb", "pmsn"]
+
+
+def _cpu_grid(*overrides: str):
+    from imbssl.configbase import deep_merge, parse_overrides
+    from imbssl.recipes import load_preset
+    from imbssl.recipes.longtail_ssl import LongtailSSLConfig
+
+    tree = deep_merge(load_preset("longtail-ssl", "cpu"), {"base": {"data": {"path": "cifar100-png.tar.gz"}}})
+    return LongtailSSLConfig.model_validate(deep_merge(tree, parse_overrides(overrides)))
+
+
+def test_the_cpu_preset_runs_split_1_of_bcl_through_the_official_order():
+    """Every run pre-trains on split 1's D_i, probes on its train, validation and few-shot lists, all read through
+    the order file; the seeds' protocol stays one override away, as the header says."""
+    from pathlib import Path
+
+    from imbssl.config import few_shot_name
+
+    grid = _cpu_grid()
+    assert grid.methods == CPU_METHODS and grid.seeds == [0, 1, 2] and [s.key for s in grid.subsets] == ["split1"]
+    cells = grid.cells(Path("out"))
+    assert len(cells) == len(CPU_METHODS) * 3
+    for cell in cells:
+        data, evaluation = cell.config.data, cell.config.eval
+        assert (data.source, data.train_order) == ("imagefolder", "cifar100-train-official-order.txt")
+        assert data.subset.index_file == "split/cifar100_imbSub_with_subsets/cifar100_split1_D_i.npy"
+        assert (evaluation.labelled_index_file, evaluation.val_index_file) == (
+            "split/cifar100/cifar100_trainIdxList.npy", "split/cifar100/cifar100_valIdxList.npy")
+        assert [few_shot_name(s) for s in evaluation.few_shot] == ["cifar100_split1_test_100shot",
+                                                                     "cifar100_split1_test_50shot"]
+    assert grid.protocol().endswith("Train indices follow the order file cifar100-train-official-order.txt.")
+    seeds = _cpu_grid("subset_keys=[imbalanced-p100]", "base.data.train_order=null",
+                      "base.eval.labelled_index_file=null", "base.eval.val_index_file=null",
+                      "base.eval.few_shot=['1%', 100-shot, 50-shot]")
+    assert seeds.protocol().startswith("Protocol: the seeds' (Cao et al.'s") and "order file" not in seeds.protocol()
+    assert seeds.run_config(seeds.subsets[0], "simclr", 0).data.subset.profile == "exp"
+
+
+def _split_results(methods: dict[str, tuple[float, ...]], classes: list[str]):
+    from pathlib import Path
+
+    from imbssl.recipes.grid import CellRecord, Results
+    from imbssl.records import EvalRecord
+
+    evaluated = EvalRecord.read(Path(__file__).parent / "data" / "format-0" / "eval.json")
+    counts = [int(450 * 0.01 ** (c / (len(classes) - 1))) for c in range(len(classes))]
+    return Results(recipe="longtail-ssl", command="test", cells=[
+        CellRecord(axes={"subset": "split1", "method": m}, seed=s, kind="pretrain", run_dir="r",
+                   eval=evaluated.model_copy(update={"classes": classes, "pretrain_class_counts": counts,
+                                                     "linear": evaluated.linear.model_copy(update={"top1": v})}))
+        for m, values in methods.items() for s, v in enumerate(values)])
+
+
+def _rows(report: list[str]) -> dict[str, list[str]]:
+    """The probe table's rows by method, and its header under 'method'."""
+    lines = "\n".join(report).splitlines()
+    return {cells[0]: cells for line in lines if line.startswith("| ") and not line.startswith("| ---")
+            for cells in ([cell.strip() for cell in line.strip("|").split("|")],)}
+
+
+@pytest.mark.parametrize("cifar100", [True, False])
+def test_bcls_published_figures_sit_in_their_own_columns_beside_cifar100_runs_alone(cifar100, tmp_path):
+    """BCL README's full-shot, 100-shot and 50-shot figures are columns of the probe table, n/a for methods it does
+    not report, only when the runs are of CIFAR-100; and each X+GH is paired with its X by seed."""
+    from imbssl.recipes.grid import CIFAR100_CLASSES
+
+    grid = _cpu_grid("methods=[simclr, simclr+gh, simsiam]", "base.eval.few_shot=[]",
+                     "method_settings.simclr+gh={method: {name: simclr}}")
+    classes = sorted(CIFAR100_CLASSES) if cifar100 else [str(c) for c in range(10)]
+    results = _split_results({"simclr": (40, 42, 41), "simclr+gh": (42, 44.5, 43.5), "simsiam": (30, 31, 32)}, classes)
+    table = grid.report(results, tmp_path)
+    rows = _rows(table)
+    published = ["BCL README: full-shot", "BCL README: 100-shot", "BCL README: 50-shot"]
+    assert (rows["method"][-3:] == published) == cifar100
+    if cifar100:
+        assert rows["SimCLR"][-3:] == ["50.7", "46.3", "42.4"] and rows["SimSiam"][-3:] == ["n/a"] * 3
+        assert rows["SimCLR"][1] == "41.0 ± 1.0"
+        assert any(line.startswith("The published columns: BCL README, CIFAR-100-LT split 1") and
+                   "These runs: the same split files, another backbone" in line for line in table)
+    else:
+        assert "The published figures (BCL README, CIFAR-100-LT split 1, BCL's protocol, ResNet-18, 2,000 ep) are left " \
+               "out: they are not of CIFAR-100." in table
+    assert f"- {grid.label('simclr+gh')} - SimCLR, full-shot: +2.33 points (95% CI +1.62 to +3.05, 3 seeds): holds" \
+        in table

@@ -134,6 +134,24 @@ def test_schedules_refuse_a_wrong_length_and_a_name_nothing_takes():
         Schedules(toy, optimizer, {}, 9, 3)
 
 
+def test_a_group_with_a_weight_decay_end_goes_there_on_a_cosine_from_its_own():
+    """DINO's weight decay: the group that sets ``weight_decay_end`` follows the schedule "weight_decay", a cosine
+    from the optimizer's weight decay to that value; the others keep theirs; two groups cannot want two cosines."""
+    weights, biases = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([{"params": [weights], "weight_decay_end": 0.4},
+                                   {"params": [biases], "weight_decay": 0.0}], lr=0.1, weight_decay=0.04)
+    schedules = Schedules(TrainingTask(), optimizer, {"lr": np.full(4, 0.1)}, 4, 2)
+    assert np.array_equal(schedules.values["weight_decay"], cosine_schedule(0.04, 0.4, 4))
+    for step in range(4):
+        schedules.apply(step)
+        assert optimizer.param_groups[0]["weight_decay"] == cosine_schedule(0.04, 0.4, 4)[step]
+        assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    other = torch.optim.AdamW([{"params": [weights], "weight_decay_end": 0.4},
+                               {"params": [biases], "weight_decay_end": 0.1}], weight_decay=0.04)
+    with pytest.raises(ScheduleError, match="parameter groups go from and to different weight decays"):
+        Schedules(TrainingTask(), other, {"lr": np.full(4, 0.1)}, 4, 2)
+
+
 # -- the EMA teacher ---------------------------------------------------------------------------------
 def test_ema_teacher_is_a_frozen_copy_of_the_named_parts_and_moves_by_the_given_momentum():
     student = nn.Module()

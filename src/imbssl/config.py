@@ -52,6 +52,12 @@ class SubsetConfig(Section):
 
 #: sources whose images are files under data.path, listed by data.train_list and data.test_list
 LISTED_SOURCES = ("filelist", "inat")
+_OFFICIAL_ORDER = ("is the official python archive, whose training images are in the official order already (train "
+                   "index i is its image i)")
+#: why data.train_order has nothing to do for a source other than imagefolder
+ORDERED_SOURCES = {"cifar10": _OFFICIAL_ORDER, "cifar100": _OFFICIAL_ORDER,
+                   "filelist": "keeps data.train_list's order, which train indices follow already",
+                   "inat": "keeps the image-id order of data.train_list, which train indices follow already"}
 
 
 class DataConfig(Section):
@@ -69,6 +75,9 @@ class DataConfig(Section):
     resize: Literal["stretch", "center_crop"] = Field(
         "stretch", description="how image_size is reached: stretch both sides to it, or scale the shorter side to it "
                                "and keep the centre square (ImageNet-size storage, aspect kept)")
+    train_order: str | None = Field(None, description="imagefolder: a file listing every training image once, its "
+                                                      "member path per line; line i is train index i, so split files "
+                                                      "of the official CIFAR order apply (docs/data.md)")
     subset: SubsetConfig = SubsetConfig()
 
     @model_validator(mode="after")
@@ -80,6 +89,9 @@ class DataConfig(Section):
         if listed and not (self.train_list and self.test_list):
             raise ValueError(f"data.source {self.source!r} reads its splits from data.train_list and data.test_list: "
                              f"set both")
+        if self.train_order and self.source != "imagefolder":
+            raise ValueError(f"data.train_order orders an ImageFolder's training images; data.source {self.source!r} "
+                             f"{ORDERED_SOURCES.get(self.source, 'has no image files to order')}: leave it unset")
         return self
 
     def require_path(self) -> None:

@@ -52,16 +52,21 @@ BATCH, SIZE, WIDTHS = 8, 16, (16, 32, 64, 128)  # imbssl's SmallCNN at width 0.5
 TERM_ROWS, TERM_DIM, ALPHAS, TS = 12, 16, (1.0, 2.0, 3.0), (1.0, 2.0, 5.0)
 
 
-def encoder_for(l2norm: type[nn.Module], feat_dim: int) -> nn.Sequential:
-    """imbssl's SmallCNN (four Conv-BN-ReLU-MaxPool blocks, ceil mode, global average pool) under ``body``, then
-    their fc8: a Linear to ``feat_dim`` and their L2Norm."""
+def small_cnn_body() -> nn.Sequential:
+    """imbssl's SmallCNN at width 0.5 written out (models/small.py): four Conv-BN-ReLU-MaxPool blocks, ceil mode,
+    global average pool."""
     layers, in_ch = [], 3
     for out_ch in WIDTHS:
         layers += [nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
                    nn.MaxPool2d(2, ceil_mode=True)]
         in_ch = out_ch
-    body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
-    return nn.Sequential(OrderedDict(body=body, flatten=nn.Flatten(), fc=nn.Linear(in_ch, feat_dim), norm=l2norm()))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
+
+
+def encoder_for(l2norm: type[nn.Module], feat_dim: int) -> nn.Sequential:
+    """imbssl's SmallCNN under ``body``, then their fc8: a Linear to ``feat_dim`` and their L2Norm."""
+    return nn.Sequential(OrderedDict(body=small_cnn_body(), flatten=nn.Flatten(), fc=nn.Linear(WIDTHS[-1], feat_dim),
+                                     norm=l2norm()))
 
 
 def terms(align_loss, uniform_loss) -> dict[str, torch.Tensor]:

@@ -310,8 +310,10 @@ def _imagefolder_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable
         content = file_digest(root, cache_dir)
     else:
         raise DataError(f"imagefolder path not found: {root}")
-    key = cache_key("imagefolder", content, **_size_options(cfg))
-    return key, lambda allocate: _decode_imagefolder(root, cfg.image_size, cfg.resize, allocate)
+    order = _read_train_order(Path(cfg.train_order).expanduser()) if cfg.train_order else None
+    # another order is another decode: the order's content enters the key, only where it is set (older keys stay)
+    key = cache_key("imagefolder", content, **_size_options(cfg), **({"train_order": order.digest} if order else {}))
+    return key, lambda allocate: _decode_imagefolder(root, cfg.image_size, cfg.resize, allocate, order)
 
 
 def _size_options(cfg: DataConfig) -> dict:
@@ -326,7 +328,7 @@ def _is_image(parts: tuple[str, ...]) -> bool:
     return not any(p.startswith(".") for p in parts) and PurePosixPath(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _safe_parts(name: str, source: Path) -> tuple[str, ...]:
+def _safe_parts(name: str, source: Path | str) -> tuple[str, ...]:
     """The components of a tar member's or a list's path; absolute paths and ``..`` are refused as path traversal."""
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts:
@@ -461,14 +463,62 @@ def _decode_images(files: list[_File], image_size: int | None, resize: str, allo
     return out
 
 
-def _decode_imagefolder(root: Path, image_size: int | None, resize: str, allocate: Allocate) -> _Decoded:
-    """Both splits decoded together, so they share one image size and channel count."""
+class _TrainOrder(NamedTuple):
+    """An order file: line i names train image i by its path in the archive or folder."""
+
+    path: Path
+    members: list[tuple[str, ...]]  # each line's path components, unique
+    digest: str  # of the file's bytes, for the cache key
+
+
+def _read_train_order(path: Path) -> _TrainOrder:
+    """``data.train_order``, checked line by line before anything is decoded: an empty line, a path outside the
+    archive (absolute, ``..``) or a path listed twice is an error naming its line."""
+    try:
+        blob = path.read_bytes()
+        text = blob.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read data.train_order {path}: {err}") from None
+    first_line: dict[tuple[str, ...], int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        where = f"data.train_order {path} line {number}"
+        if not line.strip():
+            raise DataError(f"{where} is empty: the file lists one training image per line")
+        parts = _safe_parts(line, where)
+        if (first := first_line.setdefault(parts, number)) != number:
+            raise DataError(f"{where}: {line} is listed on line {first} already; every training image is listed once")
+    if not first_line:
+        raise DataError(f"data.train_order {path} lists no image")
+    return _TrainOrder(path, list(first_line), hashlib.sha256(blob).hexdigest())
+
+
+def _in_train_order(train: list[tuple[str, _File]], order: _TrainOrder, source: Path) -> list[tuple[str, _File]]:
+    """The training images in the order file's order. A line that names no training image, or a training image that
+    no line names, is an error: no image is dropped or repeated without a word."""
+    by_member = {f.parts: (cls, f) for cls, f in train}
+    for number, member in enumerate(order.members, 1):
+        if member not in by_member:
+            raise DataError(f"data.train_order {order.path} line {number}: {'/'.join(member)} is not a training image "
+                            f"of {source} (its training images are named like {'/'.join(train[0][1].parts)})")
+    if len(order.members) != len(train):
+        listed = set(order.members)
+        unlisted = next(member for member in by_member if member not in listed)
+        raise DataError(f"data.train_order {order.path} lists {len(order.members):,} images, but {source} has "
+                        f"{len(train):,} training images; {'/'.join(unlisted)} is one it leaves out")
+    return [by_member[member] for member in order.members]
+
+
+def _decode_imagefolder(root: Path, image_size: int | None, resize: str, allocate: Allocate,
+                        order: _TrainOrder | None = None) -> _Decoded:
+    """Both splits decoded together, so they share one image size and channel count; the train split in the order
+    file's order where one is given, else sorted by path."""
     classes, splits = _by_split(_tar_files(root) if root.is_file() else _folder_files(root), root)
-    pairs = splits["train"] + splits["test"]
+    train = _in_train_order(splits["train"], order, root) if order else splits["train"]
+    pairs = train + splits["test"]
     images = _decode_images([f for _, f in pairs], image_size, resize, allocate)
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[c] for c, _ in pairs], dtype=np.int64)
-    return _Decoded(images, labels, len(splits["train"]), classes)
+    return _Decoded(images, labels, len(train), classes)
 
 
 # ------------------------------------------------------------------ file lists and iNaturalist JSON

@@ -60,11 +60,21 @@ def resolve_optim(cfg: OptimConfig, defaults: OptimDefaults) -> tuple[str, float
     return name, base_lr, weight_decay
 
 
+def with_own_base_lr(group: dict, base_lr: float, lr: float) -> dict:
+    """A parameter group that names a ``base_lr`` of its own (per 256 images, as optim.base_lr: Barlow Twins' biases,
+    their --learning-rate-biases) at that lr, following the run's lr schedule in proportion: its ``lr_scale``, the
+    ratio of the two base lrs (engine/schedules.py)."""
+    if "base_lr" not in group:
+        return group
+    scale = group["base_lr"] / base_lr
+    return {**{k: v for k, v in group.items() if k != "base_lr"}, "lr": lr * scale, "lr_scale": scale}
+
+
 def build_optimizer(model: SSLMethod, cfg: OptimConfig, defaults: OptimDefaults, batch_size: int) -> Optimizer:
     """lr = base_lr * batch_size / 256, the linear scaling rule used by SimSiam and SimCLR."""
     name, base_lr, weight_decay = resolve_optim(cfg, defaults)
     lr = base_lr * batch_size / 256
-    params = model.param_groups()
+    params = [with_own_base_lr(group, base_lr, lr) for group in model.param_groups()]
     if name == "lars":
         return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=weight_decay)
     if name == "adamw":

@@ -5,9 +5,11 @@ value for each step of the run, so the value at step s depends on s and the run'
 at any step (or extended to more epochs) takes exactly the value an uninterrupted run takes there.
 
 ``Schedules`` holds a run's arrays by name and applies step s's values before step s (``apply``):
-- the optimizer's parameter groups: ``lr`` follows the schedule "lr", except in a group marked ``fixed_lr``
-  (SimSiam's predictor); ``weight_decay`` follows the schedule a group names under ``wd_schedule``, if any (ExCB's
-  centroids), and is fixed otherwise;
+- the optimizer's parameter groups: ``lr`` follows the schedule "lr", times the group's ``lr_scale`` where it has one
+  (Barlow Twins' biases: engine/optim.py), except in a group marked ``fixed_lr`` (SimSiam's predictor);
+  ``weight_decay`` follows the schedule a group names under ``wd_schedule``, if any (ExCB's centroids), or goes on a
+  cosine from its own value to the group's ``weight_decay_end`` (DINO's; the schedule "weight_decay"), and is fixed
+  otherwise;
 - the task's own hyper-parameters: each name its ``schedules()`` hook returns is an attribute of the task that is
   set to the step's value (an EMA momentum, a temperature).
 A task adds a schedule with one entry in its ``schedules()``: ``{"teacher_momentum": ema_momentum_schedule(m,
@@ -24,6 +26,10 @@ from imbssl.errors import ImbsslError
 
 if TYPE_CHECKING:  # the task module imports nothing from here at run time
     from imbssl.engine.task import TrainingTask
+
+
+#: the schedule of the groups that set ``weight_decay_end``
+WEIGHT_DECAY = "weight_decay"
 
 
 class ScheduleError(ImbsslError, ValueError):
@@ -113,7 +119,20 @@ def followed_settings(group: dict) -> dict[str, str]:
     settings = {} if group.get("fixed_lr") else {"lr": "lr"}
     if "wd_schedule" in group:
         settings["weight_decay"] = group["wd_schedule"]
+    elif "weight_decay_end" in group:
+        settings["weight_decay"] = WEIGHT_DECAY
     return settings
+
+
+def weight_decay_schedule(groups: list[dict], total_steps: int) -> dict[str, np.ndarray]:
+    """{"weight_decay": a cosine from the weight decay of the groups that set ``weight_decay_end`` (the optimizer's,
+    optim.weight_decay) to that value}, or nothing where no group sets it: DINO's ``wd_schedule``,
+    ``cosine_scheduler(--weight_decay, --weight_decay_end)`` (their utils.py)."""
+    ends = {(group["weight_decay"], group["weight_decay_end"]) for group in groups if "weight_decay_end" in group}
+    if len(ends) > 1:
+        raise ScheduleError(f"parameter groups go from and to different weight decays {sorted(ends)}: one schedule "
+                            f"{WEIGHT_DECAY!r} takes them")
+    return {WEIGHT_DECAY: cosine_schedule(*ends.pop(), total_steps)} if ends else {}
 
 
 class Schedules:
@@ -128,10 +147,12 @@ class Schedules:
     def __init__(self, task: TrainingTask, optimizer: Optimizer, run_values: Mapping[str, np.ndarray],
                  total_steps: int, steps_per_epoch: int) -> None:
         task_values = task.schedules(total_steps, steps_per_epoch)
+        group_values = weight_decay_schedule(optimizer.param_groups, total_steps)
         self.values = {name: np.asarray(values, dtype=np.float64)
-                       for name, values in {**task_values, **run_values}.items()}
+                       for name, values in {**group_values, **task_values, **run_values}.items()}
         self.task, self.optimizer, self.task_names = task, optimizer, tuple(task_values)
         self.group_settings = [followed_settings(group) for group in optimizer.param_groups]
+        self.lr_scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
         self._check(total_steps)
 
     def _check(self, total_steps: int) -> None:
@@ -153,9 +174,10 @@ class Schedules:
     def apply(self, step: int) -> dict[str, float]:
         """Sets step ``step``'s values, before that step: the groups' lr and weight decay, the task's attributes."""
         now = self.at(step)
-        for group, settings in zip(self.optimizer.param_groups, self.group_settings, strict=True):
+        for group, settings, lr_scale in zip(self.optimizer.param_groups, self.group_settings, self.lr_scales,
+                                             strict=True):
             for setting, name in settings.items():
-                group[setting] = now[name]
+                group[setting] = now[name] * lr_scale if setting == "lr" else now[name]
         for name in self.task_names:
             setattr(self.task, name, now[name])
         return now

@@ -36,6 +36,9 @@ class TrainingTask(nn.Module):
     """
 
     output_dim: int = 0
+    #: whether ``gradient_clipping``'s norm bounds each parameter's gradient on its own (DINO's utils.clip_gradients)
+    #: rather than the norm of all of them together (torch's clip_grad_norm_, MSN's)
+    clips_each_tensor: bool = False
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:
         raise NotImplementedError
@@ -65,7 +68,8 @@ class TrainingTask(nn.Module):
 
     def gradient_clipping(self) -> tuple[list[nn.Parameter], float] | None:
         """The parameters whose gradient norm the engine clips before each optimizer step, and that norm; None (the
-        default) clips nothing. MSN clips its encoder as msn_train.py does."""
+        default) clips nothing. MSN clips its encoder as msn_train.py does; DINO each of its tensors
+        (``clips_each_tensor``)."""
         return None
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:

@@ -106,12 +106,14 @@ def optimizer_step(method: TrainingTask, optimizer: Optimizer, views: list[torch
 
 def clip_gradients(method: TrainingTask) -> None:
     """Clip the gradient norm of the parameters the task names, if it names any: ``method.gradient_clipping()``
-    returns (parameters, max norm) or None (MSN: its encoder at ``method.clip_grad_norm``, as msn_train.py).
+    returns (parameters, max norm) or None (MSN: its encoder at ``method.clip_grad_norm``, as msn_train.py), and
+    ``method.clips_each_tensor`` whether the norm bounds each parameter's gradient alone (DINO: ``--clip_grad``).
     The gradients are summed over processes by then, so the norm is the global batch's and every process scales
     alike; the clipping keeps no state, so a resumed run clips as an uninterrupted one."""
     if (clipped := method.gradient_clipping()) is not None:
         parameters, max_norm = clipped
-        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        for group in ([p] for p in parameters) if method.clips_each_tensor else [parameters]:
+            torch.nn.utils.clip_grad_norm_(group, max_norm)
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:

@@ -11,7 +11,8 @@ s, the relative size of each cluster, is an EMA of the teacher's hard-assignment
 B raises the similarities to undersized clusters and lowers those to oversized ones (Eq. 10), so the
 teacher spreads its assignments without needing a large batch. "Undersized" is relative to a target t,
 the paper's 1/K or any cluster prior (``method.prior``, priors.py; docs/priors.md). ``method.balancing`` swaps B
-for DINO's centring or for nothing: the two baselines are this module with one setting changed. Where imbssl's
+for DINO's centring or for nothing: the two baselines are this module with one setting changed. The EMA teacher, the
+multi-crop cross-entropy and the centring are DINO's (engine/ema.py, methods/dino.py). Where imbssl's
 defaults differ from the official code, ``method.proj_hidden_layers``, ``head_batches`` and ``pairing`` give the
 code's form, which the paper presets set (docs/excb.md, "What differs").
 """
@@ -27,11 +28,12 @@ from torch import nn
 
 from imbssl.cluster import kmeans
 from imbssl.configbase import ProjectorSection
-from imbssl.engine.distributed import batch_mean, gather, sum_over_processes
+from imbssl.engine.distributed import gather, sum_over_processes
 from imbssl.engine.ema import ema_teacher, ema_update
 from imbssl.engine.schedules import cosine_schedule, ema_momentum_schedule
 from imbssl.eval import cluster_statistics
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std, weight_decay_groups
+from imbssl.methods.dino import centre, cross_entropies, multi_crop_loss, other_view_terms
 from imbssl.models.heads import CosineCentroids, mlp
 from imbssl.priors import PriorConfig, cluster_prior, uniform_prior
 
@@ -70,27 +72,19 @@ def balance(z: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor) -> torch
 
 
 # -- loss (Eq. 7) and training statistics (Eq. 11-12) -------------------------------------------
-def cross_entropies(p_teacher: torch.Tensor, logits_student: torch.Tensor) -> torch.Tensor:
-    """[G, V]: H(p_t(x'), softmax(logits(x''))) averaged over the batch, for teacher view x' and student view x''."""
-    log_p = F.log_softmax(logits_student, dim=-1)
-    return -torch.einsum("ibk,jbk->ij", p_teacher, log_p) / p_teacher.shape[1]
-
-
 def excb_loss(p_teacher: torch.Tensor, z_proj: torch.Tensor, z_pred: torch.Tensor,
               student_temperature: float, pairing: str = "paper") -> torch.Tensor:
     """Eq. 7 with each double sum averaged over its view pairs, so the loss does not scale with G and L.
 
     ``p_teacher`` [G, B, K] are the teacher's assignments of the global views; ``z_proj``, ``z_pred`` [V, B, K]
     the student's similarities for all V views, global ones first. The projector term skips x'' = x'.
-    ``pairing`` "code" is the official code's instead (``excb_loss_as_code``).
+    ``pairing`` "code" is the official code's instead (``excb_loss_as_code``). The projector term is DINO's loss
+    (Eq. 3 there).
     """
     if pairing == "code":
         return excb_loss_as_code(p_teacher, z_proj, z_pred, student_temperature)
-    num_global, num_views = p_teacher.shape[0], z_proj.shape[0]
-    other_view = ~torch.eye(num_global, num_views, dtype=torch.bool, device=z_proj.device)
-    proj_terms = cross_entropies(p_teacher, z_proj / student_temperature)[other_view]
     pred_terms = cross_entropies(p_teacher, z_pred / student_temperature)
-    return proj_terms.mean() / 2 + pred_terms.mean() / 2
+    return multi_crop_loss(p_teacher, z_proj / student_temperature) / 2 + pred_terms.mean() / 2
 
 
 def excb_loss_as_code(p_teacher: torch.Tensor, z_proj: torch.Tensor, z_pred: torch.Tensor,
@@ -99,9 +93,7 @@ def excb_loss_as_code(p_teacher: torch.Tensor, z_proj: torch.Tensor, z_pred: tor
     against the projector output of each OTHER GLOBAL view and the predictor output of every view, one mean over
     all these G (G - 1) + G V pairs. The local views meet the teacher through the predictor alone, where Eq. 7 and
     Algorithm 1 pair their projector outputs too (``method.pairing``; docs/excb.md, "What differs")."""
-    num_global = p_teacher.shape[0]
-    other_global = ~torch.eye(num_global, dtype=torch.bool, device=z_proj.device)
-    proj_terms = cross_entropies(p_teacher, z_proj[:num_global] / student_temperature)[other_global]
+    proj_terms = other_view_terms(p_teacher, z_proj[:p_teacher.shape[0]] / student_temperature)
     pred_terms = cross_entropies(p_teacher, z_pred / student_temperature).flatten()
     return torch.cat([proj_terms, pred_terms]).mean()
 
@@ -268,9 +260,7 @@ class ExCB(SSLMethod):
         if self.cfg.balancing == "excb":
             return balance(z, self.cluster_sizes, self.target_sizes)
         if self.cfg.balancing == "centering":
-            centred = z - self.center
-            self.center.lerp_(batch_mean(z), 1 - self.cfg.center_momentum)
-            return centred
+            return centre(z, self.center, self.cfg.center_momentum)
         return z
 
     def update_cluster_sizes(self, assignments: torch.Tensor) -> None:

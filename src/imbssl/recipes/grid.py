@@ -48,7 +48,7 @@ Metric = Callable[["CellRecord"], float | None]
 WHERE_NOT_WHAT = ("data.cache_dir", "data.download", "train.progress", "train.log_every", "train.checkpoint_every",
                   "train.checkpoint_every_s", "train.dist_timeout_s")
 #: settings that name a file: the same file spelled another way (relative, absolute) is the same run
-PATH_KEYS = ("data.path", "init_from")
+PATH_KEYS = ("data.path", "data.train_order", "init_from")
 #: the file whose presence marks a finished run, and the config the folder saves, by kind
 DONE_FILE: dict[Kind, str] = {"pretrain": BACKBONE_FILE, "train": TrainRecord.FILE,
                               "self-train": SelfTrainingRecord.FILE, "pipeline": BudgetRecord.FILE}

@@ -5,6 +5,8 @@ longtail-ssl``.
     SimCLR+TS       SimCLR with a cosine schedule of its temperature (Kukleva et al. 2023)   engine/schedules.py
     SDCLR           SimCLR against a pruned copy of the network (Jiang et al. 2021)          methods/sdclr.py
     BCL-I, BCL-D    memorisation-boosted augmentation on SimCLR / SDCLR (Zhou et al. 2022)   methods/bcl.py
+    Focal           SimCLR with NT-Xent re-weighted as the focal loss (GH's code)            methods/focal.py
+    X+GH            Geometric Harmonization on each of the five above (Zhou et al. 2023)     methods/gh.py
     SimSiam, ExCB, PMSN, SimSiam+C+D   the seeds' methods (offline clustering is the pipeline's student)
 
 on one long-tailed subset (the seeds' protocol: Cao et al.'s exponential profile over the whole training split,
@@ -37,13 +39,23 @@ VARIANTS = {
     "sdclr": {"method": {"name": "sdclr"}, "optim": SIMCLR_OPTIM},
     "bcl-i": {"method": {"name": "bcl-i"}, "optim": SIMCLR_OPTIM},
     "bcl-d": {"method": {"name": "bcl-d"}, "optim": SIMCLR_OPTIM},
+    "focal": {"method": {"name": "focal"}, "optim": SIMCLR_OPTIM},  # GH's code's head (BCL's) and tau 0.2
     "simsiam": {"method": {"name": "simsiam"}},
     "excb": {"method": {"name": "excb"}, "augment": {"local_crops": 2}},
     "pmsn": {"method": {"name": "msn", "prior": {"kind": "power_law", "tau": 0.25}}, "augment": {"local_crops": 2}},
+    "byol": {"method": {"name": "byol"}},  # its authors' LARS (methods/byol.py), where the SimCLR family share SGD
+    "barlow-twins": {"method": {"name": "barlow-twins"}},  # their LARS and lrs (methods/barlow_twins.py), as BYOL
+    "vicreg": {"method": {"name": "vicreg"}},  # their LARS (methods/vicreg.py), as BYOL
+    "dino": {"method": {"name": "dino"}, "augment": {"local_crops": 2}},  # their AdamW (methods/dino.py), as ExCB
 }
+#: GH (methods/gh.py) on each contrastive method, at their README's CIFAR-100-LT flags (--warm_up 500 --target_dim
+#: 100, which needs proj_dim >= 100); a preset of shorter runs sets method.gh.warm_up below its epochs
+GH_ON = {"simclr": "SimCLR", "focal": "Focal", "sdclr": "SDCLR", "bcl-i": "BCL-I", "bcl-d": "BCL-D"}
+VARIANTS |= {f"{name}+gh": {**VARIANTS[name], "method": {**VARIANTS[name]["method"], "gh": {}}} for name in GH_ON}
 #: what the tables call the variants that are not a method of the same name; SimSiam+C+D is the offline-clustering
 #: pipeline's student, trained from SimSiam's settings (recipes/experiment_2.py)
-LABELS = {"simclr-ts": "SimCLR+TS", "pmsn": "PMSN", PIPELINE: PIPELINE_LABELS[PIPELINE]}
+LABELS = {"simclr-ts": "SimCLR+TS", "pmsn": "PMSN", PIPELINE: PIPELINE_LABELS[PIPELINE],
+          **{f"{name}+gh": f"{label}+GH" for name, label in GH_ON.items()}}
 
 #: BCL's README (MediaBrain-SJTU/BCL at a2342f8): linear top-1 (%) on CIFAR-100-LT split 1, ResNet-18, 2,000 epochs,
 #: BCL's protocol (a rho=100 tail drawn outside a 5k validation list; full-shot on the 40k train list, 100/50-shot on
@@ -51,6 +63,7 @@ LABELS = {"simclr-ts": "SimCLR+TS", "pmsn": "PMSN", PIPELINE: PIPELINE_LABELS[PI
 PUBLISHED = {"simclr": (50.7, 46.3, 42.4), "sdclr": (55.0, 49.7, 45.6), "bcl-i": (55.7, 50.1, 45.8),
              "bcl-d": (58.7, 52.6, 48.7)}
 PUBLISHED_SETTING = "BCL README, CIFAR-100-LT split 1, BCL's protocol, ResNet-18, 2,000 ep"
+PUBLISHED_PROBES = ("full-shot", "100-shot", "50-shot")
 #: the order the papers report, worst to best (SDCLR's paper: SDCLR over SimCLR; BCL's README: all four)
 PUBLISHED_ORDER = ("simclr", "sdclr", "bcl-i", "bcl-d")
 
@@ -60,6 +73,11 @@ def longtail_subsets() -> list[NamedSubset]:
                         subset=SubsetConfig(profile="exp", imbalance=100)),
             NamedSubset(key="imbalanced-p10", title="Imbalanced (rho=10, Cao et al.'s profile)",
                         subset=SubsetConfig(profile="exp", imbalance=10))]
+
+
+def published_figures(method: str) -> list[str]:
+    """BCL's README figures of ``method`` (full-shot, 100-shot, 50-shot), or n/a where it reports none."""
+    return [f"{v:.1f}" for v in PUBLISHED[method]] if method in PUBLISHED else ["n/a"] * len(PUBLISHED_PROBES)
 
 
 def few_shot_top1(spec: str) -> Metric:
@@ -99,17 +117,36 @@ class LongtailSSLConfig(SubsetGrid):
     def probes(self) -> dict[str, Metric]:
         return {"full-shot": linear_top1, **{spec: few_shot_top1(spec) for spec in self.few_shot()}}
 
-    def probe_table(self, results: Results, subset: str) -> str:
-        """Per method: full-shot and few-shot top-1, the full-shot thirds and their std (balancedness)."""
+    def probe_table(self, results: Results, subset: str, published: bool) -> str:
+        """Per method: full-shot and few-shot top-1, the full-shot thirds and their std (balancedness); with
+        ``published``, BCL's figures in their own columns."""
         header = ["method", *self.probes(), "major", "minor", "rare", "thirds std (balancedness)"]
         metrics = [*self.probes().values(), *(linear_group(t) for t in ("major", "minor", "rare")), thirds_std]
         rows = [[self.label(m), *(results.cell(metric, subset=subset, method=m) for metric in metrics)]
                 for m in self.methods]
+        if published:
+            header += [f"BCL README: {probe}" for probe in PUBLISHED_PROBES]
+            rows = [row + published_figures(m) for row, m in zip(rows, self.methods)]
         return markdown_table(header, rows)
 
-    def published_table(self) -> str:
-        rows = [[self.label(m), *(f"{v:.1f}" for v in PUBLISHED[m])] for m in self.methods if m in PUBLISHED]
-        return markdown_table(["method", *(f"published: {p}" for p in ("full-shot", "100-shot", "50-shot"))], rows)
+    def published_setting(self, subset: str) -> str:
+        """Where BCL's figures were measured, and whether the runs of ``subset`` follow the same protocol."""
+        named = next(s for s in self.subsets if s.key == subset).subset
+        same = named.profile == "index_file" and self.eval_settings().labelled_index_file is not None
+        return (f"The published columns: {PUBLISHED_SETTING}, one run. These runs: "
+                f"{'the same split files,' if same else 'another protocol,'} another backbone and budget.")
+
+    def gh_gains(self, results: Results, subset: str) -> list[str]:
+        """Each method's paired gain from GH (X+GH - X), per probe: does category-level uniformity help here?"""
+        lines = []
+        for method in self.methods:
+            base = method.removesuffix("+gh")
+            if base == method or base not in self.methods:
+                continue
+            for probe, metric in self.probes().items():
+                gain = results.paired(metric, {"subset": subset, "method": method}, {"subset": subset, "method": base})
+                lines.append(f"- {self.label(method)} - {self.label(base)}, {probe}: {verdict(gain)}")
+        return lines
 
     def ranking(self, results: Results, subset: str, metric: Metric) -> list[str]:
         """The methods, best first, by their mean over seeds."""
@@ -140,18 +177,20 @@ class LongtailSSLConfig(SubsetGrid):
         return f"{super().title(results)}, {epochs} epochs each"
 
     def report(self, results: Results, out_dir: Path) -> list[str]:
-        """The probes, thirds and balancedness per subset, the verdicts, the published figures apart."""
+        """The probes, thirds and balancedness per subset beside BCL's published figures (CIFAR-100 runs alone), the
+        verdicts and GH's gains."""
         sizes, titles = self.subset_titles(results)
+        published = paper_dataset(results.cells[0].eval.classes) == "cifar100"
         lines = [self.protocol(), "",
                  "Thirds: the classes sorted by pre-training count; their std is SDCLR's balancedness (lower is more "
                  "balanced).", ""]
+        if not published:
+            lines += [f"The published figures ({PUBLISHED_SETTING}) are left out: they are not of CIFAR-100.", ""]
         for key, title in titles.items():
-            lines += [f"## {title}, N = {sizes[key]:,}", "", self.probe_table(results, key), "",
+            lines += [f"## {title}, N = {sizes[key]:,}", "", *([self.published_setting(key), ""] if published else []),
+                      self.probe_table(results, key, published), "",
                       "Who leads (paired by seed; the lead over the runner-up):", "",
                       *self.verdict_lines(results, key), ""]
-        if paper_dataset(results.cells[0].eval.classes) == "cifar100":
-            lines += [f"## Published figures: {PUBLISHED_SETTING} (another protocol, backbone and budget)", "",
-                      self.published_table(), ""]
-        else:
-            lines += [f"The published figures ({PUBLISHED_SETTING}) are left out: they are not of CIFAR-100.", ""]
+            if gains := self.gh_gains(results, key):
+                lines += ["GH's gain (paired by seed):", "", *gains, ""]
         return lines

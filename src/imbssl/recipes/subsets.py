@@ -119,7 +119,9 @@ class SubsetGrid(GridConfig):
 
     def protocol(self) -> str:
         """The CIFAR-LT protocol the grid follows, in words, for its report."""
-        return describe_protocol(self.subsets[0].subset, self.eval_settings())
+        order = self.base.get("data", {}).get("train_order")
+        return (describe_protocol(self.subsets[0].subset, self.eval_settings())
+                + (f" Train indices follow the order file {Path(order).name}." if order else ""))
 
     def thirds_table(self, results: Results, titles: dict[str, str], sizes: dict[str, int],
                      methods: list[str]) -> str:
