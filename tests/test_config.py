@@ -86,7 +86,8 @@ def test_switching_the_method_of_a_config_names_the_key_the_new_method_does_not_
 
 @pytest.mark.parametrize("overrides,message", [
     (["method.name=msn", "method.sinkhorn=true", "method.prior.kind=power_law"], "method: sinkhorn forces uniform"),
-    (["method.name=msn", "method.prior.kind=estimated"], "method: prior.kind=estimated comes from ExCB's k-means"),
+    (["method.name=msn", "method.sinkhorn=true", "method.prior.kind=power_law_fit"],
+     "method: sinkhorn forces uniform cluster marginals, which contradicts prior.kind=power_law_fit"),
     (["method.name=excb", "method.prior.kind=estimated", "method.centroid_init=random"],
      "method: prior.kind=estimated takes its sizes from the k-means of the centroid initialisation"),
     (["method.name=sdclr", "method.prune_ratio=1"], "method.prune_ratio: Input should be less than 1"),

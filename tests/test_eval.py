@@ -1,26 +1,40 @@
-"""Tests of imbssl.eval: feature extraction, labelled split, linear probe, kNN and metrics."""
+"""Tests of imbssl.eval and ``evaluate_run``: feature extraction, labelled split, linear probe, kNN, metrics, the
+feature clusters, runs without labels, a separate labelled set and fine-tuning."""
 from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from imbssl.config import LinearEvalConfig
+from conftest import imbssl
+from imbssl.config import ConfigError, DataConfig, LinearEvalConfig
+from imbssl.data import load_splits
+from imbssl.engine.checkpoint import load_safe
 from imbssl.eval import (
     accuracy_report,
     balanced_labelled_split,
     extract_features,
+    feature_clusters,
     knn_predict,
     knn_scores,
     linear_probe,
+    size_profile,
 )
 from imbssl.eval.linear import _LinearGrid
+from imbssl.pipelines.evaluate import FEATURE_CLUSTER_FIGURE, FINETUNE_DIR, evaluate_run
+from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
+from imbssl.records import EvalRecord
+
+FORMAT_0 = Path(__file__).parent / "data" / "format-0"
 
 
 def _blobs(n: int, num_classes: int, dim: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -228,3 +242,133 @@ def test_accuracy_report_ties_and_empty_groups():
     assert report["groups"]["minor"] == ["a"] and report["groups"]["rare"] == ["d"]
     assert report["medium"] is None and report["few"] is None
     assert report["many"] == pytest.approx(61.25)
+
+
+# ---------------------------------------------------------------- cluster sizes without labels
+
+
+def test_size_profile_by_hand():
+    profile = size_profile(np.array([5, 500, 0, 50]))
+    shares = np.array([500, 50, 5]) / 555
+    entropy = -(shares * np.log(shares)).sum()
+    assert profile["sorted_sizes"] == [500, 50, 5, 0] and profile["empty"] == 1
+    assert profile["imbalance"] == pytest.approx(100.0)  # rho = n_max / n_min over the non-empty groups
+    assert profile["effective_number"] == pytest.approx(math.exp(entropy))
+    assert profile["normalised_entropy"] == pytest.approx(entropy / math.log(4))
+    equal = size_profile(np.full(8, 30))
+    assert equal["imbalance"] == 1.0 and equal["effective_number"] == pytest.approx(8.0)
+    assert equal["normalised_entropy"] == pytest.approx(1.0)
+
+
+def test_feature_clusters_find_long_tailed_groups_and_judge_them_by_the_labels():
+    """Four well separated directions holding 400, 100, 40 and 10 points: the k-means sizes are the groups' own, and
+    with labels the classes sit beside them, clusters and classes the same partition."""
+    sizes = [400, 100, 40, 10]
+    labels = np.repeat(np.arange(4), sizes)
+    features = np.eye(16)[labels * 3] + 0.05 * np.random.default_rng(0).standard_normal((len(labels), 16))
+    report = feature_clusters(features, 4, 0, labels, 4)
+    assert report["clusters"]["sorted_sizes"] == sizes and report["clusters"]["imbalance"] == pytest.approx(40.0)
+    assert report["classes"] == report["clusters"] and report["nmi"] == pytest.approx(1.0) and report["purity"] == 1.0
+    unlabelled = feature_clusters(features, 4, 0)
+    assert unlabelled["clusters"] == report["clusters"] and "classes" not in unlabelled
+    with pytest.raises(ConfigError, match="eval.feature_clusters.k=600: more clusters than the 550"):
+        feature_clusters(features, 600, 0)
+
+
+def test_an_eval_json_from_before_the_feature_clusters_still_loads():
+    tree = EvalRecord.read(FORMAT_0 / "eval.json").model_dump(mode="json")
+    for key in ("feature_clusters", "finetune", "probes_skipped", "head_tail_counts"):
+        del tree[key]
+    record = EvalRecord.from_tree(tree, "old eval.json")
+    assert record.feature_clusters is None and record.finetune is None and record.probes_skipped is None
+    assert record.linear.top1 == tree["linear"]["top1"]
+
+
+# ---------------------------------------------------------------- evaluate_run: unlabelled runs, labelled_data, fine-tuning
+
+
+def _tiny_run(tiny_cfg, run_dir, data=None, **eval_section):
+    cfg = tiny_cfg(data={"source": "digits", "cache_dir": str(run_dir.parent / "cache"), **(data or {})},
+                   optim={"batch_size": 128, "epochs": 2}, eval={"knn_k": [5], **eval_section})
+    return pretrain(cfg, run_dir)
+
+
+@pytest.mark.slow
+def test_a_run_without_labels_reports_its_feature_clusters_and_skips_the_probes_in_one_line(tiny_cfg, tmp_path,
+                                                                                            caplog):
+    labelled = evaluate_run(_tiny_run(tiny_cfg, tmp_path / "labelled"))
+    counts = labelled.pretrain_class_counts
+    assert labelled.feature_clusters.classes.sorted_sizes == sorted(counts, reverse=True)
+    assert labelled.feature_clusters.nmi is not None and labelled.linear is not None
+
+    with caplog.at_level(logging.INFO):
+        run = _tiny_run(tiny_cfg, tmp_path / "unlabelled", {"labels": "none"})
+        caplog.clear()
+        record = evaluate_run(run)
+    skipped = [r.getMessage() for r in caplog.records if "probes skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "eval.labelled_data" in skipped[0] and "data.labels none" in skipped[0]
+    assert record.probes_skipped in skipped[0] and EvalRecord.read(run).probes_skipped == record.probes_skipped
+    assert record.linear is None and record.knn == {} and record.pretrain_class_counts is None
+    assert record.feature_clusters.classes is None and record.feature_clusters.nmi is None
+    # the same weights as the labelled run's (labels never reach training), so the same clusters
+    assert record.feature_clusters.clusters == labelled.feature_clusters.clusters
+    assert sum(record.feature_clusters.clusters.sorted_sizes) == sum(counts)
+    assert (run / FEATURE_CLUSTER_FIGURE).stat().st_size > 0
+
+
+def _digits_folder(root: Path, size: int | None = None) -> Path:
+    """The digits as an ImageFolder tree of PNGs (train/<class>/, test/<class>/), at ``size`` pixels a side."""
+    for split, images in load_splits(DataConfig(source="digits")).items():
+        for i, (image, label) in enumerate(zip(images.images, images.labels)):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            png = Image.fromarray(image[..., 0])
+            (png.resize((size, size)) if size else png).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_the_probes_of_a_run_without_labels_run_on_eval_labelled_data(tiny_cfg, tmp_path):
+    folder = _digits_folder(tmp_path / "labelled")
+    labelled_data = {"source": "imagefolder", "path": str(folder), "cache_dir": str(tmp_path / "cache")}
+    record = evaluate_run(_tiny_run(tiny_cfg, tmp_path / "run", {"labels": "none"}, labelled_data=labelled_data))
+    assert record.probes_skipped is None and record.pretrain_class_counts is None
+    pool = load_splits(DataConfig(**labelled_data))["train"]
+    assert record.labelled_train + record.labelled_val == len(pool.labels)  # its whole train split
+    assert record.classes == list(pool.classes) and record.head_tail_counts == pool.class_counts().tolist()
+    assert record.linear.top1 > 30 and record.knn[5].top1 > 30  # chance is 10
+
+
+@pytest.mark.slow
+def test_fine_tuning_trains_the_whole_backbone_and_reports_like_the_linear_probe(tiny_cfg, tmp_path):
+    finetune = {"enabled": True, "epochs": 4, "lr": 0.05, "augment_pad": 0}
+    run = _tiny_run(tiny_cfg, tmp_path / "run", finetune=finetune)
+    evaluate_run(run)
+    record = EvalRecord.read(run)
+    tuned, linear = record.finetune, record.linear
+    assert tuned.top1 > 30  # chance is 10
+    assert tuned.per_class.keys() == linear.per_class.keys() and tuned.groups == linear.groups
+    assert 1 <= tuned.selected["epoch"] <= 4 and tuned.val_top1 > 0
+    pretrained = load_safe(run / BACKBONE_FILE)["backbone"]
+    selected = load_safe(run / FINETUNE_DIR / "checkpoints" / "best.pt")
+    assert selected["epoch"] == tuned.selected["epoch"]
+    fine_tuned = {k.removeprefix("backbone."): v for k, v in selected["model"].items() if k.startswith("backbone.")}
+    assert fine_tuned.keys() == pretrained.keys()
+    assert any(not torch.equal(fine_tuned[k], pretrained[k]) for k in pretrained if pretrained[k].is_floating_point())
+
+
+@pytest.mark.slow
+def test_a_labelled_set_of_another_size_or_without_labels_is_refused_in_one_line(tiny_cfg, tmp_path):
+    run = _tiny_run(tiny_cfg, tmp_path / "run", {"labels": "none"})
+    folder = _digits_folder(tmp_path / "large", size=16)
+    given = ["--set", "eval.labelled_data.source=imagefolder", "--set", f"eval.labelled_data.path={folder}",
+             "--set", f"eval.labelled_data.cache_dir={tmp_path / 'cache'}"]
+    for extra, fragment in (([], "eval.labelled_data's images are 16x16, the pre-training images 8x8: set "
+                                 "eval.labelled_data.image_size=8"),
+                            (["--set", "eval.labelled_data.labels=none"], "eval.labelled_data is the probes' "
+                                                                          "labelled set: it needs labels")):
+        res = imbssl("evaluate", run, *given, *extra, cwd=tmp_path)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert len(errors) == 1 and fragment in errors[0], res.stderr
+    assert not (run / "eval.json").exists()

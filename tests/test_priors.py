@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from imbssl.augment.masking import kept_tokens, mask_patches
+from imbssl.cluster import kmeans
 from imbssl.config import ConfigError, ModelConfig, deep_merge
+from imbssl.data import load_indices
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.methods import build_method
@@ -19,7 +21,9 @@ from imbssl.methods.msn import MSNConfig, me_max, msn_loss, prior_matching
 from imbssl.models import build_backbone
 from imbssl.pipelines.evaluate import evaluate_run
 from imbssl.pipelines.pretrain import pretrain
-from imbssl.priors import PriorConfig, check_prior, cluster_prior, estimated_prior, power_law_prior
+from imbssl.priors import (PriorConfig, check_prior, cluster_prior, estimated_prior, fit_power_law, power_law_prior,
+                           uniform_prior)
+from imbssl.records import PretrainRecord
 from imbssl.recipes import load_preset
 from imbssl.recipes.priors import PriorsExperimentConfig
 
@@ -34,6 +38,22 @@ def test_priors_sum_to_one_with_k_positive_entries():
     assert torch.allclose(power, torch.tensor([12, 6, 4, 3]) / 25.0)
     estimated = estimated_prior(np.array([0, 0, 0, 2, 2, 1]), 4)  # sizes 3, 2, 1, 0 -> (4, 3, 2, 1) / 10
     assert torch.allclose(estimated, torch.tensor([0.4, 0.3, 0.2, 0.1]))
+
+
+@pytest.mark.parametrize("tau", [0.25, 0.5, 1.0])
+def test_the_power_law_fit_recovers_tau_from_kmeans_sizes(tau):
+    """Clusters of sizes 20000 k^-tau in shuffled order: the fit reads them sorted, +1 each as ``estimated`` does,
+    and PMSN's power law with the fitted tau is the prior."""
+    num_clusters = 50
+    sizes = np.round(20000 * np.arange(1, num_clusters + 1) ** -tau).astype(int)
+    assignments = np.repeat(np.random.default_rng(0).permutation(num_clusters), sizes)
+    fitted = fit_power_law(estimated_prior(assignments, num_clusters))
+    assert fitted == pytest.approx(tau, abs=0.01)
+    prior = cluster_prior(PriorConfig(kind="power_law_fit"), num_clusters, assignments)
+    assert torch.allclose(prior, power_law_prior(num_clusters, fitted))
+    assert fit_power_law(uniform_prior(8)) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="power_law_fit prior needs the k-means assignments"):
+        cluster_prior(PriorConfig(kind="power_law_fit"), num_clusters)
 
 
 def test_a_given_prior_is_read_from_a_file(tmp_path):
@@ -59,8 +79,8 @@ def test_prior_config_and_sinkhorn_with_a_non_uniform_prior_are_refused():
     with pytest.raises(ValueError, match="sinkhorn forces uniform cluster marginals"):
         MSNConfig(sinkhorn=True, prior=PriorConfig(kind="power_law"))
     MSNConfig(sinkhorn=True)  # uniform: allowed
-    with pytest.raises(ValueError, match="estimated comes from ExCB's k-means"):
-        MSNConfig(prior=PriorConfig(kind="estimated"))
+    with pytest.raises(ValueError, match="sinkhorn forces uniform cluster marginals"):
+        MSNConfig(sinkhorn=True, prior=PriorConfig(kind="power_law_fit"))
 
 
 def test_pmsn_with_a_uniform_prior_is_msn_up_to_log_k():
@@ -257,6 +277,25 @@ def test_evaluate_reports_msn_clusters_against_its_prior(tiny_cfg, tmp_path, fin
     assert clusters["sorted_shares"] == pytest.approx(sorted(shares, reverse=True))
     # KL(sizes || prior), scipy's sum p log(p / q) with 0 log 0 = 0; the other direction is infinite on an empty cluster
     assert clusters["kl_to_prior"] == pytest.approx(scipy.stats.entropy(shares, target))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["power_law_fit", "estimated"])
+def test_msn_takes_a_prior_measured_on_the_kmeans_of_its_initial_projections(tiny_cfg, tmp_path, monkeypatch, kind):
+    """PMSN without a set tau: the prior comes from the k-means of the target encoder's initial projections (the
+    sizes ``kmeans_of_one_view`` returns), is kept through training and its tau is in pretrain.json."""
+    from imbssl.methods import base
+    seen = []
+    monkeypatch.setattr(base, "kmeans", lambda *a, **k: seen.append(kmeans(*a, **k)) or seen[-1])
+    cfg = msn_cfg(tiny_cfg, prior={"kind": kind})
+    run = pretrain(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 1})}), tmp_path / kind)
+    prior = load_safe(run / CHECKPOINT_FILE)["method"]["prior"]
+    assert len(seen) == 1 and len(seen[0].assignments) == len(load_indices(run / "subset.npz"))  # one view each
+    assert torch.allclose(prior, cluster_prior(PriorConfig(kind=kind), 16, seen[0].assignments))
+    assert not torch.allclose(prior, uniform_prior(16))
+    assert PretrainRecord.read(run).figure("prior_tau") == pytest.approx(fit_power_law(prior.numpy()), abs=1e-6)
+    if kind == "power_law_fit":
+        assert torch.allclose(prior, power_law_prior(16, PretrainRecord.read(run).figure("prior_tau")), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -11,14 +11,19 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 
 from imbssl.configbase import ConfigError, deep_merge, parse_overrides
 from imbssl.errors import ImbsslError
 from imbssl.recipes import RECIPES
-from imbssl.records import AccuracyReport, EvalRecord, SelfTrainingRecord, TrainRecord
+from imbssl.records import AccuracyReport, EvalRecord, SelfTrainingRecord, SizeProfile, TrainRecord
+
+if TYPE_CHECKING:
+    from collections import Counter
+
+    from imbssl.config import DataConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 #: the supervised (``imbssl train``) configs shipped with imbssl
@@ -95,6 +100,11 @@ def cli(verbose: bool, debug: bool) -> None:
     _setup_logging(verbose)
 
 
+def _data_path_set(data_path: str | None) -> tuple[str, ...]:
+    """``--data PATH`` as the ``--set`` it stands for; the path quoted, whatever it reads like as YAML."""
+    return (f"data.path={json.dumps(data_path)}",) if data_path else ()
+
+
 def _shipped_configs(pipelines: bool = False, folder: Path = CONFIG_DIR) -> str:
     """The names of the run (or pipeline) configs in ``folder``; a pipeline config has a ``base`` section."""
     import yaml
@@ -126,15 +136,28 @@ def data() -> None:
     """Inspect data sources and long-tailed subsets."""
 
 
-@data.command("describe", short_help="Per-class counts of the subsets.")
+@data.command("describe", short_help="Per-class counts of the subsets, or what unlabelled images hold.")
 @click.option("--config", "config_path", help="a run config (its data section): a file or a shipped config's name")
 @set_option("data.source=cifar10")
+@click.option("--data", "data_path", type=click.Path(), help="data archive or folder (sets data.path)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--plot", type=click.Path(dir_okay=False), help="also draw the Figure-1-style plot to this file")
-def data_describe(config_path: str | None, overrides: tuple[str, ...], as_json: bool, plot: str | None) -> None:
-    """Per-class counts of the paper's five subsets and of the configured one."""
+def data_describe(config_path: str | None, overrides: tuple[str, ...], data_path: str | None, as_json: bool,
+                  plot: str | None) -> None:
+    """Per-class counts of the paper's five subsets and of the configured one. For data.source images (no labels):
+    the images' count, sizes and modes and the files PIL cannot read, from the image headers (nothing is decoded).
+    ``--data PATH`` alone reads PATH as an ImageFolder when it holds train/<class>/ folders, else as images."""
     from imbssl.config import load_config
-    cfg = load_config(_config_file(config_path) if config_path else None, overrides)
+    from imbssl.data.sources import guess_source
+    named = config_path or any(o.startswith("data.source=") for o in overrides)
+    guessed = () if named or not data_path else (f"data.source={guess_source(Path(data_path))}",)
+    cfg = load_config(_config_file(config_path) if config_path else None,
+                      _data_path_set(data_path) + guessed + overrides)
+    if cfg.data.source == "images":
+        if plot:
+            raise ConfigError("--plot draws images per class, and data.source images has no classes")
+        _describe_images(cfg.data, as_json)
+        return
     from imbssl.recipes.subsets import NamedSubset, describe_subsets, paper_subsets
 
     subsets = paper_subsets(cfg.data.subset.seed)
@@ -156,6 +179,49 @@ def data_describe(config_path: str | None, overrides: tuple[str, ...], as_json: 
     for title, c in counts.items():
         click.echo(f"{title:<{width}}  total {sum(c):>7,}  per class {c}")
     click.echo(f"plot: {plot}" if plot else "(--plot FILE draws these counts)")
+
+
+def _describe_images(data: DataConfig, as_json: bool) -> None:
+    """``data describe`` of the images source: count, sizes, modes, unreadable files, and the decode's size."""
+    from imbssl.data.cache import readable_size
+    from imbssl.data.sources import describe_images
+
+    summary = describe_images(data)
+    stored = summary.stored
+    if as_json:
+        click.echo(json.dumps({"source": "images", "path": str(summary.root), "images": summary.count,
+                               "sizes": {f"{w}x{h}": n for (w, h), n in summary.sizes.most_common()},
+                               "modes": dict(summary.modes.most_common()),
+                               "unreadable": [{"file": err.name, "reason": err.reason} for err in summary.unreadable],
+                               "stored_shape": list(stored) if isinstance(stored, tuple) else None,
+                               "stored_problem": stored if isinstance(stored, str) else None,
+                               "cache_free_bytes": summary.cache_free}, indent=2))
+        return
+    click.echo(f"source: images   path: {summary.root}   images: {summary.count:,} readable, "
+               f"{len(summary.unreadable):,} unreadable")
+    click.echo(f"sizes: {_size_counts(summary.sizes)}")
+    click.echo(f"modes: {', '.join(f'{mode} {n:,}' for mode, n in summary.modes.most_common()) or 'none'}")
+    for err in summary.unreadable:
+        click.echo(f"unreadable: {err.name}: {err.reason}")
+    if summary.unreadable and data.unreadable == "refuse":
+        click.echo("  (the decode refuses them: --set data.unreadable=skip leaves them out, listed in the run folder)")
+    if isinstance(stored, str):
+        click.echo(f"stored: not as they are: {stored}")
+        return
+    height, width, channels = stored
+    click.echo(f"stored: {summary.count:,} x {height}x{width}x{channels} uint8 = "
+               f"{readable_size(summary.count * height * width * channels)} in the decode cache "
+               f"({readable_size(summary.cache_free)} free there)")
+
+
+def _size_counts(sizes: Counter) -> str:
+    """'32x32 40, 64x48 10' (width x height, images), or for many sizes their range and the commonest."""
+    common = ", ".join(f"{w}x{h} {n:,}" for (w, h), n in sizes.most_common(5))
+    if len(sizes) <= 5:
+        return common or "none"
+    smallest, largest = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
+    return (f"{len(sizes):,} distinct, from {smallest[0]}x{smallest[1]} to {largest[0]}x{largest[1]}; the "
+            f"commonest {common}")
 
 
 # -- pretrain / evaluate ------------------------------------------------------------------------
@@ -189,9 +255,8 @@ processes (docs/scale-out.md).
 @click.option("--eval/--no-eval", "then_eval", default=True, show_default=True, help="evaluate when done")
 def pretrain(config: str, overrides: tuple[str, ...], data_path: str | None, run_dir: str | None, resume: bool,
              then_eval: bool) -> None:
-    data_set = (f"data.path={json.dumps(data_path)}",) if data_path else ()  # quoted: a path, whatever it reads like
     from imbssl.config import load_config
-    cfg = load_config(_config_file(config), data_set + overrides)
+    cfg = load_config(_config_file(config), _data_path_set(data_path) + overrides)
     from imbssl.engine.distributed import is_main, process_group
     from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
     from imbssl.pipelines.pretrain import pretrain as run_pretrain
@@ -218,11 +283,12 @@ def export(run_dir: str, out: str | None) -> None:
         click.echo(f"wrote {path}")
 
 
-@cli.command(short_help="Linear probe and k-NN of a run -> eval.json.")
+@cli.command(short_help="Feature clusters, linear probe and k-NN of a run -> eval.json.")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @set_option("eval.linear.epochs=20")
 def evaluate(run_dir: str, overrides: tuple[str, ...]) -> None:
-    """Linear probe and k-NN of a finished run on a balanced labelled set (writes RUN_DIR/eval.json)."""
+    """The k-means of a finished run's features (no labels needed), and its linear probe and k-NN on a balanced
+    labelled set: the run's own, or eval.labelled_data (writes RUN_DIR/eval.json)."""
     from imbssl.config import validate_tree
     from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run, load_run_config
 
@@ -234,29 +300,49 @@ def evaluate(run_dir: str, overrides: tuple[str, ...]) -> None:
 
 
 def _echo_eval(result: EvalRecord, eval_file: Path) -> None:
-    lin = result.linear
-    knn = ", ".join(f"knn{k} {report.top1:.2f}" for k, report in result.knn.items())
-    click.echo(f"labelled set: {result.labelled_train} images to train the probe + {result.labelled_val} to "
-               f"select it (balanced); test: {result.test} images")
-    click.echo(f"linear top-1 {lin.top1:.2f} (val {lin.val_top1:.2f}); {knn}")
-    groups = [lin.many, lin.medium, lin.few]
-    click.echo(f"many/medium/few: {' / '.join('n/a' if g is None else f'{g:.2f}' for g in groups)}; major/minor/rare: "
-               f"{_thirds(lin)} (std {lin.thirds_std:.2f})")
-    if None in groups:
-        click.echo("  n/a: no class of the pre-training subset falls in that group (many: over 100 images, "
-                   "medium: 20-100, few: under 20)")
+    if result.linear is not None:  # else the evaluation's log said in one line why the probes were skipped
+        _echo_probes(result)
+    if (features := result.feature_clusters) is not None:
+        click.echo(f"feature clusters (k-means, K={features.k}): {_size_profile(features.clusters)}"
+                   + ("" if features.classes is None else f"; classes: {_size_profile(features.classes)}, "
+                      f"NMI {features.nmi:.3f}"))
     if (clusters := result.clusters) is not None:
+        judged = "" if clusters.purity is None else f"; purity {clusters.purity:.3f}, NMI {clusters.nmi:.3f}"
         click.echo(f"clusters: {clusters.empty_clusters} of {len(clusters.sorted_relative_sizes)} empty, "
-                   f"largest {clusters.cluster_size_max:.2f}x the target size; purity {clusters.purity:.3f}, "
-                   f"NMI {clusters.nmi:.3f}")
+                   f"largest {clusters.cluster_size_max:.2f}x the target size{judged}")
     for warning in result.warnings:
         click.echo(f"warning: {warning}")
     click.echo(f"eval: {eval_file}")
 
 
+def _echo_probes(result: EvalRecord) -> None:
+    lin = result.linear
+    knn = ", ".join(f"knn{k} {report.top1:.2f}" for k, report in result.knn.items())
+    click.echo(f"labelled set: {result.labelled_train} images to train the probe + {result.labelled_val} to "
+               f"select it (balanced); test: {result.test} images")
+    finetuned = "" if result.finetune is None else f"; fine-tuned top-1 {result.finetune.top1:.2f}"
+    click.echo(f"linear top-1 {lin.top1:.2f} (val {lin.val_top1:.2f}); {knn}{finetuned}")
+    groups = [lin.many, lin.medium, lin.few]
+    click.echo(f"many/medium/few: {' / '.join('n/a' if g is None else f'{g:.2f}' for g in groups)}; major/minor/rare: "
+               f"{_thirds(lin)} (std {lin.thirds_std:.2f})")
+    if None in groups:
+        given = (result.settings or {}).get("labelled_data")
+        counted = "eval.labelled_data's train split" if given else "the pre-training subset"
+        click.echo(f"  n/a: no class of {counted} falls in that group (many: over 100 images, medium: 20-100, "
+                   f"few: under 20)")
+
+
+def _size_profile(profile: SizeProfile) -> str:
+    """'largest/smallest 12.4, effective number 6.2 of 10'."""
+    return (f"largest/smallest {profile.imbalance:.1f}, effective number {profile.effective_number:.1f} of "
+            f"{len(profile.sorted_sizes)}")
+
+
 def _thirds(report: AccuracyReport) -> str:
-    """'81.20 / 60.10 / 40.00': the major, minor and rare thirds' accuracies."""
-    return " / ".join(f"{value:.2f}" for value in (report.thirds.major, report.thirds.minor, report.thirds.rare))
+    """'81.20 / 60.10 / 40.00': the major, minor and rare thirds' accuracies ('n/a' for a third with no class: fewer
+    than three classes)."""
+    thirds = (report.thirds.major, report.thirds.minor, report.thirds.rare)
+    return " / ".join("n/a" if value is None else f"{value:.2f}" for value in thirds)
 
 
 # -- train --------------------------------------------------------------------------------------

@@ -57,35 +57,49 @@ _OFFICIAL_ORDER = ("is the official python archive, whose training images are in
 #: why data.train_order has nothing to do for a source other than imagefolder
 ORDERED_SOURCES = {"cifar10": _OFFICIAL_ORDER, "cifar100": _OFFICIAL_ORDER,
                    "filelist": "keeps data.train_list's order, which train indices follow already",
-                   "inat": "keeps the image-id order of data.train_list, which train indices follow already"}
+                   "inat": "keeps the image-id order of data.train_list, which train indices follow already",
+                   "images": "keeps its sorted path order (or data.train_list's), which train indices follow already"}
+#: the subset profiles that draw images per class, which a source without labels cannot
+PER_CLASS_PROFILES = ("exp", "step", "balanced")
 
 
 class DataConfig(Section):
-    source: Literal["digits", "cifar10", "cifar100", "imagefolder", "filelist", "inat"] = "digits"
+    source: Literal["digits", "cifar10", "cifar100", "imagefolder", "filelist", "inat", "images"] = Field(
+        "digits", description="images: a folder or .tar(.gz) of images in any layout, without labels or splits")
     path: str | None = Field(None, description="archive or folder; CIFAR archives are downloaded when absent; for "
                                                "filelist and inat, the root the listed paths are relative to")
     train_list: str | None = Field(None, description="filelist: `relative/path label` lines (ImageNet_LT_train.txt); "
-                                                     "inat: an annotation JSON (train2018.json); relative to data.path")
+                                                     "inat: an annotation JSON (train2018.json); images: image paths, "
+                                                     "one per line (optional); relative to data.path")
     test_list: str | None = Field(None, description="the evaluation split's list, as train_list (ImageNet_LT_test.txt, "
                                                     "val2018.json)")
     cache_dir: str = Field("~/.cache/imbssl", description="where decoded uint8 arrays are kept")
     download: bool = True
-    image_size: int | None = Field(None, ge=4, description="store ImageFolder, filelist and inat images at this "
-                                                         "square size (see resize)")
+    image_size: int | None = Field(None, ge=4, description="store ImageFolder, filelist, inat and images images at "
+                                                         "this square size (see resize)")
     resize: Literal["stretch", "center_crop"] = Field(
         "stretch", description="how image_size is reached: stretch both sides to it, or scale the shorter side to it "
                                "and keep the centre square (ImageNet-size storage, aspect kept)")
     train_order: str | None = Field(None, description="imagefolder: a file listing every training image once, its "
                                                       "member path per line; line i is train index i, so split files "
                                                       "of the official CIFAR order apply (docs/data.md)")
+    labels: Literal["source", "none"] = Field(
+        "source", description="none: the subset is chosen by the source's labels, then the run sees none (pre-trained "
+                              "and evaluated as if unlabelled); the images source has none either way")
+    unreadable: Literal["refuse", "skip"] = Field(
+        "refuse", description="images source: an image PIL cannot read stops the decode, naming it (refuse), or is "
+                              "left out, logged and listed in the run's skipped_images.txt (skip)")
     subset: SubsetConfig = SubsetConfig()
 
     @model_validator(mode="after")
     def _check_lists(self) -> "DataConfig":
         listed = self.source in LISTED_SOURCES
-        if not listed and (self.train_list or self.test_list):
-            raise ValueError(f"data.train_list and data.test_list belong to the filelist and inat sources, not "
-                             f"{self.source!r}")
+        if self.source == "images" and self.test_list:
+            raise ValueError("data.test_list: the images source has no test split (its images are all pre-training "
+                             "images); leave it unset")
+        if not listed and (self.test_list or (self.train_list and self.source != "images")):
+            raise ValueError(f"data.train_list and data.test_list belong to the filelist and inat sources (and "
+                             f"data.train_list to images), not {self.source!r}")
         if listed and not (self.train_list and self.test_list):
             raise ValueError(f"data.source {self.source!r} reads its splits from data.train_list and data.test_list: "
                              f"set both")
@@ -94,10 +108,35 @@ class DataConfig(Section):
                              f"{ORDERED_SOURCES.get(self.source, 'has no image files to order')}: leave it unset")
         return self
 
+    @model_validator(mode="after")
+    def _check_unlabelled(self) -> "DataConfig":
+        if self.source == "images" and self.subset.profile in PER_CLASS_PROFILES:
+            raise ValueError(f"data.subset.profile {self.subset.profile} draws images per class, and the images source "
+                             f"has no classes: use full or index_file")
+        if self.unreadable == "skip" and self.source != "images":
+            raise ValueError(f"data.unreadable=skip is for data.source images; {self.source!r} refuses an unreadable "
+                             f"image, as leaving it out would change its labelled splits")
+        return self
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the run sees labels: not from the images source, nor with ``labels: none``."""
+        return self.source != "images" and self.labels == "source"
+
+    def require_labels(self, what: str) -> None:
+        """A ValueError (a validator's one line) where ``what`` cannot run without labels."""
+        if not self.labelled:
+            why = "data.source images has none" if self.source == "images" else "data.labels none hides them"
+            raise ValueError(f"{what} cannot run without labels, and {why}: pre-train with imbssl pretrain, which "
+                             f"needs none")
+
     def require_path(self) -> None:
         """Image files have no default location: a run config must name it (the data section alone may not)."""
         if self.source == "imagefolder" and not self.path:
             raise ValueError(MISSING_DATA_PATH)
+        if self.source == "images" and not self.path:
+            raise ValueError("data.path is required when data.source is 'images': pass --data PATH (a folder or "
+                             ".tar.gz of images)")
         if self.source in LISTED_SOURCES and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r}: the root folder its lists' "
                              f"paths are relative to")
@@ -231,6 +270,20 @@ class OptimConfig(Section):
         return self
 
 
+class WandbConfig(Section):
+    """Weights & Biases logging beside TensorBoard (docs/scale-out.md): an extra, ``pip install "imbssl[wandb]"``."""
+
+    enabled: bool = False
+    project: str = Field("imbssl", min_length=1)
+    entity: str | None = Field(None, description="the W&B user or team (None = your default entity)")
+    mode: Literal["offline", "online"] = Field("offline", description="offline: written under dir only, to "
+                                                                      "`wandb sync` later; online: streamed")
+    dir: str | None = Field(None, description="where W&B writes its wandb/ folder (None = the run folder)")
+
+    def unused_keys(self) -> set[str]:
+        return set() if self.enabled else {"project", "entity", "mode", "dir"}
+
+
 class TrainConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -255,6 +308,7 @@ class TrainConfig(Section):
                                                     "CPU) instead of each process's part; docs/scale-out.md")
     dist_timeout_s: float = Field(600.0, gt=0, description="under torchrun: seconds a process waits for the others "
                                                            "before the job stops with an error (a crashed rank)")
+    wandb: WandbConfig = WandbConfig()
 
     @field_validator("device")
     @classmethod
@@ -271,6 +325,30 @@ class LinearEvalConfig(Section):
     lrs: list[float] = [0.1, 0.3, 1.0, 3.0]
     weight_decays: list[float] = [0.0, 1e-4]
     val_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class FeatureClustersConfig(Section):
+    """The label-free view of the representation (docs/protocol.md): k-means of the backbone features of the
+    pre-training images, and how unequal its cluster sizes are."""
+
+    k: int = Field(10, ge=2, description="clusters: the number of classes the collection is thought to hold, or more")
+    seed: int = 0
+
+
+class FinetuneConfig(Section):
+    """Fine-tuning, the fourth protocol: the whole backbone and a linear head trained with cross-entropy on the probes'
+    labelled train part (imbssl train's loop: SGD with momentum 0.9, a cosine lr to 0, the pad-crop-flip
+    augmentation), the epoch selected on their validation part."""
+
+    enabled: bool = False
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(0.01, gt=0, description="the start of the cosine (no batch-size scaling)")
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(128, ge=2)
+    augment_pad: int = Field(4, ge=0, description="random-crop padding (pixels) of the pad-crop-flip augmentation")
+
+    def unused_keys(self) -> set[str]:
+        return set() if self.enabled else {"epochs", "lr", "weight_decay", "batch_size", "augment_pad"}
 
 
 #: the split files of indices that data/longtail.read_split_file reads
@@ -305,6 +383,12 @@ class EvalConfig(Section):
     knn_temperature: float = 0.07
     linear: LinearEvalConfig = LinearEvalConfig()
     seed: int = 0
+    labelled_data: DataConfig | None = Field(None, description="the probes' own labelled set (an imagefolder with "
+                                                               "train/ and test/, or a filelist with labels), decoded "
+                                                               "to the pre-training images' size; None = the run's "
+                                                               "own data, whose labels the probes then need")
+    finetune: FinetuneConfig = FinetuneConfig()
+    feature_clusters: FeatureClustersConfig = FeatureClustersConfig()
 
     @field_validator("few_shot")
     @classmethod
@@ -329,6 +413,20 @@ class EvalConfig(Section):
         if len(set(names)) < len(names):
             raise ValueError(f"eval.few_shot {self.few_shot}: two entries share a name in eval.json (a split file "
                              f"is named by its stem)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_labelled_data(self) -> "EvalConfig":
+        data = self.labelled_data
+        if data is None:
+            return self
+        data.require_path()
+        if not data.labelled:
+            raise ValueError("eval.labelled_data is the probes' labelled set: it needs labels (an imagefolder with "
+                             "train/ and test/, or a filelist with labels), not data.source images or data.labels none")
+        if data.subset != SubsetConfig():
+            raise ValueError("eval.labelled_data.subset: the probes take its whole train split (or a balanced "
+                             "eval.labelled_size of it); leave subset unset")
         return self
 
 
@@ -491,6 +589,7 @@ class SupervisedConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> "SupervisedConfig":
         self.data.require_path()
+        self.data.require_labels("a classifier (imbssl train, self-training)")
         if self.loss.deferral != "none" and self.loss.defer_epoch >= self.optim.epochs:
             raise ValueError(f"loss.defer_epoch={self.loss.defer_epoch} is not before the last of optim.epochs="
                              f"{self.optim.epochs}: the deferred {self.loss.deferral.upper()} would never start")

@@ -1,6 +1,6 @@
 """What a run reports, as typed records: the files a run folder ends with, and what the recipes and the CLI read.
 
-    eval.json            EvalRecord          ``imbssl evaluate``: linear probe, few-shot probes, k-NN, clusters
+    eval.json            EvalRecord          ``imbssl evaluate``: feature clusters, linear, few-shot, k-NN, fine-tune
     pretrain.json        PretrainRecord      ``imbssl pretrain``: the last epoch's figures, the optimizer, the cost
     train.json           TrainRecord         ``imbssl train``: the test report of each stage, the selected epochs
     self_training.json   SelfTrainingRecord  the self-training pipeline: both classifiers, the pseudo-labels
@@ -73,17 +73,42 @@ class FewShotReport(ProbeReport):
 
 class ClusterReport(Part):
     """The final clustering of the pre-training images (ExCB's and MSN's centroids, no balancing) against the prior:
-    relative sizes are shares over target shares, KL(sizes || prior), purity and NMI against the labels."""
+    relative sizes are shares over target shares, KL(sizes || prior), purity and NMI against the labels (None when
+    the run has none)."""
 
     cluster_size_min: float
     cluster_size_max: float
     empty_clusters: int
-    purity: float
-    nmi: float
+    purity: float | None = None
+    nmi: float | None = None
     kl_to_prior: float
     sorted_relative_sizes: list[float]
     sorted_shares: list[float]
     sorted_prior: list[float]
+
+
+class SizeProfile(Part):
+    """The sizes of the groups of a partition of the pre-training images (k-means clusters, or classes) and how
+    unequal they are, from the shares p_k = n_k / N (eval/clusters.size_profile; docs/protocol.md)."""
+
+    sorted_sizes: list[int] = Field(description="largest first")
+    imbalance: float = Field(description="largest / smallest non-empty size: rho = n_max / n_min of a long-tailed set")
+    effective_number: float = Field(description="exp(H(p)): K when the K sizes are equal, 1 when one group holds all")
+    normalised_entropy: float = Field(description="H(p) / log K, 1 when the sizes are equal")
+    empty: int = Field(description="groups of size 0, left out of the imbalance")
+
+
+class FeatureClusterReport(Part):
+    """A view of the representation that needs no labels: k-means of the l2-normalised backbone features of the
+    pre-training images; with the run's labels, the classes beside it and how well the clusters follow them."""
+
+    k: int
+    seed: int
+    images: int
+    clusters: SizeProfile
+    classes: SizeProfile | None = Field(None, description="the pre-training class counts; None without labels")
+    nmi: float | None = Field(None, description="of the clusters against the classes; None without labels")
+    purity: float | None = None
 
 
 class Record(Part):
@@ -139,17 +164,28 @@ class Record(Part):
 # -- eval.json ------------------------------------------------------------------------------------
 class EvalRecord(Record):
     """``imbssl evaluate`` (pipelines/evaluate.py): the probes of a pre-trained backbone on a balanced labelled set,
-    and the counts they were measured on."""
+    and the counts they were measured on; the k-means of its features, which needs no labels."""
 
     FILE: ClassVar[str] = "eval.json"
-    labelled_train: int = Field(description="images that train the full-shot probe")
+    labelled_train: int = Field(description="images that train the full-shot probe (0: probes skipped)")
     labelled_val: int = Field(description="images that select the probes' settings")
     test: int = Field(description="test images")
-    pretrain_class_counts: list[int]
-    classes: list[str]
-    linear: ProbeReport
+    pretrain_class_counts: list[int] | None = Field(description="None when the run has no labels")
+    classes: list[str] = Field(description="the probes' classes: eval.labelled_data's when set")
+    head_tail_counts: list[int] | None = Field(None, description="the per-class counts that define the probes' "
+                                               "many/medium/few groups and thirds: pretrain_class_counts, or "
+                                               "eval.labelled_data's train split's; None where no probe ran (and in "
+                                               "files from before it, where they are pretrain_class_counts)")
+    probes_skipped: str | None = Field(None, description="why no probe ran (a run without labels and no "
+                                                         "eval.labelled_data); None when they ran")
+    linear: ProbeReport | None = Field(description="None when the probes were skipped")
     few_shot: dict[str, FewShotReport] = Field({}, description="by eval.few_shot entry ('1%', '100-shot', a file)")
-    knn: dict[int, AccuracyReport] = Field(description="k-NN by k")
+    knn: dict[int, AccuracyReport] = Field({}, description="k-NN by k")
+    finetune: ProbeReport | None = Field(None, description="the whole backbone and a linear head fine-tuned "
+                                                           "(eval.finetune), the epoch selected on validation")
+    feature_clusters: FeatureClusterReport | None = Field(None, description="k-means of the backbone features of "
+                                                                            "the pre-training images; None in files "
+                                                                            "from before it")
     clusters: ClusterReport | None = Field(None, description="for the methods that learn clusters")
     warnings: list[str] = []
     settings: dict[str, Any] | None = Field(None, description="the eval section it was measured with; None in a "

@@ -13,7 +13,7 @@ from imbssl.data.longtail import (
     subset_counts,
     unlabeled_counts,
 )
-from imbssl.data.sources import DataError, ImageSet, load_splits
+from imbssl.data.sources import DataError, ImageSet, load_splits, without_labels
 from imbssl.data.stream import StreamedImages, training_images
 
 __all__ = [
@@ -34,4 +34,5 @@ __all__ = [
     "subset_counts",
     "training_images",
     "unlabeled_counts",
+    "without_labels",
 ]

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from imbssl.errors import ImbsslError
+
 log = logging.getLogger(__name__)
 
 #: Bump whenever the decoded content or the cache layout changes for the same input.
@@ -35,6 +37,10 @@ _TMP = ".tmp-"
 Arrays = dict[str, np.ndarray]
 Allocate = Callable[[str, tuple[int, ...]], np.ndarray]
 Build = Callable[[Allocate], tuple[Arrays, dict[str, Any]]]
+
+
+class CacheSpaceError(ImbsslError):
+    """A decode that would not fit on the cache's disk, found before it starts."""
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -120,6 +126,11 @@ class _Entry:
         the map stays sparse)."""
         path = self.folder / f"{name}.npy"
         self.nbytes += int(np.prod(shape))
+        if self.nbytes > (free := free_bytes(self.folder)):
+            raise CacheSpaceError(f"decoding needs {readable_size(self.nbytes)} in the decode cache ({name} {shape}, "
+                                  f"from the image headers), and {self.cache_dir} has {readable_size(free)} free: "
+                                  f"set data.image_size to store the images smaller, or move the cache with --set "
+                                  f"data.cache_dir=PATH")
         try:
             self.maps[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
             _reserve(path)
@@ -148,6 +159,22 @@ class _Entry:
     def cannot_write(self, err: OSError) -> OSError:
         return OSError(err.errno, f"cannot write the decode cache ({self.nbytes / 1e6:,.0f} MB): {err.strerror}; "
                                   f"free space or move the cache with --set data.cache_dir=PATH", str(self.cache_dir))
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the disk of ``folder``, or of its nearest existing parent."""
+    folder = folder.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def readable_size(nbytes: float) -> str:
+    """'1.2 GB', '340.0 MB', '12.0 kB'."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= size:
+            return f"{nbytes / size:,.1f} {unit}"
+    return f"{nbytes:,.0f} B"
 
 
 def _reserve(path: Path) -> None:

@@ -1,8 +1,10 @@
-"""Image sources: scikit-learn digits, CIFAR-10/100 python archives, ImageFolder trees or tars, and
-the long-tailed benchmarks' file lists (ImageNet-LT, Places-LT) and iNaturalist's annotation JSON.
+"""Image sources: scikit-learn digits, CIFAR-10/100 python archives, ImageFolder trees or tars, the
+long-tailed benchmarks' file lists (ImageNet-LT, Places-LT), iNaturalist's annotation JSON, and
+unlabelled images (a folder or tar in any layout, or a list of paths).
 
 Every source yields the full "train" and "test" pools as uint8 ``[N, H, W, C]`` images with
-int64 labels. CIFAR and ImageFolder sources are decoded once and then served as read-only
+int64 labels; the unlabelled images are all "train", labelled -1, with an empty "test". CIFAR and
+file sources are decoded once and then served as read-only
 memory maps from the cache (``cache.py``); the tiny digits set is computed directly. Choosing a
 long-tailed subset of the train pool is the caller's job (``longtail.select_subset``).
 """
@@ -29,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from imbssl.config import LISTED_SOURCES, DataConfig
-from imbssl.data.cache import Allocate, cache_key, file_digest, folder_digest, load_or_build
+from imbssl.data.cache import Allocate, cache_key, file_digest, folder_digest, free_bytes, load_or_build
 from imbssl.errors import ImbsslError
 
 try:
@@ -44,20 +46,37 @@ DIGITS_TEST_PER_CLASS = 50
 DIGITS_SPLIT_SEED = 0
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".pbm",
                               ".tif", ".tiff", ".webp"})
+#: the label of every image of an unlabelled set
+UNLABELLED = -1
+#: the smallest side an image is stored at as it is (without data.image_size): smaller ones leave no room for crops
+MIN_SIDE = 8
+#: PIL's modes of 16-bit greyscale (PNG, TIFF; "I" is how older Pillow opened 16-bit PNGs), whose convert() clips
+#: every value above 255 to white
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 class DataError(ImbsslError, RuntimeError):
     """Input data that cannot be used as given; the message names the file, folder or class."""
 
 
+class UnreadableImage(DataError):
+    """An image file that PIL cannot read; ``name`` is the file."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"cannot decode image {name}: {reason}")
+        self.name, self.reason = name, reason
+
+
 @dataclass(frozen=True)
 class ImageSet:
     """One split: uint8 images ``[N, H, W, C]`` (C in {1, 3}, possibly a read-only memmap),
-    int64 labels ``[N]`` indexing ``classes``."""
+    int64 labels ``[N]`` indexing ``classes``; an unlabelled set has no classes and every label -1.
+    ``skipped`` names the source's unreadable images that ``data.unreadable: skip`` left out."""
 
     images: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         images, labels = self.images, self.labels
@@ -65,11 +84,24 @@ class ImageSet:
             raise DataError(f"images must be uint8 [N, H, W, C] with C in (1, 3), got {images.dtype} {images.shape}")
         if labels.dtype != np.int64 or labels.shape != (len(images),):
             raise DataError(f"labels must be int64 [{len(images)}], got {labels.dtype} {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
+        if not self.labelled and (labels != UNLABELLED).any():
+            raise DataError(f"an unlabelled set (no classes) has every label {UNLABELLED}")
+        if self.labelled and labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
             raise DataError(f"labels outside 0..{len(self.classes) - 1}")
+
+    @classmethod
+    def unlabelled(cls, images: np.ndarray, skipped: tuple[str, ...] = ()) -> "ImageSet":
+        return cls(images, np.full(len(images), UNLABELLED, dtype=np.int64), (), skipped)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
 
     def class_counts(self) -> np.ndarray:
         """Images per class index, zeros included."""
+        if not self.labelled:
+            raise DataError("class counts need labels, and these images have none (data.source images, or "
+                            "data.labels none)")
         return np.bincount(self.labels, minlength=len(self.classes)).astype(np.int64)
 
 
@@ -85,18 +117,29 @@ def load_splits(cfg: DataConfig) -> Splits:
         key, build = _imagefolder_source(cfg, cache_dir)
     elif cfg.source in LISTED_SOURCES:
         key, build = _listed_source(cfg, cache_dir)
+    elif cfg.source == "images":
+        key, build = _images_source(cfg, cache_dir)
     else:
         key, build = _cifar_source(cfg, cache_dir)
     return _cached(cache_dir, key, build)
 
 
+def without_labels(splits: Splits) -> Splits:
+    """A labelled source seen as if it had no labels (``data.labels: none``): its train images unlabelled, and no
+    test images, as the images source gives them."""
+    train = splits["train"]
+    return {"train": ImageSet.unlabelled(train.images, train.skipped), "test": ImageSet.unlabelled(train.images[:0])}
+
+
 class _Decoded(NamedTuple):
-    """Both splits of a source in one array, as the cache stores them: the first ``n_train`` rows are "train"."""
+    """Both splits of a source in one array, as the cache stores them: the first ``n_train`` rows are "train", the
+    test rows follow up to ``len(labels)``; rows past those are spare (images left out as unreadable)."""
 
     images: np.ndarray
     labels: np.ndarray
     n_train: int
     classes: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
 
 
 def _cached(cache_dir: Path, key: str, build: Callable[[Allocate], _Decoded]) -> Splits:
@@ -107,12 +150,15 @@ def _cached(cache_dir: Path, key: str, build: Callable[[Allocate], _Decoded]) ->
         start = time.perf_counter()
         decoded = build(allocate)
         log.info("decoded %s in %.1f s", key, time.perf_counter() - start)
+        skipped = {"skipped": list(decoded.skipped)} if decoded.skipped else {}
         return ({"images": decoded.images, "labels": decoded.labels},
-                {"classes": list(decoded.classes), "n_train": decoded.n_train})
+                {"classes": list(decoded.classes), "n_train": decoded.n_train, **skipped})
 
     arrays, meta = load_or_build(cache_dir, key, build_arrays)
-    images, labels, n, classes = arrays["images"], np.array(arrays["labels"]), meta["n_train"], tuple(meta["classes"])
-    return {"train": ImageSet(images[:n], labels[:n], classes), "test": ImageSet(images[n:], labels[n:], classes)}
+    labels, n, classes = np.array(arrays["labels"]), meta["n_train"], tuple(meta["classes"])
+    images = arrays["images"][:len(labels)]
+    return {"train": ImageSet(images[:n], labels[:n], classes, tuple(meta.get("skipped", ()))),
+            "test": ImageSet(images[n:], labels[n:], classes)}
 
 
 # ---------------------------------------------------------------------------------------- digits
@@ -339,10 +385,11 @@ def _safe_parts(name: str, source: Path | str) -> tuple[str, ...]:
 class _Listing(NamedTuple):
     files: list[_File]  # the images
     folders: set[tuple[str, ...]]  # every folder, empty ones included: to tell "empty" from "missing"
+    others: list[str]  # the other files (not images, or hidden): to tell "no files" from "no image files"
 
 
 def _tar_files(archive: Path) -> _Listing:
-    listing = _Listing([], set())
+    listing = _Listing([], set(), [])
     try:
         with tarfile.open(archive, "r|*") as tf:
             for member in tf:
@@ -351,21 +398,25 @@ def _tar_files(archive: Path) -> _Listing:
                     listing.folders.add(parts)
                 elif member.isfile() and _is_image(parts):
                     listing.files.append(_File(parts, tf.extractfile(member).read(), f"{archive}:{member.name}"))
+                elif member.isfile():
+                    listing.others.append(member.name)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read tar archive {archive}: {err}") from err
     return listing
 
 
 def _folder_files(root: Path) -> _Listing:
-    listing = _Listing([], set())
+    listing = _Listing([], set(), [])
     for dirpath, _, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root).parts
         listing.folders.add(rel)
         for name in filenames:
             parts = (*rel, name)
+            full = Path(dirpath, name)
             if _is_image(parts):
-                full = Path(dirpath, name)
                 listing.files.append(_File(parts, full, str(full)))
+            else:
+                listing.others.append(str(full))
     return listing
 
 
@@ -378,6 +429,22 @@ def _find_root(files: list[_File], source: Path) -> tuple[str, ...]:
         return (tops[0],)
     found = f"several candidates {tops}" if tops else "no train/<class>/<image> files"
     raise DataError(f"{source}: expected [<top>/]train/<class>/<image> and test/ (or val/); {found}")
+
+
+def guess_source(path: Path) -> str:
+    """``imagefolder`` where ``path`` holds ``[<top>/]train/<class>/<image>`` (a folder or an archive), else ``images``:
+    what ``data describe --data PATH`` reads a path as when no source is named."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        tops = [path, *(d for d in path.iterdir() if d.is_dir())]
+        return "imagefolder" if any((top / "train").is_dir() for top in tops) else "images"
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            names = [PurePosixPath(member.name).parts for member in tf if member.isfile()]
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        return "images"  # the images source names the problem
+    return "imagefolder" if any(parts[:1] == ("train",) and len(parts) >= 3 or parts[1:2] == ("train",)
+                                and len(parts) >= 4 for parts in names) else "images"
 
 
 def _by_split(listing: _Listing, source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, _File]]]]:
@@ -412,10 +479,19 @@ def _open_image(f: _File, load: bool = True) -> Image.Image:
         if load:
             img.load()
     except Image.UnidentifiedImageError:  # its message names the in-memory buffer, not the file
-        raise DataError(f"cannot decode image {f.name}: not in an image format PIL reads (corrupt?)") from None
+        raise UnreadableImage(f.name, "not in an image format PIL reads (corrupt?)") from None
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise DataError(f"cannot decode image {f.name}: {err}") from err
+        raise UnreadableImage(f.name, str(err)) from err
     return img
+
+
+def _as_mode(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` in ``mode`` (L or RGB). 16-bit greyscale is scaled to 8 bits, v / 257 rounded (exact for 8-bit values
+    stored as 16-bit), where PIL's convert would clip it; every other mode is PIL's conversion (RGBA and LA drop
+    the alpha channel, P looks up its palette, CMYK is (255 - C)(255 - K) / 255)."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        img = Image.fromarray(np.rint(np.clip(np.asarray(img), 0, 65535) / 257).astype(np.uint8))
+    return img if img.mode == mode else img.convert(mode)
 
 
 def _resized(img: Image.Image, size: int, resize: str) -> Image.Image:
@@ -428,67 +504,108 @@ def _resized(img: Image.Image, size: int, resize: str) -> Image.Image:
     return img.resize((width, height), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
 
 
-def _stored_shape(files: list[_File], image_size: int | None) -> tuple[int, int, int]:
-    """(height, width, channels) of the stored images, from the headers alone: one channel if every image is
-    mode L, else RGB; without ``image_size`` every image must have the first one's size."""
-    if not files:
-        raise DataError("no images to decode")
-    grey, size, first = True, None, files[0].name
+class _Header(NamedTuple):
+    file: _File
+    mode: str  # PIL's
+    size: tuple[int, int]  # width, height
+
+
+OnUnreadable = Callable[[UnreadableImage], None]
+
+
+def _read_headers(files: list[_File], on_unreadable: OnUnreadable | None = None) -> list[_Header]:
+    """Each image's mode and size, from its header alone. An image PIL cannot read is refused, or, given
+    ``on_unreadable``, handed to it and left out."""
+    headers = []
     for f in files:
-        with _open_image(f, load=False) as img:
-            grey = grey and img.mode == "L"
-            size = size or img.size
-            if image_size is None and img.size != size:
-                raise DataError(f"image {f.name} is {img.width}x{img.height} but {first} is {size[0]}x{size[1]}; "
-                                f"set data.image_size to resize")
-    width, height = (image_size, image_size) if image_size is not None else size
-    return height, width, 1 if grey else 3
+        try:
+            with _open_image(f, load=False) as img:
+                headers.append(_Header(f, img.mode, img.size))
+        except UnreadableImage as err:
+            if on_unreadable is None:
+                raise
+            on_unreadable(err)
+    return headers
 
 
-def _decode_images(files: list[_File], image_size: int | None, resize: str, allocate: Allocate) -> np.ndarray:
-    """Decode straight into ``allocate("images", ...)`` (a memory map of the cache entry), one image at a time."""
-    height, width, channels = _stored_shape(files, image_size)
+def _stored_shape(headers: list[_Header], image_size: int | None) -> tuple[int, int, int]:
+    """(height, width, channels) of the stored images: one channel if every image is mode L, else RGB; without
+    ``image_size`` every image must have the first one's size, at least MIN_SIDE on a side."""
+    if not headers:
+        raise DataError("no readable images to decode")
+    first = headers[0]
+    if image_size is None:
+        for h in headers:
+            if min(h.size) < MIN_SIDE:
+                raise DataError(f"image {h.file.name} is {h.size[0]}x{h.size[1]}, under {MIN_SIDE} px on a side: too "
+                                f"small to crop views from as it is; set data.image_size to store every image at one "
+                                f"size (upscaling the small ones), or remove it")
+            if h.size != first.size:
+                raise DataError(f"image {h.file.name} is {h.size[0]}x{h.size[1]} but {first.file.name} is "
+                                f"{first.size[0]}x{first.size[1]}; set data.image_size to resize")
+    elif small := [h for h in headers if min(h.size) < image_size]:
+        smallest = min(small, key=lambda h: min(h.size))
+        log.info("%d image(s) have a side under data.image_size=%d and are upscaled to it (the smallest: %s, %dx%d)",
+                 len(small), image_size, smallest.file.name, *smallest.size)
+    width, height = (image_size, image_size) if image_size is not None else first.size
+    return height, width, 1 if all(h.mode == "L" for h in headers) else 3
+
+
+def _decode_images(files: list[_File], image_size: int | None, resize: str, allocate: Allocate,
+                   on_unreadable: OnUnreadable | None = None) -> np.ndarray:
+    """Decode straight into ``allocate("images", ...)`` (a memory map of the cache entry), one image at a time, in
+    order. Given ``on_unreadable``, an image PIL cannot read is handed to it and left out instead of refused: the
+    images read fill the first rows, and a spare row follows for each one that failed after its header."""
+    headers = _read_headers(files, on_unreadable)
+    height, width, channels = _stored_shape(headers, image_size)
     mode = "L" if channels == 1 else "RGB"
-    out = allocate("images", (len(files), height, width, channels))
-    for i, f in enumerate(files):
-        img = _open_image(f)
-        if img.mode != mode:
-            img = img.convert(mode)
+    out = allocate("images", (len(headers), height, width, channels))
+    row = 0
+    for h in headers:
+        try:
+            img = _as_mode(_open_image(h.file), mode)
+        except UnreadableImage as err:
+            if on_unreadable is None:
+                raise
+            on_unreadable(err)
+            continue
         if image_size is not None and img.size != (width, height):
             img = _resized(img, image_size, resize)
         if img.size != (width, height):
-            raise DataError(f"cannot decode image {f.name}: it decodes to {img.width}x{img.height}, its header "
+            raise DataError(f"cannot decode image {h.file.name}: it decodes to {img.width}x{img.height}, its header "
                             f"said {width}x{height}")
-        out[i] = np.asarray(img).reshape(height, width, channels)
+        out[row] = np.asarray(img).reshape(height, width, channels)
+        row += 1
     return out
 
 
 class _TrainOrder(NamedTuple):
-    """An order file: line i names train image i by its path in the archive or folder."""
+    """A file of image paths, one per line (``data.train_order``; ``data.train_list`` of the images source): line i
+    names train image i by its path in the archive or folder."""
 
     path: Path
     members: list[tuple[str, ...]]  # each line's path components, unique
     digest: str  # of the file's bytes, for the cache key
 
 
-def _read_train_order(path: Path) -> _TrainOrder:
-    """``data.train_order``, checked line by line before anything is decoded: an empty line, a path outside the
-    archive (absolute, ``..``) or a path listed twice is an error naming its line."""
+def _read_train_order(path: Path, key: str = "data.train_order") -> _TrainOrder:
+    """The file that ``key`` names, checked line by line before anything is decoded: an empty line, a path outside
+    the archive (absolute, ``..``) or a path listed twice is an error naming its line."""
     try:
         blob = path.read_bytes()
         text = blob.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read data.train_order {path}: {err}") from None
+        raise DataError(f"cannot read {key} {path}: {err}") from None
     first_line: dict[tuple[str, ...], int] = {}
     for number, line in enumerate(text.splitlines(), 1):
-        where = f"data.train_order {path} line {number}"
+        where = f"{key} {path} line {number}"
         if not line.strip():
             raise DataError(f"{where} is empty: the file lists one training image per line")
         parts = _safe_parts(line, where)
         if (first := first_line.setdefault(parts, number)) != number:
             raise DataError(f"{where}: {line} is listed on line {first} already; every training image is listed once")
     if not first_line:
-        raise DataError(f"data.train_order {path} lists no image")
+        raise DataError(f"{key} {path} lists no image")
     return _TrainOrder(path, list(first_line), hashlib.sha256(blob).hexdigest())
 
 
@@ -591,15 +708,21 @@ def _listed_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[All
     lists = {split: root / Path(name).expanduser() for split, name in zip(SPLITS, (cfg.train_list, cfg.test_list))}
     listed = {split: read(path) for split, path in lists.items()}
     files = {split: _listed_files(root, lists[split], listed[split].paths) for split in SPLITS}
-    # The key hashes the lists and the listed files' (size, mtime), not a walk of the whole root.
+    key = cache_key(cfg.source, _lists_digest([(lists[split], files[split]) for split in SPLITS], cache_dir),
+                    **_size_options(cfg))
+    return key, lambda allocate: _decode_listed(listed, files, lists, cfg.image_size, cfg.resize, allocate)
+
+
+def _lists_digest(lists: list[tuple[Path, list[_File]]], cache_dir: Path) -> str:
+    """The content of lists and of the files they list, hashed from each list and each file's (size, mtime), not a
+    walk of the whole root."""
     stamps = hashlib.sha256()
-    for split in SPLITS:
-        stamps.update(file_digest(lists[split], cache_dir).encode())
-        for f in files[split]:
+    for listing, files in lists:
+        stamps.update(file_digest(listing, cache_dir).encode())
+        for f in files:
             st = f.data.stat()
             stamps.update(f"{'/'.join(f.parts)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())  # moves keep the key
-    key = cache_key(cfg.source, stamps.hexdigest(), **_size_options(cfg))
-    return key, lambda allocate: _decode_listed(listed, files, lists, cfg.image_size, cfg.resize, allocate)
+    return stamps.hexdigest()
 
 
 def _listed_files(root: Path, listing: Path, paths: list[str]) -> list[_File]:
@@ -629,3 +752,98 @@ def _decode_listed(listed: dict[str, _Listed], files: dict[str, list[_File]], li
     images = _decode_images(files["train"] + files["test"], image_size, resize, allocate)
     labels = np.array([index[i] for split in SPLITS for i in listed[split].class_ids], dtype=np.int64)
     return _Decoded(images, labels, len(files["train"]), tuple(names[i] for i in ids))
+
+
+# -------------------------------------------------------------------------------- unlabelled images
+
+
+def _images_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[Allocate], _Decoded]]:
+    root = _images_root(cfg)
+    if cfg.train_list:
+        content = _lists_digest([_images_list(cfg, root)], cache_dir)
+    else:
+        content = folder_digest(root) if root.is_dir() else file_digest(root, cache_dir)
+    # unreadable: an entry built with skip, which left images out, must not serve a refuse run
+    key = cache_key("images", content, **_size_options(cfg), unreadable=cfg.unreadable)
+    return key, lambda allocate: _decode_unlabelled(_image_files(cfg), cfg, allocate)
+
+
+def _images_root(cfg: DataConfig) -> Path:
+    if not cfg.path:
+        raise DataError("data.path is required when data.source is 'images'")
+    root = Path(cfg.path).expanduser()
+    if not root.exists():
+        raise DataError(f"images path not found: {root}")
+    if cfg.train_list and not root.is_dir():
+        raise DataError(f"data.train_list names images under a folder, and data.path {root} is not a folder")
+    return root
+
+
+def _images_list(cfg: DataConfig, root: Path) -> tuple[Path, list[_File]]:
+    """``data.train_list`` (relative to ``root`` unless absolute) and the files it lists, in its order."""
+    listing = root / Path(cfg.train_list).expanduser()
+    paths = _read_train_order(listing, "data.train_list")
+    return listing, _listed_files(root, listing, ["/".join(parts) for parts in paths.members])
+
+
+def _image_files(cfg: DataConfig) -> list[_File]:
+    """The images source's files: ``data.train_list``'s, or every image of the folder or tar sorted by path."""
+    root = _images_root(cfg)
+    if cfg.train_list:
+        return _images_list(cfg, root)[1]
+    listing = _tar_files(root) if root.is_file() else _folder_files(root)
+    if not listing.files:
+        where = "archive" if root.is_file() else "folder"
+        found = (f"no image files among its {len(listing.others):,} files (e.g. {listing.others[0]})" if listing.others
+                 else f"no files at all (an empty {where})")
+        raise DataError(f"{root}: {found}; data.source images reads files ending in "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))} in any layout, hidden ones excluded")
+    return sorted(listing.files, key=lambda f: f.parts)
+
+
+def _decode_unlabelled(files: list[_File], cfg: DataConfig, allocate: Allocate) -> _Decoded:
+    """Every image "train" and unlabelled; with ``data.unreadable: skip``, the ones PIL cannot read are left out,
+    each logged, and named in the entry."""
+    skipped: list[str] = []
+
+    def skip(err: UnreadableImage) -> None:
+        log.warning("%s; left out (data.unreadable=skip)", err)
+        skipped.append(err.name)
+
+    try:
+        images = _decode_images(files, cfg.image_size, cfg.resize, allocate, skip if cfg.unreadable == "skip" else None)
+    except UnreadableImage as err:
+        raise DataError(f"{err}; set data.unreadable=skip to leave such images out (each is logged and listed in the "
+                        f"run's skipped_images.txt)") from None
+    kept = len(files) - len(skipped)
+    return _Decoded(images, np.full(kept, UNLABELLED, dtype=np.int64), kept, (), tuple(skipped))
+
+
+@dataclass(frozen=True)
+class ImagesSummary:
+    """The images source as ``imbssl data describe`` tells it, from the image headers alone (nothing is decoded or
+    cached)."""
+
+    root: Path
+    sizes: Counter  # (width, height) -> images
+    modes: Counter  # PIL mode -> images
+    unreadable: list[UnreadableImage]
+    stored: tuple[int, int, int] | str  # (height, width, channels) in the decode cache, or why they cannot be stored
+    cache_free: int  # bytes free on the decode cache's disk
+
+    @property
+    def count(self) -> int:
+        return sum(self.sizes.values())
+
+
+def describe_images(cfg: DataConfig) -> ImagesSummary:
+    """Count, sizes and modes of the images source's images, and the ones PIL cannot read."""
+    unreadable: list[UnreadableImage] = []
+    headers = _read_headers(_image_files(cfg), unreadable.append)
+    try:
+        stored: tuple[int, int, int] | str = _stored_shape(headers, cfg.image_size)
+    except DataError as err:
+        stored = str(err)
+    return ImagesSummary(Path(cfg.path).expanduser(), Counter(h.size for h in headers),
+                         Counter(h.mode for h in headers), unreadable, stored,
+                         free_bytes(Path(cfg.cache_dir).expanduser()))

@@ -1,12 +1,21 @@
-"""Run logs: a text log, metrics.jsonl and TensorBoard events in the run folder."""
+"""Run logs: a text log, metrics.jsonl and TensorBoard events in the run folder, and optionally a Weights & Biases
+run (``train.wandb``)."""
 from __future__ import annotations
 
 import json
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.utils.tensorboard import SummaryWriter
+
+from imbssl.configbase import ConfigError
+
+if TYPE_CHECKING:
+    from imbssl.config import WandbConfig
+
+WANDB_MISSING = 'train.wandb.enabled is true but wandb is not installed: pip install "imbssl[wandb]"'
 
 
 def attach_file_log(run_dir: Path) -> logging.Handler:
@@ -17,12 +26,44 @@ def attach_file_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
-class MetricLogger:
-    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+def check_wandb(cfg: WandbConfig) -> None:
+    """Refuse W&B logging without the wandb package before anything is trained."""
+    if not cfg.enabled:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError(WANDB_MISSING) from None
 
-    def __init__(self, run_dir: Path, purge_step: int = 0) -> None:
+
+class WandbRun:
+    """A Weights & Biases run that the scalars of MetricLogger go to as well; ``run_id``, kept in the checkpoint,
+    continues the run an interrupted attempt began."""
+
+    def __init__(self, cfg: WandbConfig, run_dir: Path, run_id: str | None, config: dict) -> None:
+        import wandb
+
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(cfg.dir or run_dir),
+                              name=run_dir.name, config=config, id=run_id, resume="allow" if run_id else None)
+
+    @property
+    def id(self) -> str:
+        return self.run.id
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricLogger:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard (and to ``wandb``)."""
+
+    def __init__(self, run_dir: Path, purge_step: int = 0, wandb: WandbRun | None = None) -> None:
         """Records at or after ``purge_step``, the checkpoint's step (0 for a fresh start), are dropped: they
         come from epochs that are trained again."""
+        self.wandb = wandb
         self.path = run_dir / "metrics.jsonl"
         tensorboard = run_dir / "tensorboard"
         if self.path.exists():
@@ -36,12 +77,16 @@ class MetricLogger:
     def log(self, step: int, **values: float) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"step": step, **values}) + "\n")
-        for key, value in values.items():
-            if isinstance(value, (int, float)):
-                self.tb.add_scalar(key, value, step)
+        scalars = {key: value for key, value in values.items() if isinstance(value, (int, float))}
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, scalars)
 
     def close(self) -> None:
         self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 class SilentLogger:

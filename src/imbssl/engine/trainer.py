@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -22,11 +22,11 @@ from torch.optim import Optimizer
 from tqdm import tqdm
 
 from imbssl.augment import MultiCrop, PadCropFlip
-from imbssl.config import ConfigError
+from imbssl.config import ConfigError, WandbConfig
 from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
 from imbssl.engine.distributed import (broadcast_from_main, is_main, rank_rows, sum_gradients, sum_over_processes,
                                        world_size)
-from imbssl.engine.runlog import MetricLogger, SilentLogger
+from imbssl.engine.runlog import MetricLogger, SilentLogger, WandbRun
 from imbssl.engine.schedules import Schedules
 from imbssl.errors import ImbsslError
 from imbssl.engine.task import StepOutput, TrainingTask
@@ -57,6 +57,9 @@ class TrainSettings:
     collapse_warn_below: float = 0.1
     log_every: int = 10
     progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    #: the run's resolved config: what a W&B run records as its config
+    run_config: dict = field(default_factory=dict)
 
 
 def _duration(seconds: float) -> str:
@@ -155,13 +158,14 @@ class Trainer:
         self.schedules = Schedules(method, optimizer, schedules, self.total_steps, self.steps_per_epoch)
         self.epoch = 0
         self.summary: dict = {}  # the last finished epoch's figures
+        self.wandb_id: str | None = None  # the W&B run this training logs to, kept in the checkpoint
         self.bar: tqdm | None = None  # the whole run's progress, on a terminal
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """No schedule state: the step count (epoch x steps per epoch) determines every scheduled value."""
         return {"epoch": self.epoch, "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "summary": self.summary}
+                "summary": self.summary, "wandb_id": self.wandb_id}
 
     def save_checkpoint(self) -> None:
         if is_main():  # every process holds the same state
@@ -177,7 +181,7 @@ class Trainer:
         # every scheduled value is set anew from the step count before each step, on the new total's schedules
         # when a run is resumed with more epochs.
         self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch, self.summary = state["epoch"], state["summary"]
+        self.epoch, self.summary, self.wandb_id = state["epoch"], state["summary"], state.get("wandb_id")
         log.info("resumed from %s after epoch %d of %d", self.checkpoint_path, self.epoch, self.settings.epochs)
 
     # -- training ------------------------------------------------------------------------------
@@ -190,9 +194,7 @@ class Trainer:
             self.method.on_train_start(self.images, self.make_views.global_view,
                                        epoch_generator(self.settings.seed, self.settings.epochs, self.device))
         broadcast_from_main(self.method)
-        # Records after the checkpoint come from epochs that are trained again: drop them, as if never written.
-        logger = (MetricLogger(self.run_dir, purge_step=self.epoch * self.steps_per_epoch) if is_main()
-                  else SilentLogger())
+        logger = self._logger()
         first_epoch, start, saved_at = self.epoch, time.perf_counter(), time.perf_counter()
         self.bar = tqdm(total=self.total_steps, initial=first_epoch * self.steps_per_epoch, unit="step",
                         desc=self.run_dir.name, disable=None if self.settings.progress and is_main() else True,
@@ -216,6 +218,17 @@ class Trainer:
             self.bar.close()
             logger.close()
         return self.summary
+
+    def _logger(self) -> MetricLogger | SilentLogger:
+        """Rank 0's logs; records after the checkpoint come from epochs that are trained again: dropped, as if never
+        written. A W&B run (``settings.wandb``) continues the checkpoint's."""
+        if not is_main():
+            return SilentLogger()
+        wandb = None
+        if self.settings.wandb.enabled:
+            wandb = WandbRun(self.settings.wandb, self.run_dir, self.wandb_id, self.settings.run_config)
+            self.wandb_id = wandb.id
+        return MetricLogger(self.run_dir, purge_step=self.epoch * self.steps_per_epoch, wandb=wandb)
 
     def _checkpoint_due(self, saved_at: float) -> bool:
         """Every ``checkpoint_every`` epochs, after an epoch that ends ``checkpoint_every_s`` after the last

@@ -1,5 +1,7 @@
-"""Evaluation of frozen representations: features, labelled split, linear probe, kNN, metrics, clusters."""
-from imbssl.eval.clusters import cluster_report, cluster_statistics, nmi, purity, relative_sizes
+"""Evaluation of frozen representations: features, labelled split, linear probe, kNN, metrics, clusters and their
+sizes."""
+from imbssl.eval.clusters import (cluster_report, cluster_statistics, feature_clusters, nmi, purity, relative_sizes,
+                                  size_profile)
 from imbssl.eval.features import extract_features
 from imbssl.eval.knn import knn_predict, knn_scores
 from imbssl.eval.labelled import (balanced_labelled_split, few_shot_set, held_out_validation, shots_per_class,
@@ -15,6 +17,7 @@ __all__ = [
     "cluster_report",
     "cluster_statistics",
     "extract_features",
+    "feature_clusters",
     "few_shot_set",
     "held_out_validation",
     "knn_predict",
@@ -24,5 +27,6 @@ __all__ = [
     "purity",
     "relative_sizes",
     "shots_per_class",
+    "size_profile",
     "split_per_class",
 ]

@@ -8,11 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imbssl.cluster import KMeansResult, kmeans
 from imbssl.configbase import MethodSection
-from imbssl.engine.task import StepOutput, TrainingTask
+from imbssl.engine.task import MakeView, StepOutput, TrainingTask
 
 #: StepOutput is re-exported: what every method module's step returns
-__all__ = ["OptimDefaults", "SSLMethod", "StepOutput", "output_std", "weight_decay_groups"]
+__all__ = ["OptimDefaults", "SSLMethod", "StepOutput", "kmeans_of_one_view", "output_std", "weight_decay_groups"]
+
+#: images per forward pass when the initial projections are clustered (``kmeans_of_one_view``)
+INIT_BATCH_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -81,3 +85,22 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
     About 1/sqrt(d) for well spread outputs, 0 when every image maps to one point (collapse).
     """
     return F.normalize(z.float(), dim=1).std(dim=0).mean()
+
+
+@torch.no_grad()
+def kmeans_of_one_view(encoder: nn.Module, images: torch.Tensor, make_view: MakeView, generator: torch.Generator,
+                       k: int) -> KMeansResult:
+    """Spherical k-means on ``encoder``'s projections of one global view of every image, at the start of training:
+    how ExCB's official code initialises its centroids, and where the priors measured on the data come from
+    (priors.FROM_DATA).
+
+    The projections are the ones the encoder gives during training, where its BatchNorm normalises with batch
+    statistics; its running statistics are restored afterwards, so this pass over the data leaves no trace.
+    (With the running statistics of an untrained network instead, eval mode, ExCB's centroids land where no
+    training-time projection goes: 17-19 of 32 clusters stayed empty in the digits test, none this way.)
+    """
+    buffers = {name: buffer.clone() for name, buffer in encoder.named_buffers()}
+    projections = torch.cat([encoder(make_view(batch, generator)) for batch in images.split(INIT_BATCH_SIZE)])
+    for name, buffer in encoder.named_buffers():
+        buffer.copy_(buffers[name])
+    return kmeans(projections, k, spherical=True, n_init=1, seed=generator.initial_seed())

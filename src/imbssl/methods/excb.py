@@ -18,7 +18,7 @@ code's form, which the paper presets set (docs/excb.md, "What differs").
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,21 +26,20 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from imbssl.cluster import kmeans
 from imbssl.configbase import ProjectorSection
 from imbssl.engine.distributed import gather, sum_over_processes
 from imbssl.engine.ema import ema_teacher, ema_update
 from imbssl.engine.schedules import cosine_schedule, ema_momentum_schedule
+from imbssl.engine.task import MakeView
 from imbssl.eval import cluster_statistics
-from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std, weight_decay_groups
+from imbssl.methods.base import (OptimDefaults, SSLMethod, StepOutput, kmeans_of_one_view, output_std,
+                                 weight_decay_groups)
 from imbssl.methods.dino import centre, cross_entropies, multi_crop_loss, other_view_terms
 from imbssl.models.heads import CosineCentroids, mlp
 from imbssl.priors import PriorConfig, cluster_prior, uniform_prior
 
 #: the schedule of the centroids' weight decay (Sec. 4.1), which their optimizer group follows.
 CENTROID_DECAY = "centroid_weight_decay"
-#: images per teacher forward pass when the centroids are initialised by k-means.
-INIT_BATCH_SIZE = 512
 
 
 # -- balancing operator B (Eq. 10) --------------------------------------------------------------
@@ -152,9 +151,9 @@ class ExCBConfig(ProjectorSection):
 
     @model_validator(mode="after")
     def _check_prior(self) -> "ExCBConfig":
-        if self.prior.kind == "estimated" and self.centroid_init != "kmeans":
-            raise ValueError("prior.kind=estimated takes its sizes from the k-means of the centroid initialisation: "
-                             "set centroid_init=kmeans")
+        if self.prior.from_data and self.centroid_init != "kmeans":
+            raise ValueError(f"prior.kind={self.prior.kind} takes its sizes from the k-means of the centroid "
+                             f"initialisation: set centroid_init=kmeans")
         return self
 
 
@@ -176,12 +175,12 @@ class ExCB(SSLMethod):
         self.teacher = ema_teacher(self, ("backbone", "projector", "centroids"))
         self.cfg = cfg
         num_clusters = cfg.num_clusters
-        # t is laid over the initial k-means clusters in on_train_start (an estimated prior waits for them there).
+        # t is laid over the initial k-means clusters in on_train_start (a prior from the data waits for them there).
         # Buffers are saved in checkpoints: a resumed run balances exactly as an uninterrupted one.
         self.register_buffer("target_sizes", uniform_prior(num_clusters))  # t of Eq. 10
         self.register_buffer("cluster_sizes", uniform_prior(num_clusters))  # s of Eq. 8-9, starting on target
         self.register_buffer("center", torch.zeros(num_clusters))  # DINO's centre, balancing="centering"
-        if cfg.prior.kind != "estimated":
+        if not cfg.prior.from_data:
             self.set_target(cluster_prior(cfg.prior, num_clusters))
         self._epoch_assignments: list[torch.Tensor] = []  # teacher clusters of this epoch's global views
         self._epoch_indices: list[torch.Tensor] = []  # and the images they come from
@@ -301,24 +300,12 @@ class ExCB(SSLMethod):
         return groups + [{"params": [centroids], "wd_schedule": CENTROID_DECAY}]
 
     @torch.no_grad()
-    def on_train_start(self, images: torch.Tensor, make_view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-                       generator: torch.Generator) -> None:
-        """k-means on the teacher's projections of one global view of every image, as the official code does.
-
-        The projections are the ones the teacher gives during training, where its BatchNorm normalises with batch
-        statistics; its running statistics are restored afterwards, so this pass over the data leaves no trace.
-        (With the running statistics of an untrained network instead, eval mode, the centroids land where no
-        training-time projection goes: 17-19 of 32 clusters stayed empty in the digits test, none this way.)
-        """
+    def on_train_start(self, images: torch.Tensor, make_view: MakeView, generator: torch.Generator) -> None:
+        """The centroids from k-means on the teacher's projections of one global view of every image, as the
+        official code does (``kmeans_of_one_view``); the prior laid over the k-means clusters."""
         if self.cfg.centroid_init != "kmeans":
             return
-        buffers = {name: buffer.clone() for name, buffer in self.teacher.named_buffers()}
-        projections = torch.cat([self.teacher[:2](make_view(batch, generator))  # h_t(f_t(x))
-                                 for batch in images.split(INIT_BATCH_SIZE)])
-        for name, buffer in self.teacher.named_buffers():
-            buffer.copy_(buffers[name])
-        result = kmeans(projections, len(self.cluster_sizes), spherical=True, n_init=1,
-                        seed=generator.initial_seed())
+        result = kmeans_of_one_view(self.teacher[:2], images, make_view, generator, len(self.cluster_sizes))
         centroids = torch.from_numpy(result.centroids).to(self.centroids.weight)
         self.centroids.weight.copy_(centroids)
         self.teacher.centroids.weight.copy_(centroids)

@@ -28,9 +28,11 @@ from imbssl.configbase import ProjectorSection
 from imbssl.engine.distributed import batch_mean_with_grad, place_in_global_batch, sum_over_processes
 from imbssl.engine.ema import ema_teacher, ema_update
 from imbssl.engine.schedules import ema_momentum_schedule
-from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std, weight_decay_groups
+from imbssl.engine.task import MakeView
+from imbssl.methods.base import (OptimDefaults, SSLMethod, StepOutput, kmeans_of_one_view, output_std,
+                                 weight_decay_groups)
 from imbssl.models.heads import CosineCentroids, mlp
-from imbssl.priors import PriorConfig, cluster_prior
+from imbssl.priors import PriorConfig, cluster_prior, fit_power_law
 
 #: iterations of Sinkhorn-Knopp on the targets (MSN's code uses 3)
 SINKHORN_ITERATIONS = 3
@@ -101,9 +103,6 @@ class MSNConfig(ProjectorSection):
 
     @model_validator(mode="after")
     def _check_prior(self) -> "MSNConfig":
-        if self.prior.kind == "estimated":
-            raise ValueError("prior.kind=estimated comes from ExCB's k-means initialisation; msn takes uniform, "
-                             "power_law or given")
         if self.sinkhorn and self.prior.kind != "uniform":
             raise ValueError(f"sinkhorn forces uniform cluster marginals, which contradicts prior.kind="
                              f"{self.prior.kind}: turn sinkhorn off for a non-uniform prior")
@@ -127,7 +126,9 @@ class MSN(SSLMethod):
         self.prototypes = CosineCentroids(cfg.proj_dim, cfg.num_clusters)
         # The target encoder starts as a copy and only moves by EMA; the prototypes are shared, as in MSN.
         self.target = ema_teacher(self, ("backbone", "projector"))
-        self.register_buffer("prior", cluster_prior(cfg.prior, cfg.num_clusters))
+        # a prior from the data is measured in on_train_start; saved in checkpoints, so a resumed run keeps it
+        self.register_buffer("prior", cluster_prior(PriorConfig() if cfg.prior.from_data else cfg.prior,
+                                                    cfg.num_clusters))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # seeds the masks, saved for resume
 
     def mask_generator(self, device: torch.device) -> torch.Generator:
@@ -230,6 +231,15 @@ class MSN(SSLMethod):
         encoder = [p for part in (self.backbone, self.projector) for p in part.parameters() if p.requires_grad]
         return encoder, self.cfg.clip_grad_norm
 
+    @torch.no_grad()
+    def on_train_start(self, images: torch.Tensor, make_view: MakeView, generator: torch.Generator) -> None:
+        """A prior from the data (estimated, power_law_fit) from the k-means sizes of the target encoder's projections
+        of one global view of every image, as ExCB's. The prototypes keep their random start, so which of them gets
+        which share is arbitrary, as with a set power law."""
+        if self.cfg.prior.from_data:
+            result = kmeans_of_one_view(self.target, images, make_view, generator, len(self.prior))
+            self.prior.copy_(cluster_prior(self.cfg.prior, len(self.prior), result.assignments))
+
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         """The target encoder's momentum, m -> 1 on a cosine (as ExCB's teacher; MSN's ``momentum_scheduler``)."""
         return {"teacher_momentum": ema_momentum_schedule(self.cfg.teacher_momentum, total_steps)}
@@ -240,5 +250,7 @@ class MSN(SSLMethod):
         self.steps_done += 1
 
     def epoch_stats(self, labels) -> dict[str, float]:
-        """The entropy of the prior, in nats against log K, for reading prior_kl."""
-        return {"prior_entropy": float(-(self.prior * self.prior.log()).sum()), "log_k": math.log(len(self.prior))}
+        """The entropy of the prior, in nats against log K, for reading prior_kl; the power-law exponent fitted to
+        the prior (tau itself for power_law and power_law_fit, 0 for uniform)."""
+        return {"prior_entropy": float(-(self.prior * self.prior.log()).sum()), "log_k": math.log(len(self.prior)),
+                "prior_tau": fit_power_law(self.prior.cpu().numpy())}

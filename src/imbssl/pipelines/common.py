@@ -14,7 +14,7 @@ from torch import nn
 
 from imbssl.augment import Normalize, channel_histogram, stats_from_histogram
 from imbssl.config import SPACES, ConfigError, DataConfig, ModelConfig, RunConfig, Space, TrainConfig
-from imbssl.data import ImageSet, StreamedImages, load_splits, select_subset
+from imbssl.data import ImageSet, StreamedImages, load_splits, select_subset, without_labels
 from imbssl.data.stream import CHUNK_ROWS
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.distributed import convert_sync_batchnorm
@@ -117,8 +117,14 @@ class PretrainData:
         return self.splits["train"]
 
     @property
-    def class_counts(self) -> np.ndarray:
-        return np.bincount(self.train.labels[self.indices], minlength=len(self.train.classes))
+    def labels(self) -> np.ndarray | None:
+        """The subset's labels; None when the run has none (data.source images, data.labels none)."""
+        return self.train.labels[self.indices] if self.train.labelled else None
+
+    @property
+    def class_counts(self) -> np.ndarray | None:
+        labels = self.labels
+        return None if labels is None else np.bincount(labels, minlength=len(self.train.classes))
 
     @property
     def images(self) -> np.ndarray:
@@ -126,19 +132,24 @@ class PretrainData:
 
 
 def load_pretrain_data(cfg: DataConfig, indices: np.ndarray | None = None) -> PretrainData:
-    """The configured subset of the train split, or the given ``indices`` into it."""
+    """The configured subset of the train split, or the given ``indices`` into it; with ``data.labels: none`` the
+    subset is chosen by the labels, which are then hidden."""
     splits = load_splits(cfg)
     if indices is None:
         indices = select_subset(splits["train"].labels, cfg.subset)
+    if not cfg.labelled:
+        splits = without_labels(splits)
     return PretrainData(splits, np.asarray(indices, dtype=np.int64))
 
 
 def save_backbone(backbone: nn.Module, normalize: Normalize, path: Path,
-                  heads: dict[str, nn.Module] | None = None) -> None:
-    """The pre-trained representation: backbone weights, the input normalisation they expect and the method's
-    heads (``SSLMethod.eval_heads``), which the pipelines read and evaluation ignores."""
+                  heads: dict[str, nn.Module] | None = None, image_size: tuple[int, int] | None = None) -> None:
+    """The pre-trained representation: backbone weights, the input normalisation they expect, the method's
+    heads (``SSLMethod.eval_heads``), which the pipelines read and evaluation ignores, and the (height, width) of
+    the training images, which an export resizes other images to (pipelines/export.py)."""
     save_atomic({"backbone": backbone.state_dict(), "mean": normalize.mean.cpu(), "std": normalize.std.cpu(),
-                 "heads": {name: head.state_dict() for name, head in (heads or {}).items()}}, path)
+                 "heads": {name: head.state_dict() for name, head in (heads or {}).items()},
+                 **({"image_size": list(image_size)} if image_size else {})}, path)
 
 
 def load_backbone(cfg: ModelConfig, in_channels: int, path: Path) -> tuple[nn.Module, Normalize]:

@@ -38,7 +38,7 @@ def divide(cfg: OfflineClusteringConfig, base_run: Path, out_dir: Path) -> Path:
     features, data = run_features(cfg.base, base_run, km.space)
     result = kmeans(features, cfg.k, spherical=km.spherical, n_init=km.n_init, niter=km.niter, seed=cfg.base.seed,
                     engine=km.engine)
-    labels = data.train.labels[data.indices]
+    labels = data.labels  # None for a run without labels: sizes and inertia alone
     report = DivideRecord(**cluster_report(result.assignments, cfg.k, labels, data.train.classes),
                           inertia=result.inertia, kmeans={**km.model_dump(), "engine_used": result.engine},
                           wall_s=time.perf_counter() - start)
@@ -46,8 +46,8 @@ def divide(cfg: OfflineClusteringConfig, base_run: Path, out_dir: Path) -> Path:
     report.write(out_dir)
     plot_clusters_pca(features.numpy(), result.assignments, out_dir / "clusters.png", labels, data.train.classes,
                       title=f"k-means (K={cfg.k}) of the base model's {km.space} outputs, PCA")
-    log.info("divided %d images into %d clusters of sizes %s: purity %.3f, NMI %.3f", len(labels), cfg.k,
-             report.sizes, report.purity, report.nmi)
+    judged = "" if labels is None else f": purity {report.purity:.3f}, NMI {report.nmi:.3f}"
+    log.info("divided %d images into %d clusters of sizes %s%s", len(data.indices), cfg.k, report.sizes, judged)
     return save_atomic({"indices": torch.from_numpy(data.indices), "assignments": torch.from_numpy(result.assignments),
                         "centroids": torch.from_numpy(result.centroids)}, out_dir / CLUSTERS_FILE)
 

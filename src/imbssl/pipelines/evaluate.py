@@ -1,38 +1,65 @@
-"""Evaluate a pre-trained backbone: linear probe and k-NN on a balanced labelled set (``imbssl evaluate``).
+"""Evaluate a pre-trained backbone (``imbssl evaluate``): the k-means of its features, which needs no labels, and
+the linear probe, k-NN, few-shot probes and fine-tuning on a balanced labelled set.
 
 Protocol (offline-clustering paper, Sec. 2.3): the labelled set is balanced and, by default, as large as
 the pre-training set N. A held-out part of it selects the probe's hyper-parameters; the balanced test
-split is predicted once, with the selected probe.
+split is predicted once, with the selected probe. The labelled set comes from the run's own train split, or from
+``eval.labelled_data`` (by default its whole train split); a run without labels and without it skips the probes.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from imbssl.augment import Normalize
-from imbssl.config import EvalConfig, RunConfig, few_shot_name, is_split_file
-from imbssl.data import DataError, load_indices, load_splits, read_split_file
+from imbssl.config import (EvalConfig, FeatureClustersConfig, FinetuneConfig, LossConfig, RunConfig, SupervisedConfig,
+                           SupervisedOptimConfig, TrainConfig, few_shot_name, is_split_file)
+from imbssl.data import DataError, ImageSet, load_indices, load_splits, read_split_file
 from imbssl.engine.checkpoint import CheckpointError, load_safe
 from imbssl.engine.divergence import divergence_signs, probe_disagreement, weight_norm
+from imbssl.engine.supervised import LongTailClassifier
 from imbssl.engine.trainer import CHECKPOINT_FILE
-from imbssl.eval import (accuracy_report, balanced_labelled_split, cluster_statistics, extract_features, few_shot_set,
-                         knn_predict, linear_probe, relative_sizes, shots_per_class, split_per_class)
+from imbssl.eval import (accuracy_report, balanced_labelled_split, cluster_statistics, extract_features,
+                         feature_clusters, few_shot_set, knn_predict, linear_probe, relative_sizes, shots_per_class,
+                         split_per_class)
 from imbssl.methods import METHODS, build_method
 from imbssl.models import build_backbone
-from imbssl.pipelines.common import load_backbone, resolve_device
+from imbssl.pipelines.common import (PretrainData, load_backbone, load_pretrain_data, resolve_device, seed_everything,
+                                     to_tensor_nchw)
 from imbssl.pipelines.pretrain import BACKBONE_FILE
 from imbssl.pipelines.runfolder import RUN_CONFIG, read_saved_config
+from imbssl.pipelines.train import LabelledData, fit_stage, predict
 from imbssl.records import EvalRecord
-from imbssl.report import plot_cluster_sizes
+from imbssl.report import plot_cluster_sizes, plot_sorted_sizes
 
 log = logging.getLogger(__name__)
 
 EVAL_FILE = EvalRecord.FILE
 CLUSTER_FIGURE = "cluster_sizes.png"
+FEATURE_CLUSTER_FIGURE = "feature_clusters.png"
+#: the fine-tuning's run folder inside the run's: checkpoints/best.pt holds the selected model
+FINETUNE_DIR = "finetune"
+
+Features = Callable[[np.ndarray], torch.Tensor]
+
+
+@dataclass
+class ProbeData:
+    """The labelled images the probes train and select on (drawn from ``pool``) and are tested on, and the class
+    counts that define their head and tail."""
+
+    pool: ImageSet
+    test: ImageSet
+    head_tail_counts: np.ndarray
+    size: int | None  # of the balanced labelled set; None = all of ``pool``
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -40,8 +67,8 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> EvalRecord:
-    """The probes of ``run_dir``'s backbone under ``eval_cfg`` (by default its config's eval section), written to
-    its eval.json."""
+    """The feature clusters and the probes of ``run_dir``'s backbone under ``eval_cfg`` (by default its config's eval
+    section), written to its eval.json."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -49,62 +76,176 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> EvalRecor
     if not (run_dir / BACKBONE_FILE).exists():
         raise FileNotFoundError(f"{run_dir / BACKBONE_FILE} not found: pre-training has not finished")
     device = resolve_device(cfg.train.device)
-    splits = load_splits(cfg.data)
-    train, test = splits["train"], splits["test"]
-    try:
+    with written_by_pretraining(run_dir):
         subset = load_indices(run_dir / "subset.npz")
-        backbone, normalize = load_backbone(cfg.model, train.images.shape[-1], run_dir / BACKBONE_FILE)
-    except (CheckpointError, DataError) as err:
-        if not (run_dir / CHECKPOINT_FILE).exists():  # a pipeline folder: its files come from the distill stage
-            raise
-        raise type(err)(f"{err}; `imbssl pretrain {run_dir / RUN_CONFIG} --run-dir {run_dir} --resume --no-eval` "
-                        f"writes it again from the checkpoint") from None
-    pretrain_counts = np.bincount(train.labels[subset], minlength=len(train.classes))
+    data = load_pretrain_data(cfg.data, subset)
+    with written_by_pretraining(run_dir):
+        backbone, normalize = load_backbone(cfg.model, data.train.images.shape[-1], run_dir / BACKBONE_FILE)
     backbone.to(device)
-
-    train_idx, val_idx = labelled_split(eval_cfg, train.labels, eval_cfg.labelled_size or len(subset))
 
     def features(images: np.ndarray) -> torch.Tensor:
         return extract_features(backbone, images, lambda x: normalize(x.to(device)), device=device)
 
-    train_x, val_x, test_x = features(train.images[train_idx]), features(train.images[val_idx]), features(test.images)
-    train_y, val_y = train.labels[train_idx], train.labels[val_idx]
-    num_classes = len(train.classes)
-
-    probe = linear_probe(train_x, train_y, val_x, val_y, test_x, num_classes, eval_cfg.linear, eval_cfg.seed, device)
-    few_shot = {}
-    for spec in eval_cfg.few_shot:
-        few_idx = few_shot_indices(spec, train.labels, num_classes, val_idx, eval_cfg.seed)
-        shots = int(np.bincount(train.labels[few_idx], minlength=num_classes).min())
-        few = linear_probe(features(train.images[few_idx]), train.labels[few_idx], val_x, val_y, test_x, num_classes,
-                           eval_cfg.linear, eval_cfg.seed, device)
-        few_shot[few_shot_name(spec)] = {
-            **accuracy_report(few.test_pred, test.labels, pretrain_counts, train.classes), "shots_per_class": shots,
-            "labelled_train": len(few_idx), "val_top1": few.val_acc, "selected": few.best}
-    knn = {k: accuracy_report(knn_predict(train_x, train_y, test_x, num_classes, k, eval_cfg.knn_temperature),
-                              test.labels, pretrain_counts, train.classes) for k in eval_cfg.knn_k}
-    linear = {**accuracy_report(probe.test_pred, test.labels, pretrain_counts, train.classes),
-              "val_top1": probe.val_acc, "selected": probe.best}
-    clusters = (final_clusters(run_dir, cfg, train.images[subset], train.labels[subset], normalize, device)
+    probes = probe_data(eval_cfg, data)  # before the k-means: a labelled set that does not fit fails at once
+    images = data.images
+    clustered = feature_cluster_report(features(images), data, eval_cfg.feature_clusters, run_dir)
+    if probes is None:
+        results = skipped_probes(cfg)
+        log.info("%s: probes skipped: %s", run_dir.name, results["probes_skipped"])
+    else:
+        results = run_probes(cfg, eval_cfg, probes, features, run_dir, device)
+    clusters = (final_clusters(run_dir, cfg, images, data.labels, normalize, device)
                 if METHODS[cfg.method.name].learns_clusters else None)
-    warnings = divergence_warnings(linear["top1"], knn, backbone, cfg, train.images.shape[-1])
-    record = EvalRecord(labelled_train=len(train_idx), labelled_val=len(val_idx), test=len(test.labels),
-                        pretrain_class_counts=pretrain_counts.tolist(), classes=list(train.classes), linear=linear,
-                        few_shot=few_shot, knn=knn, clusters=clusters, warnings=warnings,
+    warnings = divergence_warnings(results["linear"], results["knn"], backbone, cfg, data.train.images.shape[-1])
+    counts = data.class_counts
+    record = EvalRecord(**results, pretrain_class_counts=None if counts is None else counts.tolist(),
+                        feature_clusters=clustered, clusters=clusters, warnings=warnings,
                         settings=eval_cfg.model_dump(mode="json"), wall_s=time.perf_counter() - start)
     record.write(run_dir)
-    log.info("%s: linear top-1 %.2f, %s", run_dir.name, record.linear.top1,
-             ", ".join(f"knn{k} {report.top1:.2f}" for k, report in record.knn.items()))
+    if record.linear is not None:
+        log.info("%s: linear top-1 %.2f, %s", run_dir.name, record.linear.top1,
+                 ", ".join(f"knn{k} {report.top1:.2f}" for k, report in record.knn.items()))
     for warning in record.warnings:
         log.warning("%s: %s", run_dir.name, warning)
     return record
 
 
-def labelled_split(eval_cfg: EvalConfig, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The full-shot probe's (train, val) indices into the train split: a balanced set of ``size`` images cut per
-    class (the seeds' protocol), or split files (SDCLR's and BCL's: the labelled list, and their validation list
-    or a per-class cut of the labelled one)."""
+@contextmanager
+def written_by_pretraining(run_dir: Path) -> Iterator[None]:
+    """Reading a file that pre-training writes (subset.npz, backbone.pt): one that cannot be read says how the
+    checkpoint writes it again, where there is one."""
+    try:
+        yield
+    except (CheckpointError, DataError) as err:
+        if not (run_dir / CHECKPOINT_FILE).exists():  # a pipeline folder: its files come from the distill stage
+            raise
+        raise type(err)(f"{err}; `imbssl pretrain {run_dir / RUN_CONFIG} --run-dir {run_dir} --resume --no-eval` "
+                        f"writes it again from the checkpoint") from None
+
+
+def probe_data(eval_cfg: EvalConfig, data: PretrainData) -> ProbeData | None:
+    """The probes' labelled images: ``eval.labelled_data``'s, else the run's own when it has labels, else None."""
+    if eval_cfg.labelled_data is not None:
+        splits = load_splits(eval_cfg.labelled_data)
+        check_like_pretraining(splits, data.train.images.shape[1:])
+        return ProbeData(splits["train"], splits["test"], splits["train"].class_counts(), eval_cfg.labelled_size)
+    if data.labels is None:
+        return None
+    return ProbeData(data.train, data.splits["test"], data.class_counts, eval_cfg.labelled_size or len(data.indices))
+
+
+def check_like_pretraining(splits: dict[str, ImageSet], shape: tuple[int, ...]) -> None:
+    """The labelled set's images have the pre-training images' height, width and channels, which the backbone and its
+    input normalisation expect."""
+    height, width, channels = shape
+    for name, split in splits.items():
+        if not len(split.images):
+            raise DataError(f"eval.labelled_data has no {name} images: the probes train on its train split and are "
+                            f"tested on its test split")
+        h, w, c = split.images.shape[1:]
+        if c != channels:
+            raise DataError(f"eval.labelled_data's images have {c} channel(s), the pre-training images {channels}: "
+                            f"the labelled set must be greyscale where they are, colour where they are colour")
+        if (h, w) != (height, width):
+            raise DataError(f"eval.labelled_data's images are {h}x{w}, the pre-training images {height}x{width}: "
+                            f"set eval.labelled_data.image_size={height} to decode them at that size")
+
+
+def skipped_probes(cfg: RunConfig) -> dict:
+    """eval.json's probe fields of a run without labels and without ``eval.labelled_data``."""
+    why = "data.source images has none" if cfg.data.source == "images" else "data.labels none hides them"
+    return {"labelled_train": 0, "labelled_val": 0, "test": 0, "classes": [], "linear": None, "knn": {},
+            "probes_skipped": f"the run has no labels ({why}) and eval.labelled_data is not set; linear, k-NN, "
+                              f"few-shot and fine-tuning run on a labelled set given as eval.labelled_data (an "
+                              f"imagefolder with train/ and test/, or a filelist with labels)"}
+
+
+def run_probes(cfg: RunConfig, eval_cfg: EvalConfig, probes: ProbeData, features: Features, run_dir: Path,
+               device: torch.device) -> dict:
+    """eval.json's probe fields: linear, few-shot, k-NN and (when enabled) fine-tuning on ``probes``."""
+    pool, test = probes.pool, probes.test
+    train_idx, val_idx = labelled_split(eval_cfg, pool.labels, probes.size)
+    train_x, val_x, test_x = features(pool.images[train_idx]), features(pool.images[val_idx]), features(test.images)
+    train_y, val_y = pool.labels[train_idx], pool.labels[val_idx]
+    num_classes = len(pool.classes)
+
+    def report(pred: np.ndarray) -> dict:
+        return accuracy_report(pred, test.labels, probes.head_tail_counts, pool.classes)
+
+    probe = linear_probe(train_x, train_y, val_x, val_y, test_x, num_classes, eval_cfg.linear, eval_cfg.seed, device)
+    few_shot = {}
+    for spec in eval_cfg.few_shot:
+        few_idx = few_shot_indices(spec, pool.labels, num_classes, val_idx, eval_cfg.seed)
+        shots = int(np.bincount(pool.labels[few_idx], minlength=num_classes).min())
+        few = linear_probe(features(pool.images[few_idx]), pool.labels[few_idx], val_x, val_y, test_x, num_classes,
+                           eval_cfg.linear, eval_cfg.seed, device)
+        few_shot[few_shot_name(spec)] = {**report(few.test_pred), "shots_per_class": shots,
+                                         "labelled_train": len(few_idx), "val_top1": few.val_acc,
+                                         "selected": few.best}
+    knn = {k: report(knn_predict(train_x, train_y, test_x, num_classes, k, eval_cfg.knn_temperature))
+           for k in eval_cfg.knn_k}
+    finetuned = (finetune(cfg, eval_cfg.finetune, eval_cfg.seed, probes, train_idx, val_idx, run_dir, device)
+                 if eval_cfg.finetune.enabled else None)
+    return {"labelled_train": len(train_idx), "labelled_val": len(val_idx), "test": len(test.labels),
+            "classes": list(pool.classes), "head_tail_counts": probes.head_tail_counts.tolist(),
+            "linear": {**report(probe.test_pred), "val_top1": probe.val_acc, "selected": probe.best},
+            "few_shot": few_shot, "knn": knn, "finetune": finetuned}
+
+
+def feature_cluster_report(features: torch.Tensor, data: PretrainData, settings: FeatureClustersConfig,
+                           run_dir: Path) -> dict:
+    """k-means of the pre-training images' features, beside their classes when the run has labels; the sorted sizes
+    drawn to RUN_DIR/feature_clusters.png."""
+    report = feature_clusters(features, settings.k, settings.seed, data.labels, len(data.train.classes))
+    sizes = {f"k-means clusters (K={settings.k})": report["clusters"]["sorted_sizes"]}
+    if "classes" in report:
+        sizes[f"classes (C={len(data.train.classes)})"] = report["classes"]["sorted_sizes"]
+    plot_sorted_sizes(sizes, run_dir / FEATURE_CLUSTER_FIGURE,
+                      title=f"{len(data.indices):,} pre-training images: k-means of the backbone features")
+    return report
+
+
+def finetune(cfg: RunConfig, settings: FinetuneConfig, seed: int, probes: ProbeData, train_idx: np.ndarray,
+             val_idx: np.ndarray, run_dir: Path, device: torch.device) -> dict:
+    """The fourth protocol: the pre-trained backbone and a new linear head trained with cross-entropy on the probes'
+    labelled train part by imbssl train's loop, the epoch selected on their validation part (its model in
+    RUN_DIR/finetune/checkpoints/best.pt), tested on the test split as the linear probe is."""
+    folder = run_dir / FINETUNE_DIR
+    shutil.rmtree(folder, ignore_errors=True)  # fine-tuned afresh: a former evaluation's best.pt is never selected
+    supervised = finetune_config(cfg, settings, seed)
+    seed_everything(seed)  # the head's initial weights
+    pool = probes.pool
+    backbone, normalize = load_backbone(cfg.model, pool.images.shape[-1], run_dir / BACKBONE_FILE)
+    data = LabelledData(train_images=to_tensor_nchw(pool.images[train_idx], device),
+                        train_labels=torch.as_tensor(pool.labels[train_idx], device=device),
+                        val_images=to_tensor_nchw(pool.images[val_idx], device), val_labels=pool.labels[val_idx],
+                        test=probes.test, classes=pool.classes)
+    model = LongTailClassifier(backbone, data.train_labels, len(pool.classes), LossConfig()).to(device)
+    selected = fit_stage(supervised, model, data, normalize, folder, False, [], settings.epochs, cosine_lr=settings.lr)
+    pred = predict(selected, probes.test.images, normalize, supervised.eval.batch_size).argmax(1).numpy()
+    return {**accuracy_report(pred, probes.test.labels, probes.head_tail_counts, pool.classes),
+            "val_top1": selected.val_acc,
+            "selected": {"lr": settings.lr, "wd": settings.weight_decay, "epoch": selected.selected_epoch}}
+
+
+def finetune_config(cfg: RunConfig, settings: FinetuneConfig, seed: int) -> SupervisedConfig:
+    """imbssl train's settings that fine-tune under ``settings``: the run's model and device, a cosine lr (given to
+    fit_stage), no W&B or compilation."""
+    optim = SupervisedOptimConfig(lr=settings.lr, weight_decay=settings.weight_decay, batch_size=settings.batch_size,
+                                  epochs=settings.epochs, warmup_epochs=0, milestones=[], lr_factors=[])
+    train = TrainConfig(**cfg.train.model_dump(include={"device", "precision", "channels_last", "deterministic",
+                                                        "progress"}))
+    return SupervisedConfig(name=FINETUNE_DIR, seed=seed, model=cfg.model, optim=optim,
+                            augment_pad=settings.augment_pad, train=train)
+
+
+def labelled_split(eval_cfg: EvalConfig, labels: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The full-shot probe's (train, val) indices into the pool: a balanced set of ``size`` images cut per class (the
+    seeds' protocol; None: the whole pool, cut per class), or split files (SDCLR's and BCL's: the labelled list, and
+    their validation list or a per-class cut of the labelled one)."""
     if eval_cfg.labelled_index_file is None:
+        if size is None:
+            return split_per_class(labels, np.arange(len(labels)), eval_cfg.linear.val_fraction, eval_cfg.seed)
         return balanced_labelled_split(labels, size, eval_cfg.linear.val_fraction, eval_cfg.seed)
     labelled = read_split_file(eval_cfg.labelled_index_file, len(labels))
     if eval_cfg.val_index_file is None:
@@ -130,17 +271,17 @@ def _check_disjoint(labelled: np.ndarray, val: np.ndarray, what: str) -> None:
                         f"{int(shared[0])}): a probe would be selected on its own training images")
 
 
-def divergence_warnings(linear_top1: float, knn: dict[int, dict], backbone: torch.nn.Module, cfg: RunConfig,
+def divergence_warnings(linear: dict | None, knn: dict[int, dict], backbone: torch.nn.Module, cfg: RunConfig,
                         in_channels: int) -> list[str]:
     """Signs that pre-training diverged without a NaN (engine/divergence.py), measured on the saved backbone
-    against a freshly initialised one."""
+    against a freshly initialised one, and the probes' disagreement when they ran."""
     signs = divergence_signs(backbone, weight_norm(build_backbone(cfg.model, in_channels)))
-    gap = probe_disagreement(linear_top1, {f"knn{k}": report["top1"] for k, report in knn.items()})
+    gap = linear and probe_disagreement(linear["top1"], {f"knn{k}": report["top1"] for k, report in knn.items()})
     signs += [gap] if gap else []
     return [f"pre-training looks diverged: {sign}" for sign in signs]
 
 
-def final_clusters(run_dir: Path, cfg: RunConfig, images: np.ndarray, labels: np.ndarray, normalize: Normalize,
+def final_clusters(run_dir: Path, cfg: RunConfig, images: np.ndarray, labels: np.ndarray | None, normalize: Normalize,
                    device: torch.device) -> dict:
     """The final clustering of the pre-training images (ExCB paper, Fig. 5): each image's most similar centroid
     (ExCB's teacher, MSN's target prototypes), without balancing, against the cluster prior. Draws the sorted

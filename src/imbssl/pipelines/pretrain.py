@@ -14,6 +14,7 @@ from imbssl.data import StreamedImages, save_indices, training_images
 from imbssl.engine.distributed import barrier, is_main, main_first, world_size
 from imbssl.engine.divergence import DivergenceWatch
 from imbssl.engine.optim import build_optimizer, resolve_optim
+from imbssl.engine.runlog import check_wandb
 from imbssl.engine.schedules import cosine_schedule, step_schedule, ts_temperature_schedule
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
 from imbssl.methods import SSLMethod, build_method
@@ -27,6 +28,8 @@ from imbssl.records import PretrainRecord
 log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.pt"
+#: the images that data.unreadable=skip left out, one per line
+SKIPPED_FILE = "skipped_images.txt"
 SUMMARY_FILE = PretrainRecord.FILE
 
 
@@ -38,6 +41,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
     ``indices`` (into the train split) replaces the configured subset, e.g. one cluster of a
     pipeline; ``init_from`` is a backbone.pt to start from instead of a random initialisation.
     """
+    check_wandb(cfg.train.wandb)  # before a folder is made or the data loaded
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     with run_folder(cfg, run_dir, resume):
         data, images = load_run_images(cfg, run_dir, indices)
@@ -49,8 +53,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
         if cfg.augment.local_crops and not method.uses_local_crops:
             raise ConfigError(f"method {cfg.method.name!r} takes no local crops; set augment.local_crops=0")
         make_views = view_maker(cfg, method, normalize, images)
-        train_method(cfg, method, images, make_views, normalize, run_dir, resume, callbacks,
-                     labels=data.train.labels[data.indices])
+        train_method(cfg, method, images, make_views, normalize, run_dir, resume, callbacks, labels=data.labels)
     return run_dir
 
 
@@ -87,15 +90,25 @@ def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None
     with main_first():  # rank 0 decodes into the cache, the other processes then read it
         data = load_pretrain_data(cfg.data, indices)
     profile = cfg.data.subset.profile if indices is None else "given"
+    counts = data.class_counts
     if is_main():
-        save_indices(run_dir / "subset.npz", data.indices, {"profile": profile,
-                                                             "class_counts": data.class_counts.tolist(),
-                                                             "classes": list(data.train.classes)})
+        known = {} if counts is None else {"class_counts": counts.tolist()}
+        save_indices(run_dir / "subset.npz", data.indices, {"profile": profile, "classes": list(data.train.classes),
+                                                             **known})
+        record_skipped(data.train.skipped, run_dir / SKIPPED_FILE)
     images = training_images(data.train.images, data.indices, device, cfg.train.data_on_device)
-    log.info("training %s: %s on the %s subset (%d images %s, class counts %s), seed %d, device %s", cfg.name,
+    log.info("training %s: %s on the %s subset (%d images %s, %s), seed %d, device %s", cfg.name,
              cfg.method.name, describe_subset(cfg, indices), len(images), tuple(images.shape[1:]),
-             data.class_counts.tolist(), cfg.seed, device)
+             "unlabelled" if counts is None else f"class counts {counts.tolist()}", cfg.seed, device)
     return data, images
+
+
+def record_skipped(skipped: tuple[str, ...], path: Path) -> None:
+    """The unreadable images that the decode left out (data.unreadable=skip), listed in ``path``: none is lost
+    without a word, on a cache hit too."""
+    if skipped:
+        path.write_text("".join(f"{name}\n" for name in skipped))
+        log.warning("%d unreadable image(s) were left out (data.unreadable=skip): listed in %s", len(skipped), path)
 
 
 def describe_subset(cfg: RunConfig, indices: np.ndarray | None) -> str:
@@ -145,7 +158,7 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
                              checkpoint_every=cfg.train.checkpoint_every,
                              checkpoint_every_s=cfg.train.checkpoint_every_s,
                              collapse_warn_below=cfg.train.collapse_warn_below, log_every=cfg.train.log_every,
-                             progress=cfg.train.progress)
+                             progress=cfg.train.progress, wandb=cfg.train.wandb, run_config=cfg.model_dump(mode="json"))
     batch_size = min(settings.batch_size, len(images))
     optimizer = build_optimizer(method, cfg.optim, method.defaults, batch_size)
     steps = steps_per_epoch(len(images), batch_size)
@@ -163,5 +176,6 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
             hardware=describe_hardware(images.device), torch=torch.__version__, determinism=determinism()
         ).write(run_dir)
         # last: its presence marks the run done
-        save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE, method.eval_heads)
+        save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE, method.eval_heads,
+                      image_size=tuple(images.shape[-2:]))
     barrier()  # no process returns before the run's files are complete

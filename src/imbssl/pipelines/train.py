@@ -32,6 +32,7 @@ from imbssl.config import ConfigError, LossConfig, ModelConfig, SupervisedConfig
 from imbssl.data import ImageSet, StreamedImages, load_splits, save_indices, select_subset, training_images
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.distributed import barrier, is_main, main_first, world_size
+from imbssl.engine.runlog import check_wandb
 from imbssl.engine.schedules import cosine_schedule, step_schedule
 from imbssl.engine.supervised import LongTailClassifier
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
@@ -82,6 +83,7 @@ def train(cfg: SupervisedConfig, run_dir: Path | None = None, resume: bool = Fal
           callbacks: list[EpochCallback] = ()) -> Path:
     """Train, select, test; returns the run folder holding train.json."""
     check_init_from(cfg)  # before the data is loaded or a folder made
+    check_wandb(cfg.train.wandb)
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     with run_folder(cfg, run_dir, resume):
         fit_and_report(cfg, load_labelled_data(cfg, run_dir), run_dir, resume, callbacks)
@@ -120,7 +122,7 @@ def write_results(cfg: SupervisedConfig, data: LabelledData, normalize: Normaliz
         results["crt"] = report_stage(reported, data, normalize, cfg)
     headline = "crt" if cfg.crt.enabled else "main"
     save_atomic({"model": reported.state_dict(), "loss": reported.cfg.model_dump(), "mean": normalize.mean.cpu(),
-                 "std": normalize.std.cpu()}, run_dir / MODEL_FILE)
+                 "std": normalize.std.cpu(), "image_size": list(data.train_images.shape[-2:])}, run_dir / MODEL_FILE)
     TrainRecord(test=results[headline]["test"], reported=headline, **results,
                 train_class_counts=data.class_counts.tolist(), labeled_class_counts=data.head_tail_counts.tolist(),
                 val_images=len(data.val_labels), init_from=cfg.init_from, processes=world_size(),
@@ -189,19 +191,20 @@ def initial_backbone(cfg: SupervisedConfig, images: torch.Tensor | StreamedImage
 
 def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledData, normalize: Normalize,
               run_dir: Path, resume: bool, callbacks: list[EpochCallback], epochs: int,
-              crt: bool = False) -> LongTailClassifier:
-    """Train ``model`` in ``run_dir`` and return a copy of it at the epoch selected on validation."""
+              cosine_lr: float | None = None) -> LongTailClassifier:
+    """Train ``model`` in ``run_dir`` and return a copy of it at the epoch selected on validation. The lr follows
+    ``cfg.optim``'s warm-up and steps, or a cosine from ``cosine_lr`` to 0 (cRT, fine-tuning)."""
     settings = TrainSettings(epochs=epochs, batch_size=cfg.optim.batch_size, seed=cfg.seed,
                              precision=cfg.train.precision, channels_last=cfg.train.channels_last,
                              checkpoint_every=cfg.train.checkpoint_every,
                              checkpoint_every_s=cfg.train.checkpoint_every_s, log_every=cfg.train.log_every,
-                             progress=cfg.train.progress)
+                             progress=cfg.train.progress, wandb=cfg.train.wandb, run_config=cfg.model_dump(mode="json"))
     batch_size = min(settings.batch_size, len(data.train_images))
-    optimizer = torch.optim.SGD(model.param_groups(), lr=cfg.crt.lr if crt else cfg.optim.lr,
+    optimizer = torch.optim.SGD(model.param_groups(), lr=cosine_lr or cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     steps = steps_per_epoch(len(data.train_images), batch_size)
     lr, total_steps = optimizer.defaults["lr"], epochs * steps
-    lr_schedule = cosine_schedule(lr, 0.0, total_steps) if crt else \
+    lr_schedule = cosine_schedule(lr, 0.0, total_steps) if cosine_lr else \
         step_schedule(lr, total_steps, steps, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.optim.lr_factors)
     model = ready_for_training(model, cfg.train, data.train_images.device)
     selector = SelectOnValidation(model, data, normalize, run_dir / BEST_FILE, cfg.eval.batch_size)
@@ -271,4 +274,5 @@ def retrain_classifier(cfg: SupervisedConfig, trained: LongTailClassifier, data:
                                freeze_backbone=True, balanced_sampling=True,
                                sample_weight=data.sample_weight).to(data.train_images.device)
     with run_folder(cfg, run_dir / CRT_DIR, resume):
-        return fit_stage(cfg, model, data, normalize, run_dir / CRT_DIR, resume, [], cfg.crt.epochs, crt=True)
+        return fit_stage(cfg, model, data, normalize, run_dir / CRT_DIR, resume, [], cfg.crt.epochs,
+                         cosine_lr=cfg.crt.lr)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from imbssl.config import (EvalConfig, OfflineClusteringConfig, RunConfig, SelfTrainingConfig,
+from imbssl.config import (DataConfig, EvalConfig, OfflineClusteringConfig, RunConfig, SelfTrainingConfig,
                            SupervisedConfig, TrainConfig, deep_merge, shared_method_keys)
 from imbssl.engine.distributed import barrier, is_main, main_only, process_group, require_one_process
 from imbssl.methods import METHODS
@@ -47,6 +47,8 @@ Metric = Callable[["CellRecord"], float | None]
 #: settings that do not change what a run computes: a finished run is reused whatever they say
 WHERE_NOT_WHAT = ("data.cache_dir", "data.download", "train.progress", "train.log_every", "train.checkpoint_every",
                   "train.checkpoint_every_s", "train.dist_timeout_s")
+#: sections of such settings: where the run's logs go as well (W&B)
+WHERE_NOT_WHAT_SECTIONS = ("train.wandb.",)
 #: settings that name a file: the same file spelled another way (relative, absolute) is the same run
 PATH_KEYS = ("data.path", "data.train_order", "init_from")
 #: the file whose presence marks a finished run, and the config the folder saves, by kind
@@ -163,7 +165,8 @@ def what_changed(saved: BaseModel, wanted: BaseModel, evaluated: bool) -> dict[s
     changed = {}
     for key, (old, new) in changed_keys(saved, wanted).items():
         bare = key.removeprefix("base.")  # a pipeline's keys sit under base
-        if bare in WHERE_NOT_WHAT or (evaluated and bare.startswith("eval.")):
+        where_not_what = bare in WHERE_NOT_WHAT or bare.startswith(WHERE_NOT_WHAT_SECTIONS)
+        if where_not_what or (evaluated and bare.startswith("eval.")):
             continue
         if bare in PATH_KEYS and same_path(old, new):
             continue
@@ -338,6 +341,12 @@ class GridConfig(BaseModel):
     method_settings: dict[str, dict] = Field(default_factory=dict, description=(
         "run config keys of one method (or variant) of the grid, over the shared ones, e.g. SimSiam's optim.base_lr; "
         "a variant of a method names it as method.name. Merged key by key over the recipe's built-in ones"))
+
+    @model_validator(mode="after")
+    def _labelled(self) -> "GridConfig":
+        # every recipe's tables are per-class probe accuracies: refused before any run, in one line
+        DataConfig.model_construct(**self.base.get("data", {})).require_labels("the recipes (per-class probes)")
+        return self
 
     def cells(self, out_dir: Path) -> list[Cell]:
         raise NotImplementedError

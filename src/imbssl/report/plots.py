@@ -1,4 +1,5 @@
-"""Figures: class distributions of the subsets (paper Figure 1), per-class accuracy of runs, clusters (Figure 3).
+"""Figures: class distributions of the subsets (paper Figure 1), per-class accuracy of runs, clusters (Figure 3) and
+their sizes.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects, which render with Agg, rather than
 through ``pyplot``: no global backend switch, no figure registry to leak, safe on headless machines.
@@ -122,6 +123,23 @@ def plot_cluster_sizes(sizes: dict[str, Sequence[float]], path: str | Path, *, t
     ax.set_ylim(bottom=0)
     ax.set_xlabel("cluster, largest first")
     ax.set_ylabel("relative size")
+    _legend(fig, *ax.get_legend_handles_labels())
+    return _save(fig, path, title)
+
+
+def plot_sorted_sizes(sizes: dict[str, Sequence[int]], path: str | Path, *, title: str) -> Path:
+    """Group sizes, largest first, one curve per partition (k-means clusters, classes), on a log axis: a long tail
+    is a falling line, a balanced set a flat one. Empty groups have no point; the legend counts them."""
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for label, values in sizes.items():
+        values = np.sort(np.asarray(values, dtype=float))[::-1]
+        ranks, filled = np.arange(1, len(values) + 1), values > 0
+        empty = f", {int((~filled).sum())} empty" if not filled.all() else ""
+        ax.plot(ranks[filled], values[filled], marker="o", markersize=3, label=f"{label}{empty}")
+    ax.set_yscale("log")
+    ax.set_xlabel("group, largest first")
+    ax.set_ylabel("images")
     _legend(fig, *ax.get_legend_handles_labels())
     return _save(fig, path, title)
 
