@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -206,6 +207,19 @@ def test_a_process_that_stops_answering_fails_the_others_after_the_timeout():
     run_processes(_rank_1_hangs, timeout_s=1)
 
 
+def _rank_1_dies() -> None:
+    if distributed.rank() == 1:
+        os._exit(0)  # as a kill -9: no goodbye to the group
+    with pytest.raises(RuntimeError) as failure:
+        distributed.sum_over_processes(torch.ones(1))
+    assert distributed.lost_connection(failure.value), failure.value
+
+
+def test_a_collective_that_loses_a_process_says_so():
+    """gloo's own message for it, which process_group turns into ProcessLost and its resume command."""
+    run_processes(_rank_1_dies, timeout_s=30)
+
+
 # -- whole runs ------------------------------------------------------------------------------------
 def _pretrain(cfg, run_dir: Path) -> None:
     pretrain(cfg, run_dir)
@@ -342,6 +356,48 @@ def test_torchrun_launches_imbssl_train(sup_cfg, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1  # rank 0 alone reports
     assert json.loads((tmp_path / "run" / TRAIN_FILE).read_text())["processes"] == 2
+
+
+def _torchrun_training(tiny_cfg, tmp_path) -> tuple[subprocess.Popen, Path, str]:
+    """A long 2-process ``imbssl pretrain`` under torchrun, once its first checkpoint is written: (torchrun, run
+    folder, the torchrun command that resumes it)."""
+    config, run = tmp_path / "run.yaml", tmp_path / "run"
+    cfg = small_cfg(tiny_cfg, "simsiam")
+    save_config(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 500})}), config)
+    args = ["-m", "imbssl", "pretrain", str(config), "--run-dir", str(run), "--no-eval"]
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                 *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / CHECKPOINT_FILE).exists():
+        assert torchrun.poll() is None and time.monotonic() < deadline, torchrun.stderr.read()[-3000:]
+        time.sleep(0.1)
+    return torchrun, run, f"torchrun --standalone --nproc-per-node 2 {' '.join(args)} --resume"
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("Error:")]
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_with_the_resume_command(tiny_cfg, tmp_path):
+    torchrun, run, resume = _torchrun_training(tiny_cfg, tmp_path)
+    torchrun.send_signal(signal.SIGTERM)
+    stderr = torchrun.communicate(timeout=120)[1]
+    assert _error_lines(stderr) == [f"Error: terminated (SIGTERM); continue with `{resume}`"] * 2, stderr[-3000:]
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name == ".lock"]
+    log = (run / "train.log").read_text()
+    assert "ERROR imbssl: run terminated (SIGTERM)" in log and "ERROR imbssl: rank 1: run terminated (SIGTERM)" in log
+
+
+@pytest.mark.slow
+def test_a_dead_rank_0_leaves_rank_1_the_resume_command_and_a_line_in_train_log(tiny_cfg, tmp_path):
+    torchrun, run, resume = _torchrun_training(tiny_cfg, tmp_path)
+    rank_0 = int((run / ".lock").read_text().split()[2])  # "imbssl process PID on HOST ..."
+    os.kill(rank_0, signal.SIGKILL)
+    stderr = torchrun.communicate(timeout=120)[1]
+    errors = _error_lines(stderr)
+    assert len(errors) == 1 and errors[0].endswith(f"; continue with `{resume}`"), stderr[-3000:]
+    assert "ERROR imbssl: rank 1: run " in (run / "train.log").read_text()
 
 
 def _reproduce(out: Path, processes: int) -> subprocess.CompletedProcess:

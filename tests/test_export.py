@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 
 from conftest import imbssl
 from imbssl.augment import Normalize
@@ -212,6 +213,21 @@ def test_hubconf_takes_imbssl_from_a_source_checkout_or_else_the_installed_one(t
                               text=True, cwd=tmp_path, timeout=600)
         assert done.returncode == 0, done.stderr
         assert Path(done.stdout.strip()).parent == package
+
+
+@pytest.mark.slow
+def test_export_metadata_names_the_run_without_its_path(tiny_cfg, tmp_path):
+    """A shared backbone.safetensors does not show the folders of whoever exported it."""
+    cfg, run = tiny_cfg(), tmp_path / "private" / "my-run"
+    run.mkdir(parents=True)
+    save_config(cfg, run / RUN_CONFIG)
+    save_backbone(build_backbone(cfg.model, 1), Normalize(torch.tensor([0.3]), torch.tensor([0.2])), run / BACKBONE_FILE)
+    res = imbssl("export", run, "--out", tmp_path / "out", cwd=tmp_path)  # the absolute path
+    assert res.returncode == 0, res.stderr
+    with safe_open(str(tmp_path / "out" / SAFETENSORS_FILE), framework="pt") as exported:
+        metadata = exported.metadata()
+    assert metadata["run"] == "my-run"
+    assert not [key for key, value in metadata.items() if "private" in value]
 
 
 def test_export_names_what_is_missing(tmp_path, tiny_cfg):

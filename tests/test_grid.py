@@ -3,6 +3,8 @@ verdicts, records and results.json of before format 1, stale runs, the papers' c
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import yaml
 from conftest import imbssl
 from imbssl.config import deep_merge, parse_overrides, save_config
 from imbssl.recipes import RECIPES, load_preset, recipe
-from imbssl.recipes.grid import CONFIG_FILE, Cell, CellRecord, Results, paper_dataset, stale_folders
+from imbssl.recipes.grid import CONFIG_FILE, DONE_FILE, Cell, CellRecord, Results, paper_dataset, stale_folders
 from imbssl.recipes.longtail_ssl import LongtailSSLConfig
 from imbssl.recipes.ssp import SSPExperimentConfig
 from imbssl.records import (BudgetRecord, DivideRecord, EvalRecord, PretrainRecord, RecordError, SelfTrainingRecord,
@@ -260,6 +262,40 @@ def test_every_grid_tells_the_runs_a_changed_setting_makes_other_runs(tmp_path, 
     assert flagged == {new.run_dir for new, old in zip(changed, cells) if new.config != old.config} != set()
     evaluation = EVALUATION.get(name, "base.eval.linear.epochs=11")
     assert not any(stale_folders(cell) for cell in demo_grid(name, evaluation).cells(tmp_path))
+
+
+#: the changes after which ssp and semi-supervised once reused finished runs (issue 33): the classifier's epochs, the
+#: SSP pre-training's epochs, cRT's epochs (ssp alone has a cRT stage) and the data
+REUSED_AFTER = ["base.optim.epochs=21", "ssp_base.optim.epochs=7", "base.data.subset.head_count=20"]
+
+
+@pytest.mark.parametrize("name, setting", [*((name, setting) for name in ("ssp", "semi-supervised")
+                                             for setting in REUSED_AFTER), ("ssp", "base.crt.epochs=4")])
+def test_ssp_and_semi_supervised_retrain_after_the_changes_they_once_reused_runs_after(tmp_path, name, setting):
+    cells = demo_grid(name).cells(tmp_path)
+    save_runs(cells)
+    changed = demo_grid(name, setting).cells(tmp_path)
+    flagged = {cell.run_dir for cell in changed if stale_folders(cell)}
+    assert flagged == {new.run_dir for new, old in zip(changed, cells) if new.config != old.config} != set()
+
+
+@pytest.mark.parametrize("name", ["ssp", "semi-supervised"])
+def test_runs_that_start_from_an_ssp_run_trained_again_are_stale(tmp_path, name):
+    """A classifier started from an SSP run's backbone.pt keeps the same init_from when the SSP epochs change: the
+    SSP run is trained again, and every finished run that started from its older backbone is trained again too."""
+    cells = demo_grid(name).cells(tmp_path)
+    save_runs(cells)
+    for cell in cells:
+        (cell.run_dir / DONE_FILE[cell.kind]).write_text("finished")
+        if cell.kind == "self-train":
+            (cell.base_dir / DONE_FILE["train"]).write_text("finished")
+    assert not any(stale_folders(cell) for cell in cells)
+    retrained = next(cell for cell in cells if cell.kind == "pretrain" and cell.axes["ssp"] == "rotation")
+    backbone = retrained.run_dir / DONE_FILE["pretrain"]
+    os.utime(backbone, ns=(time.time_ns() + 10 ** 9,) * 2)  # written again after the runs started from it
+    flagged = {cell.run_dir for cell in cells if any("init_from" in keys for _, keys in stale_folders(cell))}
+    starts_from = {cell.run_dir for cell in cells if str(backbone) in json.dumps(cell.config.model_dump())}
+    assert flagged == starts_from != set()
 
 
 # -- the papers' columns --------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import yaml
 from PIL import Image
 
 from conftest import imbssl, imbssl_command, with_sections
+from test_unlabelled import TOLERANCE, _independent_rgb, _save
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.schedules import cosine_schedule
 from imbssl.engine.trainer import steps_per_epoch
@@ -157,6 +158,82 @@ def test_resume_refuses_other_changes_naming_the_keys(copy_of, change, named):
     before = (run / "config.yaml").read_text()
     error_line(pretrain(config, run, "--resume", *change), 2, named, "only optim.epochs may grow")
     assert (run / "config.yaml").read_text() == before and not leftovers(run)
+
+
+@pytest.mark.slow
+def test_resume_may_change_where_the_run_reads_writes_and_reports(copy_of, tmp_path):
+    """Issue 33 item 11: the README moves the cache with --set data.cache_dir; none of these settings changes the
+    weights (the grid reuses finished runs by the same list, pipelines/runfolder.py WHERE_NOT_WHAT)."""
+    config, run = copy_of
+    moved = {"data.cache_dir": str(tmp_path / "moved-cache"), "train.progress": False, "train.checkpoint_every": 2,
+             "train.checkpoint_every_s": 60.0, "train.device": "cpu", "train.log_every": 5,
+             "train.wandb.project": "elsewhere"}
+    res = pretrain(config, run, "--resume", "--set", "optim.epochs=3",
+                   *(arg for key, value in moved.items() for arg in ("--set", f"{key}={value}")))
+    assert res.returncode == 0, res.stderr
+    assert "resuming with data.cache_dir (" in res.stderr and load_safe(run / "checkpoints" / "last.pt")["epoch"] == 3
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert {key: saved[key.split(".")[0]][key.split(".")[1]] for key in moved if "wandb" not in key} == \
+        {key: value for key, value in moved.items() if "wandb" not in key}
+    assert saved["train"]["wandb"]["project"] == "elsewhere"
+
+
+def _doctor_checkpoint(run: Path, **trained_on) -> None:
+    """Make the run's checkpoint say it was written by another setup (what a resume elsewhere meets)."""
+    path = run / "checkpoints" / "last.pt"
+    state = load_safe(path)
+    state.setdefault("trained_on", {}).update(trained_on)
+    torch.save(state, path)
+
+
+@pytest.mark.slow
+def test_resume_on_another_process_count_is_refused_naming_both(copy_of):
+    """Issue 33 item 7: BatchNorm over each process's part of the batch makes such a run equal neither run;
+    nothing in the folder changes (item 13: config.yaml keeps the epochs the run was trained with)."""
+    config, run = copy_of
+    _doctor_checkpoint(run, processes=2)
+    before = (run / "config.yaml").read_text()
+    error_line(pretrain(config, run, "--resume", "--set", "optim.epochs=3"), 2,
+               "last.pt was trained on 2 process(es) and this run has 1", "train.sync_batchnorm: false")
+    assert (run / "config.yaml").read_text() == before and not leftovers(run)
+
+
+@pytest.mark.slow
+def test_resume_on_another_process_count_with_global_batchnorm_goes_on_with_a_warning(tmp_path):
+    """With train.sync_batchnorm the run does not depend on the process count (docs/scale-out.md): item 7's
+    refusal does not apply, item 8's warning does."""
+    config = write_config(tmp_path, optim={"epochs": 1}, train={"progress": False, "sync_batchnorm": True})
+    assert pretrain(config, tmp_path / "run").returncode == 0
+    _doctor_checkpoint(tmp_path / "run", processes=2)
+    res = pretrain(config, tmp_path / "run", "--resume", "--set", "optim.epochs=2")
+    assert res.returncode == 0, res.stderr
+    assert "(processes 2 -> 1): the run goes on, but will not replay an uninterrupted run exactly" in res.stderr
+
+
+@pytest.mark.slow
+def test_resume_with_another_thread_count_warns_in_one_line(copy_of):
+    """Issue 33 item 8: OMP_NUM_THREADS on resume changes the sums' order, so the run no longer replays
+    exactly; the checkpoint records the threads, torch and the device, and the resume says so."""
+    config, run = copy_of
+    recorded = load_safe(run / "checkpoints" / "last.pt")["trained_on"]
+    assert recorded["torch"] == torch.__version__ and recorded["device"] == "cpu"
+    threads = recorded["threads"] + 1
+    res = pretrain(config, run, "--resume", "--set", "optim.epochs=3", env={"OMP_NUM_THREADS": str(threads)})
+    assert res.returncode == 0, res.stderr
+    warned = [line for line in res.stderr.splitlines() if "will not replay" in line]
+    assert len(warned) == 1 and f"threads {recorded['threads']} -> {threads}" in warned[0], res.stderr
+    assert load_safe(run / "checkpoints" / "last.pt")["trained_on"]["threads"] == threads
+
+
+@pytest.mark.slow
+def test_resume_failing_on_a_corrupt_checkpoint_leaves_config_yaml_as_it_was(copy_of):
+    """Issue 33 item 13: the config is rewritten (to more epochs) only once the checkpoint has loaded, so that
+    the run's own command, without the new epochs, still continues it after the checkpoint is dealt with."""
+    config, run = copy_of
+    before = (run / "config.yaml").read_text()
+    (run / "checkpoints" / "last.pt").write_bytes(os.urandom(4096))
+    error_line(pretrain(config, run, "--resume", "--set", "optim.epochs=3"), 2, "last.pt", "delete it to train")
+    assert (run / "config.yaml").read_text() == before
 
 
 @pytest.mark.slow
@@ -304,13 +381,15 @@ def test_broken_run_file_is_named_in_one_line(copy_of, name, breakage, command, 
 
 
 @pytest.mark.slow
-def test_broken_backbone_is_written_again_by_the_command_the_message_gives(copy_of):
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_broken_backbone_is_written_again_by_the_command_the_message_gives(copy_of, command):
     _, run = copy_of
     (run / "backbone.pt").write_bytes(b"")
-    line = error_line(imbssl("evaluate", run, cwd=run.parent), 2, "writes it again from the checkpoint")
+    line = error_line(imbssl(command, run, cwd=run.parent), 2, f"{run / 'backbone.pt'} is empty",
+                      "writes it again from the checkpoint")
     fix = shlex.split(line.split("`")[1])
     assert fix[0] == "imbssl" and imbssl(*fix[1:], cwd=run.parent).returncode == 0
-    assert imbssl("evaluate", run, cwd=run.parent).returncode == 0
+    assert imbssl(command, run, cwd=run.parent).returncode == 0
 
 
 WRITE_FAILS = """
@@ -332,7 +411,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
     config = write_config(tmp_path, optim={"epochs": 3}, train={"progress": False})
     run = tmp_path / "run"
     res = pretrain(config, run, prelude=WRITE_FAILS, env={"FULL_AFTER": str(run / "checkpoints" / "last.pt")})
-    error_line(res, 1, f"{run / 'checkpoints' / 'last.pt'}: cannot write checkpoint: No space left on device",
+    error_line(res, 1, f"{run / 'checkpoints' / 'last.pt'}: not written: No space left on device",
                f"; continue with `imbssl pretrain {config} --run-dir {run} --no-eval --resume`")
     assert not leftovers(run)
     assert load_safe(run / "checkpoints" / "last.pt")["epoch"] == 1
@@ -340,6 +419,36 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
     again = pretrain(config, run, "--resume")  # space freed
     assert again.returncode == 0, again.stderr
     assert load_safe(run / "checkpoints" / "last.pt")["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_disk_full_when_writing_backbone_pt_names_it(tmp_path):
+    """The disk fills up once the last checkpoint and pretrain.json are written: backbone.pt is what fails."""
+    config = write_config(tmp_path, optim={"epochs": 1}, train={"progress": False})
+    run = tmp_path / "run"
+    res = pretrain(config, run, prelude=WRITE_FAILS, env={"FULL_AFTER": str(run / "pretrain.json")})
+    line = error_line(res, 1, f"{run / 'backbone.pt'}: not written: No space left on device", "--resume`")
+    assert "checkpoint" not in line.split(";")[0] and not leftovers(run)
+    again = pretrain(config, run, "--resume")  # space freed
+    assert again.returncode == 0, again.stderr
+    assert load_safe(run / "backbone.pt")["backbone"]
+
+
+DISK_FULL_AT_START = {  # a write that fails as on a full disk: the error carries no file name
+    "the lock's note": "import errno, os\ndef full(fd, data): raise OSError(errno.ENOSPC, 'No space left on device')"
+                       "\nos.write = full",
+    "config.yaml": "import errno, pathlib\ndef full(self, *a, **k): raise OSError(errno.ENOSPC, 'No space left on "
+                   "device')\npathlib.Path.write_text = full",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing, file", [("the lock's note", ".lock"), ("config.yaml", "config.yaml")])
+def test_disk_full_at_start_names_the_file(tmp_path, failing, file):
+    config = write_config(tmp_path, optim={"epochs": 1})
+    run = tmp_path / "run"
+    error_line(pretrain(config, run, prelude=DISK_FULL_AT_START[failing]), 1, f"{run / file}: No space left on device")
+    assert not leftovers(run)
 
 
 CACHE_FULL = """
@@ -424,6 +533,113 @@ def test_empty_class_folder_in_train_is_called_empty(tmp_path):
     res = imbssl("data", "describe", "--set", "data.source=imagefolder", "--set", f"data.path={tree}",
                  "--set", f"data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
     error_line(res, 2, "class folder train/dog is empty (no image files)")
+
+
+def describe_tree(tmp_path: Path, tree: Path, *args: str) -> subprocess.CompletedProcess:
+    """``imbssl data describe`` of an ImageFolder (a folder or tar), which decodes it into ``tmp_path/cache``."""
+    return imbssl("data", "describe", "--set", "data.source=imagefolder", "--set", f"data.path={tree}",
+                  "--set", f"data.cache_dir={tmp_path / 'cache'}", *args, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_every_pil_mode_decodes_as_an_independent_conversion_wide_ones_scaled(tmp_path):
+    """16-bit, 32-bit integer and float images are scaled to 8 bits (once clipped: 16-bit to white, floats to
+    black), and one log line says how."""
+    cases = _independent_rgb()
+    tree = image_tree(tmp_path / "tree", {}, {"a": 1})
+    for name, (image, _) in cases.items():
+        _save(tree / "train" / "a" / name, image)
+    res = describe_tree(tmp_path, tree)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("scaled 5 image(s) of more than 8 bits to 8: 2 of 16-bit values") == 1, res.stderr
+    images = np.load(next((tmp_path / "cache").glob("**/images.npy")))
+    for row, name in enumerate(sorted(cases)):
+        np.testing.assert_allclose(images[row], cases[name][1], atol=TOLERANCE.get(name, 0), rtol=0, err_msg=name)
+
+
+@pytest.mark.slow
+def test_symlinked_train_test_and_class_folders_are_followed_a_loop_once(tmp_path):
+    elsewhere = image_tree(tmp_path / "elsewhere", {"dog": 3}, {"cat": 2, "dog": 2})
+    real = image_tree(tmp_path / "real", {"cat": 2}, {})
+    (real / "train" / "dog").symlink_to(elsewhere / "train" / "dog")
+    (elsewhere / "train" / "dog" / "again").symlink_to(".")  # a loop: the folder itself
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "train").symlink_to(real / "train")
+    (tree / "test").symlink_to(elsewhere / "test")
+    res = describe_tree(tmp_path, tree, "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["classes"] == ["cat", "dog"] and info["subsets"]["Balanced (full)"]["counts"] == [2, 3]
+    assert f"{tree / 'train' / 'dog' / 'again'} links to {elsewhere / 'train' / 'dog'}, a folder it is inside: not " \
+           f"followed (a loop)" in res.stderr
+
+
+@pytest.mark.slow
+def test_tar_links_are_resolved_inside_the_archive_and_outside_refused(tmp_path):
+    tree = image_tree(tmp_path / "tree", {"cat": 2, "dog": 1}, {"cat": 1, "dog": 1})
+    for i in range(10):
+        os.link(tree / "train" / "cat" / "1.png", tree / "train" / "cat" / f"hard-{i}.png")
+    for i in range(5):
+        (tree / "train" / "dog" / f"soft-{i}.png").symlink_to(Path("..", "cat", "0.png"))
+    with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as tf:
+        tf.add(tree, arcname="images")
+    res = describe_tree(tmp_path, tmp_path / "images.tar.gz", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["subsets"]["Balanced (full)"]["counts"] == [12, 6]
+    (tree / "train" / "dog" / "outside.png").symlink_to(tree / "train" / "cat" / "0.png")  # an absolute path
+    with tarfile.open(tmp_path / "outside.tar.gz", "w:gz") as tf:
+        tf.add(tree, arcname="images")
+    error_line(describe_tree(tmp_path, tmp_path / "outside.tar.gz"), 2,
+               "refusing link images/train/dog/outside.png -> /", "it points outside the archive")
+
+
+@pytest.mark.slow
+def test_a_self_looping_symlink_image_is_one_line(tmp_path):
+    tree = image_tree(tmp_path / "tree", {"cat": 2}, {"cat": 2})
+    (tree / "train" / "cat" / "self.png").symlink_to("self.png")
+    error_line(describe_tree(tmp_path, tree), 2, f"cannot decode image {tree / 'train' / 'cat' / 'self.png'}: ",
+               "Too many levels of symbolic links")
+
+
+# -- what evaluation cannot use is refused before training ------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("probed", ["own labels", "eval.labelled_data"])
+def test_one_class_labelled_set_is_refused_before_training(tmp_path, probed):
+    tree = image_tree(tmp_path / "tree", {"cat": 4}, {"cat": 2})
+    if probed == "own labels":
+        data, evaluation = {"source": "imagefolder", "path": str(tree)}, {}
+    else:  # unlabelled pre-training images, probed on a labelled set of one class
+        data = {"source": "images", "path": str(tree / "train")}
+        evaluation = {"labelled_data": {"source": "imagefolder", "path": str(tree), "cache_dir": str(tmp_path / "c")}}
+    config = write_config(tmp_path, data=data, eval=evaluation)
+    run = tmp_path / "run"
+    res = imbssl("pretrain", config, "--run-dir", run, cwd=tmp_path)
+    error_line(res, 2, f"{'the run' + chr(39) + 's train split' if probed == 'own labels' else probed} has labelled "
+                       f"images of 1 class(es) (cat), and the probes need 2 or more")
+    assert not (run / "checkpoints").exists() and not leftovers(run)
+
+
+@pytest.mark.slow
+def test_more_feature_clusters_than_images_is_refused_before_training(tmp_path):
+    tree = image_tree(tmp_path / "tree", {"cat": 4}, {"cat": 2})
+    config = write_config(tmp_path, data={"source": "imagefolder", "path": str(tree), "labels": "none"})
+    run = tmp_path / "run"
+    error_line(imbssl("pretrain", config, "--run-dir", run, cwd=tmp_path), 2,
+               "eval.feature_clusters.k=10: more clusters than the 4 pre-training images; set it lower")
+    assert not (run / "checkpoints").exists() and not leftovers(run)
+
+
+@pytest.mark.slow
+def test_subset_too_skewed_for_the_labelled_set_is_refused_before_training(tmp_path):
+    config = write_config(tmp_path, data={"subset": {"profile": "exp", "imbalance": 100, "head_count": 4}})
+    run = tmp_path / "run"
+    res = imbssl("pretrain", config, "--run-dir", run, cwd=tmp_path)
+    assert "subset profile 'exp' leaves 7 of 10 classes with 0 images (class 3, 4, 5, 6, 7, 8, 9)" in res.stderr
+    error_line(res, 2, "a labelled set of 7 images leaves fewer than 2 images for some class",
+               "eval.labelled_size=7 images")
+    assert not (run / "checkpoints").exists() and not leftovers(run)
+    assert "0 images" in (run / "train.log").read_text()
 
 
 # -- guards ---------------------------------------------------------------------------------------
@@ -546,21 +762,54 @@ def test_debug_shows_the_traceback_before_the_one_line(tmp_path):
     assert res.stderr.rstrip().splitlines()[-1].startswith(f"Error: config file not found: {tmp_path / 'missing.yaml'}")
 
 
+#: SIGTERM on the checkpoint write of epoch 2, between its last byte and its rename
+SIGTERM_IN_THE_SECOND_CHECKPOINT_WRITE = """
+import os, signal
+_fsync, _writes = os.fsync, []
+def fsync(fd):
+    _writes.append(fd)
+    if len(_writes) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    _fsync(fd)
+os.fsync = fsync
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_checkpoint_write_exits_143_keeps_the_last_one_and_says_how_to_continue(tmp_path):
+    config = write_config(tmp_path, optim={"epochs": 3}, train={"progress": False})
+    run = tmp_path / "run"
+    res = pretrain(config, run, prelude=SIGTERM_IN_THE_SECOND_CHECKPOINT_WRITE)
+    error_line(res, 143, f"terminated (SIGTERM); continue with `imbssl pretrain {config} --run-dir {run} --no-eval "
+                         f"--resume`")
+    assert not leftovers(run)  # neither the lock nor checkpoints/.last.pt.tmp
+    assert (run / "train.log").read_text().rstrip().endswith("run terminated (SIGTERM)")
+    assert load_safe(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert pretrain(config, run, "--resume").returncode == 0
+    assert load_safe(run / "checkpoints" / "last.pt")["epoch"] == 3
+
+
 # -- fault injection ----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path, stop):
+    """SIGTERM, unlike kill -9, must also end each attempt in the one-line message, leaving no lock file."""
     config = write_config(tmp_path, optim={"epochs": 6}, train={"progress": False})
     straight_s = _seconds_holding_the_folder(config, tmp_path / "straight")
     run, rng = tmp_path / "killed", random.Random(9)
     args = ("pretrain", config, "--run-dir", run, "--no-eval", "--resume")
     for _ in range(3):
-        proc = subprocess.Popen(imbssl_command(*args), cwd=tmp_path, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(imbssl_command(*args), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
         _wait_for_lock(run, proc)  # past the imports: the kill lands in setup, training or a checkpoint write
         # Within a third of a whole run: setup is redone each time, so three attempts cannot finish the run.
         time.sleep(rng.uniform(0.0, straight_s / 3))
-        assert proc.poll() is None
-        proc.kill()
-        proc.wait()
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(stop)
+        stderr = proc.communicate(timeout=60)[1]
+        if stop == signal.SIGTERM:
+            error_line(subprocess.CompletedProcess(args, proc.returncode, "", stderr), 143,
+                       "terminated (SIGTERM); continue with")
+            assert not leftovers(run)
     final = imbssl(*args, cwd=tmp_path)
     assert final.returncode == 0, final.stderr
     assert not leftovers(run)

@@ -157,8 +157,36 @@ def test_pipelines_that_learn_from_labels_refuse_an_unlabelled_config(tmp_path):
 # ---------------------------------------------------------------------------- modes and the decode
 
 
+#: the PIL modes a user's folder can hold
+MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I", "F")
+
+
+def _paletted(mode: str, planes: np.ndarray, palette: np.ndarray) -> Image.Image:
+    image = Image.frombytes(mode, (8, 8), planes.tobytes())
+    image.putpalette(palette.ravel().tolist())
+    return image
+
+
+def _ycbcr_as_rgb(ycc: np.ndarray) -> np.ndarray:
+    """JFIF's YCbCr -> RGB in floating point (PIL's fixed point is within 1 of it)."""
+    y, cb, cr = (ycc[..., i].astype(np.float64) for i in range(3))
+    rgb = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)],
+                   axis=2)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def _by_range(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    return np.rint((values - values.min()) * 255 / (values.max() - values.min())).astype(np.uint8)
+
+
+#: the independent conversion of YCbCr is JFIF's exact formula, which PIL's fixed point misses by at most 1
+TOLERANCE = {"ycbcr.tif": 1}
+
+
 def _independent_rgb() -> dict[str, tuple[Image.Image, np.ndarray]]:
-    """One image per PIL mode a user's folder holds, and its RGB computed here with numpy alone."""
+    """One image per PIL mode a user's folder holds (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, I;16, I, F; I and F
+    once in each of their scaling rules), and its RGB computed here with numpy alone."""
     rng = np.random.default_rng(0)
     rgb, grey = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.integers(0, 256, (8, 8), dtype=np.uint8)
     alpha = rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)
@@ -166,20 +194,32 @@ def _independent_rgb() -> dict[str, tuple[Image.Image, np.ndarray]]:
     cmyk = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
     palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
     indices = rng.integers(0, 256, (8, 8), dtype=np.uint8)
-    paletted = Image.frombytes("P", (8, 8), indices.tobytes())
-    paletted.putpalette(palette.ravel().tolist())
+    bits = rng.integers(0, 2, (8, 8)).astype(bool)
+    wide = rng.integers(-2 ** 31, 2 ** 31, (8, 8), dtype=np.int32)
+    unit, floats = rng.random((8, 8), dtype=np.float32), rng.uniform(-50, 300, (8, 8)).astype(np.float32)
     c, k = cmyk[..., :3].astype(np.float64), cmyk[..., 3:].astype(np.float64)
     repeat = lambda plane: np.repeat(plane[..., None], 3, axis=2)  # noqa: E731
+    as_16_bit = lambda values: repeat(np.rint(values / 257).astype(np.uint8))  # noqa: E731
     return {
+        "bits.png": (Image.fromarray(bits), repeat(bits.astype(np.uint8) * 255)),
+        "palette-alpha.tif": (_paletted("PA", np.concatenate([indices[..., None], alpha], 2), palette),
+                              palette[indices]),
+        "ycbcr.tif": (Image.frombytes("YCbCr", (8, 8), rgb.tobytes()), _ycbcr_as_rgb(rgb)),
+        # 32-bit integer: 16-bit values as 16-bit ones, others by their range; floats in [0, 1] as v * 255, others
+        # by their range
+        "int-16.tif": (Image.fromarray(sixteen.astype(np.int32)), as_16_bit(sixteen)),
+        "int-wide.tif": (Image.fromarray(wide), repeat(_by_range(wide))),
+        "float-unit.tif": (Image.fromarray(unit), repeat(np.rint(unit.astype(np.float64) * 255).astype(np.uint8))),
+        "float-wide.tif": (Image.fromarray(floats), repeat(_by_range(floats))),
         "rgb.png": (Image.frombytes("RGB", (8, 8), rgb.tobytes()), rgb),
         "grey.png": (Image.frombytes("L", (8, 8), grey.tobytes()), repeat(grey)),
         "rgba.png": (Image.frombytes("RGBA", (8, 8), np.concatenate([rgb, alpha], 2).tobytes()), rgb),
         "la.png": (Image.frombytes("LA", (8, 8), np.stack([grey, alpha[..., 0]], 2).tobytes()), repeat(grey)),
         # 16-bit: scaled to 8 bits (v / 257), not clipped to white as PIL's convert does
-        "sixteen.png": (Image.fromarray(sixteen), repeat(np.rint(sixteen / 257).astype(np.uint8))),
+        "sixteen.png": (Image.fromarray(sixteen), as_16_bit(sixteen)),
         "cmyk.tif": (Image.frombytes("CMYK", (8, 8), cmyk.tobytes()),
                      np.rint((255 - c) * (255 - k) / 255).astype(np.uint8)),
-        "palette.png": (paletted, palette[indices]),
+        "palette.png": (_paletted("P", indices, palette), palette[indices]),
     }
 
 
@@ -188,9 +228,11 @@ def test_mixed_modes_in_one_folder_decode_to_rgb_as_an_independent_conversion(tm
     for name, (image, _) in cases.items():
         _save(tmp_path / "imgs" / name, image)
     assert Image.open(tmp_path / "imgs" / "sixteen.png").mode == "I;16"  # what a 16-bit PNG opens as
+    assert {Image.open(tmp_path / "imgs" / name).mode for name in cases} == set(MODES)
     train = load_splits(_cfg(tmp_path, tmp_path / "imgs"))["train"]
     for row, name in enumerate(sorted(cases)):
-        np.testing.assert_array_equal(train.images[row], cases[name][1], err_msg=name)
+        np.testing.assert_allclose(train.images[row], cases[name][1], atol=TOLERANCE.get(name, 0), rtol=0,
+                                   err_msg=name)
 
 
 def test_unreadable_images_are_refused_by_name_or_skipped_and_listed(tmp_path):
@@ -323,8 +365,8 @@ def test_cli_mixed_modes_are_counted_and_pretrained_on(tmp_path):
                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
-    assert info["images"] == 7 and info["sizes"] == {"8x8": 7} and info["unreadable"] == []
-    assert info["modes"] == {mode: 1 for mode in ("RGB", "L", "RGBA", "LA", "I;16", "CMYK", "P")}
+    assert info["images"] == 14 and info["sizes"] == {"8x8": 14} and info["unreadable"] == []
+    assert info["modes"] == {**{mode: 1 for mode in MODES}, "I": 2, "F": 2}
     assert info["stored_shape"] == [8, 8, 3]
     assert _pretrain_images(tmp_path, tmp_path / "imgs", "optim.batch_size=4").returncode == 0
 

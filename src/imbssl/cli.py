@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import click
 
 from imbssl.configbase import ConfigError, deep_merge, parse_overrides
-from imbssl.errors import ImbsslError
+from imbssl.errors import ImbsslError, ProcessLost, Terminated
 from imbssl.recipes import RECIPES
 from imbssl.records import AccuracyReport, EvalRecord, SelfTrainingRecord, SizeProfile, TrainRecord
 
@@ -47,7 +49,16 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _command_line() -> str:
-    return "imbssl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return f"{_launcher()} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _launcher() -> str:
+    """``imbssl``, or under torchrun the torchrun command that starts it again (on one node, in full)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return "imbssl"
+    nodes, per_node = os.environ.get("GROUP_WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+    options = "--standalone" if nodes == "1" else f"--nnodes {nodes} <the job's rendezvous options>"
+    return f"torchrun {options} --nproc-per-node {per_node} -m imbssl"
 
 
 def _offer_resume(add_flag: bool) -> None:
@@ -59,9 +70,14 @@ def _offer_resume(add_flag: bool) -> None:
 
 
 def _one_line(err: BaseException, resume_with: str | None) -> click.ClickException:
-    """Exit 2 for imbssl's own errors (bad config, data, checkpoint...), 130 for Ctrl-C, 1 for anything else."""
-    if isinstance(err, KeyboardInterrupt):
+    """Exit 2 for imbssl's own errors (bad config, data, checkpoint...), 130 for Ctrl-C, 143 for SIGTERM, 1 for a
+    lost torchrun process and anything else."""
+    if isinstance(err, Terminated):
+        message, code = "terminated (SIGTERM)", 143
+    elif isinstance(err, KeyboardInterrupt):
         message, code = "interrupted", 130
+    elif isinstance(err, ProcessLost):
+        message, code = str(err), 1
     elif isinstance(err, ImbsslError):
         message, code = str(err), 2
     elif isinstance(err, OSError) and err.filename:  # a failed read or write: the file and the system's reason
@@ -70,7 +86,7 @@ def _one_line(err: BaseException, resume_with: str | None) -> click.ClickExcepti
         message, code = str(err), 2
     else:  # a bug, or a failure nobody anticipated: still one line, the traceback on request
         message, code = f"{type(err).__name__}: {' '.join(str(err).split())} (--debug shows the traceback)", 1
-    if resume_with and isinstance(err, (KeyboardInterrupt, OSError)):
+    if resume_with and isinstance(err, (KeyboardInterrupt, OSError, ProcessLost)):
         message += f"; continue with `{resume_with}`"
     failure = click.ClickException(message)
     failure.exit_code = code
@@ -258,12 +274,13 @@ def pretrain(config: str, overrides: tuple[str, ...], data_path: str | None, run
     from imbssl.config import load_config
     cfg = load_config(_config_file(config), _data_path_set(data_path) + overrides)
     from imbssl.engine.distributed import is_main, process_group
-    from imbssl.pipelines.evaluate import EVAL_FILE, evaluate_run
+    from imbssl.pipelines.evaluate import EVAL_FILE, check_evaluable, evaluate_run
     from imbssl.pipelines.pretrain import pretrain as run_pretrain
 
     _offer_resume(add_flag=True)
+    check = (lambda data: check_evaluable(cfg.eval, data)) if then_eval else None  # refused before training
     with process_group(cfg.train.device, cfg.train.dist_timeout_s):
-        out = run_pretrain(cfg, Path(run_dir) if run_dir else None, resume=resume)
+        out = run_pretrain(cfg, Path(run_dir) if run_dir else None, resume=resume, check_data=check)
         if not is_main():  # rank 0 reports and evaluates
             return
     click.echo(f"run folder: {out}")
@@ -564,4 +581,12 @@ def main() -> None:
     from imbssl.launcher import relaunch_with_tcmalloc
 
     relaunch_with_tcmalloc()
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     cli(prog_name="imbssl")
+
+
+def _stop_on_sigterm(signum: int, frame) -> None:
+    """Stop as Ctrl-C does (docs/reliability.md): the step is abandoned, the last checkpoint kept, the lock and any
+    half-written file removed."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut short the first one's cleanup
+    raise Terminated

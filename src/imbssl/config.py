@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from imbssl.configbase import ConfigError, Section, deep_merge, load_yaml, parse_overrides
+from imbssl.errors import naming_the_file
 from imbssl.methods import DEFAULT_METHOD, SECTIONS, MethodConfig
 
 
@@ -804,4 +805,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    with naming_the_file(path):
+        Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

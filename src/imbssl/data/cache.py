@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,40 @@ def file_digest(path: Path, cache_dir: Path) -> str:
 
 def folder_digest(root: Path) -> str:
     """Hash of the sorted (relative path, size, mtime) listing: cheap, and any edit changes it."""
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames:
-            full = Path(dirpath, name)
-            st = full.stat()
-            entries.append(f"{full.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}")
-    entries.sort()
+    entries = sorted(f"{'/'.join((*folder, name))}\0{st.st_size}\0{st.st_mtime_ns}"
+                     for folder, files in walk_folder(root) for name, st in files)
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+FolderFiles = tuple[tuple[str, ...], list[tuple[str, os.stat_result]]]
+
+
+def walk_folder(root: Path) -> Iterator[FolderFiles]:
+    """Every folder under ``root``, as its path components below it, with its files and their stat; symbolic links
+    are followed, as the file-list sources follow them. A link to a folder it is inside (a loop) is not followed,
+    with a warning: the images below it are read once, from the real folder. A link that cannot be followed
+    (pointing nowhere, or at itself) is a file with the link's own stat, which the decode names as unreadable."""
+    pending = [((), root, frozenset[tuple[int, int]]())]
+    while pending:
+        folder, path, above = pending.pop()
+        st = path.stat()
+        above |= {(st.st_dev, st.st_ino)}
+        files = []
+        with os.scandir(path) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                try:
+                    st = entry.stat()
+                except OSError:
+                    files.append((entry.name, entry.stat(follow_symlinks=False)))
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    files.append((entry.name, st))
+                elif (st.st_dev, st.st_ino) in above:
+                    log.warning("%s links to %s, a folder it is inside: not followed (a loop)", entry.path,
+                                os.path.realpath(entry.path))
+                else:
+                    pending.append(((*folder, entry.name), Path(entry.path), above))
+        yield folder, files
 
 
 def cache_key(kind: str, content: str, **options: Any) -> str:

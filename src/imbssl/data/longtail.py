@@ -8,6 +8,7 @@ sorted index array that can be saved and shared (``save_indices``) to reuse a sp
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -18,6 +19,9 @@ import numpy as np
 
 from imbssl.config import SubsetConfig, UnlabeledConfig
 from imbssl.data.sources import DataError
+from imbssl.errors import naming_the_file
+
+log = logging.getLogger(__name__)
 
 # Independent random streams per purpose, so toggling ``permute_classes`` does not change
 # which images are drawn for a class with an unchanged count.
@@ -96,6 +100,10 @@ def subset_counts(cfg: SubsetConfig, available: np.ndarray) -> np.ndarray:
         c = int(short[0])
         raise DataError(f"subset profile {cfg.profile!r} asks for {counts[c]} images of class {c}, "
                         f"but the pool has only {available[c]}")
+    if (empty := np.flatnonzero(counts == 0)).size:  # int() truncates a small tail share to nothing
+        log.warning("subset profile %r leaves %d of %d classes with 0 images (class %s): raise "
+                    "data.subset.head_count or lower data.subset.imbalance to keep them", cfg.profile, empty.size,
+                    len(counts), ", ".join(map(str, empty)))
     return counts
 
 
@@ -214,7 +222,7 @@ def save_indices(path: str | os.PathLike[str], indices: np.ndarray, meta: dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with naming_the_file(path), os.fdopen(fd, "wb") as f:
             if path.suffix == ".npz":
                 np.savez(f, indices=indices, meta=np.array(meta_text))
             else:

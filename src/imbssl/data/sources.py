@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 from imbssl.config import LISTED_SOURCES, DataConfig
-from imbssl.data.cache import Allocate, cache_key, file_digest, folder_digest, free_bytes, load_or_build
+from imbssl.data.cache import (Allocate, cache_key, file_digest, folder_digest, free_bytes, load_or_build,
+                               walk_folder)
 from imbssl.errors import ImbsslError
 
 try:
@@ -50,9 +51,15 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", "
 UNLABELLED = -1
 #: the smallest side an image is stored at as it is (without data.image_size): smaller ones leave no room for crops
 MIN_SIDE = 8
-#: PIL's modes of 16-bit greyscale (PNG, TIFF; "I" is how older Pillow opened 16-bit PNGs), whose convert() clips
-#: every value above 255 to white
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+#: PIL's modes of 16-bit greyscale (PNG, TIFF), whose convert() clips every value above 255 to white
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+#: the greyscale modes of more than 8 bits: 16-bit, 32-bit integer ("I"; also how older Pillow opened 16-bit PNGs)
+#: and 32-bit float ("F"), scaled to 8 bits by ``_to_8_bits``
+WIDE_MODES = SIXTEEN_BIT_MODES | {"I", "F"}
+#: how ``_to_8_bits`` scales each kind of wide image (docs/data.md "Modes"), as the decode's log line names it
+SCALE_RULES = {"16-bit": "16-bit values (I;16, or I within 0..65535) as v / 257",
+               "unit": "floats within [0, 1] (F) as v * 255",
+               "range": "the other I and F images by their own range, min..max to 0..255"}
 
 
 class DataError(ImbsslError, RuntimeError):
@@ -389,30 +396,91 @@ class _Listing(NamedTuple):
 
 
 def _tar_files(archive: Path) -> _Listing:
+    """The archive's members in one pass; its hard and symbolic links are then resolved inside it (``_add_links``)."""
     listing = _Listing([], set(), [])
+    regular: set[tuple[str, ...]] = set()
+    links: dict[tuple[str, ...], tarfile.TarInfo] = {}
     try:
         with tarfile.open(archive, "r|*") as tf:
             for member in tf:
                 parts = _safe_parts(member.name, archive)
                 if member.isdir():
                     listing.folders.add(parts)
-                elif member.isfile() and _is_image(parts):
-                    listing.files.append(_File(parts, tf.extractfile(member).read(), f"{archive}:{member.name}"))
+                elif member.issym() or member.islnk():
+                    links[parts] = member
                 elif member.isfile():
-                    listing.others.append(member.name)
+                    regular.add(parts)
+                    if _is_image(parts):
+                        listing.files.append(_File(parts, tf.extractfile(member).read(), f"{archive}:{member.name}"))
+                    else:
+                        listing.others.append(member.name)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read tar archive {archive}: {err}") from err
+    _add_links(listing, archive, regular, links)
     return listing
+
+
+def _add_links(listing: _Listing, archive: Path, regular: set[tuple[str, ...]],
+               links: dict[tuple[str, ...], tarfile.TarInfo]) -> None:
+    """Each link that names an image becomes a file holding its target's bytes (read again from the archive when
+    the target's name is not an image's). A link that leaves the archive, loops, points to no member or to a
+    folder is refused in one line."""
+    if not links:
+        return
+    folders = listing.folders | {parts[:i] for parts in regular | links.keys() for i in range(1, len(parts))}
+    targets = {parts: _link_target(parts, links, archive) for parts in links}
+    for parts, target in targets.items():
+        where = f"{archive}: link {links[parts].name} -> {links[parts].linkname}"
+        if target in folders:
+            raise DataError(f"{where} is a link to a folder; imbssl follows the links of an archive to files only: "
+                            f"archive the folder itself (tar --dereference)")
+        if target not in regular:
+            raise DataError(f"{where} points to {'/'.join(target)}, which is not a file of the archive")
+    images = {parts: target for parts, target in targets.items() if _is_image(parts)}
+    listing.others.extend(links[parts].name for parts in sorted(targets.keys() - images.keys()))
+    data = {f.parts: f.data for f in listing.files}
+    unread = {"/".join(target) for target in images.values() if target not in data}
+    data.update((PurePosixPath(name).parts, blob)
+                for name, blob in (_read_members(archive, unread) if unread else {}).items())
+    listing.files.extend(_File(parts, data[target], f"{archive}:{links[parts].name}")
+                         for parts, target in images.items())
+
+
+def _link_target(parts: tuple[str, ...], links: dict[tuple[str, ...], tarfile.TarInfo],
+                 archive: Path) -> tuple[str, ...]:
+    """The member that the link ``parts`` leads to, through any chain of links: a symbolic link's target is relative
+    to its folder, a hard link's to the archive's root; one that leaves the archive, or loops, is refused."""
+    seen = set()
+    while parts in links:
+        member = links[parts]
+        if parts in seen:
+            raise DataError(f"{archive}: link {member.name} -> {member.linkname} loops")
+        seen.add(parts)
+        start = parts[:-1] if member.issym() else ()
+        parts = _inside(start, member, archive)
+    return parts
+
+
+def _inside(start: tuple[str, ...], link: tarfile.TarInfo, archive: Path) -> tuple[str, ...]:
+    """``link``'s target read from the folder ``start``, ``..`` resolved; a target outside the archive is refused."""
+    parts = list(start)
+    for part in PurePosixPath(link.linkname).parts:
+        if part == ".." and parts:
+            parts.pop()
+        elif part == ".." or part.startswith("/"):
+            raise DataError(f"{archive}: refusing link {link.name} -> {link.linkname}: it points outside the archive")
+        elif part != ".":
+            parts.append(part)
+    return tuple(parts)
 
 
 def _folder_files(root: Path) -> _Listing:
     listing = _Listing([], set(), [])
-    for dirpath, _, filenames in os.walk(root):
-        rel = Path(dirpath).relative_to(root).parts
+    for rel, files in walk_folder(root):
         listing.folders.add(rel)
-        for name in filenames:
+        for name, _ in files:
             parts = (*rel, name)
-            full = Path(dirpath, name)
+            full = root.joinpath(*parts)
             if _is_image(parts):
                 listing.files.append(_File(parts, full, str(full)))
             else:
@@ -485,13 +553,32 @@ def _open_image(f: _File, load: bool = True) -> Image.Image:
     return img
 
 
-def _as_mode(img: Image.Image, mode: str) -> Image.Image:
-    """``img`` in ``mode`` (L or RGB). 16-bit greyscale is scaled to 8 bits, v / 257 rounded (exact for 8-bit values
-    stored as 16-bit), where PIL's convert would clip it; every other mode is PIL's conversion (RGBA and LA drop
-    the alpha channel, P looks up its palette, CMYK is (255 - C)(255 - K) / 255)."""
-    if img.mode in SIXTEEN_BIT_MODES:
-        img = Image.fromarray(np.rint(np.clip(np.asarray(img), 0, 65535) / 257).astype(np.uint8))
-    return img if img.mode == mode else img.convert(mode)
+def _as_mode(img: Image.Image, mode: str, name: str) -> tuple[Image.Image, str | None]:
+    """``img`` in ``mode`` (L or RGB), and the SCALE_RULES key that scaled it to 8 bits (None for an 8-bit mode).
+    Wide greyscale goes through ``_to_8_bits``, where PIL's convert would clip it; every other mode is PIL's
+    conversion (RGBA, LA and PA drop the alpha channel, P looks up its palette, 1 is 0 or 255, CMYK is
+    (255 - C)(255 - K) / 255, YCbCr is JFIF's in PIL's fixed point)."""
+    rule = None
+    if img.mode in WIDE_MODES:
+        img, rule = _to_8_bits(img, name)
+    return (img if img.mode == mode else img.convert(mode)), rule
+
+
+def _to_8_bits(img: Image.Image, name: str) -> tuple[Image.Image, str]:
+    """Wide greyscale as 8-bit L, rounded: 16-bit values (any I;16, an I within 0..65535) as v / 257, exact for
+    8-bit values stored as 16-bit; floats within [0, 1] as v * 255; any other I or F by its own min..max (a
+    constant one is black). NaN or infinity is unreadable: no rule says what it shows."""
+    values = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise UnreadableImage(name, "a float image holding NaN or infinity")
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    if img.mode != "F" and low >= 0 and high <= 65535:
+        rule, scaled = "16-bit", values / 257
+    elif img.mode == "F" and low >= 0 and high <= 1:
+        rule, scaled = "unit", values * 255
+    else:
+        rule, scaled = "range", (values - low) * (255 / (high - low) if high > low else 0.0)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8)), rule
 
 
 def _resized(img: Image.Image, size: int, resize: str) -> Image.Image:
@@ -560,10 +647,10 @@ def _decode_images(files: list[_File], image_size: int | None, resize: str, allo
     height, width, channels = _stored_shape(headers, image_size)
     mode = "L" if channels == 1 else "RGB"
     out = allocate("images", (len(headers), height, width, channels))
-    row = 0
+    row, scaled = 0, Counter()
     for h in headers:
         try:
-            img = _as_mode(_open_image(h.file), mode)
+            img, rule = _as_mode(_open_image(h.file), mode, h.file.name)
         except UnreadableImage as err:
             if on_unreadable is None:
                 raise
@@ -576,7 +663,17 @@ def _decode_images(files: list[_File], image_size: int | None, resize: str, allo
                             f"said {width}x{height}")
         out[row] = np.asarray(img).reshape(height, width, channels)
         row += 1
+        if rule:
+            scaled[rule] += 1
+    _log_scaled(scaled)
     return out
+
+
+def _log_scaled(scaled: Counter) -> None:
+    """One line for all the images of more than 8 bits that the decode scaled, counted by SCALE_RULES."""
+    if total := sum(scaled.values()):
+        rules = ", ".join(f"{scaled[rule]} of {text}" for rule, text in SCALE_RULES.items() if scaled[rule])
+        log.info("scaled %d image(s) of more than 8 bits to 8: %s (docs/data.md, Modes)", total, rules)
 
 
 class _TrainOrder(NamedTuple):

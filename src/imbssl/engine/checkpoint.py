@@ -36,7 +36,7 @@ def save_atomic(obj: Any, path: str | Path, write: Callable[[Any, BinaryIO], Non
         disk_error = _os_error_behind(err)
         if disk_error is None:
             raise
-        raise OSError(disk_error.errno, f"cannot write checkpoint: {disk_error.strerror}", str(path)) from err
+        raise OSError(disk_error.errno, f"not written: {disk_error.strerror}", str(path)) from err
     return path
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_gather, all_reduce
 
-from imbssl.errors import ImbsslError
+from imbssl.errors import ImbsslError, ProcessLost
 
 # torch 2.13 deprecates these differentiable collectives in favour of a private module
 # (torch.distributed._functional_collectives); the public ones are kept until they go, without the warning.
@@ -76,9 +76,25 @@ def process_group(device: str, timeout_s: float) -> Iterator[None]:
         package_log.setLevel(logging.WARNING)
     try:
         yield
+    except RuntimeError as err:
+        if (lost := lost_connection(err)) is None:
+            raise
+        raise ProcessLost(f"another process of this torchrun job stopped ({lost}); its own error, or torchrun's "
+                          f"summary, says why") from err
     finally:
         package_log.setLevel(level)
         dist.destroy_process_group()
+
+
+#: what gloo and NCCL report when the process at the other end of a collective has died
+_CONNECTION_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def lost_connection(err: BaseException) -> str | None:
+    """The phrase by which ``err`` says that a collective lost another process of the job; None for other errors."""
+    if not isinstance(err, RuntimeError):
+        return None
+    return next((phrase for phrase in _CONNECTION_LOST if phrase in str(err)), None)
 
 
 @contextmanager
@@ -301,6 +317,13 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _to_global_batchnorm(module)
+
+
+def batchnorm_per_process(module: nn.Module) -> bool:
+    """Whether a BatchNorm of ``module`` normalises each process's part of the batch: the run then depends on the
+    number of processes (SyncBatchNorm and GlobalBatchNorm normalise the global batch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, (nn.SyncBatchNorm, GlobalBatchNorm))
+               for m in module.modules())
 
 
 def _to_global_batchnorm(module: nn.Module) -> nn.Module:

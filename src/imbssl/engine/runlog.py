@@ -2,15 +2,19 @@
 run (``train.wandb``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch.utils.tensorboard import SummaryWriter
 
 from imbssl.configbase import ConfigError
+from imbssl.engine.checkpoint import save_atomic
+from imbssl.errors import naming_the_file
 
 if TYPE_CHECKING:
     from imbssl.config import WandbConfig
@@ -18,10 +22,29 @@ if TYPE_CHECKING:
 WANDB_MISSING = 'train.wandb.enabled is true but wandb is not installed: pip install "imbssl[wandb]"'
 
 
+class CopyLog(logging.FileHandler):
+    """A file that copies the console's records: one it cannot write (a full disk) is dropped, without the traceback
+    that logging prints by default and that would bury the command's own one-line error."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # its last flush
+            super().close()
+
+
+def file_log(run_dir: Path) -> logging.Handler:
+    """A handler that appends records to ``run_dir/train.log``."""
+    handler = CopyLog(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 def attach_file_log(run_dir: Path) -> logging.Handler:
     """Send the package's log records to ``run_dir/train.log`` as well as the console."""
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = file_log(run_dir)
     logging.getLogger("imbssl").addHandler(handler)
     return handler
 
@@ -67,15 +90,17 @@ class MetricLogger:
         self.path = run_dir / "metrics.jsonl"
         tensorboard = run_dir / "tensorboard"
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step(line) < purge_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = "".join(line + "\n" for line in self.path.read_text().splitlines() if _step(line) < purge_step)
+            # atomic: a kill or SIGTERM during the rewrite must not lose the records that are kept
+            save_atomic(kept.encode(), self.path, write=lambda data, fh: fh.write(data))
         if purge_step == 0:
             shutil.rmtree(tensorboard, ignore_errors=True)
         # TensorBoard's own purge: readers drop the earlier events at or after purge_step.
-        self.tb = SummaryWriter(str(tensorboard), purge_step=purge_step or None)
+        with naming_the_file(tensorboard):  # its first event file: where a full disk fails after subset.npz
+            self.tb = SummaryWriter(str(tensorboard), purge_step=purge_step or None)
 
     def log(self, step: int, **values: float) -> None:
-        with open(self.path, "a") as fh:
+        with naming_the_file(self.path), open(self.path, "a") as fh:
             fh.write(json.dumps({"step": step, **values}) + "\n")
         scalars = {key: value for key, value in values.items() if isinstance(value, (int, float))}
         for key, value in scalars.items():

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from imbssl.augment import MultiCrop, PadCropFlip
 from imbssl.config import ConfigError, WandbConfig
 from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
-from imbssl.engine.distributed import (broadcast_from_main, is_main, rank_rows, sum_gradients, sum_over_processes,
-                                       world_size)
+from imbssl.engine.distributed import (batchnorm_per_process, broadcast_from_main, is_main, rank_rows, sum_gradients,
+                                       sum_over_processes, world_size)
 from imbssl.engine.runlog import MetricLogger, SilentLogger, WandbRun
 from imbssl.engine.schedules import Schedules
 from imbssl.errors import ImbsslError
@@ -124,6 +124,14 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return math.ceil(num_images / min(batch_size, num_images))
 
 
+def trained_on(device: torch.device) -> dict:
+    """What decides a run's numbers beside its config and seed: a checkpoint records it (the version as a str:
+    weights_only loading refuses torch's TorchVersion)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"processes": world_size(), "threads": torch.get_num_threads(), "torch": str(torch.__version__),
+            "device": name}
+
+
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
@@ -165,7 +173,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """No schedule state: the step count (epoch x steps per epoch) determines every scheduled value."""
         return {"epoch": self.epoch, "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "summary": self.summary, "wandb_id": self.wandb_id}
+                "summary": self.summary, "wandb_id": self.wandb_id, "trained_on": trained_on(self.device)}
 
     def save_checkpoint(self) -> None:
         if is_main():  # every process holds the same state
@@ -182,14 +190,34 @@ class Trainer:
         # when a run is resumed with more epochs.
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.summary, self.wandb_id = state["epoch"], state["summary"], state.get("wandb_id")
+        self.check_trained_on(state.get("trained_on", {}))
         log.info("resumed from %s after epoch %d of %d", self.checkpoint_path, self.epoch, self.settings.epochs)
 
+    def check_trained_on(self, recorded: dict) -> None:
+        """Refuse another process count where BatchNorm normalises each process's part of the batch (the run would
+        equal neither); warn of any other difference from what wrote the checkpoint (none recorded before
+        2026-12-07): the run goes on, but its numbers are no longer those of an uninterrupted run."""
+        now = trained_on(self.device)
+        differ = {key: (recorded[key], now[key]) for key in now if recorded.get(key, now[key]) != now[key]}
+        if "processes" in differ and batchnorm_per_process(self.method):
+            raise ConfigError(f"{self.checkpoint_path} was trained on {differ['processes'][0]} process(es) and this "
+                              f"run has {differ['processes'][1]}: BatchNorm normalises each process's part of the "
+                              f"batch (train.sync_batchnorm: false), so the run would equal neither; resume on "
+                              f"{differ['processes'][0]} process(es), or train afresh in another --run-dir")
+        if differ and is_main():  # the other processes log warnings too: one line for the job
+            log.warning("resuming on another setup than the checkpoint was written on (%s): the run goes on, but "
+                        "will not replay an uninterrupted run exactly",
+                        ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differ.items()))
+
     # -- training ------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False, resumed: Callable[[], None] = lambda: None) -> dict:
+        """``resumed`` runs once a resumed run's checkpoint has loaded (or none was found), before training."""
         if resume and self.checkpoint_path.exists():
             self.load_checkpoint()
         elif resume:
             log.info("no checkpoint at %s: starting from scratch", self.checkpoint_path)
+        if resume:
+            resumed()
         if self.epoch == 0:  # a fresh run; epoch index `epochs` is one that no training epoch draws views from
             self.method.on_train_start(self.images, self.make_views.global_view,
                                        epoch_generator(self.settings.seed, self.settings.epochs, self.device))

@@ -1,6 +1,6 @@
 """Evaluation of frozen representations: features, labelled split, linear probe, kNN, metrics, clusters and their
 sizes."""
-from imbssl.eval.clusters import (cluster_report, cluster_statistics, feature_clusters, nmi, purity, relative_sizes,
+from imbssl.eval.clusters import (check_cluster_count, cluster_report, cluster_statistics, feature_clusters, nmi, purity, relative_sizes,
                                   size_profile)
 from imbssl.eval.features import extract_features
 from imbssl.eval.knn import knn_predict, knn_scores
@@ -14,6 +14,7 @@ __all__ = [
     "accuracy_report",
     "balanced_accuracy",
     "balanced_labelled_split",
+    "check_cluster_count",
     "cluster_report",
     "cluster_statistics",
     "extract_features",

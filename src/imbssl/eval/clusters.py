@@ -79,13 +79,18 @@ def size_profile(sizes: np.ndarray) -> dict:
             "empty": int((sizes == 0).sum())}
 
 
+def check_cluster_count(k: int, num_images: int) -> None:
+    """The feature clusters' k-means needs an image per cluster at least."""
+    if num_images < k:
+        raise ConfigError(f"eval.feature_clusters.k={k}: more clusters than the {num_images} pre-training images; "
+                          f"set it lower")
+
+
 def feature_clusters(features: np.ndarray | torch.Tensor, k: int, seed: int, labels: np.ndarray | None = None,
                      num_classes: int = 0) -> dict:
     """Spherical k-means of ``features`` (cosine: l2-normalised) into ``k`` clusters, and the size profile of the
     clusters; with ``labels``, that of the ``num_classes`` classes beside it, and NMI and purity."""
-    if len(features) < k:
-        raise ConfigError(f"eval.feature_clusters.k={k}: more clusters than the {len(features)} pre-training images; "
-                          f"set it lower")
+    check_cluster_count(k, len(features))
     assignments = kmeans(features, k, spherical=True, seed=seed).assignments
     report = {"k": k, "seed": seed, "images": len(assignments),
               "clusters": size_profile(np.bincount(assignments, minlength=k))}

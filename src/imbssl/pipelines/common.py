@@ -5,8 +5,10 @@ import logging
 import os
 import platform
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -14,13 +16,15 @@ from torch import nn
 
 from imbssl.augment import Normalize, channel_histogram, stats_from_histogram
 from imbssl.config import SPACES, ConfigError, DataConfig, ModelConfig, RunConfig, Space, TrainConfig
-from imbssl.data import ImageSet, StreamedImages, load_splits, select_subset, without_labels
+from imbssl.data import DataError, ImageSet, StreamedImages, load_splits, select_subset, without_labels
 from imbssl.data.stream import CHUNK_ROWS
-from imbssl.engine.checkpoint import load_safe, save_atomic
+from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
 from imbssl.engine.distributed import convert_sync_batchnorm
+from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.launcher import loaded as tcmalloc_loaded
 from imbssl.methods import build_method
 from imbssl.models import build_backbone
+from imbssl.pipelines.runfolder import RUN_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +144,19 @@ def load_pretrain_data(cfg: DataConfig, indices: np.ndarray | None = None) -> Pr
     if not cfg.labelled:
         splits = without_labels(splits)
     return PretrainData(splits, np.asarray(indices, dtype=np.int64))
+
+
+@contextmanager
+def written_by_pretraining(run_dir: Path) -> Iterator[None]:
+    """Reading a file that pre-training writes (subset.npz, backbone.pt; evaluate and export): one that cannot be read says how the
+    checkpoint writes it again, where there is one."""
+    try:
+        yield
+    except (CheckpointError, DataError) as err:
+        if not (run_dir / CHECKPOINT_FILE).exists():  # a pipeline folder: its files come from the distill stage
+            raise
+        raise type(err)(f"{err}; `imbssl pretrain {run_dir / RUN_CONFIG} --run-dir {run_dir} --resume --no-eval` "
+                        f"writes it again from the checkpoint") from None
 
 
 def save_backbone(backbone: nn.Module, normalize: Normalize, path: Path,

@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,17 +22,17 @@ from imbssl.augment import Normalize
 from imbssl.config import (EvalConfig, FeatureClustersConfig, FinetuneConfig, LossConfig, RunConfig, SupervisedConfig,
                            SupervisedOptimConfig, TrainConfig, few_shot_name, is_split_file)
 from imbssl.data import DataError, ImageSet, load_indices, load_splits, read_split_file
-from imbssl.engine.checkpoint import CheckpointError, load_safe
+from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.divergence import divergence_signs, probe_disagreement, weight_norm
 from imbssl.engine.supervised import LongTailClassifier
 from imbssl.engine.trainer import CHECKPOINT_FILE
-from imbssl.eval import (accuracy_report, balanced_labelled_split, cluster_statistics, extract_features,
-                         feature_clusters, few_shot_set, knn_predict, linear_probe, relative_sizes, shots_per_class,
-                         split_per_class)
+from imbssl.eval import (accuracy_report, balanced_labelled_split, check_cluster_count, cluster_statistics,
+                         extract_features, feature_clusters, few_shot_set, knn_predict, linear_probe, relative_sizes,
+                         shots_per_class, split_per_class)
 from imbssl.methods import METHODS, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (PretrainData, load_backbone, load_pretrain_data, resolve_device, seed_everything,
-                                     to_tensor_nchw)
+                                     to_tensor_nchw, written_by_pretraining)
 from imbssl.pipelines.pretrain import BACKBONE_FILE
 from imbssl.pipelines.runfolder import RUN_CONFIG, read_saved_config
 from imbssl.pipelines.train import LabelledData, fit_stage, predict
@@ -86,7 +85,7 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> EvalRecor
     def features(images: np.ndarray) -> torch.Tensor:
         return extract_features(backbone, images, lambda x: normalize(x.to(device)), device=device)
 
-    probes = probe_data(eval_cfg, data)  # before the k-means: a labelled set that does not fit fails at once
+    probes = checked_probes(eval_cfg, data)  # before the k-means: a labelled set that does not fit fails at once
     images = data.images
     clustered = feature_cluster_report(features(images), data, eval_cfg.feature_clusters, run_dir)
     if probes is None:
@@ -110,19 +109,6 @@ def evaluate_run(run_dir: Path, eval_cfg: EvalConfig | None = None) -> EvalRecor
     return record
 
 
-@contextmanager
-def written_by_pretraining(run_dir: Path) -> Iterator[None]:
-    """Reading a file that pre-training writes (subset.npz, backbone.pt): one that cannot be read says how the
-    checkpoint writes it again, where there is one."""
-    try:
-        yield
-    except (CheckpointError, DataError) as err:
-        if not (run_dir / CHECKPOINT_FILE).exists():  # a pipeline folder: its files come from the distill stage
-            raise
-        raise type(err)(f"{err}; `imbssl pretrain {run_dir / RUN_CONFIG} --run-dir {run_dir} --resume --no-eval` "
-                        f"writes it again from the checkpoint") from None
-
-
 def probe_data(eval_cfg: EvalConfig, data: PretrainData) -> ProbeData | None:
     """The probes' labelled images: ``eval.labelled_data``'s, else the run's own when it has labels, else None."""
     if eval_cfg.labelled_data is not None:
@@ -132,6 +118,40 @@ def probe_data(eval_cfg: EvalConfig, data: PretrainData) -> ProbeData | None:
     if data.labels is None:
         return None
     return ProbeData(data.train, data.splits["test"], data.class_counts, eval_cfg.labelled_size or len(data.indices))
+
+
+def check_evaluable(eval_cfg: EvalConfig, data: PretrainData) -> None:
+    """What ``evaluate_run`` would refuse about ``data`` under ``eval_cfg``, refused before training (imbssl pretrain's
+    ``check_data``): the probes' labelled set and the feature clusters' k."""
+    checked_probes(eval_cfg, data)
+    check_cluster_count(eval_cfg.feature_clusters.k, len(data.indices))
+
+
+def checked_probes(eval_cfg: EvalConfig, data: PretrainData) -> ProbeData | None:
+    """``probe_data``, checked as the probes will draw from it, so that ``imbssl pretrain`` refuses before training
+    what evaluation could not use: labelled images of two classes at least, and a labelled set (and few-shot sets)
+    with a training and a validation image of every class."""
+    probes = probe_data(eval_cfg, data)
+    if probes is None:
+        return None
+    given = eval_cfg.labelled_data is not None
+    where = "eval.labelled_data" if given else "the run's train split"
+    present = np.unique(probes.pool.labels)
+    if len(present) < 2:
+        fix = ("give it images of more classes" if given else
+               "give them eval.labelled_data, set data.labels=none (then the feature clusters alone are reported)")
+        raise DataError(f"{where} has labelled images of {len(present)} class(es) "
+                        f"({', '.join(probes.pool.classes[c] for c in present) or 'none'}), and the probes need 2 or "
+                        f"more: {fix}, or pre-train with --no-eval")
+    try:
+        _, val_idx = labelled_split(eval_cfg, probes.pool.labels, probes.size)
+        for spec in eval_cfg.few_shot:
+            few_shot_indices(spec, probes.pool.labels, len(probes.pool.classes), val_idx, eval_cfg.seed)
+    except ValueError as err:  # eval/labelled.py's: a class with too few images for its part
+        size = (f"; the labelled set has eval.labelled_size={probes.size} images (by default as many as the "
+                f"pre-training subset): raise it" if probes.size and eval_cfg.labelled_index_file is None else "")
+        raise DataError(f"{where}: {err}{size}") from None
+    return probes
 
 
 def check_like_pretraining(splits: dict[str, ImageSet], shape: tuple[int, ...]) -> None:

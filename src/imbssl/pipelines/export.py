@@ -30,6 +30,7 @@ from imbssl.augment import Normalize
 from imbssl.config import ConfigError, ModelConfig, load_yaml, validate_tree
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.models import RESNETS, build_backbone, torchvision_state_dict
+from imbssl.pipelines.common import written_by_pretraining
 from imbssl.pipelines.pretrain import BACKBONE_FILE
 from imbssl.pipelines.runfolder import RUN_CONFIG
 from imbssl.pipelines.train import MODEL_FILE
@@ -104,7 +105,8 @@ def run_backbone(run_dir: Path) -> tuple[ModelConfig, nn.Module, InputTransform]
     tree = load_yaml(run_dir / RUN_CONFIG, empty_ok=False)
     model_cfg = validate_tree(ModelConfig, tree.get("model", {}), origin=f"{run_dir / RUN_CONFIG}: model")
     if (run_dir / BACKBONE_FILE).exists():
-        state = load_safe(run_dir / BACKBONE_FILE)
+        with written_by_pretraining(run_dir):
+            state = load_safe(run_dir / BACKBONE_FILE)
         weights = state["backbone"]
     elif (run_dir / MODEL_FILE).exists():
         state = load_safe(run_dir / MODEL_FILE)
@@ -131,7 +133,8 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     normalize = transform.normalize
     metadata = {"format": FORMAT, "model": model_cfg.model_dump_json(), "in_channels": str(transform.channels),
                 "feature_dim": str(backbone.feature_dim), "mean": json.dumps(normalize.mean.flatten().tolist()),
-                "std": json.dumps(normalize.std.flatten().tolist()), "run": str(run_dir),
+                "std": json.dumps(normalize.std.flatten().tolist()),
+                "run": run_dir.resolve().name,  # not its path, which would show the user's folders to whoever gets it
                 "image_size": json.dumps(transform.image_size), "resize": transform.resize}
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.contiguous() for key, value in backbone.state_dict().items()}

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,7 +24,7 @@ from imbssl.models import build_backbone
 from imbssl.pipelines.common import (PretrainData, describe_hardware, determinism, load_backbone, load_pretrain_data,
                                      normalizer_for, ready_for_training, resolve_device, save_backbone, seed_everything,
                                      set_determinism)
-from imbssl.pipelines.runfolder import run_folder
+from imbssl.pipelines.runfolder import run_folder, save_run_config
 from imbssl.records import PretrainRecord
 
 log = logging.getLogger(__name__)
@@ -35,16 +37,19 @@ SUMMARY_FILE = PretrainRecord.FILE
 
 def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
              callbacks: list[EpochCallback] = (), indices: np.ndarray | None = None,
-             init_from: Path | None = None) -> Path:
+             init_from: Path | None = None, check_data: Callable[[PretrainData], object] | None = None) -> Path:
     """Train ``cfg.method``; returns the run folder holding backbone.pt.
 
     ``indices`` (into the train split) replaces the configured subset, e.g. one cluster of a
-    pipeline; ``init_from`` is a backbone.pt to start from instead of a random initialisation.
+    pipeline; ``init_from`` is a backbone.pt to start from instead of a random initialisation;
+    ``check_data`` refuses, before training, data that what follows it (an evaluation) cannot use.
     """
     check_wandb(cfg.train.wandb)  # before a folder is made or the data loaded
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     with run_folder(cfg, run_dir, resume):
         data, images = load_run_images(cfg, run_dir, indices)
+        if check_data is not None:
+            check_data(data)
         if init_from is None:
             backbone, normalize = build_backbone(cfg.model, images.shape[1]), normalizer_for(images)
         else:  # weights that were trained on inputs standardised one way keep being fed them that way
@@ -166,7 +171,7 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
     trainer = Trainer(method, optimizer, schedules, images, make_views, run_dir, settings,
                       [DivergenceWatch(method), *callbacks], labels)
     start = time.perf_counter()
-    summary = trainer.fit(resume=resume)
+    summary = trainer.fit(resume=resume, resumed=partial(save_run_config, cfg, run_dir))
     if is_main():
         name, base_lr, weight_decay = resolve_optim(cfg.optim, method.defaults)
         PretrainRecord(

@@ -33,7 +33,7 @@ from imbssl.data import ImageSet, labeled_unlabeled_split, load_splits, save_ind
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.trainer import EpochCallback
 from imbssl.pipelines.common import resolve_device, set_determinism
-from imbssl.pipelines.runfolder import PIPELINE_CONFIG, RUN_CONFIG, changed_keys, read_saved_config, run_folder
+from imbssl.pipelines.runfolder import PIPELINE_CONFIG, RUN_CONFIG, read_saved_config, run_changes, run_folder
 from imbssl.pipelines.train import (MODEL_FILE, TRAIN_FILE, LabelledData, check_init_from, fit_and_report,
                                     labelled_data, load_classifier, predict)
 from imbssl.records import SelfTrainingRecord, TrainRecord
@@ -103,7 +103,7 @@ def finished(stage: SupervisedConfig, run_dir: Path) -> bool:
     it would be paired with this run's other stage (a shared base, or a folder re-used with a new config)."""
     if not (run_dir / TRAIN_FILE).exists():
         return False
-    if changed := changed_keys(read_saved_config(run_dir / RUN_CONFIG, SupervisedConfig), stage):
+    if changed := run_changes(read_saved_config(run_dir / RUN_CONFIG, SupervisedConfig), stage):
         listed = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in changed.items())
         raise ConfigError(f"{run_dir} holds a classifier trained with other settings: {listed}; use another run "
                           f"folder (or --out) for these settings")

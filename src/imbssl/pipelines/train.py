@@ -21,6 +21,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from imbssl.losses import posthoc_logit_adjustment
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (describe_hardware, determinism, load_backbone, normalizer_for, resolve_device,
                                      ready_for_training, seed_everything, set_determinism, to_tensor_nchw)
-from imbssl.pipelines.runfolder import run_folder
+from imbssl.pipelines.runfolder import run_folder, save_run_config
 from imbssl.records import TrainRecord
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledDa
     make_views = PadCropFlip(normalize.mean, normalize.std, cfg.augment_pad)
     trainer = Trainer(model, optimizer, {"lr": lr_schedule}, data.train_images, make_views, run_dir, settings,
                       callbacks, evaluators=[selector])
-    trainer.fit(resume=resume)
+    trainer.fit(resume=resume, resumed=partial(save_run_config, cfg, run_dir))
     return selector.selected()
 
 

@@ -30,7 +30,7 @@ from imbssl.methods import METHODS
 from imbssl.pipelines.evaluate import evaluate_run
 from imbssl.pipelines.offline_clustering import run_pipeline
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
-from imbssl.pipelines.runfolder import PIPELINE_CONFIG, RUN_CONFIG, changed_keys, read_saved_config
+from imbssl.pipelines.runfolder import PIPELINE_CONFIG, RUN_CONFIG, read_saved_config, run_changes
 from imbssl.pipelines.self_training import self_train
 from imbssl.pipelines.train import train
 from imbssl.records import (BudgetRecord, DivideRecord, EvalRecord, PretrainRecord, Record, SelfTrainingRecord,
@@ -44,11 +44,6 @@ AxisValue = str | int | float
 #: a figure of one cell's record, or None where the record has none (a group without a class, a method without it)
 Metric = Callable[["CellRecord"], float | None]
 
-#: settings that do not change what a run computes: a finished run is reused whatever they say
-WHERE_NOT_WHAT = ("data.cache_dir", "data.download", "train.progress", "train.log_every", "train.checkpoint_every",
-                  "train.checkpoint_every_s", "train.dist_timeout_s")
-#: sections of such settings: where the run's logs go as well (W&B)
-WHERE_NOT_WHAT_SECTIONS = ("train.wandb.",)
 #: settings that name a file: the same file spelled another way (relative, absolute) is the same run
 PATH_KEYS = ("data.path", "data.train_order", "init_from")
 #: the file whose presence marks a finished run, and the config the folder saves, by kind
@@ -143,18 +138,30 @@ def needs_evaluation(cell: Cell) -> bool:
 def stale_folders(cell: Cell) -> list[tuple[Path, dict[str, tuple[Any, Any]]]]:
     """The cell's folders that hold a run trained with other settings than the cell's, and those settings (the
     evaluation's are not among them: another evaluation re-evaluates, it does not retrain)."""
-    folders = [(cell.run_dir, CONFIG_FILE[cell.kind], cell.config)]
+    folders = [(cell.run_dir, cell.kind, cell.config)]
     if cell.kind == "self-train":
-        folders += [(cell.base_dir or cell.run_dir / "base", RUN_CONFIG, cell.config.stage("base"))]
+        folders += [(cell.base_dir or cell.run_dir / "base", "train", cell.config.stage("base"))]
         if not cell.config.labels_with_base() and cell.labeller_dir is not None:
-            folders += [(cell.labeller_dir, RUN_CONFIG, cell.config.stage("labeller"))]
+            folders += [(cell.labeller_dir, "train", cell.config.stage("labeller"))]
     stale = []
-    for folder, config_file, config in folders:
-        if (folder / config_file).exists():
-            saved = read_saved_config(folder / config_file, type(config))
-            if changed := what_changed(saved, config, evaluated=cell.kind in ("pretrain", "pipeline")):
+    for folder, kind, config in folders:
+        if (folder / CONFIG_FILE[kind]).exists():
+            saved = read_saved_config(folder / CONFIG_FILE[kind], type(config))
+            changed = what_changed(saved, config, evaluated=kind in ("pretrain", "pipeline"))
+            if changed := changed or started_from_an_older_backbone(folder / DONE_FILE[kind], config):
                 stale.append((folder, changed))
     return stale
+
+
+def started_from_an_older_backbone(done: Path, config: BaseModel) -> dict[str, tuple[Any, Any]]:
+    """``init_from`` as changed where its backbone was written after the run finished: the path is the same, but the
+    SSP run behind it was trained again (with other settings) since, so the finished run started from another one."""
+    start = getattr(config.stage("base") if isinstance(config, SelfTrainingConfig) else config, "init_from", None)
+    if start is None or not done.exists() or not Path(start).exists():
+        return {}
+    if Path(start).stat().st_mtime_ns <= done.stat().st_mtime_ns:
+        return {}
+    return {"init_from": (f"{start} as it was", f"{start} trained again since")}
 
 
 def what_changed(saved: BaseModel, wanted: BaseModel, evaluated: bool) -> dict[str, tuple[Any, Any]]:
@@ -163,10 +170,9 @@ def what_changed(saved: BaseModel, wanted: BaseModel, evaluated: bool) -> dict[s
         return old is not None and new is not None and Path(old).resolve() == Path(new).resolve()
 
     changed = {}
-    for key, (old, new) in changed_keys(saved, wanted).items():
+    for key, (old, new) in run_changes(saved, wanted).items():
         bare = key.removeprefix("base.")  # a pipeline's keys sit under base
-        where_not_what = bare in WHERE_NOT_WHAT or bare.startswith(WHERE_NOT_WHAT_SECTIONS)
-        if where_not_what or (evaluated and bare.startswith("eval.")):
+        if evaluated and bare.startswith("eval."):
             continue
         if bare in PATH_KEYS and same_path(old, new):
             continue
