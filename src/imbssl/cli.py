@@ -585,8 +585,26 @@ def main() -> None:
     cli(prog_name="imbssl")
 
 
+#: seconds the cleanup after a SIGTERM may take before the process exits without it
+SIGTERM_GRACE_S = float(os.environ.get("IMBSSL_SIGTERM_GRACE_S", 30))
+
+
 def _stop_on_sigterm(signum: int, frame) -> None:
     """Stop as Ctrl-C does (docs/reliability.md): the step is abandoned, the last checkpoint kept, the lock and any
-    half-written file removed."""
+    half-written file removed. An exception raised between two bytecodes can leave a lock held that the cleanup
+    then waits on (CPython bpo-29988), so a cleanup that outlasts SIGTERM_GRACE_S ends as kill -9 would: resumable
+    from the last checkpoint."""
+    import threading
+
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut short the first one's cleanup
+    grace = threading.Timer(SIGTERM_GRACE_S, _exit_after_grace)
+    grace.daemon = True  # a cleanup that ends in time exits at once
+    grace.start()
     raise Terminated
+
+
+def _exit_after_grace() -> None:
+    sys.stderr.write(f"Error: terminated (SIGTERM), and the cleanup did not end within {SIGTERM_GRACE_S:g} s: exiting "
+                     f"without it; the run resumes from its last checkpoint (a stale .lock is taken over)\n")
+    sys.stderr.flush()
+    os._exit(143)
