@@ -511,8 +511,11 @@ def guess_source(path: Path) -> str:
             names = [PurePosixPath(member.name).parts for member in tf if member.isfile()]
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         return "images"  # the images source names the problem
-    return "imagefolder" if any(parts[:1] == ("train",) and len(parts) >= 3 or parts[1:2] == ("train",)
-                                and len(parts) >= 4 for parts in names) else "images"
+    try:
+        _find_root([_File(parts, b"", "") for parts in names], path)
+    except DataError:
+        return "images"
+    return "imagefolder"
 
 
 def _by_split(listing: _Listing, source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[str, _File]]]]:
