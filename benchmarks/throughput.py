@@ -31,6 +31,7 @@ from imbssl.augment import ViewAugment, channel_stats
 from imbssl.config import AugmentConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from imbssl.data import DataError, StreamedImages, load_splits
 from imbssl.engine.optim import build_optimizer
+from imbssl.engine.precision import resolve_precision
 from imbssl.engine.trainer import optimizer_step
 from imbssl.launcher import loaded as tcmalloc_loaded
 from imbssl.methods import build_method
@@ -53,11 +54,10 @@ class Bench:
         width = args.resnet_width if model == "resnet18" else 1.0
         backbone = build_backbone(ModelConfig(backbone=model, width=width), in_channels=3)
         self.method = build_method(SimSiamConfig(), backbone).to(device).train()
-        self.channels_last = precision == "bf16"
-        train = TrainConfig(channels_last=self.channels_last, compile=args.compile)
-        self.method = ready_for_training(self.method, train, device)
+        used = resolve_precision(precision, precision == "bf16", device)
+        self.precision, self.channels_last, self.device = used.precision, used.channels_last, device
+        self.method = ready_for_training(self.method, TrainConfig(compile=args.compile), device, self.channels_last)
         self.optimizer = build_optimizer(self.method, OptimConfig(), self.method.defaults, args.batch_size)
-        self.precision, self.device = precision, device
 
     def step(self, views: list[torch.Tensor], indices: torch.Tensor) -> float:
         """The Trainer's optimizer step, without its LR schedule, NaN check and checkpoints."""
@@ -191,7 +191,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="small_cnn,resnet18", help="comma-separated backbones")
     parser.add_argument("--resnet-width", type=float, default=1.0, help="width multiplier of resnet18")
-    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated; bf16 = autocast + channels_last")
+    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated; bf16 = autocast + channels_last; "
+                                                                  "auto = train.precision: auto on this machine")
     parser.add_argument("--images", default="", help="images per epoch: N, or model=N,... "
                         f"(default {','.join(f'{k}={v}' for k, v in DEFAULT_IMAGES.items())})")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -222,6 +223,8 @@ def main() -> None:
     env = environment(device)
     print(f"# SimSiam throughput, {env['date']} | {env['hardware']} | torch {env['torch']}"
           f" | tcmalloc {'preloaded' if env['tcmalloc'] else 'not preloaded'} | batch {args.batch_size}")
+    if "auto" in precisions:
+        print(f"# precision auto = {resolve_precision('auto', False, device).describe()}")
 
     host_all, source = load_images(args, max(counts.values()))
     rows = []

@@ -7,11 +7,15 @@ import pytest
 import torch
 
 from imbssl.config import SupervisedConfig, build_config, shared_method_keys, validate_tree
+from imbssl.engine.precision import AUTO_PRECISION_ENV
 from imbssl.eval import cluster_statistics
 from imbssl.pipelines import evaluate
 from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
 
 torch.set_num_threads(2)
+# train.precision: auto (the default) resolves to fp32 whatever the machine's CPU, so the suite's numbers are the same
+# on every CI machine; set here, at import, so the subprocesses of the CLI tests inherit it
+os.environ[AUTO_PRECISION_ENV] = "fp32"
 
 
 def imbssl_command(*args, prelude: str = "") -> list[str]:

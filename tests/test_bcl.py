@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from imbssl.augment import MultiCrop
+from imbssl.augment import BatchRows, MultiCrop
 from imbssl.augment import randaugment as ra
 from imbssl.config import ModelConfig
 from imbssl.methods import BCLD, BCLI, SECTIONS, boost_weights, build_method, momentum_loss_update, nt_xent
@@ -90,7 +90,7 @@ def test_randaugment_applies_with_each_images_probability_and_splits_by_rows():
     out = boost(x.clone(), torch.Generator().manual_seed(0))
     changed = (out != x).flatten(1).any(dim=1)
     assert not changed[:32].any() and changed[32:].float().mean() > 0.8
-    part = boost(x[40:].clone(), torch.Generator().manual_seed(0), rows=slice(40, 64))
+    part = boost(x[40:].clone(), torch.Generator().manual_seed(0), rows=BatchRows(64, 40, 64))
     assert torch.equal(part, out[40:])  # a process's rows get the whole batch's draws
 
 

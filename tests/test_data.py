@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -359,6 +360,106 @@ def test_train_order_is_refused_where_the_order_is_the_official_one(source, why)
         DataConfig(source=source, train_order="cifar100-train-official-order.txt")
     with pytest.raises(ValueError, match="keeps data.train_list's order"):
         DataConfig(source="filelist", path="x", train_list="a.txt", test_list="b.txt", train_order="o.txt")
+
+
+# ------------------------------------------------------------------------------- tars, read streamed
+
+
+def _noise_png(rng: np.random.Generator, mode: str, size: int = 8) -> Image.Image:
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (size, size), dtype=np.uint16))
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode)
+
+
+def _mixed_tree(root: Path) -> Path:
+    """An ImageFolder under a top folder: images of several modes at two depths, hard and symbolic links to images,
+    and, outside train/ and test/ (so only the images source reads them), an unreadable image, one whose pixels do
+    not decode and a link to that one."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in CLASSES:
+            for i, mode in enumerate(("RGB", "L", "RGBA", "P", "I;16", "CMYK")):
+                path = root / "top" / split / name / ("deep" if i % 2 else "") / f"{i}.{'jpg' if i == 5 else 'png'}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _noise_png(rng, mode).save(path)
+    os.link(root / "top/train/bee/0.png", root / "top/train/ant/hard.png")
+    (root / "top/test/cat/deep/soft.png").symlink_to(Path("../../../train/ant/0.png"))
+    (root / "top/extra").mkdir()
+    (root / "top/extra/bad.png").write_bytes(b"not a png")
+    whole = (root / "top/train/ant/0.png").read_bytes()
+    (root / "top/extra/cut.png").write_bytes(whole[:len(whole) // 2])
+    (root / "top/extra/cut-link.png").symlink_to("cut.png")
+    return root
+
+
+def _shuffled_tar(tree: Path, archive: Path) -> Path:
+    """``tree`` archived member by member in a shuffled order: links may come before their targets."""
+    paths = sorted(tree.rglob("*"))
+    np.random.default_rng(1).shuffle(paths)
+    with tarfile.open(archive, "w:gz") as tf:
+        for path in paths:
+            tf.add(path, arcname=str(path.relative_to(tree)), recursive=False)
+    return archive
+
+
+def _cache_entry(cache: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The one entry's arrays as stored (spare rows included) and its meta.json."""
+    (entry,) = [p for p in cache.iterdir() if (p / "meta.json").is_file()]
+    return (np.load(entry / "images.npy"), np.load(entry / "labels.npy"),
+            json.loads((entry / "meta.json").read_text())["meta"])
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "images"])
+def test_a_streamed_tar_decodes_to_the_bytes_of_its_folder(tmp_path, source):
+    """The tar's members come in their own (shuffled) order, each decoded into its row; the cache holds the very
+    bytes that the same tree decoded file by file from a folder gives: rows, pixels, links, the rows moved up over
+    the images left out and the spare rows after them, and the skipped images' names in order."""
+    tree = _mixed_tree(tmp_path / "tree")
+    archive = _shuffled_tar(tree, tmp_path / "tree.tar.gz")
+    with tarfile.open(archive) as tf:
+        order = {m.name: (i, m.type) for i, m in enumerate(tf.getmembers())}
+    assert order["top/test/cat/deep/soft.png"][1] == tarfile.SYMTYPE == order["top/extra/cut-link.png"][1]
+    assert order["top/test/cat/deep/soft.png"] < order["top/train/ant/0.png"]  # a link before its target
+    assert {order["top/train/ant/hard.png"][1], order["top/train/bee/0.png"][1]} == {tarfile.LNKTYPE, tarfile.REGTYPE}
+    entries = {}
+    for kind, path in (("folder", tree), ("tar", archive)):
+        options = {"unreadable": "skip", "image_size": 6} if source == "images" else {}
+        load_splits(DataConfig(source=source, path=str(path), cache_dir=str(tmp_path / kind), **options))
+        entries[kind] = _cache_entry(tmp_path / kind)
+    (folder_images, folder_labels, folder_meta), (tar_images, tar_labels, tar_meta) = entries["folder"], entries["tar"]
+    np.testing.assert_array_equal(tar_images, folder_images)
+    np.testing.assert_array_equal(tar_labels, folder_labels)
+    skipped = {"folder": [str(Path(n).relative_to(tree)) for n in folder_meta.pop("skipped", [])],
+               "tar": [n.removeprefix(f"{archive}:") for n in tar_meta.pop("skipped", [])]}
+    assert tar_meta == folder_meta and skipped["tar"] == skipped["folder"]
+    if source == "images":
+        assert skipped["tar"] == ["top/extra/bad.png", "top/extra/cut-link.png", "top/extra/cut.png"]
+        assert len(tar_images) == len(tar_labels) + 2 and not tar_images[len(tar_labels):].any()  # 2 spare rows
+    else:
+        assert tar_images.shape == (2 * 19, 8, 8, 3)  # 18 images and a link in train, 18 and a link in test
+    assert len({row.tobytes() for row in tar_images}) < len(tar_images)  # a link's row repeats its target's
+
+
+def test_a_tar_is_decoded_without_holding_its_encoded_bytes(tmp_path):
+    """Only one member's bytes are in memory at a time: the peak of the whole decode (listing, headers, pixels)
+    stays far under the archive's encoded size, which a listing that kept every member's bytes exceeds."""
+    rng = np.random.default_rng(0)
+    archive = tmp_path / "noise.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for i in range(600):
+            png = io.BytesIO()
+            _noise_png(rng, "RGB", 48).save(png, "PNG")  # noise: the archive does not compress it
+            _add(tf, f"noise/{i:03d}.png", png.getvalue())
+    encoded = archive.stat().st_size
+    sources.file_digest(archive, tmp_path / "cache")  # the key's sha256 (read in 1 MiB chunks) is memoised first
+    tracemalloc.start()
+    try:
+        images = load_splits(DataConfig(source="images", path=str(archive), cache_dir=str(tmp_path / "cache")))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert images["train"].images.shape == (600, 48, 48, 3) and encoded > 4_000_000
+    assert peak < encoded / 4, f"peak {peak:,} bytes for an archive of {encoded:,}"
 
 
 # ----------------------------------------------------------------------------------------- CIFAR

@@ -21,8 +21,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import Interrupt, crash_after
-from imbssl.augment import MultiCrop, PadCropFlip
+from imbssl.augment import BatchRows, MultiCrop, PadCropFlip
 from imbssl.config import save_config
+from imbssl.data.stream import StreamedImages
 from imbssl.engine import distributed
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.distributed import GlobalBatchNorm, convert_sync_batchnorm, gather_with_grad, process_group
@@ -118,7 +119,7 @@ def test_rank_rows_cut_the_batch_as_tensor_split(monkeypatch):
             parts = torch.arange(batch).tensor_split(world)
             for r in range(world):
                 monkeypatch.setattr(distributed, "rank", lambda: r)
-                assert torch.equal(torch.arange(batch)[distributed.rank_rows(batch)], parts[r])
+                assert torch.equal(torch.arange(batch)[distributed.rank_rows(batch).slice], parts[r])
 
 
 def test_the_views_of_a_part_are_that_part_of_the_views(tiny_cfg):
@@ -128,9 +129,9 @@ def test_the_views_of_a_part_are_that_part_of_the_views(tiny_cfg):
                   PadCropFlip(torch.full((3,), 0.5), torch.full((3,), 0.2))]
     for views in make_views:
         whole = views(images, torch.Generator().manual_seed(3))
-        for rows in (slice(0, 5), slice(5, 9)):
-            part = views(images, torch.Generator().manual_seed(3), rows)
-            assert all(torch.equal(p, w[rows]) for p, w in zip(part, whole, strict=True))
+        for rows in (BatchRows(9, 0, 5), BatchRows(9, 5, 9)):
+            part = views(images[rows.slice], torch.Generator().manual_seed(3), rows)
+            assert all(torch.equal(p, w[rows.slice]) for p, w in zip(part, whole, strict=True))
 
 
 def test_sync_batchnorm_conversion_keeps_the_tensors_and_is_plain_batchnorm_on_one_process():
@@ -159,7 +160,7 @@ def _batchnorm_and_gather_step(folder: Path) -> None:
     x, bn_state = torch.load(folder / "inputs.pt", weights_only=True)
     model = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3).double()), torch.device("cpu"))
     model[0].load_state_dict(bn_state)
-    rows = distributed.rank_rows(len(x))
+    rows = distributed.rank_rows(len(x)).slice
     mine = x[rows].clone().requires_grad_()
     gathered, where = gather_with_grad(model(mine))
     (contrastive(gathered, where) * len(mine) / len(x)).backward()
@@ -241,6 +242,31 @@ def test_two_processes_train_exactly_as_one_at_the_same_global_batch(tiny_cfg, t
     two = final_state(tmp_path / "two")
     for key, value in final_state(one).items():
         assert torch.allclose(two[key].double(), value.double(), rtol=0, atol=1e-4), key
+
+
+def _pretrain_recording_reads(cfg, run_dir: Path) -> None:
+    """``pretrain``, keeping the positions of every training image this process read from the memory map."""
+    read, reads = StreamedImages.host_rows, []
+    StreamedImages.host_rows = lambda self, positions: reads.append(positions.tolist()) or read(self, positions)
+    pretrain(cfg, run_dir)
+    (run_dir.parent / f"{run_dir.name}-reads{distributed.rank()}.json").write_text(json.dumps(reads))
+
+
+@pytest.mark.slow
+def test_each_process_reads_only_its_rows_of_the_global_batch(tiny_cfg, tmp_path):
+    """Streamed from the memory map, each of two processes reads its own rows of each global batch (42 or 41 of 83,
+    the halves tensor_split cuts), and the two together read what one process reads, each image once an epoch."""
+    cfg = small_cfg(tiny_cfg, "simsiam", data_on_device=False)
+    run_processes(_pretrain_recording_reads, cfg, tmp_path / "one", world=1)
+    run_processes(_pretrain_recording_reads, cfg, tmp_path / "two")
+    one, *two = (json.loads((tmp_path / name).read_text()) for name in ("one-reads0.json", "two-reads0.json",
+                                                                          "two-reads1.json"))
+    assert len(one) == len(two[0]) == len(two[1]) == 12  # 2 epochs of 6 batches, and no other read
+    for whole, first, second in zip(one, *two):
+        assert first + second == whole and abs(len(first) - len(second)) <= 1  # rank 0's rows, then rank 1's
+    for epoch in (slice(0, 6), slice(6, 12)):
+        assert sorted(sum(one[epoch], [])) == list(range(503))  # each image once an epoch
+    assert sum(map(len, two[0])) + sum(map(len, two[1])) == sum(map(len, one)) == 2 * 503
 
 
 def _watch_writes(root: Path) -> list[tuple[str, str]]:
@@ -454,7 +480,7 @@ def row_function(x: torch.Tensor) -> torch.Tensor:
 
 def _shuffle_and_unshuffle(folder: Path, x: torch.Tensor, order: torch.Tensor | None) -> None:
     """This process's rows of ``x`` shuffled with its ``order`` (rank 0's wins), mapped row by row, unshuffled."""
-    mine = x[distributed.rank_rows(len(x))]
+    mine = x[distributed.rank_rows(len(x)).slice]
     shuffled, used, where = distributed.shuffle_global_batch(mine, order)
     back = distributed.unshuffle_global_batch(row_function(shuffled), used)
     torch.save({"shuffled": shuffled, "order": used, "where": (where.start, where.stop), "back": back},

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from imbssl.augment import Normalize, PadCropFlip
+from imbssl.augment import BatchRows, Normalize, PadCropFlip
 from imbssl.config import AugmentConfig, OptimConfig, deep_merge
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.distributed import convert_sync_batchnorm, gather, sum_over_processes
@@ -84,8 +84,8 @@ def test_one_rotation_turns_each_image_by_a_label_drawn_as_pretrain_rot_py():
 def test_one_rotation_draws_the_global_batchs_labels_with_its_views_and_uses_them_once():
     method = Rotation(SmallCNN(1, 0.25), RotationConfig(rotations="one"))
     images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
-    make_views = lambda batch, gen, rows: [batch[rows].float()]  # noqa: E731 - the crop is not under test here
-    method.views(make_views, images, torch.Generator().manual_seed(3), slice(4, 8), torch.arange(10))
+    make_views = lambda batch, gen, rows: [batch.float()]  # noqa: E731 - the crop is not under test here
+    method.views(make_views, images[4:8], torch.Generator().manual_seed(3), BatchRows(10, 4, 8), torch.arange(10))
     assert torch.equal(method.step_rotations, balanced_rotation_labels(10, torch.Generator().manual_seed(3))[4:8])
     out = method.training_step([images[4:8].float()], torch.arange(4, 8))
     assert out.loss.ndim == 0 and method.step_rotations is None
@@ -93,7 +93,7 @@ def test_one_rotation_draws_the_global_batchs_labels_with_its_views_and_uses_the
         method.training_step([images[4:8].float()], torch.arange(4, 8))
     every = Rotation(SmallCNN(1, 0.25), RotationConfig())
     gen = torch.Generator().manual_seed(3)
-    every.views(make_views, images, gen, slice(None), torch.arange(10))  # the default form draws nothing more
+    every.views(make_views, images, gen, BatchRows(10), torch.arange(10))  # the default form draws nothing more
     assert torch.equal(torch.rand(1, generator=gen), torch.rand(1, generator=torch.Generator().manual_seed(3)))
 
 
@@ -306,10 +306,10 @@ def test_moco_keys_and_queries_are_normalised_in_different_groups_of_images():
 def test_moco_draws_the_key_order_with_the_views_from_the_epoch_generator():
     method = tiny_moco(bn_splits=2).train()
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
-    make_views = lambda batch, generator, rows: [batch[rows].float()] * 2  # noqa: E731
+    make_views = lambda batch, generator, rows: [batch.float()] * 2  # noqa: E731
     orders = []
     for _ in range(2):
-        method.views(make_views, images, torch.Generator().manual_seed(5), slice(0, 6), torch.arange(6))
+        method.views(make_views, images, torch.Generator().manual_seed(5), BatchRows(6), torch.arange(6))
         orders.append(method.key_order)
     assert torch.equal(orders[0], orders[1]) and sorted(orders[0].tolist()) == list(range(6))
     method.training_step([torch.randn(6, 1, 8, 8)] * 2, torch.arange(6))

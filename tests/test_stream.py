@@ -1,14 +1,17 @@
 """The streaming path (train.data_on_device: false): memory-mapped batches equal the in-memory ones."""
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from imbssl.augment import channel_stats
-from imbssl.data import StreamedImages, training_images
+from imbssl.data import DataError, StreamedImages, training_images
 from imbssl.data import stream
 from imbssl.engine.checkpoint import load_safe
 from imbssl.pipelines.common import normalizer_for
@@ -53,6 +56,78 @@ def test_auto_streams_what_would_fill_more_than_a_quarter_of_free_memory(memmap,
     assert isinstance(training_images(memmap, rows, torch.device("cpu"), "auto"), StreamedImages)
 
 
+def test_read_ahead_gives_the_batches_in_order_with_bounded_buffers(memmap):
+    """The same batches in the same order, whatever the reader thread's lead; it reads ``prefetch_batches`` ahead and
+    no further, and stops when the epoch is left early."""
+    rows = np.random.default_rng(2).permutation(50)[:40]
+    in_memory = training_images(memmap, rows, torch.device("cpu"), on_device=True)
+    batches = list(torch.randperm(40, generator=torch.Generator().manual_seed(0)).tensor_split(7))
+    for ahead in (0, 1, 2, 5):
+        streamed = StreamedImages(memmap, rows, "cpu", prefetch_batches=ahead)
+        got = list(streamed.read_ahead(batches))
+        assert len(got) == 7 and all(torch.equal(g, in_memory[b]) for g, b in zip(got, batches))
+        assert streamed.rows_read == 40
+    streamed = StreamedImages(memmap, rows, "cpu", prefetch_batches=2)
+    reader = streamed.read_ahead(batches)
+    next(reader)
+    deadline = time.monotonic() + 10
+    while streamed.rows_read < sum(len(b) for b in batches[:4]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # time to read further, had it been unbounded
+    # one batch taken, two waiting in the queue, one read and waiting for room
+    assert streamed.rows_read == sum(len(b) for b in batches[:4])
+    reader.close()
+    assert not any(t.name == "imbssl-reader" for t in threading.enumerate())
+
+
+def test_a_failed_read_stops_the_epoch_with_one_line(memmap, tmp_path):
+    class FailingMap(np.ndarray):
+        """A memory map whose third read fails, as a disk error would."""
+        reads = 0
+
+        def __getitem__(self, key):
+            if isinstance(key, np.ndarray):
+                FailingMap.reads += 1
+                if FailingMap.reads == 3:
+                    raise OSError(5, "Input/output error")
+            return super().__getitem__(key)
+
+    source = memmap.view(FailingMap)
+    source.filename = str(tmp_path / "images.npy")
+    batches = list(torch.arange(50).tensor_split(5))
+    reader = StreamedImages(source, np.arange(50), "cpu").read_ahead(batches)
+    assert len(next(reader)) == 10 and len(next(reader)) == 10
+    with pytest.raises(DataError) as err:
+        next(reader)
+    assert str(err.value) == (f"reading training images from {tmp_path / 'images.npy'} failed: "
+                              "OSError: [Errno 5] Input/output error")
+    assert not any(t.name == "imbssl-reader" for t in threading.enumerate())
+
+
+def test_training_reads_the_map_without_read_ahead(memmap, monkeypatch):
+    """An epoch's random rows are read with MADV_RANDOM (the kernel's read-ahead would read megabytes of other images
+    around each), for the epoch alone."""
+    assert stream._mapping_of(memmap) is memmap._mmap and stream._mapping_of(memmap[3:9]) is memmap._mmap
+    assert stream._mapping_of(np.asarray(memmap).view(np.ndarray).copy()) is None
+    advised = []
+
+    @contextlib.contextmanager
+    def recording(array):
+        advised.append(("random", stream._mapping_of(array)))
+        yield
+        advised.append(("normal", stream._mapping_of(array)))
+
+    monkeypatch.setattr(stream, "random_access", recording)
+    images = StreamedImages(memmap, np.arange(50), "cpu")
+    reader = images.read_ahead(list(torch.arange(50).tensor_split(5)))
+    next(reader)
+    assert advised == [("random", memmap._mmap)]
+    list(reader)
+    assert advised == [("random", memmap._mmap), ("normal", memmap._mmap)]
+    with stream.random_access(memmap):  # the real madvise accepts the map's whole extent
+        pass
+
+
 def streamed_reads(monkeypatch) -> list[int]:
     """The number of rows each StreamedImages read served, from now on."""
     reads, read = [], StreamedImages.host_rows
@@ -69,12 +144,13 @@ def test_streamed_pretraining_trains_the_same_model(tiny_cfg, tmp_path, method, 
     initialisation reads the whole set through ``split``)."""
     reads = streamed_reads(monkeypatch)
     runs = []
-    for on_device in (True, False):
-        runs.append(pretrain(tiny_cfg(method=method, optim={"epochs": 2}, train={"data_on_device": on_device}),
-                             tmp_path / str(on_device)))
-        assert bool(reads) != on_device  # the False run really streamed, the True one did not
-    a, b = (load_safe(run / BACKBONE_FILE)["backbone"] for run in runs)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for on_device, ahead in ((True, 2), (False, 0), (False, 2)):  # streamed: read in the step, and read ahead
+        runs.append(pretrain(tiny_cfg(method=method, optim={"epochs": 2},
+                                      train={"data_on_device": on_device, "prefetch_batches": ahead}),
+                             tmp_path / f"{on_device}-{ahead}"))
+        assert bool(reads) != on_device  # the False runs really streamed, the True one did not
+    first, *others = (load_safe(run / BACKBONE_FILE)["backbone"] for run in runs)
+    assert all(torch.equal(first[k], other[k]) for other in others for k in first)
 
 
 @pytest.mark.slow

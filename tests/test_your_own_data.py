@@ -1,6 +1,7 @@
 """docs/your-own-data.md: its commands, run as written on a generated image tree, from a folder of images to weights
 loaded through torch.hub."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from imbssl.engine.precision import AUTO_PRECISION_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "your-own-data.md"
@@ -56,7 +59,8 @@ def shims(root: Path) -> Path:
 @pytest.mark.slow
 def test_the_guide_runs_as_written_from_a_folder_of_images_to_hub_weights(tmp_path):
     make_tree(tmp_path)
-    env = {"PATH": f"{shims(tmp_path)}:/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {"PATH": f"{shims(tmp_path)}:/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1",
+           AUTO_PRECISION_ENV: os.environ[AUTO_PRECISION_ENV]}  # conftest's: auto is fp32 on every CI machine
     outputs = []
     for line in guide_commands():
         command = line.replace(REPO_PLACEHOLDER, str(REPO))

@@ -287,14 +287,22 @@ class WandbConfig(Section):
 
 class TrainConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
-    precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: bool = False
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "auto", description="auto: bf16 autocast + channels_last where the hardware computes bf16 natively (a CPU with "
+                            "AMX or avx512_bf16, a CUDA GPU of compute capability 8.0 or more), else fp32; resolved "
+                            "when the run starts, recorded in pretrain.json and train.json; IMBSSL_AUTO_PRECISION="
+                            "fp32|bf16 overrides the detection (engine/precision.py)")
+    channels_last: bool = Field(False, description="the model and views in channels_last layout (auto sets it where "
+                                                   "it picks bf16)")
     compile: bool = Field(False, description="torch.compile each part of the model (backbone, heads) in place; "
                                              "the first steps then take a while (docs/benchmarks.md)")
     data_on_device: bool | Literal["auto"] = Field(
         "auto", description="true: the training images live on the device; false: they stay a memory map on disk "
                             "and each batch is read into pinned memory and copied (data/stream.py); auto: on the "
                             "device when they fill at most a quarter of its free memory")
+    prefetch_batches: int = Field(2, ge=0, le=16, description="streamed images (data_on_device false): batches a "
+                                                               "background thread reads ahead of the step (0: read "
+                                                               "each in the step); the same batches either way")
     deterministic: bool = Field(True, description="cuDNN without autotuning and deterministic kernels where torch "
                                                   "has them (torch.use_deterministic_algorithms, warn_only)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last epoch is always saved)")

@@ -199,6 +199,15 @@ class EvalRecord(Record):
         return {**{key: value for key, value in tree.items() if not key.startswith("knn")}, "knn": knn}
 
 
+class PrecisionUsed(Part):
+    """``train.precision`` as set (``asked``) and as the run trained (engine/precision.py resolves auto)."""
+
+    asked: Literal["fp32", "bf16", "auto"]
+    precision: Literal["fp32", "bf16"]
+    channels_last: bool
+    why: str = Field(description="auto's reason: the CPU flag, the GPU's compute capability or IMBSSL_AUTO_PRECISION")
+
+
 # -- pretrain.json --------------------------------------------------------------------------------
 class PretrainRecord(Record):
     """``imbssl pretrain`` (pipelines/pretrain.py): the last epoch's figures, the optimizer it resolved and what the
@@ -226,6 +235,7 @@ class PretrainRecord(Record):
     hardware: str
     torch: str
     determinism: dict[str, bool | str | None]
+    precision: PrecisionUsed | None = Field(None, description="None in a file written before train.precision: auto")
 
     def figure(self, name: str) -> int | float | None:
         """The method's last-epoch figure ``name``, or None when the method has none of that name."""
@@ -271,6 +281,7 @@ class TrainRecord(Record):
     hardware: str
     torch: str
     determinism: dict[str, bool | str | None]
+    precision: PrecisionUsed | None = Field(None, description="None in a file written before train.precision: auto")
 
     def stage(self, part: Literal["main", "crt", "main_last_epoch", "posthoc_logit_adjusted"]) -> StageReport:
         found = getattr(self, part)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from imbssl.augment.views import luma
+from imbssl.augment.views import BatchRows, luma
 
 __all__ = ["OPS", "RandAugment"]
 
@@ -178,16 +178,17 @@ MAX_STRENGTH = 30.0
 
 class RandAugment:
     """k operations per view at the strengths ``strength`` [B] (in [0, 30]) and probabilities ``prob`` [B] of a
-    batch's B images; called on float [0, 1] views of those images (or of ``rows`` of them), which it changes in
-    place."""
+    batch's B images; called on float [0, 1] views of those images (or of ``rows`` of them, ``BatchRows``), which it
+    changes in place."""
 
     def __init__(self, num_ops: int, strength: torch.Tensor, prob: torch.Tensor) -> None:
         self.num_ops, self.strength, self.prob = num_ops, strength, prob
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, rows: BatchRows | None = None) -> torch.Tensor:
+        rows = BatchRows(len(self.strength)) if rows is None else rows
         # [op?, applied?, the op's own three uniforms] per image and slot, drawn for the whole batch
-        u = torch.rand(len(self.strength), self.num_ops, 5, generator=generator, device=x.device)[rows]
-        strength, prob = self.strength[rows], self.prob[rows]
+        u = torch.rand(rows.size, self.num_ops, 5, generator=generator, device=x.device)[rows.slice]
+        strength, prob = self.strength[rows.slice], self.prob[rows.slice]
         for slot in u.unbind(1):
             chosen = (slot[:, 0] * len(OPS)).long().clamp_max(len(OPS) - 1)
             op_of = torch.where(slot[:, 1] < prob, chosen, len(OPS))  # len(OPS): no op for this image

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from imbssl.augment.views import Normalize
+from imbssl.augment.views import BatchRows, Normalize, whole_batch
 
 
 class PadCropFlip:
@@ -26,14 +26,16 @@ class PadCropFlip:
         self.normalize, self.pad, self.flip_prob, self.num_views = Normalize(mean, std), pad, flip_prob, num_views
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator,
-                 rows: slice = slice(None)) -> list[torch.Tensor]:
+                 rows: BatchRows | None = None) -> list[torch.Tensor]:
         return [self.global_view(images, generator, rows) for _ in range(self.num_views)]
 
-    def global_view(self, images: torch.Tensor, generator: torch.Generator, rows: slice = slice(None)) -> torch.Tensor:
-        """The view of ``images[rows]``, each image cropped and flipped as in the view of all ``images``."""
-        offsets = torch.randint(0, 2 * self.pad + 1, (len(images), 2), generator=generator, device=images.device)[rows]
-        flip = (torch.rand(len(images), generator=generator, device=images.device) < self.flip_prob)[rows]
-        images = images[rows]
+    def global_view(self, images: torch.Tensor, generator: torch.Generator,
+                    rows: BatchRows | None = None) -> torch.Tensor:
+        """The view of ``images``, ``rows`` of a batch, each image cropped and flipped as in the whole batch's view."""
+        rows = whole_batch(images, rows)
+        offsets = torch.randint(0, 2 * self.pad + 1, (rows.size, 2), generator=generator,
+                                device=images.device)[rows.slice]
+        flip = (torch.rand(rows.size, generator=generator, device=images.device) < self.flip_prob)[rows.slice]
         batch, _, height, width = images.shape
         # Zero padding in pixel space is black, as torchvision pads the PIL image before ToTensor and Normalize.
         padded = F.pad(images, (self.pad,) * 4)

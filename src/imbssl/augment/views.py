@@ -33,6 +33,7 @@ ITU-R BT.601 weights.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -42,8 +43,8 @@ import torch.nn.functional as F
 if TYPE_CHECKING:  # config.py builds its method sections from the methods, which import this module
     from imbssl.config import AugmentConfig
 
-__all__ = ["channel_histogram", "channel_stats", "stats_from_histogram", "MultiCrop", "Normalize", "ViewAugment",
-           "solarize"]
+__all__ = ["BatchRows", "channel_histogram", "channel_stats", "stats_from_histogram", "MultiCrop", "Normalize",
+           "ViewAugment", "solarize"]
 
 #: ITU-R BT.601 luma weights, as in PIL ``convert("L")`` (torchvision's tensor ``rgb_to_grayscale`` has 0.2989 for R).
 LUMA_601 = (0.299, 0.587, 0.114)
@@ -53,8 +54,40 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_ATTEMPTS = 10
 #: Gaussian blur sigma range of SimCLR (Appendix A) / MoCo v2.
 BLUR_SIGMA = (0.1, 2.0)
-#: a per-image augmentation on float [0, 1] views: (views, generator, rows) -> views
-Boost = Callable[[torch.Tensor, torch.Generator, slice], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """Rows ``start:stop`` of a global batch of ``size`` images: the part of it one process reads and views
+    (engine/distributed.py ``rank_rows``). An augmentation draws its random parameters for all ``size`` images and
+    keeps these rows' parameters, so a part's views are those rows of the whole batch's views, whatever the number of
+    processes, while only the part's images are read and transformed."""
+
+    size: int
+    start: int = 0
+    stop: int | None = None  # None: the end of the batch
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.size if self.stop is None else self.stop)
+
+    def __len__(self) -> int:
+        return self.slice.stop - self.start
+
+    def check(self, images: torch.Tensor) -> None:
+        if len(images) != len(self):
+            raise ValueError(f"{len(images)} images for rows {self.start}:{self.slice.stop} of a batch of {self.size}")
+
+
+def whole_batch(images: torch.Tensor, rows: BatchRows | None) -> BatchRows:
+    """``rows``, checked against ``images``; None: every row of a batch of ``images`` alone."""
+    rows = BatchRows(len(images)) if rows is None else rows
+    rows.check(images)
+    return rows
+
+
+#: a per-image augmentation on float [0, 1] views: (views of a part's images, generator, the part's rows) -> views
+Boost = Callable[[torch.Tensor, torch.Generator, BatchRows], torch.Tensor]
 
 
 def channel_stats(images_uint8: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,8 +322,8 @@ class ViewAugment:
     each colour op, as torchvision does. For C = 1 only brightness and contrast apply.
     Call twice with the same generator for the two views of a pair.
 
-    ``rows`` makes the views of ``images[rows]`` alone, each image with the random parameters it gets in the views
-    of the whole batch: one process's part of a global batch (engine/distributed.py) costs that part's work only.
+    ``images`` may be ``rows`` of a larger batch (``BatchRows``): each image then gets the random parameters it gets
+    in the views of the whole batch, and one process's part of a global batch costs that part's work only.
     ``boost`` (float [0, 1] views, generator, rows) -> views runs last before normalisation: a method's per-image
     augmentation on top of these (BCL's RandAugment, augment/randaugment.py).
     """
@@ -306,17 +339,16 @@ class ViewAugment:
         self.mean = _as_channel_param(mean, "mean")
         self.std = _as_channel_param(std, "std")
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice = slice(None),
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: BatchRows | None = None,
                  boost: Boost | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected uint8 [B, 1|3, H, W] images, got {images.dtype} {tuple(images.shape)}")
-        bsz = images.shape[0]
+        rows = whole_batch(images, rows)
         k = CROP_ATTEMPTS
         # One draw for every random parameter; fixed column layout so a seed means the same
         # crops whatever the colour settings: [area xK | ratio xK | top, left, flip,
         # jitter?, brightness, contrast, saturation, hue, gray?, blur?, sigma].
-        u = torch.rand(bsz, 2 * k + 11, generator=generator, device=images.device)[rows]
-        images = images[rows]
+        u = torch.rand(rows.size, 2 * k + 11, generator=generator, device=images.device)[rows.slice]
         x = self._crop_flip(images, u[:, : 2 * k], u[:, 2 * k : 2 * k + 3])
         x = self._color(x, u[:, 2 * k + 3 : 2 * k + 9])
         if self.cfg.blur_prob > 0:
@@ -400,10 +432,10 @@ class MultiCrop:
             self.local_view = ViewAugment(local_cfg, mean, std, out_size=cfg.local_size or max(2, image_size // 2))
         self.num_local = cfg.local_crops
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: slice = slice(None),
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, rows: BatchRows | None = None,
                  boost: Boost | None = None) -> list[torch.Tensor]:
-        """The views of ``images[rows]``, drawn as in the views of all ``images`` (``ViewAugment``); ``boost``
-        applies to the global views."""
+        """The views of ``images``, ``rows`` of a batch, drawn as in the views of the whole batch (``ViewAugment``);
+        ``boost`` applies to the global views."""
         views = [self.global_view(images, generator, rows, boost) for _ in range(self.num_global)]
         if self.local_view is not None:
             views += [self.local_view(images, generator, rows) for _ in range(self.num_local)]

@@ -22,7 +22,7 @@ import time
 import urllib.request
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -301,17 +301,25 @@ def _cifar_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[Allo
     return key, lambda allocate: _decode_cifar(archive, spec)
 
 
-def _read_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
-    """The ``wanted`` tar members' bytes, read in memory (nothing is extracted to disk)."""
-    found: dict[str, bytes] = {}
+def _walk_tar(archive: Path, read: Callable[[tarfile.TarInfo], bool]) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
+    """The archive's members in its own order, read in stream mode (a compressed tar cannot seek), each with its
+    bytes where ``read(member)`` (a regular file) says so: one member's bytes at a time, never the archive's, and
+    nothing is extracted to disk."""
     try:
         with tarfile.open(archive, "r|*") as tf:
             for member in tf:
-                name = PurePosixPath(member.name).as_posix()
-                if name in wanted and member.isfile():
-                    found[name] = tf.extractfile(member).read()
+                yield member, tf.extractfile(member).read() if read(member) else None
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read tar archive {archive}: {err}") from err
+
+
+def _read_members(archive: Path, wanted: set[str], parse: Callable[[bytes, str], Any]) -> dict[str, Any]:
+    """The ``wanted`` tar members, each parsed by ``parse(bytes, "archive:member")`` as the stream reaches it."""
+    found: dict[str, Any] = {}
+    for member, blob in _walk_tar(archive, lambda m: m.isfile() and PurePosixPath(m.name).as_posix() in wanted):
+        if blob is not None:
+            name = PurePosixPath(member.name).as_posix()
+            found[name] = parse(blob, f"{archive}:{name}")
     missing = sorted(wanted - found.keys())
     if missing:
         raise DataError(f"{archive}: missing member(s) {', '.join(missing)}")
@@ -331,14 +339,15 @@ def _cifar_batch(batch: dict[str, Any], source: str, label_key: str, num_classes
 
 
 def _decode_cifar(archive: Path, spec: CifarArchive) -> _Decoded:
-    """The pickled batches, train then test (180 MB at most: decoded in memory)."""
-    members = _read_members(archive, {*spec.train_members, spec.test_member, spec.meta_member})
+    """The pickled batches, train then test (180 MB at most: decoded in memory), each unpickled as the archive
+    stream reaches it."""
+    members = _read_members(archive, {*spec.train_members, spec.test_member, spec.meta_member}, _unpickle)
     meta_src = f"{archive}:{spec.meta_member}"
-    meta = _unpickle(members[spec.meta_member], meta_src)
+    meta = members[spec.meta_member]
     if spec.names_key not in meta:
         raise DataError(f"{meta_src}: no {spec.names_key!r}")
     classes = tuple(str(_text(n)) for n in meta[spec.names_key])
-    parts = [_cifar_batch(_unpickle(members[n], f"{archive}:{n}"), f"{archive}:{n}", spec.label_key, len(classes))
+    parts = [_cifar_batch(members[n], f"{archive}:{n}", spec.label_key, len(classes))
              for n in (*spec.train_members, spec.test_member)]
     n_train = sum(len(labels) for _, labels in parts[:-1])
     return _Decoded(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), n_train, classes)
@@ -347,9 +356,22 @@ def _decode_cifar(archive: Path, spec: CifarArchive) -> _Decoded:
 # ----------------------------------------------------------------------------------- ImageFolder
 
 
+#: an image's header: PIL's mode, and (width, height)
+Peek = tuple[str, tuple[int, int]]
+
+
+class _Member(NamedTuple):
+    """An image inside a tar: the member that holds its bytes (a link's target), found again by its offset in the
+    archive on the decode's pass, and the header that the listing's pass read from them."""
+
+    archive: Path
+    offset: int
+    header: Peek | str  # or why PIL cannot read it
+
+
 class _File(NamedTuple):
     parts: tuple[str, ...]  # path relative to the folder / archive root
-    data: bytes | Path  # tar members are read in memory, folder files on decode
+    data: Path | _Member  # a folder's file, or a tar's member, read when it is decoded
     name: str  # for error messages
 
 
@@ -396,35 +418,41 @@ class _Listing(NamedTuple):
 
 
 def _tar_files(archive: Path) -> _Listing:
-    """The archive's members in one pass; its hard and symbolic links are then resolved inside it (``_add_links``)."""
+    """The archive's members in one pass, each image's header read as the stream reaches it and its bytes let go;
+    its hard and symbolic links are then resolved inside it (``_add_links``)."""
     listing = _Listing([], set(), [])
-    regular: set[tuple[str, ...]] = set()
+    regular: dict[tuple[str, ...], int] = {}  # file -> offset; a name archived twice is its last copy, as tar extracts
     links: dict[tuple[str, ...], tarfile.TarInfo] = {}
-    try:
-        with tarfile.open(archive, "r|*") as tf:
-            for member in tf:
-                parts = _safe_parts(member.name, archive)
-                if member.isdir():
-                    listing.folders.add(parts)
-                elif member.issym() or member.islnk():
-                    links[parts] = member
-                elif member.isfile():
-                    regular.add(parts)
-                    if _is_image(parts):
-                        listing.files.append(_File(parts, tf.extractfile(member).read(), f"{archive}:{member.name}"))
-                    else:
-                        listing.others.append(member.name)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        raise DataError(f"cannot read tar archive {archive}: {err}") from err
+    for member, blob in _walk_tar(archive, lambda m: m.isfile() and _is_image(PurePosixPath(m.name).parts)):
+        parts = _safe_parts(member.name, archive)
+        if member.isdir():
+            listing.folders.add(parts)
+        elif member.issym() or member.islnk():
+            links[parts] = member
+        elif member.isfile():
+            regular[parts] = member.offset
+            if blob is not None:
+                member_data = _Member(archive, member.offset, _tar_header(blob))
+                listing.files.append(_File(parts, member_data, f"{archive}:{member.name}"))
+            else:
+                listing.others.append(member.name)
     _add_links(listing, archive, regular, links)
     return listing
 
 
-def _add_links(listing: _Listing, archive: Path, regular: set[tuple[str, ...]],
+def _tar_header(blob: bytes) -> Peek | str:
+    """A member's header, or why PIL cannot read it (``_read_headers`` names the image, or each link to it)."""
+    try:
+        return _peek(blob, "")
+    except UnreadableImage as err:
+        return err.reason
+
+
+def _add_links(listing: _Listing, archive: Path, regular: dict[tuple[str, ...], int],
                links: dict[tuple[str, ...], tarfile.TarInfo]) -> None:
-    """Each link that names an image becomes a file holding its target's bytes (read again from the archive when
-    the target's name is not an image's). A link that leaves the archive, loops, points to no member or to a
-    folder is refused in one line."""
+    """Each link that names an image becomes a file showing its target's member (whose header is read in one more
+    pass when the target's name is not an image's). A link that leaves the archive, loops, points to no member or
+    to a folder is refused in one line."""
     if not links:
         return
     folders = listing.folders | {parts[:i] for parts in regular | links.keys() for i in range(1, len(parts))}
@@ -438,12 +466,13 @@ def _add_links(listing: _Listing, archive: Path, regular: set[tuple[str, ...]],
             raise DataError(f"{where} points to {'/'.join(target)}, which is not a file of the archive")
     images = {parts: target for parts, target in targets.items() if _is_image(parts)}
     listing.others.extend(links[parts].name for parts in sorted(targets.keys() - images.keys()))
-    data = {f.parts: f.data for f in listing.files}
-    unread = {"/".join(target) for target in images.values() if target not in data}
-    data.update((PurePosixPath(name).parts, blob)
-                for name, blob in (_read_members(archive, unread) if unread else {}).items())
-    listing.files.extend(_File(parts, data[target], f"{archive}:{links[parts].name}")
-                         for parts, target in images.items())
+    headers = {f.data.offset: f.data.header for f in listing.files}
+    if unread := {regular[target] for target in images.values()} - headers.keys():
+        headers.update((member.offset, _tar_header(blob))
+                       for member, blob in _walk_tar(archive, lambda m: m.isfile() and m.offset in unread)
+                       if blob is not None)
+    listing.files.extend(_File(parts, _Member(archive, regular[target], headers[regular[target]]),
+                               f"{archive}:{links[parts].name}") for parts, target in images.items())
 
 
 def _link_target(parts: tuple[str, ...], links: dict[tuple[str, ...], tarfile.TarInfo],
@@ -512,7 +541,7 @@ def guess_source(path: Path) -> str:
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         return "images"  # the images source names the problem
     try:
-        _find_root([_File(parts, b"", "") for parts in names], path)
+        _find_root([_File(parts, path, "") for parts in names], path)
     except DataError:
         return "images"
     return "imagefolder"
@@ -541,19 +570,25 @@ def _by_split(listing: _Listing, source: Path) -> tuple[tuple[str, ...], dict[st
     return classes, {"train": under["train"], "test": under[test_name]}
 
 
-def _open_image(f: _File, load: bool = True) -> Image.Image:
+def _open_image(data: bytes | Path, name: str, load: bool = True) -> Image.Image:
     """The image, decoded; with ``load=False`` only its header is read (mode and size)."""
     try:
-        if isinstance(f.data, Path) and not load:
-            return Image.open(f.data)
-        img = Image.open(io.BytesIO(f.data if isinstance(f.data, bytes) else f.data.read_bytes()))
+        if isinstance(data, Path) and not load:
+            return Image.open(data)
+        img = Image.open(io.BytesIO(data if isinstance(data, bytes) else data.read_bytes()))
         if load:
             img.load()
     except Image.UnidentifiedImageError:  # its message names the in-memory buffer, not the file
-        raise UnreadableImage(f.name, "not in an image format PIL reads (corrupt?)") from None
+        raise UnreadableImage(name, "not in an image format PIL reads (corrupt?)") from None
     except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise UnreadableImage(f.name, str(err)) from err
+        raise UnreadableImage(name, str(err)) from err
     return img
+
+
+def _peek(data: bytes | Path, name: str) -> Peek:
+    """The image's header alone."""
+    with _open_image(data, name, load=False) as img:
+        return img.mode, img.size
 
 
 def _as_mode(img: Image.Image, mode: str, name: str) -> tuple[Image.Image, str | None]:
@@ -609,13 +644,21 @@ def _read_headers(files: list[_File], on_unreadable: OnUnreadable | None = None)
     headers = []
     for f in files:
         try:
-            with _open_image(f, load=False) as img:
-                headers.append(_Header(f, img.mode, img.size))
+            headers.append(_Header(f, *_file_header(f)))
         except UnreadableImage as err:
             if on_unreadable is None:
                 raise
             on_unreadable(err)
     return headers
+
+
+def _file_header(f: _File) -> Peek:
+    """A folder file's header, read now; a tar member's, as the listing read it."""
+    if not isinstance(f.data, _Member):
+        return _peek(f.data, f.name)
+    if isinstance(f.data.header, str):
+        raise UnreadableImage(f.name, f.data.header)
+    return f.data.header
 
 
 def _stored_shape(headers: list[_Header], image_size: int | None) -> tuple[int, int, int]:
@@ -643,33 +686,75 @@ def _stored_shape(headers: list[_Header], image_size: int | None) -> tuple[int, 
 
 def _decode_images(files: list[_File], image_size: int | None, resize: str, allocate: Allocate,
                    on_unreadable: OnUnreadable | None = None) -> np.ndarray:
-    """Decode straight into ``allocate("images", ...)`` (a memory map of the cache entry), one image at a time, in
-    order. Given ``on_unreadable``, an image PIL cannot read is handed to it and left out instead of refused: the
-    images read fill the first rows, and a spare row follows for each one that failed after its header."""
+    """Decode straight into ``allocate("images", ...)`` (a memory map of the cache entry), one image at a time: a
+    folder's in order, a tar's as its stream holds them, each into its row. Given ``on_unreadable``, an image PIL
+    cannot read is handed to it and left out instead of refused: the images read fill the first rows, in order, and
+    a spare row follows for each one that failed after its header."""
     headers = _read_headers(files, on_unreadable)
-    height, width, channels = _stored_shape(headers, image_size)
-    mode = "L" if channels == 1 else "RGB"
-    out = allocate("images", (len(headers), height, width, channels))
-    row, scaled = 0, Counter()
-    for h in headers:
-        try:
-            img, rule = _as_mode(_open_image(h.file), mode, h.file.name)
-        except UnreadableImage as err:
-            if on_unreadable is None:
-                raise
-            on_unreadable(err)
-            continue
-        if image_size is not None and img.size != (width, height):
-            img = _resized(img, image_size, resize)
-        if img.size != (width, height):
-            raise DataError(f"cannot decode image {h.file.name}: it decodes to {img.width}x{img.height}, its header "
-                            f"said {width}x{height}")
-        out[row] = np.asarray(img).reshape(height, width, channels)
-        row += 1
-        if rule:
-            scaled[rule] += 1
+    shape = _stored_shape(headers, image_size)
+    out = allocate("images", (len(headers), *shape))
+    failed: dict[int, DataError] = {}
+    scaled = Counter()
+    for rows, data in _image_data([h.file for h in headers]):
+        decoded = None  # a member's pixels, decoded once for all the rows that show it (links)
+        for row in rows:
+            try:
+                decoded = decoded or _pixels(data, headers[row].file.name, shape, image_size, resize)
+            except DataError as err:
+                failed[row] = err
+                continue
+            out[row], rule = decoded
+            if rule:
+                scaled[rule] += 1
+    _leave_out(out, failed, on_unreadable)
     _log_scaled(scaled)
     return out
+
+
+def _image_data(files: list[_File]) -> Iterator[tuple[list[int], bytes | Path]]:
+    """Each image's data and its positions in ``files``: a folder's files one by one, in order; a tar's members in
+    one pass, in the archive's order, each member's bytes once for every position that shows it (a link shows its
+    target's)."""
+    if not files or not isinstance(files[0].data, _Member):
+        yield from (([i], f.data) for i, f in enumerate(files))
+        return
+    archive = files[0].data.archive
+    rows: dict[int, list[int]] = {}
+    for i, f in enumerate(files):
+        rows.setdefault(f.data.offset, []).append(i)
+    for member, blob in _walk_tar(archive, lambda m: m.isfile() and m.offset in rows):
+        if blob is not None:
+            yield rows.pop(member.offset), blob
+    if rows:
+        raise DataError(f"{archive} changed while it was read: {files[next(iter(rows.values()))[0]].name} is gone")
+
+
+def _pixels(data: bytes | Path, name: str, shape: tuple[int, int, int], image_size: int | None,
+            resize: str) -> tuple[np.ndarray, str | None]:
+    """One image as ``shape`` (height, width, channels), and the SCALE_RULES key that scaled it to 8 bits."""
+    height, width, channels = shape
+    img, rule = _as_mode(_open_image(data, name), "L" if channels == 1 else "RGB", name)
+    if image_size is not None and img.size != (width, height):
+        img = _resized(img, image_size, resize)
+    if img.size != (width, height):
+        raise DataError(f"cannot decode image {name}: it decodes to {img.width}x{img.height}, its header said "
+                        f"{width}x{height}")
+    return np.asarray(img).reshape(shape), rule
+
+
+def _leave_out(out: np.ndarray, failed: dict[int, DataError], on_unreadable: OnUnreadable | None) -> None:
+    """The rows that failed, in row order, as a decode in order meets them: refused, or (an unreadable image, given
+    ``on_unreadable``) handed to it, the later rows moved up over them and the spare rows at the end left zero."""
+    for row in sorted(failed):
+        if on_unreadable is None or not isinstance(failed[row], UnreadableImage):
+            raise failed[row]
+        on_unreadable(failed[row])
+    if failed:
+        first = min(failed)
+        kept = [row for row in range(first, len(out)) if row not in failed]
+        for target, row in enumerate(kept, first):
+            out[target] = out[row]
+        out[first + len(kept):] = 0
 
 
 def _log_scaled(scaled: Counter) -> None:

@@ -2,24 +2,32 @@
 
 The decode-once cache keeps a split as a uint8 NHWC ``.npy`` memory map (``cache.py``). A dataset that
 fits the device is copied there once (``train.data_on_device: true``). One that does not stays where it
-is: each batch's rows are read by index, in file order, transposed to NCHW into a pinned host buffer and
-copied to the device without blocking. The views (random-resized crop, jitter and the rest) then run
-batched on the device as for in-memory data, so the two paths give the same batches for the same seed.
+is: each batch's rows are read by index, in file order, transposed to NCHW into a (pinned, on a GPU) host
+buffer and copied to the device without blocking. The views (random-resized crop, jitter and the rest) then
+run batched on the device as for in-memory data, so the two paths give the same batches for the same seed.
 
-There is no loader thread, and the read does not overlap the device's work: the trainer's batch indices
-live on the device, and reading them on the host waits for the previous step's kernels. A GPU measurement
-(benchmarks/gpu_check.sh) is to say whether a prefetching thread is worth its complexity.
+An epoch's batches are known when it starts, so a background thread reads them ahead of the step
+(``train.prefetch_batches``, 2 by default): while the device computes step i, the thread reads batch i + 1
+and i + 2 into buffers of their own. The batches come in the epoch's order, whatever the thread's timing;
+a failed read stops the run with one line. Under torchrun each process reads its own rows of each global
+batch, and no other image.
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import mmap
+import queue
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from imbssl.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +35,30 @@ log = logging.getLogger(__name__)
 DEVICE_SHARE = 0.25
 #: rows read per chunk where the whole set is walked (channel statistics, the copy to the device)
 CHUNK_ROWS = 1024
+#: seconds the reader waits at a time for room in its queue before it checks whether the epoch was stopped
+POLL_S = 0.1
 
 
 class StreamedImages:
     """Rows ``rows`` of the uint8 NHWC array ``source`` (a memory map), as the engine reads training images:
     ``len``, ``shape`` (N, C, H, W), ``device``, ``images[indices]`` -> a uint8 NCHW batch on the device,
-    and ``split(size)``."""
+    ``split(size)``, and ``read_ahead(batches)``, which reads batches in a background thread.
 
-    def __init__(self, source: np.ndarray, rows: np.ndarray, device: torch.device | str) -> None:
+    ``prefetch_batches``: how many batches ``read_ahead`` reads ahead of the one in use (0: each batch is read
+    when it is asked for). ``rows_read`` counts the images read for training, to show what each process reads."""
+
+    def __init__(self, source: np.ndarray, rows: np.ndarray, device: torch.device | str,
+                 prefetch_batches: int = 2) -> None:
         self.source, self.rows, self.device = source, np.asarray(rows, dtype=np.int64), _indexed(device)
         height, width, channels = source.shape[1:]
         self.shape = torch.Size((len(self.rows), channels, height, width))
+        self.prefetch_batches, self.rows_read = prefetch_batches, 0
         self.pinned = self.device.type == "cuda"
-        self._buffers: list[Tensor] = []  # two pinned buffers of the largest batch so far, written in turn
-        self._copied: list[torch.cuda.Event | None] = [None, None]  # when each buffer's last copy finished
-        self._turn = 0
+        # Pinned buffers written in turn: the one in use, the ones read ahead, and the one whose copy to the
+        # device may still run; each is overwritten only once that copy has finished.
+        self._buffers: list[Tensor] = [torch.empty(0, dtype=torch.uint8)] * (prefetch_batches + 2)
+        self._copied: list[torch.cuda.Event | None] = [None] * len(self._buffers)
+        self._turns = 0  # batches read by indexing, whose buffers take turns as read_ahead's do
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -53,7 +70,51 @@ class StreamedImages:
             positions = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices)
             if positions.ndim != 1:
                 raise TypeError(f"StreamedImages takes a slice or a 1-D list of indices, not {indices!r}")
-        return self._to_device(self.host_rows(positions))
+        turn, self._turns = self._turns, self._turns + 1
+        return self._to_device(self._host_batch(positions, turn), turn)
+
+    def read_ahead(self, batches: list[Tensor]) -> Iterator[Tensor]:
+        """``self[indices]`` for each of ``batches`` in turn, read ``prefetch_batches`` ahead by a background
+        thread while the caller computes. Close the iterator (``contextlib.closing``) to stop the thread early."""
+        positions = _on_host(batches)
+        with random_access(self.source):
+            if self.prefetch_batches == 0:
+                for turn, where in enumerate(positions):
+                    yield self._to_device(self._host_batch(where, turn), turn)
+                return
+            ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+            stopped = threading.Event()
+            reader = threading.Thread(target=self._read, args=(positions, ready, stopped), name="imbssl-reader",
+                                      daemon=True)
+            reader.start()
+            try:
+                for turn in range(len(positions)):
+                    batch = ready.get()
+                    if isinstance(batch, BaseException):
+                        raise DataError(f"reading training images from {self._file()} failed: "
+                                        f"{type(batch).__name__}: {batch}") from batch
+                    yield self._to_device(batch, turn)
+            finally:
+                stopped.set()
+                reader.join()
+
+    def _read(self, positions: list[np.ndarray], ready: queue.Queue, stopped: threading.Event) -> None:
+        """The reader thread: each batch into its buffer, then into ``ready``; an error goes there instead. It stops
+        once ``stopped`` is set, whether or not the queue has room."""
+        def hand_over(item: Tensor | BaseException) -> None:
+            while not stopped.is_set():
+                try:
+                    return ready.put(item, timeout=POLL_S)
+                except queue.Full:
+                    continue
+
+        try:
+            for turn, where in enumerate(positions):
+                if stopped.is_set():
+                    return
+                hand_over(self._host_batch(where, turn))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread, which raises it as one line
+            hand_over(err)
 
     def split(self, size: int) -> Iterator[Tensor]:
         for start in range(0, len(self), size):
@@ -72,37 +133,88 @@ class StreamedImages:
         for start in range(0, len(self), size):
             yield self.source[np.sort(self.rows[start:start + size])]
 
-    def _to_device(self, batch: np.ndarray) -> Tensor:
+    def _host_batch(self, positions: np.ndarray, turn: int) -> Tensor:
+        """The images at ``positions``, NCHW in host memory: on a GPU in pinned buffer ``turn`` of the ring, once
+        the copy out of it has finished (the non-blocking copy of one batch may still run while the next is read)."""
+        batch = self.host_rows(positions)
+        self.rows_read += len(positions)
         if not self.pinned:
-            return torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        # A pinned buffer is overwritten only once the copy out of it has finished: the non-blocking copy
-        # of one batch may still be running while the next one is read.
-        turn, self._turn = self._turn, 1 - self._turn
-        if len(self._buffers) < 2:
-            self._buffers = [torch.empty(0, dtype=torch.uint8).pin_memory() for _ in range(2)]
-        if self._copied[turn] is not None:
-            self._copied[turn].synchronize()
-        if self._buffers[turn].shape[0] < len(batch):  # batches of one size, give or take tensor_split's row
-            self._buffers[turn] = torch.empty(batch.shape, dtype=torch.uint8).pin_memory()
-        buffer = self._buffers[turn][:len(batch)]
+            return torch.from_numpy(np.ascontiguousarray(batch))
+        slot = turn % len(self._buffers)
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()
+        if self._buffers[slot].shape[0] < len(batch):  # batches of one size, give or take tensor_split's row
+            self._buffers[slot] = torch.empty(batch.shape, dtype=torch.uint8).pin_memory()
+        buffer = self._buffers[slot][:len(batch)]
         buffer.numpy()[...] = batch  # the transpose to NCHW happens in this one copy
+        return buffer
+
+    def _to_device(self, batch: Tensor, turn: int = 0) -> Tensor:
+        if not self.pinned:
+            return batch.to(self.device)
+        slot = turn % len(self._buffers)
         with torch.cuda.device(self.device):  # the event must be on the stream the copy runs on
-            out = buffer.to(self.device, non_blocking=True)
-            self._copied[turn] = torch.cuda.Event()
-            self._copied[turn].record(torch.cuda.current_stream(self.device))
+            out = batch.to(self.device, non_blocking=True)
+            self._copied[slot] = torch.cuda.Event()
+            self._copied[slot].record(torch.cuda.current_stream(self.device))
         return out
+
+    def _file(self) -> str:
+        return getattr(self.source, "filename", None) or "memory"
+
+
+@contextmanager
+def random_access(array: np.ndarray) -> Iterator[None]:
+    """A memory map read at random rows for the block, without the kernel's read-ahead around each page fault: an
+    epoch's rows come in no order, and the read-ahead (up to the disk's read_ahead_kb, 8 MB on this project's
+    machines) would read megabytes of other images around each one (docs/benchmarks.md). Sequential walks (channel
+    statistics, k-means, evaluation) keep it. An array in memory is left alone."""
+    mapping = _mapping_of(array)
+    if mapping is None or not hasattr(mmap, "MADV_RANDOM"):
+        yield
+        return
+    mapping.madvise(mmap.MADV_RANDOM)
+    try:
+        yield
+    finally:
+        mapping.madvise(mmap.MADV_NORMAL)
+
+
+def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
+    """The mmap behind ``array`` (a np.memmap, or a view of one), if any."""
+    while array is not None:
+        if isinstance(getattr(array, "_mmap", None), mmap.mmap):
+            return array._mmap
+        array = getattr(array, "base", None)
+    return None
+
+
+def _on_host(batches: list[Tensor]) -> list[np.ndarray]:
+    """Batches of indices as host arrays, in one device-to-host copy for them all (one sync an epoch)."""
+    if not batches:
+        return []
+    flat = torch.cat(batches).cpu().numpy()
+    return np.split(flat, np.cumsum([len(b) for b in batches[:-1]]))
+
+
+def read_batches(images: Tensor | StreamedImages, batches: list[Tensor]) -> Iterator[Tensor]:
+    """``images[indices]`` for each of ``batches``, in order: a streamed set's read ahead in a background thread."""
+    if isinstance(images, StreamedImages):
+        return images.read_ahead(batches)
+    return (images[indices] for indices in batches)
 
 
 def training_images(source: np.ndarray, rows: np.ndarray, device: torch.device,
-                    on_device: bool | Literal["auto"]) -> Tensor | StreamedImages:
-    """Rows ``rows`` of ``source`` as the trainer reads them: one uint8 NCHW tensor on ``device``, or streamed."""
+                    on_device: bool | Literal["auto"], prefetch_batches: int = 2) -> Tensor | StreamedImages:
+    """Rows ``rows`` of ``source`` as the trainer reads them: one uint8 NCHW tensor on ``device``, or streamed (read
+    ``prefetch_batches`` ahead)."""
     if on_device == "auto":
         on_device = _fits(len(rows) * int(np.prod(source.shape[1:])), device)
     if not on_device:
         log.info("streaming the %d training images (%.1f GB) from %s; free on %s: %s", len(rows),
                  len(rows) * np.prod(source.shape[1:]) / 1e9, getattr(source, "filename", None) or "memory",
                  device, _gigabytes(_free_bytes(device)))
-        return StreamedImages(source, rows, device)
+        return StreamedImages(source, rows, device, prefetch_batches)
     height, width, channels = source.shape[1:]
     images = torch.empty((len(rows), channels, height, width), dtype=torch.uint8, device=device)
     for start in range(0, len(rows), CHUNK_ROWS):  # in chunks: no second whole copy on the host

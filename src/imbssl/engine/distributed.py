@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_gather, all_reduce
 
+from imbssl.augment.views import BatchRows
 from imbssl.errors import ImbsslError, ProcessLost
 
 # torch 2.13 deprecates these differentiable collectives in favour of a private module
@@ -137,12 +138,12 @@ def require_one_process(what: str) -> None:
 
 
 # -- sharing the global batch ----------------------------------------------------------------------
-def rank_rows(batch_size: int) -> slice:
+def rank_rows(batch_size: int) -> BatchRows:
     """This process's rows of a global batch: its contiguous part as ``tensor_split(world_size)[rank]`` cuts it
     (the first ``batch_size % world_size`` processes take one row more)."""
     size, extra = divmod(batch_size, world_size())
     start = rank() * size + min(rank(), extra)
-    return slice(start, start + size + (rank() < extra))
+    return BatchRows(batch_size, start, start + size + (rank() < extra))
 
 
 def sum_gradients(parameters: Iterable[nn.Parameter]) -> None:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from imbssl.augment.views import BatchRows
+
 #: makes one augmented view of a uint8 batch from a generator
 MakeView = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -55,9 +57,10 @@ class TrainingTask(nn.Module):
         return list(torch.randperm(num_images, generator=generator, device=generator.device).tensor_split(num_batches))
 
     def views(self, make_views: Callable[..., list[torch.Tensor]], images: torch.Tensor, generator: torch.Generator,
-              rows: slice, indices: torch.Tensor) -> list[torch.Tensor]:
-        """The step's training views of ``images`` (the global batch, at ``indices`` of the training images), this
-        process's ``rows`` of them: the engine's augmentation, unless a task boosts it per image (BCL)."""
+              rows: BatchRows, indices: torch.Tensor) -> list[torch.Tensor]:
+        """The step's training views of ``images``, this process's ``rows`` of the global batch (the training images
+        at ``indices[rows.slice]``; ``indices``: the whole global batch's), drawn as in the views of the whole batch:
+        the engine's augmentation, unless a task boosts it per image (BCL)."""
         return make_views(images, generator, rows)
 
     def on_train_start(self, images: torch.Tensor, make_view: MakeView, generator: torch.Generator) -> None:

@@ -4,14 +4,16 @@ The dataset lives on the device as a uint8 tensor and views are made there, so a
 per-image Python work. Randomness is drawn from generators seeded by (seed, epoch): a run resumed
 from an epoch checkpoint replays exactly the batches and views an uninterrupted run would see.
 
-Under torchrun every process draws the same global batches and views of them and trains on its own rows
-(engine/distributed.py), so a run's numbers do not depend on the number of processes; rank 0 alone writes.
+Under torchrun every process draws the same global batches, reads only its own rows of each and views them as
+they are viewed in the whole batch (engine/distributed.py), so a run's numbers do not depend on the number of
+processes; rank 0 alone writes. A streamed set's batches are read ahead in a background thread (data/stream.py).
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,7 +24,9 @@ from torch.optim import Optimizer
 from tqdm import tqdm
 
 from imbssl.augment import MultiCrop, PadCropFlip
+from imbssl.augment import BatchRows
 from imbssl.config import ConfigError, WandbConfig
+from imbssl.data.stream import StreamedImages, read_batches
 from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
 from imbssl.engine.distributed import (batchnorm_per_process, broadcast_from_main, is_main, rank_rows, sum_gradients,
                                        sum_over_processes, world_size)
@@ -138,7 +142,7 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 class Trainer:
     def __init__(self, method: TrainingTask, optimizer: Optimizer, schedules: dict[str, np.ndarray],
-                 images: torch.Tensor, make_views: MultiCrop | PadCropFlip, run_dir: Path, settings: TrainSettings,
+                 images: torch.Tensor | StreamedImages, make_views: MultiCrop | PadCropFlip, run_dir: Path, settings: TrainSettings,
                  callbacks: Iterable[EpochCallback] = (), labels: np.ndarray | None = None,
                  evaluators: Iterable[EpochEvaluator] = ()) -> None:
         """``schedules``: the run's own per-step values by name, one for each of its steps (the lr: "lr"), beside
@@ -278,21 +282,24 @@ class Trainer:
         self.method.on_epoch_start(epoch)
         gen = epoch_generator(s.seed, epoch, self.device)
         batches = self.method.epoch_batches(len(self.images), self.steps_per_epoch, epoch, gen)
+        parts = [rank_rows(len(indices)) for indices in batches]
         window: list[dict[str, torch.Tensor]] = []  # step figures kept on the device until the next sync
         totals: dict[str, float] = {}
         seen, start = 0, time.perf_counter()
-        for step, indices in enumerate(batches):
-            window.append(self._step(indices, gen, epoch * self.steps_per_epoch + step))
-            seen += len(indices)
-            self.bar.update()
-            if len(window) == s.log_every or step == self.steps_per_epoch - 1:
-                # One host-device sync per window, not per step: the NaN check and the logs read it together.
-                means = self._flush(window, epoch * self.steps_per_epoch + step, logger)
-                for key, value in means.items():
-                    totals[key] = totals.get(key, 0.0) + value * len(window)
-                window = []
-                self.bar.set_postfix(epoch=f"{epoch + 1}/{s.epochs}", loss=f"{means['loss']:.4f}",
-                                     img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        # each process reads its own rows of each global batch, and nothing else
+        with closing(read_batches(self.images, [indices[part.slice] for indices, part in zip(batches, parts)])) as mine:
+            for step, (indices, part, images) in enumerate(zip(batches, parts, mine, strict=True)):
+                window.append(self._step(indices, part, images, gen, epoch * self.steps_per_epoch + step))
+                seen += len(indices)
+                self.bar.update()
+                if len(window) == s.log_every or step == self.steps_per_epoch - 1:
+                    # One host-device sync per window, not per step: the NaN check and the logs read it together.
+                    means = self._flush(window, epoch * self.steps_per_epoch + step, logger)
+                    for key, value in means.items():
+                        totals[key] = totals.get(key, 0.0) + value * len(window)
+                    window = []
+                    self.bar.set_postfix(epoch=f"{epoch + 1}/{s.epochs}", loss=f"{means['loss']:.4f}",
+                                         img_s=f"{seen / (time.perf_counter() - start):.0f}")
         summary = {"epoch": epoch + 1, **{k: v / self.steps_per_epoch for k, v in totals.items()},
                    "images_per_s": seen / (time.perf_counter() - start), "images_seen": seen,
                    **self.method.epoch_stats(self.labels)}
@@ -315,12 +322,12 @@ class Trainer:
                    **{f"train/{k}": v for k, v in self.schedules.at(global_step).items()})
         return means
 
-    def _step(self, indices: torch.Tensor, gen: torch.Generator, global_step: int) -> dict[str, torch.Tensor]:
-        """One step on this process's rows of the global batch ``indices``, with the views they get in the whole
-        batch's (the generator advances as on one process)."""
+    def _step(self, indices: torch.Tensor, part: BatchRows, images: torch.Tensor, gen: torch.Generator,
+              global_step: int) -> dict[str, torch.Tensor]:
+        """One step on ``images``, this process's ``part`` of the global batch ``indices``, with the views they get
+        in the whole batch's (the generator advances as on one process)."""
         self.schedules.apply(global_step)  # the one place every scheduled value is set
-        rows = rank_rows(len(indices))
-        views, mine = self.method.views(self.make_views, self.images[indices], gen, rows, indices), indices[rows]
+        views, mine = self.method.views(self.make_views, images, gen, part, indices), indices[part.slice]
         out = optimizer_step(self.method, self.optimizer, views, mine, self.settings.precision,
                              self.settings.channels_last, share=len(mine) / len(indices))
         self.method.on_step_end()

@@ -28,6 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from imbssl.augment.randaugment import MAX_STRENGTH, RandAugment
+from imbssl.augment.views import BatchRows
 from imbssl.engine.distributed import gather
 from imbssl.engine.task import MakeView
 from imbssl.eval.metrics import thirds_of_classes
@@ -111,7 +112,7 @@ class BoostedContrast:
         return torch.ones(num_images, device=device)
 
     def views(self, make_views: Callable[..., list[torch.Tensor]], images: torch.Tensor, generator: torch.Generator,
-              rows: slice, indices: torch.Tensor) -> list[torch.Tensor]:
+              rows: BatchRows, indices: torch.Tensor) -> list[torch.Tensor]:
         """SimCLR's views of the batch, each boosted by RandAugment at its image's w (both views the same w and m)."""
         weight = self.boost_weight[indices]
         uniform = self.strength_uniforms(len(weight), generator, weight.device)

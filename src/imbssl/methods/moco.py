@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from imbssl.augment.views import BatchRows
 from imbssl.configbase import ProjectorSection
 from imbssl.engine.distributed import gather_with_grad, shuffle_global_batch, unshuffle_global_batch, world_size
 from imbssl.engine.ema import ema_teacher, ema_update
@@ -221,12 +222,12 @@ class MoCo(SSLMethod):
         return {"projector": self.projector}
 
     def views(self, make_views: Callable[..., list[torch.Tensor]], images: torch.Tensor, generator: torch.Generator,
-              rows: slice, indices: torch.Tensor) -> list[torch.Tensor]:
+              rows: BatchRows, indices: torch.Tensor) -> list[torch.Tensor]:
         """The engine's views, then the key encoder's order of the global batch, from the same generator: the same
         on every process, and the same again when a run resumes."""
         views = super().views(make_views, images, generator, rows, indices)
         if self.shuffle_bn:
-            self.key_order = torch.randperm(len(images), generator=generator, device=generator.device)
+            self.key_order = torch.randperm(rows.size, generator=generator, device=generator.device)
         return views
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:

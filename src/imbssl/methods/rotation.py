@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from imbssl.augment.views import BatchRows
 from imbssl.configbase import MethodSection
 from imbssl.methods.base import OptimDefaults, SSLMethod, StepOutput, output_std
 
@@ -80,10 +81,10 @@ class Rotation(SSLMethod):
         self.step_rotations: torch.Tensor | None = None
 
     def views(self, make_views: Callable[..., list[torch.Tensor]], images: torch.Tensor, generator: torch.Generator,
-              rows: slice, indices: torch.Tensor) -> list[torch.Tensor]:
+              rows: BatchRows, indices: torch.Tensor) -> list[torch.Tensor]:
         views = super().views(make_views, images, generator, rows, indices)
         if self.rotations == "one":  # drawn for the whole global batch, as its crops are
-            self.step_rotations = balanced_rotation_labels(len(images), generator)[rows]
+            self.step_rotations = balanced_rotation_labels(rows.size, generator)[rows.slice]
         return views
 
     def training_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> StepOutput:

@@ -20,6 +20,7 @@ from imbssl.data import DataError, ImageSet, StreamedImages, load_splits, select
 from imbssl.data.stream import CHUNK_ROWS
 from imbssl.engine.checkpoint import CheckpointError, load_safe, save_atomic
 from imbssl.engine.distributed import convert_sync_batchnorm
+from imbssl.engine.precision import Precision, resolve_precision
 from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.launcher import loaded as tcmalloc_loaded
 from imbssl.methods import build_method
@@ -59,15 +60,23 @@ def describe_hardware(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads{allocator})"
 
 
-def ready_for_training(model: nn.Module, train: TrainConfig, device: torch.device) -> nn.Module:
-    """``train``'s SyncBatchNorm, channels_last and torch.compile, applied to a method or a classifier.
+def training_precision(train: TrainConfig, device: torch.device) -> Precision:
+    """``train.precision`` (auto resolved for ``device``) and channels_last as the run trains with them, logged."""
+    used = resolve_precision(train.precision, train.channels_last, device)
+    log.info("precision: %s", used.describe())
+    return used
+
+
+def ready_for_training(model: nn.Module, train: TrainConfig, device: torch.device, channels_last: bool) -> nn.Module:
+    """``train``'s SyncBatchNorm and torch.compile, and ``channels_last`` (training_precision's), applied to a method
+    or a classifier.
 
     Compiling each child in place (``nn.Module.compile``) keeps the parameter names, so checkpoints, resume and
     backbone.pt are the same with it or without it.
     """
     if train.sync_batchnorm:
         model = convert_sync_batchnorm(model, device)
-    if train.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if train.compile:
         for part in model.children():

@@ -32,7 +32,7 @@ from imbssl.eval import (accuracy_report, balanced_labelled_split, check_cluster
 from imbssl.methods import METHODS, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (PretrainData, load_backbone, load_pretrain_data, resolve_device, seed_everything,
-                                     to_tensor_nchw, written_by_pretraining)
+                                     to_tensor_nchw, training_precision, written_by_pretraining)
 from imbssl.pipelines.pretrain import BACKBONE_FILE
 from imbssl.pipelines.runfolder import RUN_CONFIG, read_saved_config
 from imbssl.pipelines.train import LabelledData, fit_stage, predict
@@ -241,7 +241,9 @@ def finetune(cfg: RunConfig, settings: FinetuneConfig, seed: int, probes: ProbeD
                         val_images=to_tensor_nchw(pool.images[val_idx], device), val_labels=pool.labels[val_idx],
                         test=probes.test, classes=pool.classes)
     model = LongTailClassifier(backbone, data.train_labels, len(pool.classes), LossConfig()).to(device)
-    selected = fit_stage(supervised, model, data, normalize, folder, False, [], settings.epochs, cosine_lr=settings.lr)
+    used = training_precision(supervised.train, device)
+    selected = fit_stage(supervised, model, data, normalize, folder, False, [], settings.epochs, used,
+                         cosine_lr=settings.lr)
     pred = predict(selected, probes.test.images, normalize, supervised.eval.batch_size).argmax(1).numpy()
     return {**accuracy_report(pred, probes.test.labels, probes.head_tail_counts, pool.classes),
             "val_top1": selected.val_acc,

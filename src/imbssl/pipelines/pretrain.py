@@ -16,6 +16,7 @@ from imbssl.data import StreamedImages, save_indices, training_images
 from imbssl.engine.distributed import barrier, is_main, main_first, world_size
 from imbssl.engine.divergence import DivergenceWatch
 from imbssl.engine.optim import build_optimizer, resolve_optim
+from imbssl.engine.precision import auto_override
 from imbssl.engine.runlog import check_wandb
 from imbssl.engine.schedules import cosine_schedule, step_schedule, ts_temperature_schedule
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
@@ -23,7 +24,7 @@ from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (PretrainData, describe_hardware, determinism, load_backbone, load_pretrain_data,
                                      normalizer_for, ready_for_training, resolve_device, save_backbone, seed_everything,
-                                     set_determinism)
+                                     set_determinism, training_precision)
 from imbssl.pipelines.runfolder import run_folder, save_run_config
 from imbssl.records import PretrainRecord
 
@@ -45,6 +46,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
     ``check_data`` refuses, before training, data that what follows it (an evaluation) cannot use.
     """
     check_wandb(cfg.train.wandb)  # before a folder is made or the data loaded
+    auto_override()  # a bad IMBSSL_AUTO_PRECISION, refused as early
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     with run_folder(cfg, run_dir, resume):
         data, images = load_run_images(cfg, run_dir, indices)
@@ -101,7 +103,8 @@ def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None
         save_indices(run_dir / "subset.npz", data.indices, {"profile": profile, "classes": list(data.train.classes),
                                                              **known})
         record_skipped(data.train.skipped, run_dir / SKIPPED_FILE)
-    images = training_images(data.train.images, data.indices, device, cfg.train.data_on_device)
+    images = training_images(data.train.images, data.indices, device, cfg.train.data_on_device,
+                             cfg.train.prefetch_batches)
     log.info("training %s: %s on the %s subset (%d images %s, %s), seed %d, device %s", cfg.name,
              cfg.method.name, describe_subset(cfg, indices), len(images), tuple(images.shape[1:]),
              "unlabelled" if counts is None else f"class counts {counts.tolist()}", cfg.seed, device)
@@ -157,9 +160,10 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
 
     ``labels`` of ``images``, when known, only feed the method's epoch statistics (e.g. cluster purity).
     """
-    method = ready_for_training(method, cfg.train, images.device)
+    used = training_precision(cfg.train, images.device)
+    method = ready_for_training(method, cfg.train, images.device, used.channels_last)
     settings = TrainSettings(epochs=cfg.optim.epochs, batch_size=cfg.optim.batch_size, seed=cfg.seed,
-                             precision=cfg.train.precision, channels_last=cfg.train.channels_last,
+                             precision=used.precision, channels_last=used.channels_last,
                              checkpoint_every=cfg.train.checkpoint_every,
                              checkpoint_every_s=cfg.train.checkpoint_every_s,
                              collapse_warn_below=cfg.train.collapse_warn_below, log_every=cfg.train.log_every,
@@ -178,7 +182,8 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
             **summary, optimizer=name, base_lr=base_lr, weight_decay=weight_decay, batch_size=batch_size,
             processes=world_size(), num_images=len(images), images_seen_total=cfg.optim.epochs * len(images),
             wall_s_this_call=time.perf_counter() - start, device=str(images.device),
-            hardware=describe_hardware(images.device), torch=torch.__version__, determinism=determinism()
+            hardware=describe_hardware(images.device), torch=torch.__version__, determinism=determinism(),
+            precision=used._asdict()
         ).write(run_dir)
         # last: its presence marks the run done
         save_backbone(method.eval_backbone, normalize, run_dir / BACKBONE_FILE, method.eval_heads,

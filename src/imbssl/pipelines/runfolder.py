@@ -38,7 +38,8 @@ EXTENDABLE = "optim.epochs"
 #: settings that say where a run reads, writes and reports, not what it computes: --resume may change them, and a
 #: grid reuses a finished run whatever they say
 WHERE_NOT_WHAT = ("data.cache_dir", "data.download", "train.device", "train.progress", "train.log_every",
-                  "train.checkpoint_every", "train.checkpoint_every_s", "train.dist_timeout_s")
+                  "train.checkpoint_every", "train.checkpoint_every_s", "train.dist_timeout_s",
+                  "train.prefetch_batches")
 #: sections of such settings: where the run's logs go as well (W&B)
 WHERE_NOT_WHAT_SECTIONS = ("train.wandb.",)
 

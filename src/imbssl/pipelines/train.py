@@ -33,6 +33,7 @@ from imbssl.config import ConfigError, LossConfig, ModelConfig, SupervisedConfig
 from imbssl.data import ImageSet, StreamedImages, load_splits, save_indices, select_subset, training_images
 from imbssl.engine.checkpoint import load_safe, save_atomic
 from imbssl.engine.distributed import barrier, is_main, main_first, world_size
+from imbssl.engine.precision import Precision, auto_override
 from imbssl.engine.runlog import check_wandb
 from imbssl.engine.schedules import cosine_schedule, step_schedule
 from imbssl.engine.supervised import LongTailClassifier
@@ -41,7 +42,8 @@ from imbssl.eval import accuracy_report, balanced_accuracy, extract_features, he
 from imbssl.losses import posthoc_logit_adjustment
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (describe_hardware, determinism, load_backbone, normalizer_for, resolve_device,
-                                     ready_for_training, seed_everything, set_determinism, to_tensor_nchw)
+                                     ready_for_training, seed_everything, set_determinism, to_tensor_nchw,
+                                     training_precision)
 from imbssl.pipelines.runfolder import run_folder, save_run_config
 from imbssl.records import TrainRecord
 
@@ -85,6 +87,7 @@ def train(cfg: SupervisedConfig, run_dir: Path | None = None, resume: bool = Fal
     """Train, select, test; returns the run folder holding train.json."""
     check_init_from(cfg)  # before the data is loaded or a folder made
     check_wandb(cfg.train.wandb)
+    auto_override()  # a bad IMBSSL_AUTO_PRECISION, refused before a folder is made
     run_dir = Path(run_dir or Path(cfg.out_dir) / cfg.name)
     with run_folder(cfg, run_dir, resume):
         fit_and_report(cfg, load_labelled_data(cfg, run_dir), run_dir, resume, callbacks)
@@ -104,16 +107,19 @@ def fit_and_report(cfg: SupervisedConfig, data: LabelledData, run_dir: Path, res
     backbone, normalize = initial_backbone(cfg, data.train_images)
     model = LongTailClassifier(backbone, data.train_labels, len(data.classes), cfg.loss,
                                sample_weight=data.sample_weight).to(data.train_images.device)
-    selected = fit_stage(cfg, model, data, normalize, run_dir, resume, callbacks, cfg.optim.epochs)
+    used = training_precision(cfg.train, data.train_images.device)
+    selected = fit_stage(cfg, model, data, normalize, run_dir, resume, callbacks, cfg.optim.epochs, used)
     # cRT freezes the selected backbone as it is, so the main stage is tested as well afterwards
-    reported = retrain_classifier(cfg, selected, data, normalize, run_dir, resume) if cfg.crt.enabled else selected
+    reported = (retrain_classifier(cfg, selected, data, normalize, run_dir, resume, used) if cfg.crt.enabled
+                else selected)
     if is_main():
-        write_results(cfg, data, normalize, model, selected, reported, run_dir, start)
+        write_results(cfg, data, normalize, model, selected, reported, run_dir, start, used)
     barrier()  # no process returns before train.json is written
 
 
 def write_results(cfg: SupervisedConfig, data: LabelledData, normalize: Normalize, last: LongTailClassifier,
-                  selected: LongTailClassifier, reported: LongTailClassifier, run_dir: Path, start: float) -> None:
+                  selected: LongTailClassifier, reported: LongTailClassifier, run_dir: Path, start: float,
+                  used: Precision) -> None:
     """model.pt (the reported model) and train.json: the test report of the selected model, the last epoch's,
     with post-hoc logit adjustment, and of the cRT stage when there is one."""
     results = {"main": report_stage(selected, data, normalize, cfg),
@@ -128,7 +134,7 @@ def write_results(cfg: SupervisedConfig, data: LabelledData, normalize: Normaliz
                 train_class_counts=data.class_counts.tolist(), labeled_class_counts=data.head_tail_counts.tolist(),
                 val_images=len(data.val_labels), init_from=cfg.init_from, processes=world_size(),
                 wall_s_this_call=time.perf_counter() - start, hardware=describe_hardware(data.train_images.device),
-                torch=torch.__version__, determinism=determinism()).write(run_dir)
+                torch=torch.__version__, determinism=determinism(), precision=used._asdict()).write(run_dir)
 
 
 def load_classifier(model_cfg: ModelConfig, in_channels: int, num_classes: int, path: Path
@@ -167,7 +173,8 @@ def labelled_data(cfg: SupervisedConfig, pool: ImageSet, test: ImageSet, train_i
     log.info("training %s: %s loss%s on %d images (class counts %s), validation %d images, seed %d, device %s",
              cfg.name, cfg.loss.name, f" with {cfg.loss.deferral.upper()}" if cfg.loss.deferral != "none" else "",
              len(train_idx), counts.tolist(), len(val_idx), cfg.seed, device)
-    return LabelledData(train_images=training_images(pool.images, train_idx, device, cfg.train.data_on_device),
+    return LabelledData(train_images=training_images(pool.images, train_idx, device, cfg.train.data_on_device,
+                                                     cfg.train.prefetch_batches),
                         train_labels=torch.as_tensor(labels, device=device),
                         val_images=to_tensor_nchw(pool.images[val_idx], device), val_labels=pool.labels[val_idx],
                         test=test, classes=pool.classes,
@@ -191,12 +198,13 @@ def initial_backbone(cfg: SupervisedConfig, images: torch.Tensor | StreamedImage
 
 
 def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledData, normalize: Normalize,
-              run_dir: Path, resume: bool, callbacks: list[EpochCallback], epochs: int,
+              run_dir: Path, resume: bool, callbacks: list[EpochCallback], epochs: int, used: Precision,
               cosine_lr: float | None = None) -> LongTailClassifier:
-    """Train ``model`` in ``run_dir`` and return a copy of it at the epoch selected on validation. The lr follows
-    ``cfg.optim``'s warm-up and steps, or a cosine from ``cosine_lr`` to 0 (cRT, fine-tuning)."""
+    """Train ``model`` in ``run_dir`` at precision ``used`` and return a copy of it at the epoch selected on
+    validation. The lr follows ``cfg.optim``'s warm-up and steps, or a cosine from ``cosine_lr`` to 0 (cRT,
+    fine-tuning)."""
     settings = TrainSettings(epochs=epochs, batch_size=cfg.optim.batch_size, seed=cfg.seed,
-                             precision=cfg.train.precision, channels_last=cfg.train.channels_last,
+                             precision=used.precision, channels_last=used.channels_last,
                              checkpoint_every=cfg.train.checkpoint_every,
                              checkpoint_every_s=cfg.train.checkpoint_every_s, log_every=cfg.train.log_every,
                              progress=cfg.train.progress, wandb=cfg.train.wandb, run_config=cfg.model_dump(mode="json"))
@@ -207,7 +215,7 @@ def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledDa
     lr, total_steps = optimizer.defaults["lr"], epochs * steps
     lr_schedule = cosine_schedule(lr, 0.0, total_steps) if cosine_lr else \
         step_schedule(lr, total_steps, steps, cfg.optim.warmup_epochs, cfg.optim.milestones, cfg.optim.lr_factors)
-    model = ready_for_training(model, cfg.train, data.train_images.device)
+    model = ready_for_training(model, cfg.train, data.train_images.device, used.channels_last)
     selector = SelectOnValidation(model, data, normalize, run_dir / BEST_FILE, cfg.eval.batch_size)
     make_views = PadCropFlip(normalize.mean, normalize.std, cfg.augment_pad)
     trainer = Trainer(model, optimizer, {"lr": lr_schedule}, data.train_images, make_views, run_dir, settings,
@@ -268,12 +276,12 @@ def report_stage(model: LongTailClassifier, data: LabelledData, normalize: Norma
 
 
 def retrain_classifier(cfg: SupervisedConfig, trained: LongTailClassifier, data: LabelledData, normalize: Normalize,
-                       run_dir: Path, resume: bool) -> LongTailClassifier:
+                       run_dir: Path, resume: bool, used: Precision) -> LongTailClassifier:
     """cRT: ``trained``'s backbone frozen, a new linear classifier trained with plain CE on class-balanced batches
-    and a cosine lr (Kang et al. 2020, Sec. 4)."""
+    and a cosine lr (Kang et al. 2020, Sec. 4), at the main stage's precision ``used``."""
     model = LongTailClassifier(trained.backbone, data.train_labels, len(data.classes), LossConfig(),
                                freeze_backbone=True, balanced_sampling=True,
                                sample_weight=data.sample_weight).to(data.train_images.device)
     with run_folder(cfg, run_dir / CRT_DIR, resume):
-        return fit_stage(cfg, model, data, normalize, run_dir / CRT_DIR, resume, [], cfg.crt.epochs,
+        return fit_stage(cfg, model, data, normalize, run_dir / CRT_DIR, resume, [], cfg.crt.epochs, used,
                          cosine_lr=cfg.crt.lr)
