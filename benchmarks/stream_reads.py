@@ -4,7 +4,8 @@ Every figure comes from real ``imbssl`` training (``pipelines.pretrain.train_met
 engine's views) on uint8 NHWC memory maps of random images, written once per size into ``--work``:
 
     img/s           the timed epoch's images per second (the global batch's, as the trainer counts them)
-    MB copied       bytes this process copied out of the memory map in that epoch, counted by the map itself
+    MB read         bytes this process read of the images in that epoch: copied out of the memory map (counted by
+                    the map itself) and read by system calls (/proc/self/io rchar; imbssl reads rows with pread)
     MB from disk    bytes the kernel read from storage for this process in that epoch (/proc/self/io read_bytes)
     read ms/batch   (``--read-alone``) one batch read from the map with no training: its rows, then NCHW
 
@@ -20,7 +21,6 @@ Run ``python benchmarks/stream_reads.py --help``; results in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import itertools
 import json
@@ -50,11 +50,12 @@ class CountingMap(np.ndarray):
         return out
 
 
-def read_bytes() -> int:
+def io_count(field: str = "read_bytes") -> int:
+    """/proc/self/io's ``field``: read_bytes (from storage) or rchar (by read system calls)."""
     for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("read_bytes:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise RuntimeError("no read_bytes in /proc/self/io")
+    raise RuntimeError(f"no {field} in /proc/self/io")
 
 
 def drop_cached(source: np.memmap, path: Path) -> None:
@@ -88,8 +89,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.private:
         path = path.with_suffix(f".rank{os.environ.get('RANK', '0')}.npy")
     mapped = np.load(path, mmap_mode="r")
-    if args.advice == "normal":  # the kernel's read-ahead, whatever the code does (code from before 2026-12-07)
-        stream.random_access = lambda array: contextlib.nullcontext()
+    if args.advice == "normal":  # through the memory map, with the kernel's read-ahead (as code before 2026-12-07)
+        stream.RowFile.behind = staticmethod(lambda array: None)
     source = mapped.view(CountingMap)
     cfg = build_config({"name": "bench", "data": {"source": "digits"}, "model": {"backbone": "small_cnn"},
                         "method": {"name": "simsiam"}, "optim": {"batch_size": args.batch_size, "epochs": args.epochs},
@@ -107,15 +108,16 @@ def worker(args: argparse.Namespace) -> None:
         epochs: list[dict] = []
 
         def measure(epoch: int, summary: dict) -> None:
-            epochs.append({"images_per_s": summary["images_per_s"], "copied": CountingMap.copied,
-                           "from_disk": read_bytes() - epochs_start[0]})
+            epochs.append({"images_per_s": summary["images_per_s"],
+                           "copied": CountingMap.copied + io_count("rchar") - start[1],
+                           "from_disk": io_count() - start[0]})
             if args.cache == "cold":
                 drop_cached(mapped, path)
-            CountingMap.copied, epochs_start[0] = 0, read_bytes()
+            CountingMap.copied, start[:] = 0, [io_count(), io_count("rchar")]
 
         if args.cache == "cold":
             drop_cached(mapped, path)
-        CountingMap.copied, epochs_start = 0, [read_bytes()]
+        CountingMap.copied, start = 0, [io_count(), io_count("rchar")]
         with tempfile.TemporaryDirectory() as run_dir:
             train_method(cfg, method, images, view_maker(cfg, method, normalize, images), normalize, Path(run_dir),
                          resume=False, callbacks=[measure])
@@ -127,7 +129,6 @@ def read_alone(path: Path, batch_size: int, batches: int) -> dict[str, float]:
     cache (warm), and from disk (cold: the map's pages dropped first)."""
     sys.path.insert(0, str(ROOT / "src"))
     from imbssl.data import StreamedImages
-    from imbssl.data.stream import random_access
     mapped = np.load(path, mmap_mode="r")
     images = StreamedImages(mapped, np.arange(len(mapped)), "cpu", prefetch_batches=0)
     order = np.random.default_rng(0).permutation(len(mapped))
@@ -136,9 +137,8 @@ def read_alone(path: Path, batch_size: int, batches: int) -> dict[str, float]:
         if cache == "cold":
             drop_cached(mapped, path)
         start = time.perf_counter()
-        with random_access(mapped):  # as training reads it
-            for k in range(batches):
-                images[order[(k * batch_size) % len(mapped):][:batch_size]]
+        for k in range(batches):
+            images[order[(k * batch_size) % len(mapped):][:batch_size]]
         times[f"read_ms_per_batch_{cache}"] = (time.perf_counter() - start) / batches * 1000
     return times
 
@@ -194,8 +194,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--private", action="store_true", help="each process maps its own copy of the images")
     parser.add_argument("--advice", choices=("imbssl", "normal"), default="imbssl",
-                        help="imbssl: the map read as the code reads it (since 2026-12-07 without read-ahead while "
-                             "training); normal: with the kernel's read-ahead")
+                        help="imbssl: the rows read as the code reads them (since 2026-12-07 with pread, without "
+                             "read-ahead); normal: indexed in the memory map, with the kernel's read-ahead")
     parser.add_argument("--read-alone", action="store_true", help="also time the read of a batch alone")
     parser.add_argument("--work", default=str(ROOT / ".cache" / "stream-bench"), help="where the maps are written")
     parser.add_argument("--out", default=None, help="JSON (default benchmarks/results/stream-reads-<date>.json)")
@@ -228,7 +228,7 @@ def main() -> None:
             if mode == "memory" and (prefetch != args.prefetch.split(",")[0] or cache == "cold"):
                 continue  # the in-memory tensor reads no map: once, warm
             name, src = code.split("=")
-            if prefetch != "-1" and not (Path(src) / "imbssl" / "data" / "stream.py").read_text().count("prefetch"):
+            if prefetch != "-1" and not (Path(src) / "imbssl" / "data" / "stream.py").read_text().count("prefetch_batches"):
                 continue  # code from before train.prefetch_batches: its one way only
             per_process = run_config(args, src, path, mode, int(prefetch), cache, processes)
             rows.append({"size": size, "images": count, "code": name, "mode": mode, "prefetch": int(prefetch),
@@ -241,7 +241,7 @@ def main() -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| px | code | mode | prefetch | cache | processes | img/s | MB copied per process | MB from disk per "
+    lines = ["| px | code | mode | prefetch | cache | processes | img/s | MB read per process | MB from disk per "
              "process |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "per_process" not in row:

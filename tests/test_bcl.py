@@ -187,7 +187,7 @@ def test_bcl_boosts_each_view_at_its_images_weight(name, num_ops, strength):
     boosts = []
     indices = torch.tensor([9, 2, 5])
     method.views(lambda imgs, gen, rows, boost: boosts.extend([boost, boost]), images[indices],
-                 torch.Generator().manual_seed(0), slice(None), indices)
+                 torch.Generator().manual_seed(0), BatchRows(3), indices)
     weight = boost_weights(torch.arange(10.0))[indices]
     u = torch.rand(3, generator=torch.Generator().manual_seed(0))  # BCL-D's draw comes first from the generator
     boost = boosts[0]

@@ -462,6 +462,119 @@ def test_a_tar_is_decoded_without_holding_its_encoded_bytes(tmp_path):
     assert peak < encoded / 4, f"peak {peak:,} bytes for an archive of {encoded:,}"
 
 
+def _cut_first(count: int) -> dict[str, bytes]:
+    """``count`` 8x8 PNGs named ``bNN.png``, and before them (by name, and in a tar's order) ``a-cut.png``, one cut
+    short after its header: only its decode finds it unreadable."""
+    rng = np.random.default_rng(0)
+    pngs = []
+    for _ in range(count + 1):
+        png = io.BytesIO()
+        _noise_png(rng, "RGB").save(png, "PNG")
+        pngs.append(png.getvalue())
+    return {"a-cut.png": pngs[0][:len(pngs[0]) // 2], **{f"b{i:02d}.png": blob for i, blob in enumerate(pngs[1:])}}
+
+
+def _folder_or_tar(tmp_path: Path, kind: str, files: dict[str, bytes]) -> Path:
+    """``files`` written into a folder, or archived in their order into a tar."""
+    if kind == "tar":
+        with tarfile.open(tmp_path / "images.tar", "w") as tf:
+            for name, blob in files.items():
+                _add(tf, name, blob)
+        return tmp_path / "images.tar"
+    (tmp_path / "images").mkdir()
+    for name, blob in files.items():
+        (tmp_path / "images" / name).write_bytes(blob)
+    return tmp_path / "images"
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_a_refused_image_stops_the_decode_at_once(tmp_path, monkeypatch, kind):
+    """The refusal of the first image (in row and archive order) comes from its decode, before any image after it
+    is decoded: at ImageNet scale, not hours later."""
+    path = _folder_or_tar(tmp_path, kind, _cut_first(20))
+    decoded, pixels = [], sources._pixels
+    monkeypatch.setattr(sources, "_pixels", lambda data, name, *rest: decoded.append(name) or pixels(data, name, *rest))
+    with pytest.raises(DataError, match=r"a-cut.png: .*; set data.unreadable=skip"):
+        load_splits(DataConfig(source="images", path=str(path), cache_dir=str(tmp_path / "cache")))
+    assert len(decoded) == 1 and decoded[0].endswith("a-cut.png")
+
+
+class _CountedWrites(np.ndarray):
+    """An array that counts the assignments to it (each a row, or a slice of rows, written)."""
+
+    def __setitem__(self, key, value) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_an_image_skipped_first_moves_no_row_one_by_one(tmp_path, kind):
+    """Image 0 of 21 is skipped: a folder's 20 images go straight to their rows (20 writes), a tar's to their own
+    rows and then up in one slice, the spare row zeroed (22 writes), where a row-by-row move wrote 41. The error
+    handed on was rebuilt from the name and the reason: no traceback whose frames hold the bytes."""
+    files = _cut_first(20)
+    path = _folder_or_tar(tmp_path, kind, files)
+    out, skipped = [], []
+
+    def allocate(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        out.append(np.zeros(shape, np.uint8).view(_CountedWrites))
+        out[0].writes = 0
+        return out[0]
+
+    listed = sources._image_files(DataConfig(source="images", path=str(path)))
+    images = sources._decode_images(listed, None, "stretch", allocate, skipped.append)
+    assert [err.name.endswith("a-cut.png") for err in skipped] == [True] and skipped[0].__traceback__ is None
+    expected = [np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")) for blob in list(files.values())[1:]]
+    np.testing.assert_array_equal(images[:20], np.stack(expected))
+    assert not images[20].any() and images.writes == {"folder": 20, "tar": 22}[kind]
+
+
+def test_closing_the_gaps_moves_runs_in_bounded_slices(monkeypatch):
+    """Rows after each left-out row move up by the count left out before them, whatever the slice size."""
+    rows = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(3, axis=1)
+    for move_bytes in (1, 6, 1 << 20):
+        monkeypatch.setattr(sources, "MOVE_BYTES", move_bytes)
+        out = rows.copy()
+        sources._close_gaps(out, [1, 2, 6])
+        assert out[:, 0, 0, 0].tolist() == [0, 3, 4, 5, 7, 8, 9, 0, 0, 0]
+
+
+def test_a_tar_walk_keeps_no_member_list(tmp_path):
+    """``TarFile.next`` keeps every member it reads; the walk lets them go: its memory does not grow with the
+    member count (here 4,000 empty members, about 2 MB of TarInfo kept otherwise)."""
+    with tarfile.open(tmp_path / "many.tar", "w") as tf:
+        for i in range(4000):
+            _add(tf, f"empty/{i:04d}.txt", b"")
+    tracemalloc.start()
+    try:
+        walked = sum(1 for _ in sources._walk_tar(tmp_path / "many.tar", lambda m: False))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert walked == 4000 and peak < 200_000, f"peak {peak:,} bytes"
+
+
+def test_a_link_target_gone_on_the_second_pass_is_one_line(tmp_path, monkeypatch):
+    """A link's target whose name is not an image's has its header read in one more pass; if the archive lost the
+    target in between, the error says that the archive changed."""
+    png = io.BytesIO()
+    _noise_png(np.random.default_rng(0), "RGB").save(png, "PNG")
+    with tarfile.open(tmp_path / "linked.tar", "w") as tf:
+        _add(tf, "data.bin", png.getvalue())
+        link = tarfile.TarInfo("link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "data.bin"
+        tf.addfile(link)
+    walks, walk = [], sources._walk_tar
+
+    def losing_the_target(archive, read):
+        walks.append(archive)
+        return (found for found in walk(archive, read) if len(walks) == 1 or found[0].name != "data.bin")
+
+    monkeypatch.setattr(sources, "_walk_tar", losing_the_target)
+    with pytest.raises(DataError, match=r"linked.tar changed while it was read: .*linked.tar:data.bin is gone$"):
+        load_splits(DataConfig(source="images", path=str(tmp_path / "linked.tar"), cache_dir=str(tmp_path / "c")))
+
+
 # ----------------------------------------------------------------------------------------- CIFAR
 
 
@@ -512,6 +625,24 @@ def test_cifar_download_and_decode(tmp_path, monkeypatch, source):
     np.testing.assert_array_equal(test.images[1], chw.transpose(1, 2, 0))
     monkeypatch.setattr(sources, "_decode_cifar", None)  # cached now: neither decoded nor downloaded again
     assert isinstance(load_splits(cfg)["train"].images, np.memmap)
+
+
+def test_a_cifar_member_archived_twice_is_its_last_copy(tmp_path):
+    """As tar extracts it: a corrupt earlier copy is replaced by the last one, a corrupt last copy fails."""
+    spec = sources.CIFAR_ARCHIVES["cifar10"]
+    batches = _cifar_tar(tmp_path / "once.tar.gz", spec)
+    with tarfile.open(tmp_path / "once.tar.gz") as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    corrupt = [(spec.test_member, b"not a pickle")]
+    for name, order in (("first-corrupt.tar", corrupt + members), ("last-corrupt.tar", members + corrupt)):
+        with tarfile.open(tmp_path / name, "w") as tf:
+            for member, blob in order:
+                _add(tf, member, blob)
+    decoded = sources._decode_cifar(tmp_path / "first-corrupt.tar", spec)
+    chw = batches[spec.test_member][1].reshape(3, 32, 32)
+    np.testing.assert_array_equal(decoded.images[decoded.n_train + 1], chw.transpose(1, 2, 0))
+    with pytest.raises(DataError, match=f"last-corrupt.tar:{spec.test_member}: not a readable CIFAR batch"):
+        sources._decode_cifar(tmp_path / "last-corrupt.tar", spec)
 
 
 def test_cifar_md5_mismatch_deletes_download(tmp_path, monkeypatch):

@@ -5,15 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pydantic import BaseModel
 
 from conftest import imbssl
-from imbssl.config import TrainConfig
+from imbssl.config import RunConfig, TrainConfig
 from imbssl.configbase import ConfigError, deep_merge
 from imbssl.engine import precision as precision_module
 from imbssl.engine import trainer
 from imbssl.engine.precision import AUTO_PRECISION_ENV, resolve_precision
 from imbssl.pipelines.pretrain import pretrain
+from imbssl.pipelines.runfolder import read_saved_config, run_changes
 from imbssl.pipelines.train import train
 from imbssl.recipes import RECIPES, load_preset, recipe
 from imbssl.records import PretrainRecord, TrainRecord
@@ -125,6 +127,26 @@ def test_a_digits_run_with_auto_trains_and_records_what_auto_chose(tiny_cfg, tmp
     assert PretrainRecord.read(run).precision.precision == "bf16"
     assert "precision: bf16 autocast + channels_last (auto: the CPU has avx512_bf16)" in caplog.text
     assert "precision: bf16 autocast + channels_last" in (run / "train.log").read_text()
+    train_section = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (train_section["precision"], train_section["channels_last"]) == ("bf16", True)  # what auto chose
+
+
+@pytest.mark.slow
+def test_a_run_trained_before_auto_resumes_and_is_reused_at_its_own_precision(tiny_cfg, tmp_path, detected,
+                                                                               steps_seen):
+    """A run folder from before auto was the default (config.yaml: fp32) resumed by the same command, now auto on a
+    CPU where auto means bf16: it goes on in fp32, as it was trained; auto accepts it as the same run."""
+    detected(ZEN4)
+    started = pretrain(tiny_cfg(optim={"epochs": 1}, train={"precision": "fp32"}), tmp_path / "run")
+    steps_seen.clear()
+    pretrain(tiny_cfg(optim={"epochs": 2}), started, resume=True)
+    assert steps_seen and set(steps_seen) == {("fp32", False)}
+    assert yaml.safe_load((started / "config.yaml").read_text())["train"]["precision"] == "fp32"
+    used = PretrainRecord.read(started).precision
+    assert (used.asked, used.precision, used.why) == ("auto", "fp32", "as the run was started")
+    saved = read_saved_config(started / "config.yaml", RunConfig)
+    assert run_changes(saved, tiny_cfg(optim={"epochs": 2})) == {}  # a grid reuses it
+    assert set(run_changes(saved, tiny_cfg(optim={"epochs": 2}, train={"precision": "bf16"}))) == {"train.precision"}
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """The streaming path (train.data_on_device: false): memory-mapped batches equal the in-memory ones."""
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import threading
 import time
 
@@ -80,22 +80,18 @@ def test_read_ahead_gives_the_batches_in_order_with_bounded_buffers(memmap):
     assert not any(t.name == "imbssl-reader" for t in threading.enumerate())
 
 
-def test_a_failed_read_stops_the_epoch_with_one_line(memmap, tmp_path):
-    class FailingMap(np.ndarray):
-        """A memory map whose third read fails, as a disk error would."""
-        reads = 0
+def test_a_failed_read_stops_the_epoch_with_one_line(memmap, tmp_path, monkeypatch):
+    reads, pread = [], os.preadv
 
-        def __getitem__(self, key):
-            if isinstance(key, np.ndarray):
-                FailingMap.reads += 1
-                if FailingMap.reads == 3:
-                    raise OSError(5, "Input/output error")
-            return super().__getitem__(key)
+    def failing(fd, buffers, offset):  # the third read fails, as a disk error would
+        reads.append(offset)
+        if len(reads) == 3:
+            raise OSError(5, "Input/output error")
+        return pread(fd, buffers, offset)
 
-    source = memmap.view(FailingMap)
-    source.filename = str(tmp_path / "images.npy")
-    batches = list(torch.arange(50).tensor_split(5))
-    reader = StreamedImages(source, np.arange(50), "cpu").read_ahead(batches)
+    monkeypatch.setattr(stream.os, "preadv", failing)
+    batches = list(torch.arange(50).tensor_split(5))  # runs of consecutive rows: one read a batch
+    reader = StreamedImages(memmap, np.arange(50), "cpu").read_ahead(batches)
     assert len(next(reader)) == 10 and len(next(reader)) == 10
     with pytest.raises(DataError) as err:
         next(reader)
@@ -104,28 +100,24 @@ def test_a_failed_read_stops_the_epoch_with_one_line(memmap, tmp_path):
     assert not any(t.name == "imbssl-reader" for t in threading.enumerate())
 
 
-def test_training_reads_the_map_without_read_ahead(memmap, monkeypatch):
-    """An epoch's random rows are read with MADV_RANDOM (the kernel's read-ahead would read megabytes of other images
-    around each), for the epoch alone."""
-    assert stream._mapping_of(memmap) is memmap._mmap and stream._mapping_of(memmap[3:9]) is memmap._mmap
-    assert stream._mapping_of(np.asarray(memmap).view(np.ndarray).copy()) is None
-    advised = []
-
-    @contextlib.contextmanager
-    def recording(array):
-        advised.append(("random", stream._mapping_of(array)))
-        yield
-        advised.append(("normal", stream._mapping_of(array)))
-
-    monkeypatch.setattr(stream, "random_access", recording)
+def test_rows_are_read_from_the_file_alone_each_run_in_one_read(memmap, monkeypatch):
+    """An epoch's rows are read with pread, consecutive rows in one call and no other byte (a page fault on the map
+    would read megabytes of other images around each); a view of the map reads from its own first row on."""
+    reads, pread = [], os.preadv
+    monkeypatch.setattr(stream.os, "preadv", lambda fd, buffers, offset: reads.append(
+        (offset, sum(memoryview(b).nbytes for b in buffers))) or pread(fd, buffers, offset))
+    row = 6 * 5 * 3
     images = StreamedImages(memmap, np.arange(50), "cpu")
-    reader = images.read_ahead(list(torch.arange(50).tensor_split(5)))
-    next(reader)
-    assert advised == [("random", memmap._mmap)]
-    list(reader)
-    assert advised == [("random", memmap._mmap), ("normal", memmap._mmap)]
-    with stream.random_access(memmap):  # the real madvise accepts the map's whole extent
-        pass
+    assert torch.equal(images[torch.tensor([7, 3, 4, 5, 20, 7])], torch.from_numpy(
+        np.ascontiguousarray(memmap[[7, 3, 4, 5, 20, 7]].transpose(0, 3, 1, 2))))
+    header = memmap.offset
+    assert reads == [(header + 3 * row, 3 * row), (header + 7 * row, row), (header + 7 * row, row),
+                     (header + 20 * row, row)]
+    reads.clear()
+    part = StreamedImages(memmap[10:], np.arange(40), "cpu")  # the view's row 0 is the map's row 10
+    assert torch.equal(part[2:4], torch.from_numpy(np.ascontiguousarray(memmap[12:14].transpose(0, 3, 1, 2))))
+    assert reads == [(header + 12 * row, 2 * row)]
+    assert stream.RowFile.behind(np.array(memmap)) is None  # in memory: indexed
 
 
 def streamed_reads(monkeypatch) -> list[int]:

@@ -51,6 +51,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", "
 UNLABELLED = -1
 #: the smallest side an image is stored at as it is (without data.image_size): smaller ones leave no room for crops
 MIN_SIDE = 8
+#: the most bytes of decoded rows that closing the gap of an image left out of a tar's decode copies at once
+MOVE_BYTES = 64 << 20
 #: PIL's modes of 16-bit greyscale (PNG, TIFF), whose convert() clips every value above 255 to white
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 #: the greyscale modes of more than 8 bits: 16-bit, 32-bit integer ("I"; also how older Pillow opened 16-bit PNGs)
@@ -304,25 +306,36 @@ def _cifar_source(cfg: DataConfig, cache_dir: Path) -> tuple[str, Callable[[Allo
 def _walk_tar(archive: Path, read: Callable[[tarfile.TarInfo], bool]) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]:
     """The archive's members in its own order, read in stream mode (a compressed tar cannot seek), each with its
     bytes where ``read(member)`` (a regular file) says so: one member's bytes at a time, never the archive's, and
-    nothing is extracted to disk."""
+    nothing is extracted to disk. Nor are the members kept: ``TarFile.next`` appends each to ``members``, which a
+    stream never reads back, so that list is emptied as the walk goes."""
     try:
         with tarfile.open(archive, "r|*") as tf:
-            for member in tf:
+            while (member := tf.next()) is not None:
+                tf.members.clear()
                 yield member, tf.extractfile(member).read() if read(member) else None
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read tar archive {archive}: {err}") from err
 
 
 def _read_members(archive: Path, wanted: set[str], parse: Callable[[bytes, str], Any]) -> dict[str, Any]:
-    """The ``wanted`` tar members, each parsed by ``parse(bytes, "archive:member")`` as the stream reaches it."""
+    """The ``wanted`` tar members, each parsed by ``parse(bytes, "archive:member")`` as the stream reaches it; a
+    member archived twice is its last copy, as tar extracts it, so a copy's parse error waits for the end (as its
+    message alone: no bytes are held). A missing member is named first."""
     found: dict[str, Any] = {}
+    errors: dict[str, str] = {}
     for member, blob in _walk_tar(archive, lambda m: m.isfile() and PurePosixPath(m.name).as_posix() in wanted):
         if blob is not None:
             name = PurePosixPath(member.name).as_posix()
-            found[name] = parse(blob, f"{archive}:{name}")
-    missing = sorted(wanted - found.keys())
-    if missing:
+            found.pop(name, None)  # an earlier copy
+            try:
+                found[name] = parse(blob, f"{archive}:{name}")
+                errors.pop(name, None)
+            except DataError as err:
+                errors[name] = str(err)
+    if missing := sorted(wanted - found.keys() - errors.keys()):
         raise DataError(f"{archive}: missing member(s) {', '.join(missing)}")
+    if errors:
+        raise DataError(next(iter(errors.values())))
     return found
 
 
@@ -471,6 +484,8 @@ def _add_links(listing: _Listing, archive: Path, regular: dict[tuple[str, ...], 
         headers.update((member.offset, _tar_header(blob))
                        for member, blob in _walk_tar(archive, lambda m: m.isfile() and m.offset in unread)
                        if blob is not None)
+        if gone := next((target for target in images.values() if regular[target] not in headers), None):
+            raise _gone(archive, f"{archive}:{'/'.join(gone)}")
     listing.files.extend(_File(parts, _Member(archive, regular[target], headers[regular[target]]),
                                f"{archive}:{links[parts].name}") for parts, target in images.items())
 
@@ -535,13 +550,9 @@ def guess_source(path: Path) -> str:
     if path.is_dir():
         tops = [path, *(d for d in path.iterdir() if d.is_dir())]
         return "imagefolder" if any((top / "train").is_dir() for top in tops) else "images"
-    try:
-        with tarfile.open(path, "r|*") as tf:
-            names = [PurePosixPath(member.name).parts for member in tf if member.isfile()]
-    except (tarfile.TarError, OSError, EOFError, zlib.error):
-        return "images"  # the images source names the problem
-    try:
-        _find_root([_File(parts, path, "") for parts in names], path)
+    try:  # a tar that cannot be read is "images" too: the images source names the problem
+        _find_root([_File(PurePosixPath(member.name).parts, path, "")
+                    for member, _ in _walk_tar(path, lambda m: False) if member.isfile()], path)
     except DataError:
         return "images"
     return "imagefolder"
@@ -687,26 +698,34 @@ def _stored_shape(headers: list[_Header], image_size: int | None) -> tuple[int, 
 def _decode_images(files: list[_File], image_size: int | None, resize: str, allocate: Allocate,
                    on_unreadable: OnUnreadable | None = None) -> np.ndarray:
     """Decode straight into ``allocate("images", ...)`` (a memory map of the cache entry), one image at a time: a
-    folder's in order, a tar's as its stream holds them, each into its row. Given ``on_unreadable``, an image PIL
-    cannot read is handed to it and left out instead of refused: the images read fill the first rows, in order, and
-    a spare row follows for each one that failed after its header."""
+    folder's in order, a tar's as its stream holds them, each into its row. An image that fails stops the decode at
+    once (a tar's first in the archive's order) unless ``on_unreadable`` is given and PIL cannot read it: then it is
+    handed to it, in row order at the end, and left out; the images read fill the first rows, in order, and a spare
+    row follows for each one that failed after its header."""
     headers = _read_headers(files, on_unreadable)
     shape = _stored_shape(headers, image_size)
     out = allocate("images", (len(headers), *shape))
-    failed: dict[int, DataError] = {}
+    in_order = not headers or not isinstance(headers[0].file.data, _Member)
+    failed: dict[int, tuple[str, str]] = {}  # row -> name, reason: not the error, whose frames hold the bytes
     scaled = Counter()
     for rows, data in _image_data([h.file for h in headers]):
         decoded = None  # a member's pixels, decoded once for all the rows that show it (links)
         for row in rows:
             try:
                 decoded = decoded or _pixels(data, headers[row].file.name, shape, image_size, resize)
-            except DataError as err:
-                failed[row] = err
+            except UnreadableImage as err:
+                if on_unreadable is None:
+                    raise
+                failed[row] = err.name, err.reason
                 continue
-            out[row], rule = decoded
+            # a folder's rows come in order: each goes straight to its place after the images left out before it
+            out[row - len(failed) if in_order else row], rule = decoded
             if rule:
                 scaled[rule] += 1
-    _leave_out(out, failed, on_unreadable)
+    for row in sorted(failed):
+        on_unreadable(UnreadableImage(*failed[row]))
+    if not in_order:
+        _close_gaps(out, sorted(failed))
     _log_scaled(scaled)
     return out
 
@@ -726,7 +745,12 @@ def _image_data(files: list[_File]) -> Iterator[tuple[list[int], bytes | Path]]:
         if blob is not None:
             yield rows.pop(member.offset), blob
     if rows:
-        raise DataError(f"{archive} changed while it was read: {files[next(iter(rows.values()))[0]].name} is gone")
+        raise _gone(archive, files[next(iter(rows.values()))[0]].name)
+
+
+def _gone(archive: Path, name: str) -> DataError:
+    """A member that the listing's pass saw and a later pass of the same archive did not."""
+    return DataError(f"{archive} changed while it was read: {name} is gone")
 
 
 def _pixels(data: bytes | Path, name: str, shape: tuple[int, int, int], image_size: int | None,
@@ -742,19 +766,17 @@ def _pixels(data: bytes | Path, name: str, shape: tuple[int, int, int], image_si
     return np.asarray(img).reshape(shape), rule
 
 
-def _leave_out(out: np.ndarray, failed: dict[int, DataError], on_unreadable: OnUnreadable | None) -> None:
-    """The rows that failed, in row order, as a decode in order meets them: refused, or (an unreadable image, given
-    ``on_unreadable``) handed to it, the later rows moved up over them and the spare rows at the end left zero."""
-    for row in sorted(failed):
-        if on_unreadable is None or not isinstance(failed[row], UnreadableImage):
-            raise failed[row]
-        on_unreadable(failed[row])
-    if failed:
-        first = min(failed)
-        kept = [row for row in range(first, len(out)) if row not in failed]
-        for target, row in enumerate(kept, first):
-            out[target] = out[row]
-        out[first + len(kept):] = 0
+def _close_gaps(out: np.ndarray, gaps: list[int]) -> None:
+    """The rows between the rows ``gaps`` (sorted) moved up over them, run by run in slices of at most MOVE_BYTES
+    (numpy copies overlapping slices through a temporary), and the spare rows at the end zeroed."""
+    if not gaps:
+        return
+    step = max(1, MOVE_BYTES // out[0].nbytes)
+    for shift, (gap, end) in enumerate(zip(gaps, [*gaps[1:], len(out)]), 1):
+        for start in range(gap + 1, end, step):
+            stop = min(start + step, end)
+            out[start - shift:stop - shift] = out[start:stop]
+    out[len(out) - len(gaps):] = 0
 
 
 def _log_scaled(scaled: Counter) -> None:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,8 @@ DEVICE_SHARE = 0.25
 CHUNK_ROWS = 1024
 #: seconds the reader waits at a time for room in its queue before it checks whether the epoch was stopped
 POLL_S = 0.1
+#: seconds an epoch's end waits for the reader thread to finish its read
+JOIN_S = 60.0
 
 
 class StreamedImages:
@@ -53,6 +56,7 @@ class StreamedImages:
         height, width, channels = source.shape[1:]
         self.shape = torch.Size((len(self.rows), channels, height, width))
         self.prefetch_batches, self.rows_read = prefetch_batches, 0
+        self.file = RowFile.behind(source)  # None: an array in memory, indexed
         self.pinned = self.device.type == "cuda"
         # Pinned buffers written in turn: the one in use, the ones read ahead, and the one whose copy to the
         # device may still run; each is overwritten only once that copy has finished.
@@ -77,26 +81,27 @@ class StreamedImages:
         """``self[indices]`` for each of ``batches`` in turn, read ``prefetch_batches`` ahead by a background
         thread while the caller computes. Close the iterator (``contextlib.closing``) to stop the thread early."""
         positions = _on_host(batches)
-        with random_access(self.source):
-            if self.prefetch_batches == 0:
-                for turn, where in enumerate(positions):
-                    yield self._to_device(self._host_batch(where, turn), turn)
-                return
-            ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
-            stopped = threading.Event()
-            reader = threading.Thread(target=self._read, args=(positions, ready, stopped), name="imbssl-reader",
-                                      daemon=True)
-            reader.start()
-            try:
-                for turn in range(len(positions)):
-                    batch = ready.get()
-                    if isinstance(batch, BaseException):
-                        raise DataError(f"reading training images from {self._file()} failed: "
-                                        f"{type(batch).__name__}: {batch}") from batch
-                    yield self._to_device(batch, turn)
-            finally:
-                stopped.set()
-                reader.join()
+        if self.prefetch_batches == 0:
+            for turn, where in enumerate(positions):
+                yield self._to_device(self._host_batch(where, turn), turn)
+            return
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stopped = threading.Event()
+        reader = threading.Thread(target=self._read, args=(positions, ready, stopped), name="imbssl-reader",
+                                  daemon=True)
+        reader.start()
+        try:
+            for turn in range(len(positions)):
+                batch = ready.get()
+                if isinstance(batch, BaseException):
+                    raise DataError(f"reading training images from {self._file()} failed: "
+                                    f"{type(batch).__name__}: {batch}") from batch
+                yield self._to_device(batch, turn)
+        finally:
+            stopped.set()
+            reader.join(JOIN_S)
+            if reader.is_alive():  # a read that hangs (a lost network file system): the daemon thread is left
+                log.warning("the image reader thread is still in a read after %.0f s; leaving it", JOIN_S)
 
     def _read(self, positions: list[np.ndarray], ready: queue.Queue, stopped: threading.Event) -> None:
         """The reader thread: each batch into its buffer, then into ``ready``; an error goes there instead. It stops
@@ -125,7 +130,12 @@ class StreamedImages:
         rows = self.rows[positions]
         order = np.argsort(rows, kind="stable")
         batch = np.empty((len(rows), *self.source.shape[1:]), dtype=np.uint8)
-        batch[order] = self.source[rows[order]]
+        if self.file is None:
+            batch[order] = self.source[rows[order]]
+        else:
+            in_file_order = np.empty_like(batch)
+            self.file.read(rows[order], in_file_order)
+            batch[order] = in_file_order
         return batch.transpose(0, 3, 1, 2)
 
     def host_chunks(self, size: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
@@ -163,30 +173,42 @@ class StreamedImages:
         return getattr(self.source, "filename", None) or "memory"
 
 
-@contextmanager
-def random_access(array: np.ndarray) -> Iterator[None]:
-    """A memory map read at random rows for the block, without the kernel's read-ahead around each page fault: an
-    epoch's rows come in no order, and the read-ahead (up to the disk's read_ahead_kb, 8 MB on this project's
-    machines) would read megabytes of other images around each one (docs/benchmarks.md). Sequential walks (channel
-    statistics, k-means, evaluation) keep it. An array in memory is left alone."""
-    mapping = _mapping_of(array)
-    if mapping is None or not hasattr(mmap, "MADV_RANDOM"):
-        yield
-        return
-    mapping.madvise(mmap.MADV_RANDOM)
-    try:
-        yield
-    finally:
-        mapping.madvise(mmap.MADV_NORMAL)
+class RowFile:
+    """The rows of a memory-mapped uint8 array read with ``os.preadv``: each run of consecutive rows in one system
+    call, straight into the batch, and no other byte. The descriptor has the kernel's read-ahead off
+    (POSIX_FADV_RANDOM): an epoch reads rows in no order, and a page fault on the map would read up to the disk's
+    read_ahead_kb (8 MB on this project's machines) of other images around each one, where MADV_RANDOM would read
+    each 4 KB page in a fault of its own, 9x slower at 224 px (docs/benchmarks.md)."""
 
+    def __init__(self, path: str, first_row_at: int, row_bytes: int) -> None:
+        self.row_bytes, self.first_row_at = row_bytes, first_row_at
+        self.fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+        weakref.finalize(self, os.close, self.fd)
 
-def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
-    """The mmap behind ``array`` (a np.memmap, or a view of one), if any."""
-    while array is not None:
-        if isinstance(getattr(array, "_mmap", None), mmap.mmap):
-            return array._mmap
-        array = getattr(array, "base", None)
-    return None
+    @classmethod
+    def behind(cls, array: np.ndarray) -> "RowFile | None":
+        """The file of ``array``, a C-contiguous np.memmap or a view of one (where its first row lies in the file: the
+        map starts at np.memmap's page-aligned offset); None for an array in memory."""
+        owner = array
+        while owner is not None and not isinstance(getattr(owner, "_mmap", None), mmap.mmap):
+            owner = getattr(owner, "base", None)
+        if owner is None or not array.flags.c_contiguous or not getattr(owner, "filename", None):
+            return None
+        mapped_at = np.frombuffer(owner._mmap, dtype=np.uint8).ctypes.data
+        map_start = owner.offset - owner.offset % mmap.ALLOCATIONGRANULARITY
+        return cls(owner.filename, map_start + array.ctypes.data - mapped_at, array[0].nbytes)
+
+    def read(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Rows ``rows`` (ascending) into ``out``: consecutive rows in one read."""
+        runs = np.flatnonzero(np.diff(rows) != 1) + 1
+        for start, stop in zip([0, *runs], [*runs, len(rows)]):
+            want = (stop - start) * self.row_bytes
+            got = os.preadv(self.fd, [memoryview(out[start:stop]).cast("B")],
+                            self.first_row_at + int(rows[start]) * self.row_bytes)
+            if got != want:
+                raise OSError(f"read {got} of {want} bytes: the file is shorter than its rows")
 
 
 def _on_host(batches: list[Tensor]) -> list[np.ndarray]:

@@ -142,8 +142,8 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 class Trainer:
     def __init__(self, method: TrainingTask, optimizer: Optimizer, schedules: dict[str, np.ndarray],
-                 images: torch.Tensor | StreamedImages, make_views: MultiCrop | PadCropFlip, run_dir: Path, settings: TrainSettings,
-                 callbacks: Iterable[EpochCallback] = (), labels: np.ndarray | None = None,
+                 images: torch.Tensor | StreamedImages, make_views: MultiCrop | PadCropFlip, run_dir: Path,
+                 settings: TrainSettings, callbacks: Iterable[EpochCallback] = (), labels: np.ndarray | None = None,
                  evaluators: Iterable[EpochEvaluator] = ()) -> None:
         """``schedules``: the run's own per-step values by name, one for each of its steps (the lr: "lr"), beside
         the method's (``method.schedules``); engine/schedules.Schedules sets them all before each step.

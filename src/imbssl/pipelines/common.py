@@ -8,10 +8,12 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 import numpy as np
 import torch
+import yaml
+from pydantic import BaseModel
 from torch import nn
 
 from imbssl.augment import Normalize, channel_histogram, stats_from_histogram
@@ -25,7 +27,9 @@ from imbssl.engine.trainer import CHECKPOINT_FILE
 from imbssl.launcher import loaded as tcmalloc_loaded
 from imbssl.methods import build_method
 from imbssl.models import build_backbone
-from imbssl.pipelines.runfolder import RUN_CONFIG
+from imbssl.pipelines.runfolder import RUN_CONFIG, save_run_config
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)  # a config with a train section
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,35 @@ def describe_hardware(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads{allocator})"
 
 
-def training_precision(train: TrainConfig, device: torch.device) -> Precision:
-    """``train.precision`` (auto resolved for ``device``) and channels_last as the run trains with them, logged."""
-    used = resolve_precision(train.precision, train.channels_last, device)
+def training_precision(train: TrainConfig, device: torch.device, resumed_run: Path | None = None) -> Precision:
+    """``train.precision`` (auto resolved for ``device``) and channels_last as the run trains with them, logged. A
+    resumed run (``resumed_run``, its folder) asked to use auto goes on at the precision its config.yaml records,
+    on any hardware: the one it was trained at."""
+    started = _started_at(resumed_run) if resumed_run is not None and train.precision == "auto" else None
+    used = Precision("auto", *started, "as the run was started") if started else \
+        resolve_precision(train.precision, train.channels_last, device)
     log.info("precision: %s", used.describe())
     return used
+
+
+def _started_at(run_dir: Path) -> tuple[str, bool] | None:
+    """The precision and channels_last of ``run_dir``'s config.yaml, where it records a precision other than auto."""
+    try:
+        saved = yaml.safe_load((run_dir / RUN_CONFIG).read_text())["train"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    precision = saved.get("precision", "fp32")  # a config from before train.precision existed
+    return None if precision == "auto" else (precision, bool(saved.get("channels_last", False)))
+
+
+def record_precision(cfg: ConfigT, used: Precision, run_dir: Path, resume: bool) -> ConfigT:
+    """``cfg`` with the precision and channels_last its run uses, which its config.yaml then records (a fresh run's
+    now; a resumed one's once its checkpoint has loaded): what auto chose is how the run is resumed and compared."""
+    train = cfg.train.model_copy(update={"precision": used.precision, "channels_last": used.channels_last})
+    recorded = cfg.model_copy(update={"train": train})
+    if not resume:
+        save_run_config(recorded, run_dir)
+    return recorded
 
 
 def ready_for_training(model: nn.Module, train: TrainConfig, device: torch.device, channels_last: bool) -> nn.Module:
@@ -157,8 +185,8 @@ def load_pretrain_data(cfg: DataConfig, indices: np.ndarray | None = None) -> Pr
 
 @contextmanager
 def written_by_pretraining(run_dir: Path) -> Iterator[None]:
-    """Reading a file that pre-training writes (subset.npz, backbone.pt; evaluate and export): one that cannot be read says how the
-    checkpoint writes it again, where there is one."""
+    """Reading a file that pre-training writes (subset.npz, backbone.pt; evaluate and export): one that cannot be read
+    says how the checkpoint writes it again, where there is one."""
     try:
         yield
     except (CheckpointError, DataError) as err:

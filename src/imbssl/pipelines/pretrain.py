@@ -24,7 +24,7 @@ from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (PretrainData, describe_hardware, determinism, load_backbone, load_pretrain_data,
                                      normalizer_for, ready_for_training, resolve_device, save_backbone, seed_everything,
-                                     set_determinism, training_precision)
+                                     record_precision, set_determinism, training_precision)
 from imbssl.pipelines.runfolder import run_folder, save_run_config
 from imbssl.records import PretrainRecord
 
@@ -160,7 +160,8 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
 
     ``labels`` of ``images``, when known, only feed the method's epoch statistics (e.g. cluster purity).
     """
-    used = training_precision(cfg.train, images.device)
+    used = training_precision(cfg.train, images.device, run_dir if resume else None)
+    recorded = record_precision(cfg, used, run_dir, resume)
     method = ready_for_training(method, cfg.train, images.device, used.channels_last)
     settings = TrainSettings(epochs=cfg.optim.epochs, batch_size=cfg.optim.batch_size, seed=cfg.seed,
                              precision=used.precision, channels_last=used.channels_last,
@@ -175,7 +176,7 @@ def train_method(cfg: RunConfig, method: SSLMethod, images: torch.Tensor, make_v
     trainer = Trainer(method, optimizer, schedules, images, make_views, run_dir, settings,
                       [DivergenceWatch(method), *callbacks], labels)
     start = time.perf_counter()
-    summary = trainer.fit(resume=resume, resumed=partial(save_run_config, cfg, run_dir))
+    summary = trainer.fit(resume=resume, resumed=partial(save_run_config, recorded, run_dir))
     if is_main():
         name, base_lr, weight_decay = resolve_optim(cfg.optim, method.defaults)
         PretrainRecord(

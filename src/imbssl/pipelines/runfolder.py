@@ -138,8 +138,16 @@ def where_not_what(key: str) -> bool:
 
 
 def run_changes(old: BaseModel, new: BaseModel) -> dict[str, tuple[Any, Any]]:
-    """``changed_keys`` but the ``WHERE_NOT_WHAT`` settings: those that make ``new`` another run than ``old``."""
-    return {key: values for key, values in changed_keys(old, new).items() if not where_not_what(key)}
+    """``changed_keys`` but the ``WHERE_NOT_WHAT`` settings: those that make ``new`` another run than ``old``.
+
+    ``train.precision: auto`` accepts the precision and layout a run was trained at (its config.yaml records what
+    auto chose, and runs from before auto existed say fp32): such a run is resumed, and reused, as it is."""
+    changed = {key: values for key, values in changed_keys(old, new).items() if not where_not_what(key)}
+    for key, (_, wanted) in list(changed.items()):
+        if key.endswith("train.precision") and wanted == "auto":
+            del changed[key]
+            changed.pop(key.removesuffix("precision") + "channels_last", None)
+    return changed
 
 
 def check_resumable(saved: BaseModel, cfg: BaseModel, path: Path) -> None:

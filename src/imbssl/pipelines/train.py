@@ -43,7 +43,7 @@ from imbssl.losses import posthoc_logit_adjustment
 from imbssl.models import build_backbone
 from imbssl.pipelines.common import (describe_hardware, determinism, load_backbone, normalizer_for, resolve_device,
                                      ready_for_training, seed_everything, set_determinism, to_tensor_nchw,
-                                     training_precision)
+                                     record_precision, training_precision)
 from imbssl.pipelines.runfolder import run_folder, save_run_config
 from imbssl.records import TrainRecord
 
@@ -107,7 +107,7 @@ def fit_and_report(cfg: SupervisedConfig, data: LabelledData, run_dir: Path, res
     backbone, normalize = initial_backbone(cfg, data.train_images)
     model = LongTailClassifier(backbone, data.train_labels, len(data.classes), cfg.loss,
                                sample_weight=data.sample_weight).to(data.train_images.device)
-    used = training_precision(cfg.train, data.train_images.device)
+    used = training_precision(cfg.train, data.train_images.device, run_dir if resume else None)
     selected = fit_stage(cfg, model, data, normalize, run_dir, resume, callbacks, cfg.optim.epochs, used)
     # cRT freezes the selected backbone as it is, so the main stage is tested as well afterwards
     reported = (retrain_classifier(cfg, selected, data, normalize, run_dir, resume, used) if cfg.crt.enabled
@@ -208,6 +208,7 @@ def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledDa
                              checkpoint_every=cfg.train.checkpoint_every,
                              checkpoint_every_s=cfg.train.checkpoint_every_s, log_every=cfg.train.log_every,
                              progress=cfg.train.progress, wandb=cfg.train.wandb, run_config=cfg.model_dump(mode="json"))
+    recorded = record_precision(cfg, used, run_dir, resume)
     batch_size = min(settings.batch_size, len(data.train_images))
     optimizer = torch.optim.SGD(model.param_groups(), lr=cosine_lr or cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
@@ -220,7 +221,7 @@ def fit_stage(cfg: SupervisedConfig, model: LongTailClassifier, data: LabelledDa
     make_views = PadCropFlip(normalize.mean, normalize.std, cfg.augment_pad)
     trainer = Trainer(model, optimizer, {"lr": lr_schedule}, data.train_images, make_views, run_dir, settings,
                       callbacks, evaluators=[selector])
-    trainer.fit(resume=resume, resumed=partial(save_run_config, cfg, run_dir))
+    trainer.fit(resume=resume, resumed=partial(save_run_config, recorded, run_dir))
     return selector.selected()
 
 
