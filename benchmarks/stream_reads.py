@@ -228,7 +228,8 @@ def main() -> None:
             if mode == "memory" and (prefetch != args.prefetch.split(",")[0] or cache == "cold"):
                 continue  # the in-memory tensor reads no map: once, warm
             name, src = code.split("=")
-            if prefetch != "-1" and not (Path(src) / "imbssl" / "data" / "stream.py").read_text().count("prefetch_batches"):
+            stream_code = (Path(src) / "imbssl" / "data" / "stream.py").read_text()
+            if prefetch != "-1" and "prefetch_batches" not in stream_code:
                 continue  # code from before train.prefetch_batches: its one way only
             per_process = run_config(args, src, path, mode, int(prefetch), cache, processes)
             rows.append({"size": size, "images": count, "code": name, "mode": mode, "prefetch": int(prefetch),

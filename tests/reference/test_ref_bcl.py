@@ -166,7 +166,8 @@ def test_bcl_boost_from_the_memory_equals_the_reference(name, monkeypatch):
     if "boost.uniform" in fixture.tensors:
         monkeypatch.setattr(method, "strength_uniforms", lambda n, generator, device: fixture["boost.uniform"].float())
     images = torch.arange(len(method.momentum_loss))  # the reference's boosts are of images 0..7 in order
-    method.views(lambda *args, boost: None, torch.zeros(len(images), 3, 8, 8), torch.Generator(), BatchRows(len(images)), images)
+    method.views(lambda *args, boost: None, torch.zeros(len(images), 3, 8, 8), torch.Generator(), BatchRows(len(images)),
+                 images)
     (num_ops, strength, prob), = built
     assert fixture["boost.num_ops"].tolist() == [num_ops] * len(images)
     _close(strength, fixture, "boost.strength", rtol=1e-6)
