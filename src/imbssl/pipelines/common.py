@@ -86,11 +86,12 @@ def _started_at(run_dir: Path) -> tuple[str, bool] | None:
 
 
 def record_precision(cfg: ConfigT, used: Precision, run_dir: Path, resume: bool) -> ConfigT:
-    """``cfg`` with the precision and channels_last its run uses, which its config.yaml then records (a fresh run's
-    now; a resumed one's once its checkpoint has loaded): what auto chose is how the run is resumed and compared."""
+    """``cfg`` with the precision and channels_last its run uses, which the run folder's config.yaml then records (a
+    fresh run's now; a resumed one's once its checkpoint has loaded): what auto chose is how the run is resumed and
+    compared. A folder that is no run folder (evaluation's fine-tuning) has no config.yaml to record it in."""
     train = cfg.train.model_copy(update={"precision": used.precision, "channels_last": used.channels_last})
     recorded = cfg.model_copy(update={"train": train})
-    if not resume:
+    if not resume and (run_dir / RUN_CONFIG).exists():
         save_run_config(recorded, run_dir)
     return recorded
 
