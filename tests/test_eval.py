@@ -349,6 +349,8 @@ def test_fine_tuning_trains_the_whole_backbone_and_reports_like_the_linear_probe
     assert tuned.top1 > 30  # chance is 10
     assert tuned.per_class.keys() == linear.per_class.keys() and tuned.groups == linear.groups
     assert 1 <= tuned.selected["epoch"] <= 4 and tuned.val_top1 > 0
+    # the run's precision as its config.yaml records what auto chose (fp32 in the suite: IMBSSL_AUTO_PRECISION)
+    assert (tuned.precision.asked, tuned.precision.precision, tuned.precision.channels_last) == ("fp32", "fp32", False)
     pretrained = load_safe(run / BACKBONE_FILE)["backbone"]
     selected = load_safe(run / FINETUNE_DIR / "checkpoints" / "best.pt")
     assert selected["epoch"] == tuned.selected["epoch"]

@@ -12,11 +12,12 @@ from imbssl.augment import PadCropFlip
 from imbssl.engine.checkpoint import load_safe
 from imbssl.engine.ema import ema_teacher, ema_update
 from imbssl.engine.runlog import read_metrics
+from imbssl.config import OptimConfig
 from imbssl.engine.schedules import (ScheduleError, Schedules, constant_schedule, cosine_schedule,
-                                     ema_momentum_schedule, step_schedule, ts_temperature_schedule)
+                                     ema_momentum_schedule, restart_schedule, step_schedule, ts_temperature_schedule)
 from imbssl.engine.task import StepOutput, TrainingTask
 from imbssl.engine.trainer import CHECKPOINT_FILE, Trainer, TrainSettings
-from imbssl.pipelines.pretrain import BACKBONE_FILE, pretrain
+from imbssl.pipelines.pretrain import BACKBONE_FILE, lr_schedule, pretrain
 
 
 # -- the arrays against their formulas -------------------------------------------------------------
@@ -46,6 +47,26 @@ def test_step_schedule_holds_each_factor_from_its_milestone_epoch():
     lr = step_schedule(0.1, 200 * 4, 4, 5, [160, 180], [0.01, 0.0001])
     assert lr[0] == 0.1 * (1 / 20) and lr[19] == lr[20] == 0.1
     assert lr[159 * 4 + 3] == 0.1 and lr[160 * 4] == 0.1 * 0.01 and lr[180 * 4] == 0.1 * 0.0001 == lr[-1]
+
+
+def test_restart_schedule_is_two_cosines_the_second_from_its_own_top():
+    """GH's lr: warm-up, 0.5 -> 0.3 until the restart at epoch 25, then 0.3 -> 0 (here 3 steps an epoch)."""
+    lr = lr_schedule(0.5, OptimConfig(epochs=40, warmup_epochs=10, lr_schedule="restart", milestones=[25],
+                                      lr_factors=[0.6, 0.6]), 3)
+    assert np.array_equal(lr, restart_schedule(0.5, 120, 30, 75, 0.3, 0.3))
+    assert np.array_equal(lr[:75], cosine_schedule(0.5, 0.3, 75, 30)) and lr[29] == lr[30] == 0.5
+    assert lr[75] == 0.3 and np.array_equal(lr[75:], cosine_schedule(0.3, 0.0, 45)) and lr[74] > 0.3
+    assert np.all(np.diff(lr[30:75]) < 0) and np.all(np.diff(lr[75:]) < 0)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"milestones": [25, 30], "lr_factors": [0.6, 0.6]}, "restart takes one milestone"),
+    ({"milestones": [25], "lr_factors": [0.6]}, "restart takes one milestone"),
+    ({"milestones": [5], "lr_factors": [0.6, 0.6]}, "must fall after the warm-up"),
+    ({"milestones": [40], "lr_factors": [0.6, 0.6]}, "before epochs=40")])
+def test_a_restart_schedule_without_one_epoch_inside_the_run_and_two_factors_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        OptimConfig(epochs=40, warmup_epochs=10, lr_schedule="restart", **settings)
 
 
 def test_ema_momentum_rises_from_base_to_one_on_byols_cosine():

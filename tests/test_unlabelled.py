@@ -263,6 +263,21 @@ def test_an_image_under_8_px_is_refused_by_name_unless_image_size_is_set(tmp_pat
     assert "1 image(s) have a side under data.image_size=16 and are upscaled to it (the smallest: " in caplog.text
 
 
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_images_of_two_sizes_are_refused_by_name_unless_image_size_is_set(tmp_path, kind):
+    root = tmp_path / "imgs"
+    _save(root / "a.png", _shade(10, 12))
+    _save(root / "b.png", _shade(20, 9))
+    path = root
+    if kind == "tar":
+        path = tmp_path / "imgs.tar"
+        with tarfile.open(path, "w") as tar:
+            tar.add(root, arcname="imgs")
+    with pytest.raises(DataError, match=r"b.png is 9x9 but \S*a.png is 12x12; set data.image_size to resize"):
+        load_splits(_cfg(tmp_path, path))
+    train = load_splits(_cfg(tmp_path, path, image_size=12))["train"]
+    assert train.images.shape == (2, 12, 12, 3) and train.images[:, 0, 0, 0].tolist() == [10, 20]
 def test_a_decode_larger_than_the_free_disk_is_refused_before_it_starts(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple

@@ -245,13 +245,17 @@ class OptimConfig(Section):
     batch_size: int = Field(512, ge=2)
     epochs: int = Field(100, ge=1)
     warmup_epochs: float = Field(0.0, ge=0)
-    lr_schedule: Literal["cosine", "step"] = Field(
+    lr_schedule: Literal["cosine", "step", "restart"] = Field(
         "cosine", description="after the warm-up: cosine = half a cosine down to 0; step = lr x lr_factors[i] from "
                               "epoch milestones[i] on, as pretrain_rot.py trains Rotation (x0.01 at 160, x0.0001 at "
-                              "180 of 200)")
-    milestones: list[int] = Field([160, 180], description="lr_schedule step: the epochs at which the lr drops")
+                              "180 of 200); restart = a cosine down to lr x lr_factors[0] until epoch milestones[0], "
+                              "then one from lr x lr_factors[1] down to 0, as GH's code restarts it where GH joins "
+                              "(milestones [500], lr_factors [0.6, 0.6]: 0.5 -> 0.3, 0.3 -> 0)")
+    milestones: list[int] = Field([160, 180], description="lr_schedule step: the epochs at which the lr drops; "
+                                                          "restart: the one epoch at which it restarts")
     lr_factors: list[float] = Field([0.01, 0.0001], description="lr_schedule step: the lr's factor from each "
-                                                                "milestone on")
+                                                                "milestone on; restart: the first cosine's end and "
+                                                                "the second's start")
     temperature_schedule: TemperatureScheduleConfig | None = Field(
         None, description="TS: a cosine schedule of the contrastive temperature (SimCLR, MoCo, SDCLR); "
                           "None = the method's fixed temperature")
@@ -261,6 +265,14 @@ class OptimConfig(Section):
 
     @model_validator(mode="after")
     def _check_steps(self) -> "OptimConfig":
+        if self.lr_schedule == "restart":
+            if len(self.milestones) != 1 or len(self.lr_factors) != 2:
+                raise ValueError(f"lr_schedule restart takes one milestone (the restart's epoch) and two lr_factors "
+                                 f"(the first cosine's end, the second's start), got milestones {self.milestones} "
+                                 f"and lr_factors {self.lr_factors}")
+            if not self.warmup_epochs < self.milestones[0] < self.epochs:
+                raise ValueError(f"the restart at epoch {self.milestones[0]} must fall after the warm-up "
+                                 f"({self.warmup_epochs:g} epochs) and before epochs={self.epochs}")
         if self.lr_schedule == "step":
             if len(self.milestones) != len(self.lr_factors):
                 raise ValueError(f"{len(self.milestones)} milestones but {len(self.lr_factors)} lr_factors")

@@ -66,6 +66,22 @@ class ProbeReport(AccuracyReport):
     selected: dict[str, float]
 
 
+class PrecisionUsed(Part):
+    """``train.precision`` as set (``asked``) and as the run trained (engine/precision.py resolves auto)."""
+
+    asked: Literal["fp32", "bf16", "auto"]
+    precision: Literal["fp32", "bf16"]
+    channels_last: bool
+    why: str = Field(description="auto's reason: the CPU flag, the GPU's compute capability or IMBSSL_AUTO_PRECISION")
+
+
+class FinetuneReport(ProbeReport):
+    """The fine-tuned backbone's test report, and the precision it trained at (``train.precision``, auto resolved on
+    the evaluating machine)."""
+
+    precision: PrecisionUsed | None = Field(None, description="None in a file written before it was recorded")
+
+
 class FewShotReport(ProbeReport):
     shots_per_class: int = Field(description="the rarest class's labelled images")
     labelled_train: int
@@ -181,7 +197,7 @@ class EvalRecord(Record):
     linear: ProbeReport | None = Field(description="None when the probes were skipped")
     few_shot: dict[str, FewShotReport] = Field({}, description="by eval.few_shot entry ('1%', '100-shot', a file)")
     knn: dict[int, AccuracyReport] = Field({}, description="k-NN by k")
-    finetune: ProbeReport | None = Field(None, description="the whole backbone and a linear head fine-tuned "
+    finetune: FinetuneReport | None = Field(None, description="the whole backbone and a linear head fine-tuned "
                                                            "(eval.finetune), the epoch selected on validation")
     feature_clusters: FeatureClusterReport | None = Field(None, description="k-means of the backbone features of "
                                                                             "the pre-training images; None in files "
@@ -197,15 +213,6 @@ class EvalRecord(Record):
         """k-NN sat at the top level as knn20, knn200, ...; now under knn by k."""
         knn = {int(key.removeprefix("knn")): value for key, value in tree.items() if key.startswith("knn")}
         return {**{key: value for key, value in tree.items() if not key.startswith("knn")}, "knn": knn}
-
-
-class PrecisionUsed(Part):
-    """``train.precision`` as set (``asked``) and as the run trained (engine/precision.py resolves auto)."""
-
-    asked: Literal["fp32", "bf16", "auto"]
-    precision: Literal["fp32", "bf16"]
-    channels_last: bool
-    why: str = Field(description="auto's reason: the CPU flag, the GPU's compute capability or IMBSSL_AUTO_PRECISION")
 
 
 # -- pretrain.json --------------------------------------------------------------------------------

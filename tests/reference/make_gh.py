@@ -9,6 +9,8 @@ Records, from their modules imported unchanged:
   on fixed projections, per image and the gradient of the mean; ``sinkhorn`` at GHLoss's l = 0.05 and 300 iterations
   with a prior (one direction empty) and without one (``stat=None``); ``GHLoss(0.05, 300)`` on two views' scores,
   its value and gradients;
+- ``lr.*`` (utils.py): ``lr_scheduler_warm`` (their GH runs' restarted cosine) and ``lr_scheduler`` (their
+  baselines'), the lr of each epoch at LR_ARGS;
 - ``target.*``: gen_target.py's ``simplex_equiangular_tight_frame`` after ``np.random.seed(SEED)`` at their K = 100,
   d = 128 (the script's own body) and at K = 10, d = 16; the Gram matrix of their shipped target/100_128_target.npy
   (not the target itself, which imbssl does not ship);
@@ -69,6 +71,8 @@ BATCH, SIZE = 8, 16
 TERM_ROWS, TERM_DIM, TERM_K = 12, 16, 10
 GAMMAS = (2.0, 1.0, 0.5)
 TARGETS = ((100, 128), (10, 16))
+#: their lr flags' defaults over a short run, the restart at --warm_up 25 of 40 epochs (README: 500 of 1,000)
+LR_ARGS = dict(lr=0.5, lr_min=1e-6, lr_min_stage1=0.3, lr_max_stage2=0.3, warm_up=25, epochs=40)
 #: the runs of their loop: name -> (their flags, epochs, the fixture it goes to)
 RUNS = {"focal": (["--method", "focal"], 1),
         "simclr": (["--method", "simclr_GH", "--bcl", "--warm_up", "1"], 2),
@@ -267,6 +271,21 @@ def run_loop(train_cifar, models, sdclr_module, utils, name: str, target: np.nda
     return {"tensors": tensors, "meta": meta}
 
 
+def lr_schedules(utils) -> dict[str, torch.Tensor]:
+    """Their two lr schedules, an epoch each, at LR_ARGS: ``lr.restart`` (``lr_scheduler_warm``, their GH runs')
+    and ``lr.plain`` (``lr_scheduler``, their baselines')."""
+    args = argparse.Namespace(**LR_ARGS)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=args.lr)
+    schedules = {}
+    for key, schedule in (("lr.restart", utils.lr_scheduler_warm), ("lr.plain", utils.lr_scheduler)):
+        values = []
+        for epoch in range(args.epochs):
+            schedule(optimizer, epoch, args)
+            values.append(optimizer.param_groups[0]["lr"])
+        schedules[key] = torch.tensor(values, dtype=torch.float64)
+    return schedules
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkout", help="a checkout of MediaBrain-SJTU/Geometric-Harmonization at the pinned commit")
@@ -297,9 +316,9 @@ def main() -> None:
           focal["loss.loss"].tolist())
     gh = {**{k: v for k, v in term_tensors.items() if k.startswith(("terms.x", "terms.y", "terms.prior",
                                                                      "terms.sinkhorn", "terms.gh"))},
-          **target_tensors,
+          **target_tensors, **lr_schedules(utils),
           **{f"{name}.{k}": v for name in ("simclr", "focal_gh") for k, v in runs[name]["tensors"].items()}}
-    meta = common | {name: runs[name]["meta"] for name in ("simclr", "focal_gh")}
+    meta = common | {name: runs[name]["meta"] for name in ("simclr", "focal_gh")} | {"lr_args": LR_ARGS}
     print(fixture_io.save("gh", gh, meta), "simclr_GH",
           gh["simclr.loss.loss"].tolist())
     sdclr = runs["sdclr"]

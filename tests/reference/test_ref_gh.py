@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,7 @@ from imbssl.methods.gh import (GHSection, geometric_uniform_target, gh_loss_per_
                                target_scores)
 from imbssl.methods.simclr import SimCLR  # noqa: E402
 from imbssl.models import build_backbone  # noqa: E402
+from imbssl.pipelines.pretrain import lr_schedule  # noqa: E402
 
 FIXTURE = fixture_io.load("gh")
 SDCLR_FIXTURE = fixture_io.load("gh_sdclr")
@@ -52,6 +54,21 @@ def test_fixture_is_the_pinned_commit(name):
     meta = fixture_io.load(name).meta
     assert (meta["repo"], meta["commit"]) == ("MediaBrain-SJTU/Geometric-Harmonization",
                                               "9f7057ce38438c53a8b4bff92b02e0cbb5f09e62")
+
+
+def test_the_restart_lr_schedule_is_their_gh_runs_one_epoch_later():
+    """``optim.lr_schedule: restart`` against their ``lr_scheduler_warm`` (GH's runs), and the plain cosine against
+    their ``lr_scheduler`` (their baselines'), an epoch a step: the warm-up alike, then every epoch at their value of
+    the epoch before (theirs is set from the 1-based epoch), down to 0 where theirs stops at --lr_min 1e-6."""
+    args = META["lr_args"]
+    optim = OptimConfig(epochs=args["epochs"], warmup_epochs=10, lr_schedule="restart", milestones=[args["warm_up"]],
+                        lr_factors=[args["lr_min_stage1"] / args["lr"], args["lr_max_stage2"] / args["lr"]])
+    for ours, theirs in ((lr_schedule(args["lr"], optim, 1), FIXTURE["lr.restart"].numpy()),
+                         (lr_schedule(args["lr"], optim.model_copy(update={"lr_schedule": "cosine"}), 1),
+                          FIXTURE["lr.plain"].numpy())):
+        np.testing.assert_allclose(ours[:10], theirs[:10], rtol=1e-15, atol=0)
+        np.testing.assert_allclose(ours[10:], theirs[9:-1], rtol=0, atol=args["lr_min"])
+    assert FIXTURE["lr.restart"][args["warm_up"] - 1] == args["lr_max_stage2"]  # the restart, their epoch 25
 
 
 def test_the_defaults_are_their_codes():

@@ -73,6 +73,24 @@ def step_schedule(base_value: float, total_steps: int, steps_per_epoch: int, war
     return base_value * factor
 
 
+def restart_schedule(base_value: float, total_steps: int, warmup_steps: int, restart_step: int, stage1_final: float,
+                     stage2_base: float) -> np.ndarray:
+    """Two half cosines: the warm-up and a cosine from ``base_value`` to ``stage1_final`` until ``restart_step``, then
+    a cosine from ``stage2_base`` to 0 over the rest of the run (``cosine_schedule`` twice):
+
+        v(s) = cosine_schedule(base, stage1_final, R, W)(s)          s < R (the restart's step R)
+        v(s) = cosine_schedule(stage2_base, 0, S - R)(s - R)          R <= s < S
+
+    GH's ``lr_scheduler_warm`` (MediaBrain-SJTU/Geometric-Harmonization, utils.py), which restarts the cosine where
+    GH joins the loss (``--warm_up``): --lr 0.5 down to --lr_min_stage1 0.3, then from --lr_max_stage2 0.3 to
+    --lr_min 1e-6. Theirs is set once an epoch from the 1-based epoch number; here every step moves, and each stage
+    sits one epoch later than theirs, as ``cosine_schedule`` against their ``lr_scheduler``
+    (tests/reference/test_ref_gh.py).
+    """
+    return np.concatenate([cosine_schedule(base_value, stage1_final, restart_step, warmup_steps),
+                           cosine_schedule(stage2_base, 0.0, total_steps - restart_step)])
+
+
 def constant_schedule(value: float, total_steps: int) -> np.ndarray:
     """A hyper-parameter that does not move (MoCo's momentum, a fixed temperature), scheduled all the same so that
     another schedule can replace it and every step logs it."""

@@ -36,8 +36,10 @@ Several processes: the allocation, the memory and pi are the global batch's (eve
 the same memory); each process averages L_GH over its own images, so the engine's share-weighted sum is the
 one-process loss.
 
-Not followed: their GH runs restart the lr's cosine at the warm-up's end (utils.py ``lr_scheduler_warm``, 0.5 ->
-0.3 over the warm-up, then 0.3 -> 1e-6); imbssl's GH takes the run's lr schedule, the baseline's.
+The lr: their GH runs restart the cosine at the warm-up's end (utils.py ``lr_scheduler_warm``, 0.5 -> 0.3 over the
+warm-up, then 0.3 -> 1e-6), their baselines do not. imbssl's GH takes the run's lr schedule, so that X and X+GH
+differ in the loss alone; ``optim.lr_schedule: restart`` with ``milestones: [warm_up]`` and ``lr_factors: [0.6,
+0.6]`` is theirs (engine/schedules.py ``restart_schedule``).
 """
 from __future__ import annotations
 

@@ -247,7 +247,8 @@ def finetune(cfg: RunConfig, settings: FinetuneConfig, seed: int, probes: ProbeD
     pred = predict(selected, probes.test.images, normalize, supervised.eval.batch_size).argmax(1).numpy()
     return {**accuracy_report(pred, probes.test.labels, probes.head_tail_counts, pool.classes),
             "val_top1": selected.val_acc,
-            "selected": {"lr": settings.lr, "wd": settings.weight_decay, "epoch": selected.selected_epoch}}
+            "selected": {"lr": settings.lr, "wd": settings.weight_decay, "epoch": selected.selected_epoch},
+            "precision": used._asdict()}
 
 
 def finetune_config(cfg: RunConfig, settings: FinetuneConfig, seed: int) -> SupervisedConfig:

@@ -18,7 +18,7 @@ from imbssl.engine.divergence import DivergenceWatch
 from imbssl.engine.optim import build_optimizer, resolve_optim
 from imbssl.engine.precision import auto_override
 from imbssl.engine.runlog import check_wandb
-from imbssl.engine.schedules import cosine_schedule, step_schedule, ts_temperature_schedule
+from imbssl.engine.schedules import cosine_schedule, restart_schedule, step_schedule, ts_temperature_schedule
 from imbssl.engine.trainer import EpochCallback, Trainer, TrainSettings, steps_per_epoch
 from imbssl.methods import SSLMethod, build_method
 from imbssl.models import build_backbone
@@ -79,12 +79,15 @@ def view_maker(cfg: RunConfig, method: SSLMethod, normalize: Normalize, images: 
 
 def lr_schedule(lr: float, optim: OptimConfig, steps: int) -> np.ndarray:
     """The lr at every step, from ``lr`` (the optimizer's, scaled by the batch), ``steps`` steps an epoch:
-    ``optim.lr_schedule`` after ``optim.warmup_epochs``, the cosine of SSL pre-training to 0, or step,
-    pretrain_rot.py's decays at ``optim.milestones``."""
-    total_steps = optim.epochs * steps
+    ``optim.lr_schedule`` after ``optim.warmup_epochs``, the cosine of SSL pre-training to 0; step,
+    pretrain_rot.py's decays at ``optim.milestones``; or restart, GH's cosine restarted at ``optim.milestones[0]``."""
+    total_steps, warmup_steps = optim.epochs * steps, round(optim.warmup_epochs * steps)
     if optim.lr_schedule == "step":
         return step_schedule(lr, total_steps, steps, optim.warmup_epochs, optim.milestones, optim.lr_factors)
-    return cosine_schedule(lr, 0.0, total_steps, round(optim.warmup_epochs * steps))
+    if optim.lr_schedule == "restart":
+        stage1_final, stage2_base = (lr * factor for factor in optim.lr_factors)
+        return restart_schedule(lr, total_steps, warmup_steps, optim.milestones[0] * steps, stage1_final, stage2_base)
+    return cosine_schedule(lr, 0.0, total_steps, warmup_steps)
 
 
 def load_run_images(cfg: RunConfig, run_dir: Path, indices: np.ndarray | None

@@ -19,7 +19,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "experiment-2": ("experiment_2.Experiment2Config", "Table 3: offline clustering vs the baselines."),
     "excb": ("excb.ExcbExperimentConfig", "ExCB beside its baselines; a K ablation."),
     "priors": ("priors.PriorsExperimentConfig", "Uniform vs power-law cluster priors: MSN/PMSN, ExCB."),
-    "longtail-ssl": ("longtail_ssl.LongtailSSLConfig", "SimCLR, +TS, SDCLR, BCL beside the seeds' methods."),
+    "longtail-ssl": ("longtail_ssl.LongtailSSLConfig", "SimCLR, Focal, SDCLR, BCL (+GH), BYOL, DINO, BT, VICReg."),
     "ssp": ("ssp.SSPExperimentConfig", "Rethinking's Table 2: LT losses, scratch vs SSP."),
     "semi-supervised": ("semi_supervised.SemiSupervisedExperimentConfig",
                         "Rethinking's Table 1: LT losses with self-training on D_U."),

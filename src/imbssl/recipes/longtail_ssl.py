@@ -7,6 +7,7 @@ longtail-ssl``.
     BCL-I, BCL-D    memorisation-boosted augmentation on SimCLR / SDCLR (Zhou et al. 2022)   methods/bcl.py
     Focal           SimCLR with NT-Xent re-weighted as the focal loss (GH's code)            methods/focal.py
     X+GH            Geometric Harmonization on each of the five above (Zhou et al. 2023)     methods/gh.py
+    BYOL, DINO, Barlow Twins, VICReg   the general SSL baselines, their authors' heads and optimizers
     SimSiam, ExCB, PMSN, SimSiam+C+D   the seeds' methods (offline clustering is the pipeline's student)
 
 on one long-tailed subset (the seeds' protocol: Cao et al.'s exponential profile over the whole training split,
