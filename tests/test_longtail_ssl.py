@@ -316,6 +316,9 @@ def test_longtail_ssl_verdicts_name_the_leader_and_check_the_papers_order():
     assert lines[0].startswith("- full-shot: BCL-D leads BCL-I by +3.77 points (95% CI +1.90 to +5.63, 3 seeds): "
                                "holds")
     assert lines[1].endswith("SimCLR < SDCLR < BCL-I < BCL-D, matches")
+    leads = _rows([exp.lead_table(results(top1), "imbalanced-p100")])
+    assert leads["each method"] == ["each method", "full-shot: BCL-D -"] and leads["BCL-D"] == ["BCL-D", "leads"]
+    assert leads["BCL-I"] == ["BCL-I", "+3.77 (+1.90 to +5.63): holds"] and leads["SimCLR"][1].startswith("+10.00 (")
     top1["sdclr"] = (30, 31, 30)
     assert exp.verdict_lines(results(top1), "imbalanced-p100")[1].endswith("does not match")
 
@@ -378,10 +381,14 @@ def _split_results(methods: dict[str, tuple[float, ...]], classes: list[str]):
 
 
 def _rows(report: list[str]) -> dict[str, list[str]]:
-    """The probe table's rows by method, and its header under 'method'."""
-    lines = "\n".join(report).splitlines()
-    return {cells[0]: cells for line in lines if line.startswith("| ") and not line.startswith("| ---")
-            for cells in ([cell.strip() for cell in line.strip("|").split("|")],)}
+    """The report's table rows by their first cell, the first table's where several share it (the probe table's
+    rows by method, its header under 'method')."""
+    rows = {}
+    for line in "\n".join(report).splitlines():
+        if line.startswith("| ") and not line.startswith("| ---"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows.setdefault(cells[0], cells)
+    return rows
 
 
 @pytest.mark.parametrize("cifar100", [True, False])
@@ -406,5 +413,16 @@ def test_bcls_published_figures_sit_in_their_own_columns_beside_cifar100_runs_al
     else:
         assert "The published figures (BCL README, CIFAR-100-LT split 1, BCL's protocol, ResNet-18, 2,000 ep) are left " \
                "out: they are not of CIFAR-100." in table
-    assert f"- {grid.label('simclr+gh')} - SimCLR, full-shot: +2.33 points (95% CI +1.62 to +3.05, 3 seeds): holds" \
-        in table
+    assert rows["GH's gain, points"] == ["GH's gain, points", "full-shot"]
+    assert rows["SimCLR+GH - SimCLR"] == ["SimCLR+GH - SimCLR", "+2.33 (+1.62 to +3.05): holds"]
+    one_seed = grid.report(_split_results({"simclr": (40,), "simclr+gh": (42,), "simsiam": (30,)}, classes), tmp_path)
+    assert _rows(one_seed)["SimCLR+GH - SimCLR"] == ["SimCLR+GH - SimCLR", "+2.00 (one seed)"]
+
+
+def test_split_file_probes_are_named_by_their_shots_unless_another_probe_has_that_name():
+    """BCL's cifar100_split1_test_100shot.npy is the column 100-shot; beside a drawn 100-shot probe it keeps its
+    file's name."""
+    assert list(_cpu_grid().probes()) == ["full-shot", "100-shot", "50-shot"]
+    listed = "split/cifar100_imbSub_with_subsets/cifar100_split1_test_100shot.npy"
+    both = _cpu_grid(f"base.eval.few_shot=[{listed}, 100-shot]")
+    assert list(both.probes()) == ["full-shot", "cifar100_split1_test_100shot", "100-shot"]

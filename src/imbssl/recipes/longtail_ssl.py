@@ -17,6 +17,7 @@ the classes (major / minor / rare by pre-training count) and their std, SDCLR's 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,7 +27,7 @@ from imbssl.config import OfflineClusteringSettings, OptimConfig, SubsetConfig, 
 from imbssl.recipes.experiment_2 import PIPELINE, PIPELINE_LABELS, offline_clustering_cells
 from imbssl.recipes.grid import Cell, Metric, Results, paper_dataset
 from imbssl.recipes.subsets import NamedSubset, SubsetGrid, linear_group, linear_top1, thirds_std
-from imbssl.report import markdown_table, verdict
+from imbssl.report import markdown_table, verdict, verdict_cell
 
 #: each method's run settings over ``base``: the SimCLR family shares SDCLR's SGD settings (BCL's commands give
 #: SimCLR and BCL-I weight decay 5e-4, SDCLR and BCL-D 1e-4), and SimCLR the head of BCL's SimCLR baseline, so SimCLR,
@@ -116,7 +117,14 @@ class LongtailSSLConfig(SubsetGrid):
         return [few_shot_name(spec) for spec in self.eval_settings().few_shot]
 
     def probes(self) -> dict[str, Metric]:
-        return {"full-shot": linear_top1, **{spec: few_shot_top1(spec) for spec in self.few_shot()}}
+        """The probes by their column name: a split file's ``<n>shot`` list (BCL's cifar100_split1_test_100shot.npy)
+        as ``<n>-shot`` where no other probe has that name; the protocol line names the files."""
+        names = self.few_shot()
+        short = {name: f"{match[1]}-shot" if (match := re.fullmatch(r".*?(\d+)shot", name)) else name
+                 for name in names}
+        clash = {label for label in short.values() if [*short.values(), *names].count(label) > 1}
+        return {"full-shot": linear_top1,
+                **{name if short[name] in clash else short[name]: few_shot_top1(name) for name in names}}
 
     def probe_table(self, results: Results, subset: str, published: bool) -> str:
         """Per method: full-shot and few-shot top-1, the full-shot thirds and their std (balancedness); with
@@ -137,22 +145,38 @@ class LongtailSSLConfig(SubsetGrid):
         return (f"The published columns: {PUBLISHED_SETTING}, one run. These runs: "
                 f"{'the same split files,' if same else 'another protocol,'} another backbone and budget.")
 
-    def gh_gains(self, results: Results, subset: str) -> list[str]:
-        """Each method's paired gain from GH (X+GH - X), per probe: does category-level uniformity help here?"""
-        lines = []
-        for method in self.methods:
-            base = method.removesuffix("+gh")
-            if base == method or base not in self.methods:
-                continue
-            for probe, metric in self.probes().items():
-                gain = results.paired(metric, {"subset": subset, "method": method}, {"subset": subset, "method": base})
-                lines.append(f"- {self.label(method)} - {self.label(base)}, {probe}: {verdict(gain)}")
-        return lines
+    def gh_gains(self, results: Results, subset: str) -> str | None:
+        """Each method's paired gain from GH (X+GH - X) per probe, a table: does category-level uniformity help
+        here? None when no method runs both with GH and without."""
+        pairs = [(method, base) for method in self.methods
+                 if (base := method.removesuffix("+gh")) != method and base in self.methods]
+        if not pairs:
+            return None
+        rows = [[f"{self.label(method)} - {self.label(base)}",
+                 *(verdict_cell(results.paired(metric, {"subset": subset, "method": method},
+                                               {"subset": subset, "method": base}))
+                   for metric in self.probes().values())] for method, base in pairs]
+        return markdown_table(["GH's gain, points", *self.probes()], rows)
 
     def ranking(self, results: Results, subset: str, metric: Metric) -> list[str]:
         """The methods, best first, by their mean over seeds."""
         means = {m: values for m in self.methods if (values := results.values(metric, subset=subset, method=m))}
         return sorted(means, key=lambda m: -sum(means[m]) / len(means[m]))
+
+    def lead_table(self, results: Results, subset: str) -> str | None:
+        """Each probe's leader (the best mean) against every other method, paired by seed: is its lead shown?"""
+        leaders = {probe: order[0] for probe, metric in self.probes().items()
+                   if len(order := self.ranking(results, subset, metric)) > 1}
+        if not leaders:
+            return None
+        metrics = self.probes()
+        rows = [[self.label(method), *("leads" if method == leader else
+                                       verdict_cell(results.paired(metrics[probe], {"subset": subset, "method": leader},
+                                                                   {"subset": subset, "method": method}))
+                                       for probe, leader in leaders.items())]
+                for method in self.methods if results.values(linear_top1, subset=subset, method=method)]
+        header = ["each method", *(f"{probe}: {self.label(leader)} -" for probe, leader in leaders.items())]
+        return markdown_table(header, rows)
 
     def verdict_lines(self, results: Results, subset: str) -> list[str]:
         """Which method leads each probe and by how much over the next (paired by seed); the papers' order,
@@ -192,6 +216,10 @@ class LongtailSSLConfig(SubsetGrid):
                       self.probe_table(results, key, published), "",
                       "Who leads (paired by seed; the lead over the runner-up):", "",
                       *self.verdict_lines(results, key), ""]
+            if leads := self.lead_table(results, key):
+                lines += ["The leader's lead over each method (points, paired by seed; the mean, its 95% interval over "
+                          "the seeds, and the verdict):", "", leads, ""]
             if gains := self.gh_gains(results, key):
-                lines += ["GH's gain (paired by seed):", "", *gains, ""]
+                lines += ["GH's gain (X+GH - X, paired by seed; the mean, its 95% interval over the seeds, and the "
+                          "verdict):", "", gains, ""]
         return lines

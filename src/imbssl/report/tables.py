@@ -90,8 +90,20 @@ def verdict(paired: Paired) -> str:
     if paired.interval is None:
         return f"{paired.mean:+.2f} points: not shown (one seed)"
     low, high = paired.interval
-    said = "holds" if low > 0 else "the opposite holds" if high < 0 else "not shown"
-    return f"{paired.mean:+.2f} points (95% CI {low:+.2f} to {high:+.2f}, {paired.seeds} seeds): {said}"
+    return f"{paired.mean:+.2f} points (95% CI {low:+.2f} to {high:+.2f}, {paired.seeds} seeds): {_said(low, high)}"
+
+
+def verdict_cell(paired: Paired) -> str:
+    """``verdict`` in a table's cell: '+2.10 (+0.40 to +3.80): holds', where the table's heading gives the unit and
+    the seeds."""
+    if paired.interval is None:
+        return f"{paired.mean:+.2f} (one seed)" if paired.seeds else "n/a"
+    low, high = paired.interval
+    return f"{paired.mean:+.2f} ({low:+.2f} to {high:+.2f}): {_said(low, high)}"
+
+
+def _said(low: float, high: float) -> str:
+    return "holds" if low > 0 else "the opposite holds" if high < 0 else "not shown"
 
 
 def _row(cells: Sequence[str]) -> str:
