@@ -152,11 +152,12 @@ class LongtailSSLConfig(SubsetGrid):
                  if (base := method.removesuffix("+gh")) != method and base in self.methods]
         if not pairs:
             return None
+        probes = self.probes()
         rows = [[f"{self.label(method)} - {self.label(base)}",
                  *(verdict_cell(results.paired(metric, {"subset": subset, "method": method},
                                                {"subset": subset, "method": base}))
-                   for metric in self.probes().values())] for method, base in pairs]
-        return markdown_table(["GH's gain, points", *self.probes()], rows)
+                   for metric in probes.values())] for method, base in pairs]
+        return markdown_table(["GH's gain, points", *probes], rows)
 
     def ranking(self, results: Results, subset: str, metric: Metric) -> list[str]:
         """The methods, best first, by their mean over seeds."""
@@ -165,11 +166,11 @@ class LongtailSSLConfig(SubsetGrid):
 
     def lead_table(self, results: Results, subset: str) -> str | None:
         """Each probe's leader (the best mean) against every other method, paired by seed: is its lead shown?"""
-        leaders = {probe: order[0] for probe, metric in self.probes().items()
+        metrics = self.probes()
+        leaders = {probe: order[0] for probe, metric in metrics.items()
                    if len(order := self.ranking(results, subset, metric)) > 1}
         if not leaders:
             return None
-        metrics = self.probes()
         rows = [[self.label(method), *("leads" if method == leader else
                                        verdict_cell(results.paired(metrics[probe], {"subset": subset, "method": leader},
                                                                    {"subset": subset, "method": method}))
